@@ -1,0 +1,57 @@
+"""``hydra/launcher=local``: warm worker processes on this machine.
+
+Each worker imports torch and lightning once and then runs job after job through
+the same executor the Modal launcher uses; a failed job does not stop the others.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+# No `from __future__ import annotations`: Hydra loads plugin modules outside
+# sys.modules, where dataclasses cannot resolve string annotations.
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+@dataclass
+class LocalLauncherConf:
+    _target_: str = "hydra_plugins.tmgg_launchers.local_launcher.TmggLocalLauncher"
+    # Worker processes; null uses every CPU core of this machine.
+    n_workers: Optional[int] = None  # noqa: UP045 (OmegaConf 2.3 needs Optional)
+    # torch intra-op threads per worker (1 is fastest for many small jobs).
+    threads_per_worker: int = 1
+    # multiprocessing start method for workers: spawn (safe with torch) or forkserver.
+    start_method: str = "spawn"
+    # Show a live progress bar and the outcome table at the end.
+    progress: bool = True
+    # Times a job whose worker process died is run again in a fresh worker.
+    worker_crash_retries: int = 1
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="local", node=LocalLauncherConf,
+                             provider="tmgg")
+
+
+class TmggLocalLauncher(Launcher):
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig,
+    ) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        from tmgg.launch.local import launch_local
+
+        return launch_local(self, job_overrides, initial_job_idx)

@@ -1,0 +1,81 @@
+"""Launcher plumbing shared by the local and Modal launchers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tmgg.orchestration.executor import JobPayload, serialize
+from tmgg.orchestration.plan import PlannedJob
+
+log = logging.getLogger(__name__)
+
+
+def prepare_sweep_dir(config: DictConfig) -> None:
+    """Create the sweep dir and save multirun.yaml, as Hydra's launchers do."""
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, sweep_dir / "multirun.yaml")
+
+
+def build_payload(job: PlannedJob, task_function: Any, env: dict[str, str] | None = None
+                  ) -> bytes:
+    from hydra.core.singleton import Singleton
+
+    return serialize(JobPayload(task_function=task_function, sweep_config=job.sweep_config,
+                                singleton_state=Singleton.get_state(), env=env))
+
+
+def outcome_rows(jobs: Sequence[PlannedJob], results: Sequence[Any]) -> list[dict[str, Any]]:
+    rows = []
+    for job, result in zip(jobs, results, strict=True):
+        skipped = getattr(result, "skipped", False)
+        ok = result.status.name == "COMPLETED"
+        value = result._return_value
+        rows.append({
+            "job": job.run_name,
+            "status": "SKIPPED (finished)" if skipped else ("FINISHED" if ok else "FAILED"),
+            "duration_s": getattr(result, "duration_s", None),
+            "detail": _detail(value) if ok else _error_line(value),
+        })
+    return rows
+
+
+def _detail(value: Any) -> str:
+    if isinstance(value, dict):
+        for key in ("test/mse", "test/loss"):
+            if key in value:
+                return f"{key}={float(value[key]):.4f}"
+    return "" if value is None else str(value)[:60]
+
+
+def _error_line(error: Any) -> str:
+    error_type = getattr(error, "error_type", type(error).__name__)
+    message = getattr(error, "message", str(error))
+    first = str(message).strip().splitlines()[0] if str(message).strip() else ""
+    return f"{error_type}: {first}"[:160]
+
+
+def print_outcome_table(jobs: Sequence[PlannedJob], results: Sequence[Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = outcome_rows(jobs, results)
+    table = Table(title=title)
+    for column in ("job", "status", "duration_s", "detail"):
+        table.add_column(column)
+    for row in rows:
+        style = {"FINISHED": "green", "FAILED": "red"}.get(row["status"], "yellow")
+        duration = "" if row["duration_s"] is None else f"{row['duration_s']:.1f}"
+        table.add_row(row["job"], f"[{style}]{row['status']}[/{style}]", duration,
+                      row["detail"])
+    failed = sum(1 for r in rows if r["status"] == "FAILED")
+    skipped = sum(1 for r in rows if r["status"].startswith("SKIPPED"))
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(f"{len(rows) - failed - skipped} finished, {skipped} skipped (already "
+                  f"finished), {failed} failed")

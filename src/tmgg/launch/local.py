@@ -1,0 +1,158 @@
+"""The local launcher's dispatch: a pool of warm worker processes.
+
+Workers are started once per sweep and import torch and lightning in their
+initializer, so a job costs its training time plus a few milliseconds. Results are
+recorded in the ledger as they arrive; a crashed worker fails only its own job.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from tmgg.launch.common import build_payload, prepare_sweep_dir, print_outcome_table
+from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload
+from tmgg.orchestration.plan import PlannedJob
+from tmgg.orchestration.sweep import (
+    is_finished,
+    planned_jobs,
+    record_dispatched,
+    record_outcome,
+    skipped_return,
+)
+
+log = logging.getLogger(__name__)
+LAUNCHER = "local"
+
+
+def _init_worker(threads: int) -> None:
+    """Runs once per worker: pin threads, then import the heavy libraries."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
+    os.environ["TMGG_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    from tmgg.orchestration.executor import warm_up
+
+    warm_up()
+
+
+def _crashed_return(job: PlannedJob, error: BaseException) -> Any:
+    from hydra.core.utils import JobReturn, JobStatus
+
+    ret = JobReturn(overrides=job.overrides, status=JobStatus.FAILED)
+    ret.return_value = JobFailure("WorkerCrashed", f"the worker process running job "
+                                  f"{job.run_name} died: {error!r}", "")
+    return ret
+
+
+def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
+                 initial_job_idx: int) -> list[Any]:
+    params = launcher.params
+    config = launcher.config
+    jobs = planned_jobs(launcher.hydra_context.config_loader, config, job_overrides,
+                        initial_job_idx)
+    prepare_sweep_dir(config)
+    results: list[Any] = [None] * len(jobs)
+    pending: list[int] = []
+    for position, job in enumerate(jobs):
+        record = is_finished(job)
+        if record is not None:
+            results[position] = skipped_return(job, record)
+        else:
+            pending.append(position)
+    n_workers = int(params.get("n_workers") or os.cpu_count() or 1)
+    n_workers = max(1, min(n_workers, len(pending) or 1))
+    threads = int(params.get("threads_per_worker") or 1)
+    context = multiprocessing.get_context(str(params.get("start_method") or "spawn"))
+    retries_left = {position: int(params.get("worker_crash_retries", 1)) for position in pending}
+    log.info("Launching %d jobs (%d already finished) on %d local workers", len(pending),
+             len(jobs) - len(pending), n_workers)
+
+    progress = _progress(bool(params.get("progress", True)), len(jobs), len(jobs) - len(pending))
+    with progress as bar:
+        while pending:
+            pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context,
+                                       initializer=_init_worker, initargs=(threads,))
+            futures: dict[Future[bytes], int] = {}
+            for position in pending:
+                job = jobs[position]
+                payload = build_payload(job, launcher.task_function)
+                record_dispatched(job, LAUNCHER)
+                futures[pool.submit(execute_payload, payload)] = position
+            pending = []
+            remaining = set(futures)
+            while remaining:
+                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+                for future in done:
+                    position = futures[future]
+                    job = jobs[position]
+                    try:
+                        result = deserialize(future.result())
+                    except BrokenProcessPool as error:
+                        if retries_left[position] > 0:
+                            retries_left[position] -= 1
+                            pending.append(position)
+                            continue
+                        result = _crashed_return(job, error)
+                    except Exception as error:  # noqa: BLE001 - becomes a FAILED job
+                        from hydra.core.utils import JobReturn, JobStatus
+
+                        result = JobReturn(overrides=job.overrides, status=JobStatus.FAILED)
+                        result.return_value = JobFailure.from_exception(error)
+                    results[position] = result
+                    record_outcome(job, result, LAUNCHER)
+                    bar.advance(job, result)
+            pool.shutdown(wait=True, cancel_futures=True)
+    if bool(params.get("progress", True)):
+        print_outcome_table(jobs, results, title=f"local launcher: {len(jobs)} jobs")
+    return results
+
+
+class _Progress:
+    """A rich progress bar, or nothing when progress is off."""
+
+    def __init__(self, enabled: bool, total: int, completed: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.completed = completed
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(TextColumn("[bold]jobs"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(),
+                                      TextColumn("{task.description}"),
+                                      console=Console(stderr=True))
+            self._progress.__enter__()
+            self._task = self._progress.add_task("", total=self.total, completed=self.completed)
+        return self
+
+    def advance(self, job: PlannedJob, result: Any) -> None:
+        if self._progress is not None:
+            status = "ok" if result.status.name == "COMPLETED" else "FAILED"
+            self._progress.update(self._task, advance=1, description=f"{job.run_name}: {status}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+def _progress(enabled: bool, total: int, completed: int) -> _Progress:
+    return _Progress(enabled, total, completed)

@@ -1,0 +1,279 @@
+"""What every launcher shares: planning, skipping, ledger events, outcome table.
+
+Launchers stay transport code; the rules of a sweep live here once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger
+from tmgg.orchestration.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
+from tmgg.orchestration.records import code_version, host, package_versions, utc_now
+
+log = logging.getLogger(__name__)
+
+# Plans composed at multirun start, keyed by override tuple, reused by our launchers
+# so every job is composed once.
+_PLAN_CACHE: dict[tuple[str, ...], PlannedJob] = {}
+# Jobs this process found already finished and did not re-run.
+_SKIPPED_IN_PROCESS: set[str] = set()
+
+
+def finished_metrics(task_config: DictConfig) -> dict[str, Any] | None:
+    """For the task function: the recorded metrics of an already finished job."""
+    if not is_tmgg_config(task_config):
+        return None
+    record = ledger_for(task_config).job_record(str(task_config.job.id))
+    if record and record.get("status") == FINISHED:
+        _SKIPPED_IN_PROCESS.add(str(task_config.job.id))
+        return record.get("metrics") or {}
+    return None
+
+
+def experiments_root(cfg: DictConfig | dict[str, Any]) -> Path:
+    value = cfg["experiments_dir"] if isinstance(cfg, dict) else cfg.experiments_dir
+    path = Path(str(value))
+    return path if path.is_absolute() else Path(os.getcwd()) / path
+
+
+def ledger_for(task_config: dict[str, Any] | DictConfig) -> Ledger:
+    stage = task_config["stage"]["name"]
+    return Ledger(experiments_root(task_config), str(stage))
+
+
+def launcher_name(config: DictConfig) -> str:
+    choice = OmegaConf.select(config, "hydra.runtime.choices")
+    if choice is not None and "hydra/launcher" in choice:
+        return str(choice["hydra/launcher"])
+    return "unknown"
+
+
+def plan_summary(jobs: Sequence[PlannedJob], launcher: str,
+                 estimate: Any | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for job in jobs:
+        row = job.summary()
+        row["launcher"] = launcher
+        if estimate is not None:
+            row.update(estimate(job))
+        rows.append(row)
+    return rows
+
+
+def record_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
+                arguments: Sequence[str]) -> None:
+    """Write plan.json and one 'planned' event per job, before anything is dispatched."""
+    tmgg_jobs = [job for job in jobs if job.is_tmgg_job]
+    if not tmgg_jobs:
+        return
+    launcher = launcher_name(master_config)
+    by_stage: dict[Path, list[PlannedJob]] = {}
+    for job in tmgg_jobs:
+        by_stage.setdefault(ledger_for(job.task_config).root, []).append(job)
+    now = utc_now()
+    for jobs_of_stage in by_stage.values():
+        ledger = ledger_for(jobs_of_stage[0].task_config)
+        ledger.write_plan({
+            "stage": ledger.stage,
+            "created_at": now,
+            "arguments": list(arguments),
+            "launcher": launcher,
+            "code": code_version(),
+            "jobs": [{**job.summary(), "config": job.task_config} for job in jobs_of_stage],
+        })
+        ledger.append_many({
+            "event": "planned", "time": now, "job_id": job.job_id, "run_name": job.run_name,
+            "overrides": job.overrides, "wandb": job.wandb, "launcher": launcher,
+        } for job in jobs_of_stage)
+
+
+def record_plan_for_multirun(config: DictConfig) -> None:
+    """Hydra multirun start: compose, validate and record every job of the sweep."""
+    if not is_tmgg_config(config):
+        return
+    from hydra.core.global_hydra import GlobalHydra
+
+    arguments = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    loader = GlobalHydra.instance().config_loader()
+    jobs = compose_plan(loader, config, expand_grid(config, arguments))
+    _PLAN_CACHE.clear()
+    for job in jobs:
+        _PLAN_CACHE[tuple(job.overrides)] = job
+    record_plan(jobs, config, arguments)
+    log.info("Planned %d jobs of stage %s", len(jobs), jobs[0].stage if jobs else "?")
+
+
+def planned_jobs(config_loader: Any, master_config: DictConfig,
+                 job_overrides: Sequence[Sequence[str]], initial_index: int) -> list[PlannedJob]:
+    """The launcher's jobs: from the multirun plan when available, else composed now."""
+    jobs: list[PlannedJob] = []
+    missing = [list(o) for o in job_overrides if tuple(o) not in _PLAN_CACHE]
+    composed = {}
+    if missing:
+        for job in compose_plan(config_loader, master_config, missing, initial_index):
+            composed[tuple(job.overrides)] = job
+    for offset, overrides in enumerate(job_overrides):
+        key = tuple(overrides)
+        job = _PLAN_CACHE.get(key) or composed[key]
+        job.index = initial_index + offset
+        with read_write(job.sweep_config.hydra), open_dict(job.sweep_config.hydra.job):
+            job.sweep_config.hydra.job.num = job.index
+            job.sweep_config.hydra.job.id = f"job{job.index}"
+        jobs.append(job)
+    return jobs
+
+
+def is_finished(job: PlannedJob) -> dict[str, Any] | None:
+    """The finished record of a job, if the ledger has one (then it is not re-run)."""
+    if not job.is_tmgg_job:
+        return None
+    record = ledger_for(job.task_config).job_record(job.job_id)
+    if record and record.get("status") == FINISHED:
+        return record
+    return None
+
+
+def skipped_return(job: PlannedJob, record: dict[str, Any]) -> Any:
+    """A COMPLETED JobReturn for a job that already finished: its recorded metrics."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    task_cfg = OmegaConf.create(job.task_config)
+    ret = JobReturn(overrides=job.overrides, cfg=task_cfg, hydra_cfg=None,
+                    working_dir=os.getcwd(), task_name=None, status=JobStatus.COMPLETED)
+    ret.return_value = record.get("metrics") or {}
+    ret.skipped = True  # type: ignore[attr-defined]
+    return ret
+
+
+def record_dispatched(job: PlannedJob, launcher: str, call_id: str | None = None) -> None:
+    if job.is_tmgg_job:
+        ledger_for(job.task_config).append({
+            "event": "dispatched", "time": utc_now(), "job_id": job.job_id,
+            "run_name": job.run_name, "launcher": launcher, "call_id": call_id,
+        })
+
+
+def record_outcome(job: PlannedJob, result: Any, launcher: str,
+                   write_job_record: bool = False) -> None:
+    """Append the outcome event; for remote jobs also write the job's own record."""
+    if not job.is_tmgg_job:
+        return
+    status = FINISHED if result.status.name == "COMPLETED" else FAILED
+    error = None if status == FINISHED else str(result._return_value)
+    metrics = result._return_value if status == FINISHED else None
+    duration = getattr(result, "duration_s", None)
+    ledger = ledger_for(job.task_config)
+    event = {"event": "outcome", "time": utc_now(), "job_id": job.job_id,
+             "run_name": job.run_name, "status": status, "duration_s": duration,
+             "error": _first_lines(error), "launcher": launcher}
+    ledger.append(event)
+    if write_job_record:
+        record = base_record(job.task_config, job.overrides, launcher)
+        record.update(status=status, finished_at=utc_now(), duration_s=duration, error=error,
+                      metrics=metrics if isinstance(metrics, dict) else None)
+        if isinstance(metrics, dict) and metrics.get("wandb_path"):
+            record["wandb"]["path"] = metrics["wandb_path"]
+        ledger.write_job_record(job.job_id, record)
+
+
+def _first_lines(text: str | None, limit: int = 2000) -> str | None:
+    if text is None:
+        return None
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def base_record(task_config: dict[str, Any], overrides: Sequence[str], launcher: str,
+                output_dir: str | None = None) -> dict[str, Any]:
+    logger = task_config.get("logger", {})
+    return {
+        "job_id": task_config["job"]["id"],
+        "run_name": task_config["job"]["run_name"],
+        "stage": task_config["stage"]["name"],
+        "overrides": list(overrides),
+        "launcher": launcher,
+        "host": host(),
+        "pid": os.getpid(),
+        "output_dir": output_dir,
+        "code": code_version(),
+        "versions": package_versions(),
+        "wandb": {
+            "entity": logger.get("entity"),
+            "project": logger.get("project"),
+            "group": logger.get("group"),
+            "run_id": _wandb_run_id(task_config),
+            "path": None,
+        } if logger.get("name") == "wandb" else None,
+        "config": task_config,
+    }
+
+
+def _wandb_run_id(task_config: dict[str, Any]) -> str:
+    from tmgg.identity import wandb_run_id
+
+    return wandb_run_id(str(task_config["job"]["id"]))
+
+
+def _task_dict(config: DictConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(config, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    return container
+
+
+def job_record_start(config: DictConfig) -> None:
+    """In the job's process: RUNNING, with provenance (readable while it runs)."""
+    if not is_tmgg_config(config):
+        return
+    task = _task_dict(config)
+    ledger = ledger_for(task)
+    overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    record = base_record(task, overrides, launcher_name(config),
+                         output_dir=OmegaConf.select(config, "hydra.runtime.output_dir"))
+    previous = ledger.job_record(task["job"]["id"])
+    if previous and previous.get("status") == FINISHED:
+        return  # the task function will skip it; keep the finished record intact
+    record.update(status=RUNNING, started_at=utc_now(),
+                  attempts=(previous or {}).get("attempts", 0) + 1)
+    ledger.write_job_record(task["job"]["id"], record)
+
+
+def job_record_end(config: DictConfig, job_return: Any) -> None:
+    """In the job's process: FINISHED with metrics, or FAILED with the error text."""
+    if not is_tmgg_config(config):
+        return
+    task = _task_dict(config)
+    ledger = ledger_for(task)
+    job_id = task["job"]["id"]
+    if job_id in _SKIPPED_IN_PROCESS:
+        _SKIPPED_IN_PROCESS.discard(job_id)
+        return
+    record = ledger.job_record(job_id) or base_record(task, [], launcher_name(config))
+    completed = job_return.status.name == "COMPLETED"
+    value = job_return._return_value
+    started = record.get("started_at")
+    record.update(status=FINISHED if completed else FAILED, finished_at=utc_now(),
+                  metrics=value if completed and isinstance(value, dict) else None,
+                  error=None if completed else _error_text(value))
+    if started:
+        from datetime import datetime
+
+        delta = datetime.fromisoformat(record["finished_at"]) - datetime.fromisoformat(started)
+        record["duration_s"] = round(delta.total_seconds(), 3)
+    if completed and isinstance(value, dict) and value.get("wandb_path") and record.get("wandb"):
+        record["wandb"]["path"] = value["wandb_path"]
+    ledger.write_job_record(job_id, record)
+
+
+def _error_text(error: Any) -> str:
+    import traceback
+
+    if isinstance(error, BaseException) and error.__traceback__ is not None:
+        return "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return str(error)

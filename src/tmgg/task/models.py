@@ -1,0 +1,137 @@
+"""Spectral edge-denoising models (SPEC section 4).
+
+All three share the front end of :func:`tmgg.task.spectral.top_k_eigenpairs`: they
+see the noisy graph only through its k eigenpairs of largest |λ| and map them to
+symmetric edge logits, so they accept any graph size n (and any k >= 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from tmgg.task.spectral import top_k_eigenpairs
+
+__all__ = ["MODELS", "FilterBank", "LinearPE", "SelfAttention", "SpectralModel", "build_model"]
+
+
+class SpectralModel(nn.Module):
+    """Base class: eigen front end, batching of (n, n) inputs and logit symmetrisation."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+
+    def forward(self, noisy: Tensor) -> Tensor:
+        """Map noisy adjacency (B, n, n) or (n, n) to symmetric edge logits of the same shape."""
+        unbatched = noisy.dim() == 2
+        x = noisy.unsqueeze(0) if unbatched else noisy
+        if x.dim() != 3 or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"expected (B, n, n) or (n, n) input, got {tuple(noisy.shape)}")
+        vecs, vals = top_k_eigenpairs(x, self.k)
+        param = next(self.parameters())
+        logits = self.logits(vecs.to(param.dtype), vals.to(param.dtype))
+        # Symmetrise explicitly so P = (L > 0) is exactly symmetric.
+        logits = (logits + logits.mT) * 0.5
+        return logits.squeeze(0) if unbatched else logits
+
+    def logits(self, vecs: Tensor, vals: Tensor) -> Tensor:
+        """Raw (not yet symmetrised) logits (B, n, n) from V (B, n, k) and Λ (B, k)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class LinearPE(SpectralModel):
+    """L = V W Vᵀ + b_i + b_j: a learned bilinear form on spectral positional encodings."""
+
+    def __init__(self, k: int, max_nodes: int = 200) -> None:
+        super().__init__(k)
+        if max_nodes < 1:
+            raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
+        self.max_nodes = max_nodes
+        self.W = nn.Parameter(torch.empty(k, k))
+        self.b = nn.Parameter(torch.zeros(max_nodes))
+        nn.init.xavier_uniform_(self.W)
+
+    def logits(self, vecs: Tensor, vals: Tensor) -> Tensor:
+        n = vecs.shape[-2]
+        if n > self.max_nodes:
+            raise ValueError(
+                f"graph has {n} nodes but LinearPE was built for max_nodes={self.max_nodes}"
+            )
+        bias = self.b[:n]
+        return vecs @ self.W @ vecs.mT + bias.unsqueeze(-1) + bias.unsqueeze(-2)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, max_nodes={self.max_nodes}"
+
+
+class FilterBank(SpectralModel):
+    """L = V W(λ) Vᵀ with W_ij = Σ_{ℓ<K} λ̃_i^ℓ H^(ℓ)_ij: a graph-dependent spectral polynomial."""
+
+    def __init__(self, k: int, degree: int = 5) -> None:
+        super().__init__(k)
+        if degree < 1:
+            raise ValueError(f"degree must be >= 1, got {degree}")
+        self.degree = degree
+        self.H = nn.Parameter(torch.empty(degree, k, k))
+        for h in self.H.data:  # Xavier per k x k matrix, not over the stacked 3-D tensor
+            nn.init.xavier_uniform_(h)
+        self.register_buffer("powers", torch.arange(degree), persistent=False)
+
+    def logits(self, vecs: Tensor, vals: Tensor) -> Tensor:
+        # Normalise per graph so the powers λ̃^ℓ stay in [-1, 1] whatever the graph size.
+        scale = vals.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
+        lam = vals / scale  # (B, k)
+        lam_pow = lam.unsqueeze(-1) ** self.powers.to(lam.dtype)  # (B, k, K); 0**0 == 1
+        weight = torch.einsum("bil,lij->bij", lam_pow, self.H)  # Σ_ℓ diag(λ̃^ℓ) H^(ℓ)
+        return vecs @ weight @ vecs.mT
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, degree={self.degree}"
+
+
+class SelfAttention(SpectralModel):
+    """L = (V W_Q)(V W_K)ᵀ / √d_k: raw attention scores used as edge logits (no softmax)."""
+
+    def __init__(self, k: int, d_k: int = 64) -> None:
+        super().__init__(k)
+        if d_k < 1:
+            raise ValueError(f"d_k must be >= 1, got {d_k}")
+        self.d_k = d_k
+        self.W_Q = nn.Parameter(torch.empty(k, d_k))
+        self.W_K = nn.Parameter(torch.empty(k, d_k))
+        nn.init.xavier_uniform_(self.W_Q)
+        nn.init.xavier_uniform_(self.W_K)
+        self.scale = 1.0 / math.sqrt(d_k)
+
+    def logits(self, vecs: Tensor, vals: Tensor) -> Tensor:
+        query = vecs @ self.W_Q
+        key = vecs @ self.W_K
+        return (query @ key.mT) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, d_k={self.d_k}"
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "linear_pe": LinearPE,
+    "filter_bank": FilterBank,
+    "self_attention": SelfAttention,
+}
+
+
+def build_model(name: str, **kwargs: int) -> nn.Module:
+    """Instantiate a model by its config name; kwargs are its constructor arguments."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(MODELS))
+        raise ValueError(f"unknown model {name!r}; known models: {known}") from None
+    return cls(**kwargs)
