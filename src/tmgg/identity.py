@@ -35,7 +35,11 @@ def short_float(value: float | int | str) -> str:
 
     Integers up to 999 stay plain (``k8``, ``s1``); 0 is '0'; 1.5e-3 -> '1.5e-3'.
     """
-    number = float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        # Not a number: leave it to config validation to reject with the field name.
+        return str(value)
     if number == 0:
         return "0"
     if number.is_integer() and abs(number) < 1000:

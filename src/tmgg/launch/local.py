@@ -30,17 +30,33 @@ log = logging.getLogger(__name__)
 LAUNCHER = "local"
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, preload: bool, parent_pid: int) -> None:
     """Runs once per worker: pin threads, then import the heavy libraries."""
+    _exit_with_parent(parent_pid)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ["TMGG_NUM_THREADS"] = str(threads)
     import torch
 
     torch.set_num_threads(threads)
-    from tmgg.orchestration.executor import warm_up
+    if preload:
+        from tmgg.orchestration.executor import warm_up
 
-    warm_up()
+        warm_up()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A worker whose launcher died (even by SIGKILL) stops instead of running on."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="tmgg-parent-watch", daemon=True).start()
 
 
 def _crashed_return(job: PlannedJob, error: BaseException) -> Any:
@@ -70,6 +86,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     n_workers = int(params.get("n_workers") or os.cpu_count() or 1)
     n_workers = max(1, min(n_workers, len(pending) or 1))
     threads = int(params.get("threads_per_worker") or 1)
+    preload = any(job.is_tmgg_job for job in jobs)
     context = multiprocessing.get_context(str(params.get("start_method") or "spawn"))
     retries_left = {position: int(params.get("worker_crash_retries", 1)) for position in pending}
     log.info("Launching %d jobs (%d already finished) on %d local workers", len(pending),
@@ -79,7 +96,8 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     with progress as bar:
         while pending:
             pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context,
-                                       initializer=_init_worker, initargs=(threads,))
+                                       initializer=_init_worker,
+                                       initargs=(threads, preload, os.getpid()))
             futures: dict[Future[bytes], int] = {}
             for position in pending:
                 job = jobs[position]

@@ -12,6 +12,7 @@ Hydra runs it whichever launcher dispatches the jobs — ours, ``basic`` or subm
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -37,9 +38,16 @@ class LedgerCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
             return
+        from tmgg.orchestration.plan import PlanError
         from tmgg.orchestration.sweep import record_plan_for_multirun
 
-        record_plan_for_multirun(config)
+        try:
+            record_plan_for_multirun(config)
+        except PlanError as error:
+            # Hydra turns a callback's exception into a warning and launches anyway;
+            # SystemExit is not an Exception, so it stops the sweep before any dispatch.
+            print(f"sweep refused, nothing dispatched: {error}", file=sys.stderr)
+            raise SystemExit(2) from error
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:

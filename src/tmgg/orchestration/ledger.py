@@ -44,6 +44,7 @@ def atomic_write_json(path: Path, payload: Any) -> None:
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; collaborators on a shared FS read these
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

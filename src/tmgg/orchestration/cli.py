@@ -1,0 +1,52 @@
+"""``tmgg-sweep``: plan, status, resume, reconcile, report and cancel a stage.
+
+Every command takes the overrides ``tmgg-train -m`` takes (``stage=stage1 ...``).
+Each command lives in its own module exposing ``main(argv) -> int``; this file
+only dispatches, so ``tmgg-sweep --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "plan": ("tmgg.orchestration.commands", "plan_main",
+             "dry run: every job, its run name, W&B destination and cost; dispatches nothing"),
+    "status": ("tmgg.orchestration.commands", "status_main",
+               "the stage's ledger as a table with counts (polls detached Modal calls)"),
+    "resume": ("tmgg.orchestration.commands", "resume_main",
+               "launch only the stage's missing and failed jobs"),
+    "reconcile": ("tmgg.orchestration.reconcile", "main",
+                  "expected jobs versus W&B and outputs: missing, failed, misrouted, duplicated"),
+    "report": ("tmgg.reporting.report", "main",
+               "write experiments/<stage>/REPORT.md and plots"),
+    "cancel": ("tmgg.launch.modal_dispatch", "cancel_main",
+               "cancel a detached Modal sweep's running calls"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: tmgg-sweep COMMAND [options] [overrides...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
+    lines += ["", "Overrides are those of `tmgg-train -m`, e.g. stage=stage1 model=linear_pe.",
+              "`tmgg-sweep COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"tmgg-sweep: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name, _ = COMMANDS[name]
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""``tmgg-sweep plan``, ``status`` and ``resume``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+from tmgg.orchestration.ledger import FAILED, FINISHED, Ledger
+
+OVERRIDES_HELP = "Hydra overrides as for `tmgg-train -m`, e.g. stage=stage1 model=linear_pe"
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"tmgg-sweep {prog}", description=description)
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def _optional(module: str, name: str) -> Any:
+    """A function of another part of the product, when that part is installed."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    """Compose and check every job; rows for the plan table plus sweep-level facts."""
+    from tmgg.orchestration.compose import compose_sweep
+
+    sweep = compose_sweep(overrides)
+    check_wandb = _optional("tmgg.orchestration.wandb_check", "check_wandb_destinations")
+    if check_wandb is not None:
+        check_wandb(sweep.jobs, sweep.master_config)
+    estimates: list[dict[str, Any]] = [{} for _ in sweep.jobs]
+    plan_estimates = _optional("tmgg.launch.cost", "plan_estimates")
+    if plan_estimates is not None:
+        estimates = plan_estimates(sweep.master_config, sweep.jobs)
+    resources = None
+    describe = _optional("tmgg.launch.slurm_resources", "describe_launcher")
+    if describe is not None:
+        resources = describe(sweep.master_config)
+    rows = []
+    for job, estimate in zip(sweep.jobs, estimates, strict=True):
+        row = {**job.summary(), "launcher": sweep.launcher, **estimate}
+        if resources:
+            row["resources"] = resources
+        rows.append(row)
+    facts = {"stage": sweep.stage, "launcher": sweep.launcher, "jobs": len(rows),
+             "resources": resources}
+    totals = [r.get("est_cost_usd") for r in rows if r.get("est_cost_usd") is not None]
+    if totals:
+        facts["est_cost_usd"] = round(sum(totals), 4)
+    check_limit = _optional("tmgg.launch.cost", "check_cost_limit")
+    if check_limit is not None:
+        check_limit(sweep.master_config, estimates)
+    return sweep, rows, facts
+
+
+def plan_main(argv: list[str]) -> int:
+    parser = _parser("plan", "Compose and validate every job of a sweep; dispatch nothing.")
+    args = parser.parse_args(argv)
+    from tmgg.orchestration.plan import PlanError
+
+    try:
+        _, rows, facts = build_plan_rows(args.overrides)
+    except PlanError as error:
+        print(f"plan refused: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - Hydra composition errors name the field
+        print(f"plan refused: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**facts, "count": len(rows), "jobs": rows}, indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"plan: stage {facts['stage']} on {facts['launcher']}")
+    for column in ("#", "job id", "run name", "W&B entity/project/group", "launcher", "GPU",
+                   "est. s", "est. USD"):
+        table.add_column(column)
+    for row in rows:
+        wandb = row.get("wandb")
+        destination = (f"{wandb['entity']}/{wandb['project']}/{wandb['group']}"
+                       if wandb else "(csv, no W&B)")
+        cost = row.get("est_cost_usd")
+        seconds = row.get("est_gpu_seconds")
+        table.add_row(str(row["index"]), row["job_id"], row["run_name"], destination,
+                      row["launcher"], str(row.get("gpu") or "-"),
+                      "" if seconds is None else f"{seconds:.0f}",
+                      "" if cost is None else f"{cost:.4f}")
+    console = _console()
+    console.print(table)
+    if facts.get("resources"):
+        console.print(f"resources per job: {facts['resources']}")
+    cost_text = f", estimated cost ${facts['est_cost_usd']:.2f}" if "est_cost_usd" in facts else ""
+    console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched")
+    return 0
+
+
+def _ledger_for(overrides: list[str]) -> Ledger:
+    from tmgg.orchestration.compose import stage_ledger
+
+    return stage_ledger(overrides)
+
+
+def status_rows(ledger: Ledger) -> list[dict[str, Any]]:
+    rows = []
+    for state in ledger.states().values():
+        metrics = state.metrics
+        rows.append({
+            "job_id": state.job_id,
+            "run_name": state.run_name or state.record.get("run_name", ""),
+            "status": state.status,
+            "duration_s": state.duration_s,
+            "test_mse": metrics.get("test/mse"),
+            "call_id": state.call_id,
+            "error": (state.error or "").strip().splitlines()[-1:] or None,
+        })
+    return rows
+
+
+def status_main(argv: list[str]) -> int:
+    parser = _parser("status", "Show a stage's ledger: every job's state, with counts.")
+    parser.add_argument("--no-poll", action="store_true",
+                        help="do not poll detached Modal calls")
+    args = parser.parse_args(argv)
+    ledger = _ledger_for(args.overrides)
+    if not args.no_poll:
+        poll = _optional("tmgg.launch.modal_dispatch", "poll_detached")
+        if poll is not None and any(s.call_id for s in ledger.states().values()):
+            poll(ledger)
+    rows = status_rows(ledger)
+    counts = Counter(row["status"] for row in rows)
+    if args.json:
+        print(json.dumps({"stage": ledger.stage, "counts": dict(counts), "jobs": rows},
+                         indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"status: stage {ledger.stage} ({ledger.root})")
+    for column in ("job id", "run name", "status", "duration s", "test mse", "error"):
+        table.add_column(column)
+    styles = {FINISHED: "green", FAILED: "red"}
+    for row in rows:
+        style = styles.get(row["status"], "yellow")
+        error = row["error"][0] if row["error"] else ""
+        table.add_row(row["job_id"], row["run_name"], f"[{style}]{row['status']}[/{style}]",
+                      "" if row["duration_s"] is None else f"{row['duration_s']:.1f}",
+                      "" if row["test_mse"] is None else f"{row['test_mse']:.4f}",
+                      error[:100])
+    console = _console()
+    console.print(table)
+    console.print(", ".join(f"{count} {status.lower()}" for status, count in
+                            sorted(counts.items())) or "no jobs recorded")
+    return 0
+
+
+def resume_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tmgg-sweep resume",
+        description="Launch only the missing and failed jobs of a sweep (finished jobs are "
+                    "skipped by every launcher).")
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    parser.add_argument("--dry-run", action="store_true", help="list what would run")
+    args = parser.parse_args(argv)
+    from tmgg.orchestration.compose import compose_sweep
+
+    sweep = compose_sweep(args.overrides)
+    states = sweep.ledger.states()
+    todo = [job for job in sweep.jobs
+            if states.get(job.job_id) is None or states[job.job_id].status != FINISHED]
+    failed = sum(1 for job in todo if job.job_id in states
+                 and states[job.job_id].status == FAILED)
+    print(f"stage {sweep.stage}: {len(sweep.jobs)} jobs, {len(sweep.jobs) - len(todo)} finished, "
+          f"{len(todo)} to run ({failed} failed, {len(todo) - failed} missing or unfinished)")
+    for job in todo:
+        print(f"  {job.run_name} ({job.job_id})")
+    if args.dry_run or not todo:
+        return 0
+    command = [sys.executable, "-m", "tmgg.app", "-m", *args.overrides]
+    return subprocess.call(command)

@@ -1,0 +1,64 @@
+"""Shared fixtures: every test keeps its ledgers and outputs in its own tmp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _offline_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach W&B or Modal servers."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class SweepDirs:
+    """experiments/ and outputs/ of one test, as Hydra overrides."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.experiments = root / "experiments"
+        self.outputs = root / "outputs"
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"experiments_dir={self.experiments}", f"outputs_dir={self.outputs}"]
+
+    def job_records(self, stage: str) -> dict[str, dict[str, Any]]:
+        records = {}
+        for path in sorted((self.experiments / stage / "jobs").glob("*.json")):
+            record = json.loads(path.read_text())
+            records[record["job_id"]] = record
+        return records
+
+
+@pytest.fixture
+def sweep_dirs(tmp_path: Path) -> SweepDirs:
+    return SweepDirs(tmp_path)
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m <module> ...`` as a user would, capturing output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd or REPO, text=True,
+                          capture_output=True, timeout=timeout, env=full_env)
+
+
+def tmgg_train(*overrides: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return run_cli(["-m", "tmgg.app", *overrides], **kwargs)
+
+
+def tmgg_sweep(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return run_cli(["-m", "tmgg.orchestration.cli", *args], **kwargs)

@@ -1,0 +1,119 @@
+"""hydra/launcher=local: Hydra's launcher conformance suites, sweeps, faults, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, SweepDirs, run_cli, tmgg_sweep, tmgg_train
+from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+
+from tmgg.orchestration.ledger import FAILED, FINISHED, Ledger
+
+LOCAL = ["hydra/launcher=local", "hydra.launcher.n_workers=2"]
+
+
+@pytest.mark.parametrize("launcher_name, overrides", [("local", ["hydra.launcher.n_workers=2"])])
+class TestLocalLauncher(LauncherTestSuite):
+    """Hydra's own launcher conformance suite."""
+
+
+@pytest.mark.parametrize("task_launcher_cfg, extra_flags",
+                         [({}, ["-m", "hydra/launcher=local", "hydra.launcher.n_workers=1"])])
+class TestLocalLauncherIntegration(IntegrationTestSuite):
+    """Hydra's integration suite: the plugin is discovered and runs real apps."""
+
+
+def test_smoke_sweep_records_every_job(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_train("-m", "stage=smoke", "logger=csv", *LOCAL, *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    states = ledger.states()
+    assert len(states) == 6
+    assert {s.status for s in states.values()} == {FINISHED}
+    plan = ledger.plan()
+    assert plan is not None and len(plan["jobs"]) == 6
+    for state in states.values():
+        record = state.record
+        assert record["metrics"]["test/mse"] >= 0
+        assert record["code"]["git_commit"]
+        assert set(record["versions"]) >= {"torch", "lightning", "hydra-core", "wandb"}
+        assert record["config"]["job"]["id"] == state.job_id
+        output_dir = record["output_dir"]
+        assert json.loads(open(f"{output_dir}/metrics.json").read())["job_id"] == state.job_id
+        assert os.path.exists(f"{output_dir}/.hydra/config.yaml")
+    # Distinct jobs never share a directory.
+    assert len({s.record["output_dir"] for s in states.values()}) == 6
+    events = [e["event"] for e in ledger.events()]
+    assert events.count("planned") == 6 and events.count("outcome") == 6
+    assert "FINISHED" in result.stderr  # the outcome table
+
+
+def test_failed_job_does_not_stop_the_others(sweep_dirs: SweepDirs) -> None:
+    result = run_cli([str(REPO / "tests/apps/faulty_train.py"), "-m", "stage=smoke",
+                      "logger=csv", "model=linear_pe,filter_bank", *LOCAL, *sweep_dirs.overrides])
+    assert result.returncode != 0
+    states = Ledger(sweep_dirs.experiments, "smoke").states()
+    by_status: dict[str, list] = {}
+    for state in states.values():
+        by_status.setdefault(state.status, []).append(state)
+    assert len(by_status[FINISHED]) == 2 and len(by_status[FAILED]) == 2
+    for state in by_status[FAILED]:
+        assert "injected failure in smoke_filter_bank" in state.error
+        assert "RuntimeError" in state.error
+    assert "FAILED" in result.stderr
+
+
+def test_rerun_skips_finished_jobs(sweep_dirs: SweepDirs) -> None:
+    args = ("-m", "stage=smoke", "logger=csv", "model=linear_pe", *LOCAL, *sweep_dirs.overrides)
+    assert tmgg_train(*args).returncode == 0
+    first = sweep_dirs.job_records("smoke")
+    second_run = tmgg_train(*args)
+    assert second_run.returncode == 0
+    assert "skipped" in second_run.stderr
+    assert sweep_dirs.job_records("smoke") == first  # untouched: nothing re-ran
+
+
+def test_sigkill_then_resume_runs_exactly_the_unfinished_jobs(sweep_dirs: SweepDirs) -> None:
+    overrides = ["stage=smoke", "logger=csv", "trainer.max_steps=400",
+                 "trainer.val_check_interval=100", *LOCAL, *sweep_dirs.overrides]
+    process = subprocess.Popen([sys.executable, "-m", "tmgg.app", "-m", *overrides], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            finished = [s for s in ledger.states().values() if s.status == FINISHED]
+            if finished:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no job finished in time")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers, no cleanup
+        process.wait()
+    time.sleep(1.0)
+    before = {job_id: dict(record) for job_id, record in sweep_dirs.job_records("smoke").items()}
+    finished_before = {j for j, r in before.items() if r["status"] == FINISHED}
+    assert 0 < len(finished_before) < 6
+    # The ledger survived the kill: every line parses, the plan is complete.
+    assert len([e for e in ledger.events() if e["event"] == "planned"]) == 6
+
+    resumed = tmgg_sweep("resume", *[o for o in overrides if not o.startswith("hydra.")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{6 - len(finished_before)} to run" in resumed.stdout
+    after = sweep_dirs.job_records("smoke")
+    assert {r["status"] for r in after.values()} == {FINISHED}
+    assert len(after) == 6
+    for job_id in finished_before:  # not re-run
+        assert after[job_id]["started_at"] == before[job_id]["started_at"]
+    for job_id in set(after) - finished_before:
+        assert before.get(job_id, {}).get("started_at") != after[job_id]["started_at"]
+    status = tmgg_sweep("status", "--json", "stage=smoke", *sweep_dirs.overrides)
+    assert json.loads(status.stdout)["counts"] == {FINISHED: 6}
