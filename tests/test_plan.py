@@ -1,0 +1,125 @@
+"""Stages, identity and the plan: composed by Hydra, validated before dispatch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SweepDirs, tmgg_sweep
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from tmgg.config import CONF_DIR
+from tmgg.identity import job_id, short_float, wandb_run_id
+from tmgg.orchestration.compose import compose_sweep, hydra_session
+from tmgg.orchestration.plan import PlanError
+
+GROUP_OPTIONS = {
+    group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    for group in ("model", "optimizer", "scheduler", "data", "noise", "trainer", "logger")
+}
+
+
+@pytest.fixture(scope="module")
+def stage1():
+    return compose_sweep(["stage=stage1"])
+
+
+def test_stage1_plan_has_108_unique_jobs_pinned_to_the_team(stage1) -> None:
+    jobs = stage1.jobs
+    assert len(jobs) == 108
+    assert len({j.job_id for j in jobs}) == 108
+    assert len({j.run_name for j in jobs}) == 108
+    assert {(j.wandb["entity"], j.wandb["project"], j.wandb["group"]) for j in jobs} == {
+        ("graph_denoise_team", "spectral_denoising", "stage1")}
+    names = {j.run_name for j in jobs}
+    for expected in ("stage1_filter_bank_lr1e-3_wd1e-2_k16_s1",
+                     "stage1_filter_bank_lr1e-4_wd1e-2_k8_s1",
+                     "stage1_linear_pe_lr1e-4_wd1e-2_k8_s1",
+                     "stage1_self_attention_lr1e-4_wd1e-2_k8_s2",
+                     "stage1_linear_pe_lr5e-4_wd1e-3_k8_s3"):
+        assert expected in names
+    first = jobs[0].task_config
+    assert first["trainer"]["max_steps"] == 10_000 and first["optimizer"]["name"] == "adamw"
+    assert first["noise"]["levels"] == [0.01, 0.05, 0.1, 0.2, 0.3]
+    assert first["data"]["name"] == "sbm_partitions"
+
+
+def test_planned_config_equals_what_tmgg_train_composes_alone(stage1) -> None:
+    """Contract 1: the plan is Hydra's composition of each job's overrides, nothing else."""
+    with hydra_session():
+        for job in stage1.jobs:
+            alone = compose(config_name="train", overrides=job.overrides,
+                            return_hydra_config=True)
+            HydraConfig.instance().set_config(alone)
+            resolved = {
+                key: (OmegaConf.to_container(alone[key], resolve=True)
+                      if OmegaConf.is_config(alone[key]) else OmegaConf.select(alone, key))
+                for key in alone if key != "hydra"}
+            assert resolved == job.task_config, job.run_name
+
+
+def test_override_on_top_narrows_the_stage() -> None:
+    sweep = compose_sweep(["stage=stage1", "model=linear_pe"])
+    assert len(sweep.jobs) == 36
+    assert {j.task_config["model"]["name"] for j in sweep.jobs} == {"linear_pe"}
+
+
+def test_stage2_grid() -> None:
+    sweep = compose_sweep(["stage=stage2", "model=linear_pe", "seed=1"])
+    assert len(sweep.jobs) == 4 * 2 * 3
+    assert {j.task_config["data"]["name"] for j in sweep.jobs} == {
+        "sbm_partitions", "er", "regular", "tree"}
+    assert len({j.run_name for j in sweep.jobs}) == 24
+
+
+@pytest.mark.parametrize(("group", "option"),
+                         [(g, o) for g, options in GROUP_OPTIONS.items() for o in options])
+def test_every_config_group_option_composes_and_validates(group: str, option: str) -> None:
+    sweep = compose_sweep([f"{group}={option}"])
+    assert len(sweep.jobs) == 1
+    task = sweep.jobs[0].task_config
+    if group in ("model", "optimizer", "scheduler", "data", "logger"):
+        assert task[group]["name"] == option
+
+
+@pytest.mark.parametrize("stage", ["adhoc", "smoke", "stage1", "stage2"])
+def test_every_stage_composes(stage: str) -> None:
+    sweep = compose_sweep([f"stage={stage}", "seed=1", "model=linear_pe"])
+    assert sweep.stage == stage and sweep.jobs
+
+
+def test_identity_is_deterministic_and_spelling_independent() -> None:
+    a = job_id("stage1", ["model=linear_pe", "optimizer.lr=1e-3", "seed=2"])
+    b = job_id("stage1", ["seed=2", "optimizer.lr=0.001", "model=linear_pe"])
+    assert a == b
+    assert job_id("stage1", ["model=linear_pe", "optimizer.lr=1e-3", "seed=3"]) != a
+    assert job_id("stage2", ["model=linear_pe", "optimizer.lr=1e-3", "seed=2"]) != a
+    # Where the job's files go is not what the job is.
+    assert job_id("stage1", ["model=linear_pe", "optimizer.lr=1e-3", "seed=2",
+                             "experiments_dir=/x", "outputs_dir=/y"]) == a
+    assert wandb_run_id(a) == wandb_run_id(b) != wandb_run_id(job_id("s", []))
+    assert [short_float(v) for v in (1e-3, 5e-4, 1e-2, 1e-4, 0.0, 1.5e-3, 16)] == [
+        "1e-3", "5e-4", "1e-2", "1e-4", "0", "1.5e-3", "16"]
+
+
+def test_invalid_job_stops_the_plan_naming_job_and_field() -> None:
+    with pytest.raises(PlanError, match=r"stage1_linear_pe_lr1e-3_wd1e-2_k0_s1.*model\.k"):
+        compose_sweep(["stage=stage1", "model=linear_pe", "model.k=0", "optimizer.lr=1e-3",
+                       "optimizer.weight_decay=1e-2", "seed=1"])
+
+
+def test_plan_cli_json_lists_jobs_and_dispatches_nothing(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_sweep("plan", "--json", "stage=smoke", *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads(result.stdout)
+    assert plan["count"] == 6 and len(plan["jobs"]) == 6
+    row = plan["jobs"][0]
+    assert {"job_id", "run_name", "wandb", "launcher"} <= set(row)
+    assert not sweep_dirs.experiments.exists() and not sweep_dirs.outputs.exists()
+    table = tmgg_sweep("plan", "stage=smoke", *sweep_dirs.overrides)
+    assert table.returncode == 0 and "6 jobs" in table.stdout
+    refused = tmgg_sweep("plan", "stage=smoke", "noise.levels=[1.5]", *sweep_dirs.overrides)
+    assert refused.returncode == 2
+    assert "noise.levels" in refused.stderr and "smoke_linear_pe" in refused.stderr
