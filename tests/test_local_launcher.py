@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, SweepDirs, run_cli, tmgg_sweep, tmgg_train
@@ -45,7 +46,8 @@ def test_smoke_sweep_records_every_job(sweep_dirs: SweepDirs) -> None:
         assert set(record["versions"]) >= {"torch", "lightning", "hydra-core", "wandb"}
         assert record["config"]["job"]["id"] == state.job_id
         output_dir = record["output_dir"]
-        assert json.loads(open(f"{output_dir}/metrics.json").read())["job_id"] == state.job_id
+        metrics_file = Path(output_dir) / "metrics.json"
+        assert json.loads(metrics_file.read_text())["job_id"] == state.job_id
         assert os.path.exists(f"{output_dir}/.hydra/config.yaml")
     # Distinct jobs never share a directory.
     assert len({s.record["output_dir"] for s in states.values()}) == 6

@@ -104,6 +104,9 @@ def record_plan_for_multirun(config: DictConfig) -> None:
     loader = GlobalHydra.instance().config_loader()
     jobs = compose_plan(loader, config, expand_grid(config, arguments))
     _PLAN_CACHE.clear()
+    from tmgg.orchestration.wandb_check import check_wandb_destinations
+
+    check_wandb_destinations(jobs, config)  # before any job is recorded or dispatched
     for job in jobs:
         _PLAN_CACHE[tuple(job.overrides)] = job
     record_plan(jobs, config, arguments)
@@ -119,6 +122,9 @@ def planned_jobs(config_loader: Any, master_config: DictConfig,
     if missing:
         for job in compose_plan(config_loader, master_config, missing, initial_index):
             composed[tuple(job.overrides)] = job
+        from tmgg.orchestration.wandb_check import check_wandb_destinations
+
+        check_wandb_destinations(list(composed.values()), master_config)
     for offset, overrides in enumerate(job_overrides):
         key = tuple(overrides)
         job = _PLAN_CACHE.get(key) or composed[key]

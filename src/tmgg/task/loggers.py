@@ -1,15 +1,42 @@
-"""Experiment loggers: W&B with a pinned destination, or CSV with no W&B at all."""
+"""Experiment loggers: W&B with a pinned destination, or CSV with no W&B at all.
+
+The W&B destination (entity, project) comes from the job's composed config and
+nowhere else (DESIGN.md contract 3). What wandb 0.31 does with the other sources:
+
+- ``wandb.init(entity=..., project=...)`` arguments beat ``WANDB_ENTITY`` /
+  ``WANDB_PROJECT`` and the settings files (``~/.config/wandb/settings``,
+  ``./wandb/settings``), *except* in a W&B sweep or launch context
+  (``WANDB_SWEEP_ID``, ``WANDB_LAUNCH``), where wandb drops the given entity, project
+  and run id and falls back to the environment. So for the moment the run starts,
+  the environment is made to agree with the pinned values and the sweep/launch
+  variables are removed; disagreeing variables are named in a warning.
+- Online, the server may answer with another entity than requested; the in-job
+  guard (``tmgg.task.wandb_guard``) compares the live run with the pinned values.
+- wandb reads the environment once per process (at ``wandb.setup``); a warm worker
+  that set it up in a sweep context is torn down first so the pinned environment
+  takes effect.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from tmgg.identity import wandb_run_id
+
+log = logging.getLogger(__name__)
+
+# Variables that would name the destination if the pinned values were missing.
+DESTINATION_VARIABLES = ("WANDB_ENTITY", "WANDB_PROJECT")
+# Variables that make wandb.init ignore the entity, project and run id it is given.
+CONTEXT_VARIABLES = ("WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_LAUNCH",
+                     "WANDB_LAUNCH_CONFIG_PATH")
 
 
 def has_wandb_credentials() -> bool:
@@ -33,7 +60,73 @@ def resolve_wandb_mode(mode: str) -> str:
     return "online" if has_wandb_credentials() else "offline"
 
 
+def environment_conflicts(entity: str, project: str,
+                          environ: dict[str, str] | None = None) -> list[str]:
+    """``NAME=value`` of every W&B variable that would point a run elsewhere."""
+    environ = dict(os.environ if environ is None else environ)
+    conflicts = []
+    for variable, pinned in zip(DESTINATION_VARIABLES, (entity, project), strict=True):
+        value = environ.get(variable)
+        if value and value != pinned:
+            conflicts.append(f"{variable}={value}")
+    conflicts += [f"{variable}={environ[variable]}" for variable in CONTEXT_VARIABLES
+                  if environ.get(variable)]
+    return conflicts
+
+
+@contextmanager
+def pinned_wandb_environment(entity: str, project: str, job: str = "") -> Iterator[None]:
+    """While the W&B run starts, the environment can only name the pinned destination."""
+    conflicts = environment_conflicts(entity, project)
+    if conflicts:
+        log.warning("W&B environment ignored for job %s, pinned to %s/%s: %s", job or "?",
+                    entity, project, ", ".join(conflicts))
+    saved = {name: os.environ.get(name) for name in DESTINATION_VARIABLES + CONTEXT_VARIABLES}
+    os.environ["WANDB_ENTITY"] = entity
+    os.environ["WANDB_PROJECT"] = project
+    for name in CONTEXT_VARIABLES:
+        os.environ.pop(name, None)
+    _drop_wandb_context_singleton()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _drop_wandb_context_singleton() -> None:
+    """Tear down a wandb set up in a sweep/launch context: it would drop our entity."""
+    from wandb.sdk import wandb_setup
+
+    current = getattr(wandb_setup, "_singleton", None)
+    settings = getattr(current, "settings_if_loaded", None)
+    if settings is not None and (settings.sweep_id or settings.launch):
+        import wandb
+
+        log.warning("wandb was set up in a W&B sweep/launch context in this process; "
+                    "tearing it down so the pinned destination applies")
+        wandb.teardown()
+
+
+def finish_leftover_run() -> None:
+    """A warm worker must never hand the previous job's run to the next job."""
+    import wandb
+
+    if wandb.run is not None:
+        log.warning("W&B run %s of an earlier job was still active in this process; "
+                    "finishing it as failed", wandb.run.id)
+        wandb.finish(exit_code=1)
+
+
 def build_logger(cfg: DictConfig, output_dir: Path) -> Any:
+    """The job's logger; for W&B the run is started here, under the pinned environment.
+
+    Run id from the job id with ``resume="allow"`` (a relaunch continues the run),
+    name = run name, group = stage, config = the composed job config.
+    """
     logger_cfg = cfg.logger
     if logger_cfg.name == "csv":
         from lightning.pytorch.loggers import CSVLogger
@@ -42,25 +135,21 @@ def build_logger(cfg: DictConfig, output_dir: Path) -> Any:
     from lightning.pytorch.loggers import WandbLogger
 
     entity, project = str(logger_cfg.entity), str(logger_cfg.project)
-    for variable, pinned in (("WANDB_ENTITY", entity), ("WANDB_PROJECT", project)):
-        value = os.environ.get(variable)
-        if value and value != pinned:
-            warnings.warn(
-                f"{variable}={value!r} is ignored: job {cfg.job.run_name} is pinned to "
-                f"{entity}/{project}",
-                stacklevel=2,
-            )
-    mode = resolve_wandb_mode(str(logger_cfg.mode))
-    return WandbLogger(
-        entity=entity,
-        project=project,
-        group=str(logger_cfg.group) if logger_cfg.get("group") else None,
-        name=str(cfg.job.run_name),
-        id=wandb_run_id(str(cfg.job.id)),
-        resume="allow",
-        mode=mode,
-        save_dir=str(output_dir),
-        tags=list(logger_cfg.get("tags") or []),
-        config=OmegaConf.to_container(cfg, resolve=True),
-        log_model=False,
-    )
+    run_name = str(cfg.job.run_name)
+    finish_leftover_run()
+    with pinned_wandb_environment(entity, project, job=run_name):
+        logger = WandbLogger(
+            entity=entity,
+            project=project,
+            group=str(logger_cfg.get("group") or cfg.stage.name),
+            name=run_name,
+            id=wandb_run_id(str(cfg.job.id)),
+            resume="allow",
+            mode=resolve_wandb_mode(str(logger_cfg.mode)),
+            save_dir=str(output_dir),
+            tags=list(logger_cfg.get("tags") or []),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            log_model=False,
+        )
+        _ = logger.experiment  # start the run now, while the environment is pinned
+    return logger

@@ -1,0 +1,440 @@
+"""``tmgg-sweep reconcile``: is every expected job where it should be?
+
+Expected jobs are those ``tmgg-train -m <overrides>`` would run (``compose_sweep``);
+what ran comes from the stage's ledger; the evidence of where each run logged is
+
+- offline: wandb's own transaction logs, ``<job output dir>/wandb/*/run-<id>.wandb``
+  (wandb 0.31 writes no metadata or config files offline, and ships no Python reader
+  for these logs, so ``read_run_file`` reads the record log and parses its protobuf
+  records with ``wandb.proto``);
+- online: the W&B API, the runs of each pinned ``entity/project`` in the stage's
+  group or with a job's run id or run name, and the same in every
+  ``--search-entity`` (how the stage-1 incident's runs were finally found).
+
+Each job gets one status: ok, missing, failed, misrouted (and where), duplicated
+(or running while it still runs). The command prints a table and exits non-zero
+unless every job is ok. ``tmgg-sweep resume`` then relaunches missing/failed jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tmgg.identity import job_suffix, wandb_run_id
+from tmgg.orchestration.ledger import DISPATCHED, FAILED, FINISHED, RUNNING, JobState
+from tmgg.orchestration.plan import PlannedJob
+
+OK = "ok"
+MISSING = "missing"
+FAILED_STATUS = "failed"
+MISROUTED = "misrouted"
+DUPLICATED = "duplicated"
+RUNNING_STATUS = "running"
+
+# wandb's exit-code convention (as the server maps it): 0 finished, 254 crashed.
+CRASHED_EXIT_CODE = 254
+
+# The transaction log: a ":W&B" magic, a 2-byte key and a version byte, then
+# LevelDB-log records (crc32, length, type) in 32 KiB blocks.
+_MAGIC = b":W&B"
+_FILE_HEADER = 7
+_BLOCK = 32768
+_RECORD_HEADER = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+class RunsApi(Protocol):
+    """What reconcile needs of ``wandb.Api``: runs of a project matching filters."""
+
+    def runs(self, path: str, filters: dict[str, Any] | None = None) -> Iterable[Any]: ...
+
+
+@dataclass
+class RunEvidence:
+    """One W&B run of a job, wherever it was found."""
+
+    id: str
+    entity: str
+    project: str
+    name: str
+    group: str
+    state: str  # finished | failed | crashed | running | ...
+    source: str  # a run file path, or "api"
+
+    @property
+    def destination(self) -> str:
+        return f"{self.entity or '<no entity>'}/{self.project or '<no project>'}"
+
+
+@dataclass
+class RunFile:
+    """What a ``run-<id>.wandb`` transaction log says about its run."""
+
+    path: Path
+    run_id: str
+    entity: str
+    project: str
+    name: str
+    group: str
+    exit_code: int | None
+    history_rows: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        if self.exit_code is None:
+            return "running"
+        if self.exit_code == 0:
+            return "finished"
+        return "crashed" if self.exit_code == CRASHED_EXIT_CODE else "failed"
+
+
+@dataclass
+class Row:
+    """One expected job and its verdict."""
+
+    job_id: str
+    run_name: str
+    status: str
+    destination: str
+    run_ids: list[str] = field(default_factory=list)
+    ledger_status: str = "-"
+    detail: str = ""
+
+
+# -- offline evidence --------------------------------------------------------------
+def iter_records(data: bytes) -> Iterable[bytes]:
+    """The payloads of a LevelDB-style record log (after the file header)."""
+    position = _FILE_HEADER
+    pending = b""
+    while position + _RECORD_HEADER <= len(data):
+        left = _BLOCK - position % _BLOCK
+        if left < _RECORD_HEADER:  # block trailer padding
+            position += left
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[position:position + _RECORD_HEADER])
+        start = position + _RECORD_HEADER
+        chunk = data[start:start + length]
+        position = start + length
+        if kind == 0 and length == 0:
+            break  # zero padding: the writer stopped here
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
+            break  # a torn or corrupt tail (killed writer): keep what came before
+        if kind in (_FULL, _FIRST):
+            pending = chunk
+        else:
+            pending += chunk
+        if kind in (_FULL, _LAST):
+            yield pending
+            pending = b""
+
+
+def read_run_file(path: Path) -> RunFile | None:
+    """Entity, project, id, name, group and exit code from a wandb transaction log."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if not data.startswith(_MAGIC):
+        return None
+    info = RunFile(path=Path(path), run_id=Path(path).stem.removeprefix("run-"), entity="",
+                   project="", name="", group="", exit_code=None, history_rows=0)
+    for payload in iter_records(data):
+        record = wandb_internal_pb2.Record()
+        try:
+            record.ParseFromString(payload)
+        except Exception:  # noqa: BLE001 - skip a record this version cannot parse
+            continue
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            info.run_id = run.run_id or info.run_id
+            info.entity, info.project = run.entity, run.project
+            info.name, info.group = run.display_name, run.run_group
+            _apply_config(info.config, run.config.update)
+        elif kind == "config":
+            _apply_config(info.config, record.config.update)
+        elif kind == "exit":
+            info.exit_code = int(record.exit.exit_code)
+        elif kind == "history":
+            info.history_rows += 1
+    return info
+
+
+def _apply_config(config: dict[str, Any], items: Iterable[Any]) -> None:
+    """Fold a config record's items (JSON values, maybe at a nested key) into a dict."""
+    for item in items:
+        try:
+            value = json.loads(item.value_json)
+        except ValueError:
+            continue
+        path = list(item.nested_key) or [item.key]
+        node = config
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+
+
+def run_files(directory: Path) -> list[Path]:
+    """Every run log under ``<dir>/wandb`` (offline-run-* and online run-* dirs)."""
+    root = Path(directory) / "wandb"
+    if not root.is_dir():
+        return []
+    return sorted(root.glob("*run-*/run-*.wandb"), key=lambda p: (p.stat().st_mtime, str(p)))
+
+
+def local_evidence(directories: Iterable[Path]) -> list[RunEvidence]:
+    """One entry per run id found in the directories; the newest log decides the state."""
+    latest: dict[str, RunEvidence] = {}
+    seen: set[Path] = set()
+    for directory in directories:
+        for path in run_files(directory):
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            info = read_run_file(path)
+            if info is None:
+                continue
+            latest[info.run_id] = RunEvidence(id=info.run_id, entity=info.entity,
+                                              project=info.project, name=info.name,
+                                              group=info.group, state=info.state,
+                                              source=str(path))
+    return list(latest.values())
+
+
+def job_output_dirs(job: PlannedJob, state: JobState | None) -> list[Path]:
+    """Where the job's files are: its ledger record's output dir and the planned one."""
+    directories = []
+    recorded = (state.record if state else {}).get("output_dir")
+    if recorded:
+        directories.append(Path(recorded))
+    task = job.task_config
+    outputs = Path(str(task.get("outputs_dir", "outputs")))
+    if not outputs.is_absolute():
+        outputs = Path.cwd() / outputs
+    directories.append(outputs / job.stage / f"{job.run_name}-{job_suffix(job.job_id)}")
+    return directories
+
+
+# -- online evidence ---------------------------------------------------------------
+def api_evidence(api: RunsApi, paths: Iterable[str], stage: str, jobs: Sequence[PlannedJob],
+                 notes: list[str] | None = None) -> list[RunEvidence]:
+    """Runs in each ``entity/project`` of the stage's group, or with a job's id or name.
+
+    A path that cannot be read (no such entity or project, no access) is noted and
+    contributes no runs.
+    """
+    ids = [wandb_run_id(job.job_id) for job in jobs]
+    names = [job.run_name for job in jobs]
+    filters = {"$or": [{"group": stage}, {"name": {"$in": ids}},
+                       {"displayName": {"$in": names}}]}
+    found: dict[tuple[str, str, str], RunEvidence] = {}
+    for path in paths:
+        entity, _, project = path.partition("/")
+        try:
+            runs = list(api.runs(path, filters=filters))
+        except Exception as error:  # noqa: BLE001 - one unreadable path must not hide the rest
+            if notes is not None:
+                notes.append(f"could not read runs of {path}: {type(error).__name__}: {error}")
+            continue
+        for run in runs:
+            evidence = RunEvidence(
+                id=str(run.id), entity=str(getattr(run, "entity", None) or entity),
+                project=str(getattr(run, "project", None) or project),
+                name=str(getattr(run, "name", "") or ""),
+                group=str(getattr(run, "group", "") or ""),
+                state=str(getattr(run, "state", "") or "unknown"), source="api")
+            found[(evidence.entity, evidence.project, evidence.id)] = evidence
+    return list(found.values())
+
+
+# -- verdicts ----------------------------------------------------------------------
+def _belongs(run: RunEvidence, job: PlannedJob) -> bool:
+    return run.id == wandb_run_id(job.job_id) or (bool(run.name) and run.name == job.run_name)
+
+
+def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence]) -> Row:
+    """One job's status from its ledger state and the runs attributed to it."""
+    ledger_status = state.status if state else "-"
+    error = ((state.error or "") if state else "").strip().splitlines()
+    error_line = error[-1] if error else ""
+    wandb = job.wandb
+    if wandb is None:  # a csv job: the ledger is the only evidence
+        destination = "(no W&B)"
+        row = Row(job.job_id, job.run_name, OK, destination, ledger_status=ledger_status)
+        if ledger_status == FINISHED:
+            return row
+        row.status = _ledger_only_status(ledger_status)
+        if row.status == FAILED_STATUS:
+            row.detail = error_line
+        elif row.status == MISSING:
+            row.detail = _missing_detail(ledger_status)
+        return row
+    pinned = f"{wandb['entity']}/{wandb['project']}"
+    mine = list(runs)
+    at_pin = [run for run in mine if run.destination == pinned]
+    elsewhere = [run for run in mine if run.destination != pinned]
+    row = Row(job.job_id, job.run_name, OK, pinned, run_ids=sorted({r.id for r in mine}),
+              ledger_status=ledger_status)
+    where = ", ".join(f"{r.destination}/{r.id} ({r.state})" for r in elsewhere)
+    if elsewhere and not at_pin:
+        row.status, row.detail = MISROUTED, f"found at {where}"
+        return row
+    if elsewhere or len({r.id for r in at_pin}) > 1:
+        row.status = DUPLICATED
+        row.detail = "runs: " + ", ".join(f"{r.destination}/{r.id} ({r.state})"
+                                          for r in at_pin + elsewhere)
+        return row
+    if not at_pin:
+        row.status = _ledger_only_status(ledger_status)
+        if ledger_status == FINISHED:
+            row.status = MISSING
+            row.detail = f"the ledger says finished, but no run was found at {pinned}"
+        elif row.status == FAILED_STATUS:
+            row.detail = error_line
+        elif row.status == MISSING:
+            row.detail = _missing_detail(ledger_status)
+        return row
+    run = at_pin[0]
+    if ledger_status == FAILED or run.state in ("failed", "crashed", "killed"):
+        row.status = FAILED_STATUS
+        row.detail = error_line or f"run {run.id} {run.state}"
+    elif run.state == "finished":
+        row.status = OK
+    else:
+        row.status = RUNNING_STATUS
+        row.detail = f"run {run.id} {run.state}"
+    return row
+
+
+def _missing_detail(ledger_status: str) -> str:
+    if ledger_status == "-":
+        return "not in the ledger: never launched"
+    return f"ledger: {ledger_status}, no run found"
+
+
+def _ledger_only_status(ledger_status: str) -> str:
+    if ledger_status == FINISHED:
+        return OK
+    if ledger_status == FAILED:
+        return FAILED_STATUS
+    if ledger_status in (RUNNING, DISPATCHED):
+        return RUNNING_STATUS
+    return MISSING
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto``: online when a W&B key is available, else offline."""
+    if mode != "auto":
+        return mode
+    from tmgg.task.loggers import resolve_wandb_mode
+
+    return "online" if resolve_wandb_mode("auto") == "online" else "offline"
+
+
+def search_paths(entities: Sequence[str], projects: Sequence[str]) -> list[str]:
+    """``E`` searches E/<each pinned project>; ``E/P`` searches exactly that project."""
+    paths = []
+    for entity in entities:
+        if "/" in entity:
+            paths.append(entity)
+        else:
+            paths += [f"{entity}/{project}" for project in projects]
+    return paths
+
+
+def reconcile_jobs(jobs: Sequence[PlannedJob], states: dict[str, JobState], stage: str,
+                   mode: str = "offline", search_entities: Sequence[str] = (),
+                   api: RunsApi | None = None, notes: list[str] | None = None) -> list[Row]:
+    """The verdict for every expected job (``mode`` is online or offline)."""
+    expected = [job for job in jobs if job.is_tmgg_job]
+    wandb_jobs = [job for job in expected if job.wandb is not None]
+    online_runs: list[RunEvidence] = []
+    if mode == "online" and wandb_jobs:
+        if api is None:
+            import wandb
+
+            api = wandb.Api()
+        pinned = sorted({f"{j.wandb['entity']}/{j.wandb['project']}" for j in wandb_jobs})
+        projects = sorted({str(j.wandb["project"]) for j in wandb_jobs})
+        paths = pinned + [p for p in search_paths(search_entities, projects) if p not in pinned]
+        online_runs = api_evidence(api, paths, stage, wandb_jobs, notes)
+    rows = []
+    for job in expected:
+        state = states.get(job.job_id)
+        if job.wandb is None:
+            runs: list[RunEvidence] = []
+        elif mode == "online":
+            runs = [run for run in online_runs if _belongs(run, job)]
+        else:  # every run logged from the job's own output dir is the job's
+            runs = local_evidence(job_output_dirs(job, state))
+        rows.append(judge(job, state, runs))
+    return rows
+
+
+def print_table(rows: Sequence[Row], title: str, mode: str,
+                notes: Sequence[str] = ()) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("job", "status", "destination", "run id", "ledger", "detail"):
+        table.add_column(column, overflow="fold")
+    styles = {OK: "green", MISSING: "yellow", RUNNING_STATUS: "cyan"}
+    for row in rows:
+        style = styles.get(row.status, "red")
+        table.add_row(row.run_name, f"[{style}]{row.status}[/{style}]", row.destination,
+                      ", ".join(row.run_ids), row.ledger_status, row.detail)
+    console = Console()
+    console.print(table)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"{len(rows)} expected jobs ({mode} evidence): {summary or 'none'}")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tmgg-sweep reconcile",
+        description="Expected jobs versus what W&B and the outputs show; exits non-zero "
+                    "unless every job is ok.")
+    parser.add_argument("--search-entity", action="append", default=[], metavar="E",
+                        help="also look for the stage's runs in entity E (or E/PROJECT); "
+                             "repeatable; online only")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--online", dest="mode", action="store_const", const="online",
+                       help="evidence from the W&B API")
+    group.add_argument("--offline", dest="mode", action="store_const", const="offline",
+                       help="evidence from wandb's run files in the jobs' output dirs")
+    group.add_argument("--mode", dest="mode", choices=("auto", "online", "offline"),
+                       help="auto (default): online when a W&B API key is available")
+    parser.add_argument("overrides", nargs="*",
+                        help="the overrides of `tmgg-train -m`, e.g. stage=stage1")
+    parser.set_defaults(mode="auto")
+    return parser.parse_intermixed_args(list(argv))
+
+
+def main(argv: Sequence[str], api: RunsApi | None = None) -> int:
+    """``tmgg-sweep reconcile stage=... [--search-entity E]... [--online|--offline]``."""
+    from tmgg.orchestration.compose import compose_sweep
+
+    args = parse_args(argv)
+    sweep = compose_sweep(args.overrides)
+    mode = resolve_mode(args.mode)
+    notes: list[str] = []
+    if args.search_entity and mode != "online":
+        notes.append("--search-entity is used online only; offline, every run file in a "
+                     "job's output dir is read whatever its entity")
+    rows = reconcile_jobs(sweep.jobs, sweep.ledger.states(), sweep.stage, mode=mode,
+                          search_entities=args.search_entity, api=api, notes=notes)
+    print_table(rows, title=f"reconcile: stage {sweep.stage}", mode=mode, notes=notes)
+    return 0 if rows and all(row.status == OK for row in rows) else 1

@@ -1,0 +1,192 @@
+"""Plan-time check of every job's W&B destination (DESIGN.md contract 3).
+
+Runs on the launching machine before anything is dispatched:
+
+1. every job that logs to W&B has a non-empty ``logger.entity`` and ``logger.project``;
+2. they equal the stage's declared destination — the values in
+   ``conf/stage/<stage>.yaml`` (or the logger group's defaults when the stage sets
+   none) — unless the user overrode a field for the *whole sweep* on the command line
+   (``logger.entity=other``), which then applies to every job alike. A destination
+   that differs between jobs of one sweep is refused;
+3. when a job will log online, the API key can write to the entity: the key's own
+   entity or one of its teams (``wandb.Api().viewer``), asked once per process.
+
+Any failure raises ``PlanError`` naming the job and the field. Only omegaconf and
+the standard library are imported at module level (Hydra start-up path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tmgg.config import CONF_DIR
+from tmgg.orchestration.plan import PlanError, PlannedJob
+
+FIELDS = ("entity", "project")
+
+# Writable entities of the default API key, looked up once per process.
+_WRITABLE_CACHE: dict[str, frozenset[str]] = {}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The destination every W&B job of the sweep must have, and where it comes from."""
+
+    values: dict[str, str | None]
+    sources: dict[str, str]
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _declared_in(path: Path, key: str) -> str | None:
+    """A literal value at ``key`` of a config file, or None when absent/interpolated."""
+    if not path.is_file():
+        return None
+    try:
+        node = OmegaConf.load(path)
+        value = OmegaConf.select(node, key, default=None, throw_on_resolution_failure=False)
+    except Exception:  # noqa: BLE001 - an unreadable file declares nothing
+        return None
+    if value is None or _is_interpolation(value):
+        return None
+    return str(value)
+
+
+def declared_destination(master_config: DictConfig, conf_dir: Path = CONF_DIR
+                         ) -> dict[str, tuple[str | None, str]]:
+    """``field -> (value, source)`` as the stage file (else the logger file) declares it."""
+    choices = OmegaConf.select(master_config, "hydra.runtime.choices") or {}
+    stage = choices.get("stage") or OmegaConf.select(master_config, "stage.name")
+    logger = choices.get("logger") or "wandb"
+    stage_file = conf_dir / "stage" / f"{stage}.yaml"
+    logger_file = conf_dir / "logger" / f"{logger}.yaml"
+    declared: dict[str, tuple[str | None, str]] = {}
+    for field in FIELDS:
+        value = _declared_in(stage_file, f"logger.{field}")
+        if value is not None:
+            declared[field] = (value, f"conf/stage/{stage}.yaml")
+            continue
+        declared[field] = (_declared_in(logger_file, field), f"conf/logger/{logger}.yaml")
+    return declared
+
+
+def whole_sweep_overrides(master_config: DictConfig) -> dict[str, str]:
+    """``field -> override line`` for destination fields the user set for the whole sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = list(OmegaConf.select(master_config, "hydra.overrides.task") or [])
+    found: dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(lines):
+        key = override.key_or_group
+        for field in FIELDS:
+            if key == f"logger.{field}" and not override.is_sweep_override():
+                found[field] = override.input_line
+    return found
+
+
+def expected_destination(master_config: DictConfig, conf_dir: Path = CONF_DIR) -> Expected:
+    """The sweep's destination: the stage's, or the user's whole-sweep override."""
+    declared = declared_destination(master_config, conf_dir)
+    overridden = whole_sweep_overrides(master_config)
+    values: dict[str, str | None] = {}
+    sources: dict[str, str] = {}
+    for field in FIELDS:
+        composed = OmegaConf.select(master_config, f"logger.{field}", default=None)
+        if field in overridden:
+            values[field] = None if composed is None else str(composed)
+            sources[field] = f"the command-line override {overridden[field]}"
+            continue
+        value, source = declared[field]
+        if value is None and composed is not None:
+            value, source = str(composed), "the composed sweep config"
+        values[field] = value
+        sources[field] = source
+    return Expected(values=values, sources=sources)
+
+
+def _non_empty(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def check_job_destinations(jobs: Sequence[PlannedJob], expected: Expected) -> None:
+    """Fields present and equal to the sweep's destination, for every W&B job."""
+    for job in jobs:
+        if not job.is_tmgg_job or job.wandb is None:
+            continue
+        for field in FIELDS:
+            value = job.wandb.get(field)
+            if not _non_empty(value):
+                raise PlanError(f"job {job.run_name}: logger.{field}: the W&B {field} is "
+                                f"mandatory and must be a non-empty string, got {value!r}")
+            want = expected.values.get(field)
+            if want is not None and value != want:
+                raise PlanError(
+                    f"job {job.run_name}: logger.{field}: {value!r} is not the sweep's "
+                    f"destination {want!r} (from {expected.sources[field]}); a stage logs to "
+                    f"one destination - override logger.{field} for the whole sweep, not "
+                    "per job")
+
+
+def writable_entities(api: Any) -> frozenset[str]:
+    """Entities the API key can write to: its own and its teams'."""
+    viewer = api.viewer
+    if viewer is None:
+        raise ValueError("the API key has no W&B user")
+    names = {getattr(viewer, "entity", None), getattr(viewer, "username", None)}
+    names.update(getattr(viewer, "teams", None) or [])
+    return frozenset(name for name in names if name)
+
+
+def _default_writable() -> frozenset[str]:
+    import os
+
+    key = os.environ.get("WANDB_BASE_URL", "") + "|" + os.environ.get("WANDB_API_KEY", "")
+    if key not in _WRITABLE_CACHE:
+        import wandb
+
+        _WRITABLE_CACHE[key] = writable_entities(wandb.Api())
+    return _WRITABLE_CACHE[key]
+
+
+def check_online_access(jobs: Sequence[PlannedJob],
+                        api_factory: Callable[[], Any] | None = None) -> None:
+    """Online jobs only: the API key can write to each entity (one viewer lookup)."""
+    from tmgg.task.loggers import resolve_wandb_mode
+
+    online: dict[str, PlannedJob] = {}
+    for job in jobs:
+        if (job.is_tmgg_job and job.wandb is not None
+                and resolve_wandb_mode(str(job.wandb.get("mode") or "auto")) == "online"):
+            online.setdefault(str(job.wandb["entity"]), job)
+    if not online:
+        return
+    try:
+        writable = (writable_entities(api_factory()) if api_factory is not None
+                    else _default_writable())
+    except Exception as error:  # noqa: BLE001 - any failure means we cannot prove access
+        job = next(iter(online.values()))
+        raise PlanError(f"job {job.run_name}: logger.entity: cannot check that the W&B API "
+                        f"key may write to {job.wandb['entity']!r} (online mode): "
+                        f"{type(error).__name__}: {error}") from error
+    for entity, job in online.items():
+        if entity not in writable:
+            raise PlanError(
+                f"job {job.run_name}: logger.entity: the W&B API key cannot write to entity "
+                f"{entity!r}; it can write to {', '.join(sorted(writable)) or 'nothing'}")
+
+
+def check_wandb_destinations(jobs: Sequence[PlannedJob], master_config: DictConfig,
+                             api_factory: Callable[[], Any] | None = None,
+                             conf_dir: Path = CONF_DIR) -> None:
+    """Every W&B job's destination is present, the stage's, and (online) writable."""
+    if not any(job.is_tmgg_job and job.wandb is not None for job in jobs):
+        return
+    check_job_destinations(jobs, expected_destination(master_config, conf_dir))
+    check_online_access(jobs, api_factory)
