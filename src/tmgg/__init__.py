@@ -5,6 +5,7 @@ Importing the package registers the OmegaConf resolvers the configs use
 Hydra imports this at start-up through the launcher plugins.
 """
 
+import tmgg.launch.slurm_resources  # noqa: F401  (registers tmgg.slurm_minutes)
 from tmgg.identity import register_resolvers
 
 register_resolvers()

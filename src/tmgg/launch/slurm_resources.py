@@ -1,0 +1,130 @@
+"""SLURM resources of a submitit sweep: the time-limit resolver and the plan's view.
+
+Light on purpose (omegaconf only): ``tmgg/__init__`` imports it at Hydra start-up to
+register ``tmgg.slurm_minutes``, which the launcher presets in ``conf/hydra/launcher/``
+(``slurm``, ``submitit_local_tmgg``) use to derive a job's time limit from the trainer
+budget. ``describe_launcher`` gives ``tmgg-sweep plan`` the resources every job will
+request, read from the same composed config the launcher is built from, so the plan
+shows what sbatch will get without submitting anything.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+SUBMITIT_TARGET_PREFIX = "hydra_plugins.hydra_submitit_launcher."
+
+# Input environment variables of sbatch that override the #SBATCH lines submitit
+# writes (sbatch(1): environment variables override options in the batch script).
+SBATCH_ENV = {"partition": "SBATCH_PARTITION", "account": "SBATCH_ACCOUNT",
+              "qos": "SBATCH_QOS", "time_limit": "SBATCH_TIMELIMIT"}
+
+# The keys of hydra.launcher the plan shows, in display order.
+_RESOURCE_KEYS = ("partition", "account", "qos", "nodes", "tasks_per_node", "gpus_per_node",
+                  "cpus_per_task", "mem_gb", "timeout_min", "max_num_timeout",
+                  "signal_delay_s", "array_parallelism", "name", "submitit_folder")
+
+
+def slurm_minutes(max_steps: Any, seconds_per_step: Any, margin: Any = 2,
+                  startup_minutes: Any = 5) -> int:
+    """Whole minutes for one job: steps x seconds a step x margin, plus start-up.
+
+    Start-up covers imports, data set-up and the final test; the margin a slower node.
+    A job that still runs out of time is requeued by submitit and resumes from its last
+    checkpoint (``max_num_timeout``), so the limit needs not be generous.
+    """
+    steps = int(max_steps)
+    per_step, factor, startup = float(seconds_per_step), float(margin), float(startup_minutes)
+    if steps < 0 or per_step < 0 or factor < 1 or startup < 0:
+        raise ValueError(
+            "tmgg.slurm_minutes needs max_steps >= 0, seconds_per_step >= 0, margin >= 1 and "
+            f"startup_minutes >= 0; got {max_steps}, {seconds_per_step}, {margin}, "
+            f"{startup_minutes}"
+        )
+    return max(1, math.ceil(steps * per_step * factor / 60 + startup))
+
+
+def format_minutes(minutes: int) -> str:
+    """SLURM's [D-]HH:MM:SS form of a time limit in minutes."""
+    days, rest = divmod(int(minutes), 24 * 60)
+    hours, mins = divmod(rest, 60)
+    clock = f"{hours:02d}:{mins:02d}:00"
+    return f"{days}-{clock}" if days else clock
+
+
+def is_submitit_launcher(master_config: DictConfig) -> bool:
+    target = OmegaConf.select(master_config, "hydra.launcher._target_", default=None)
+    return isinstance(target, str) and target.startswith(SUBMITIT_TARGET_PREFIX)
+
+
+def describe_launcher(master_config: DictConfig) -> dict[str, Any]:
+    """Resources each job of the sweep requests, or {} for a launcher that is not submitit.
+
+    Every job of a submitit sweep gets the same resources: the launcher is built once
+    from the master config (a swept ``trainer.max_steps`` does not change the time
+    limit; the stage's value does). ``env_overrides`` lists sbatch input variables of
+    this shell that will replace a configured value.
+    """
+    if not is_submitit_launcher(master_config):
+        return {}
+    launcher = master_config.hydra.launcher
+    target = str(launcher._target_)
+    executor = "slurm" if target.endswith("SlurmLauncher") else "local"
+    resources: dict[str, Any] = {"executor": executor}
+    for key in _RESOURCE_KEYS:
+        if key in launcher:
+            try:
+                resources[key] = OmegaConf.select(launcher, key, throw_on_resolution_failure=True)
+            except Exception as error:
+                raise ValueError(f"hydra.launcher.{key}: cannot resolve: {error}") from error
+    if "timeout_min" in resources:
+        resources["time_limit"] = format_minutes(int(resources["timeout_min"]))
+    if executor == "slurm":
+        overrides = {}
+        for key, variable in SBATCH_ENV.items():
+            value = os.environ.get(variable)
+            configured = resources.get(key)
+            if value and str(value) != str(configured):
+                overrides[variable] = value
+        if overrides:
+            resources["env_overrides"] = overrides
+    return resources
+
+
+def format_resources(resources: dict[str, Any]) -> str:
+    """One line for the plan: ``slurm: partition=gpu gpus=1 cpus=4 mem=8GB time=00:10:00``."""
+    if not resources:
+        return ""
+    unset = "(cluster default)" if resources["executor"] == "slurm" else "-"
+
+    def show(value: Any) -> str:
+        return unset if value is None else str(value)
+
+    parts = [f"{resources['executor']}:"]
+    if resources["executor"] == "slurm":
+        parts += [f"partition={show(resources.get('partition'))}",
+                  f"account={show(resources.get('account'))}"]
+        if resources.get("qos"):
+            parts.append(f"qos={resources['qos']}")
+    parts += [f"gpus={show(resources.get('gpus_per_node'))}",
+              f"cpus={show(resources.get('cpus_per_task'))}",
+              "mem=" + (unset if resources.get("mem_gb") is None else f"{resources['mem_gb']}GB"),
+              f"time={resources.get('time_limit', '?')}"]
+    if "max_num_timeout" in resources:
+        parts.append(f"requeues={resources['max_num_timeout']}")
+    for variable, value in (resources.get("env_overrides") or {}).items():
+        parts.append(f"[{variable}={value} overrides the config]")
+    return " ".join(parts)
+
+
+def register_resolvers() -> None:
+    """Register ``tmgg.slurm_minutes`` (idempotent)."""
+    if not OmegaConf.has_resolver("tmgg.slurm_minutes"):
+        OmegaConf.register_new_resolver("tmgg.slurm_minutes", slurm_minutes)
+
+
+register_resolvers()
