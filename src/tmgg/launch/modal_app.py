@@ -1,0 +1,186 @@
+"""The Modal App that runs tmgg jobs: image, W&B secret, outputs volume, job function.
+
+``run_job`` is the body of the remote function. It runs a job's payload through
+``tmgg.orchestration.executor.execute_payload`` — the function the local launcher's
+workers run — and commits the volume after every checkpoint and at the end, so a
+retried or preempted job finds its last checkpoint on the volume and resumes from
+it (its output directory is derived from the job id, its W&B run id too).
+
+``build_app`` attaches ``run_job`` to a ``modal.App`` configured per sweep (app,
+volume and secret names come from ``hydra.launcher``). ``run_job`` stays a module
+global, which is how a Modal container finds it when it imports this module.
+Per-sweep resources (GPU, CPU, memory, timeout, retries, max_containers) are applied
+with ``Function.with_options`` by the dispatcher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import modal
+
+log = logging.getLogger(__name__)
+
+# Where the outputs volume is mounted in every container.
+VOLUME_MOUNT = "/vol"
+# The project on this machine: src/ (tmgg, hydra_plugins) and conf/ next to it.
+SRC_DIR = Path(__file__).resolve().parents[2]
+PROJECT_DIR = SRC_DIR.parent
+# Packages whose pickles must match between this machine and the containers.
+PINNED_PACKAGES = ("hydra-core", "omegaconf", "cloudpickle")
+# train.py reads this variable to add a launcher's Lightning callbacks (a
+# "module:function" factory called with (cfg, output_dir)).
+CALLBACK_FACTORY_ENV = "TMGG_CALLBACK_FACTORY"
+# transport=local: where the stand-in volume logs its commits (JSON lines).
+LOCAL_COMMIT_LOG_ENV = "TMGG_LOCAL_VOLUME_COMMIT_LOG"
+FUNCTION_NAME = "run_job"
+
+# The committer of the job running in this process (one job at a time per container).
+_COMMIT: dict[str, Callable[[str], None]] = {}
+
+
+def _noop_commit(reason: str) -> None:
+    """transport=local: a volume commit is a no-op, logged when a log path is set."""
+    path = os.environ.get(LOCAL_COMMIT_LOG_ENV)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"time": time.time(), "pid": os.getpid(),
+                                     "reason": reason}) + "\n")
+
+
+def volume_committer(volume_name: str | None) -> Callable[[str], None]:
+    """``volume.commit()`` inside a Modal container; a (logged) no-op elsewhere."""
+    if not volume_name or modal.is_local():
+        return _noop_commit
+    volume = modal.Volume.from_name(volume_name)
+
+    def commit(reason: str) -> None:
+        started = time.perf_counter()
+        volume.commit()
+        log.info("volume %s committed (%s) in %.1fs", volume_name, reason,
+                 time.perf_counter() - started)
+
+    return commit
+
+
+def commit_volume(reason: str) -> None:
+    _COMMIT.get("commit", _noop_commit)(reason)
+
+
+def checkpoint_callbacks(cfg: Any, output_dir: Any) -> list[Any]:
+    """Lightning callbacks added to a job by train.py (named by TMGG_CALLBACK_FACTORY)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class CommitVolumeAfterCheckpoint(Callback):
+        """Commit the volume right after each checkpoint file is written.
+
+        Wraps the trainer's ``save_checkpoint`` (what ModelCheckpoint calls), so the
+        commit follows the write itself, whichever callback or hook saved it.
+        """
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            if getattr(trainer, "_tmgg_commits_volume", False):
+                return
+            save = trainer.save_checkpoint
+
+            def save_and_commit(filepath: Any, *args: Any, **kwargs: Any) -> None:
+                save(filepath, *args, **kwargs)
+                commit_volume(f"checkpoint {filepath}")
+
+            trainer.save_checkpoint = save_and_commit
+            trainer._tmgg_commits_volume = True
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            commit_volume(f"exception {type(exception).__name__}")
+
+    return [CommitVolumeAfterCheckpoint()]
+
+
+def run_job(payload: bytes, volume_name: str | None) -> bytes:
+    """The remote function: one job's payload in, its pickled JobReturn out.
+
+    Never raises for a failing job (the executor turns it into a FAILED JobReturn
+    carrying the traceback), so Modal's retries apply to lost containers, timeouts
+    and preemptions only.
+    """
+    from tmgg.orchestration.executor import execute_payload
+
+    commit = volume_committer(volume_name)
+    _COMMIT["commit"] = commit
+    os.environ[CALLBACK_FACTORY_ENV] = f"{__name__}:checkpoint_callbacks"
+    try:
+        return execute_payload(payload)
+    finally:
+        commit("job end")
+        _COMMIT.pop("commit", None)
+
+
+@dataclass
+class ModalApp:
+    app: Any  # modal.App
+    function: Any  # modal.Function running run_job
+    volume: Any  # modal.Volume
+
+
+def _pins() -> list[str]:
+    """``name==version`` of this machine's pickle-critical packages (plain releases only:
+    a local or development build cannot be installed from PyPI, the range then applies)."""
+    pins = []
+    for name in PINNED_PACKAGES:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if re.fullmatch(r"\d+(\.\d+)*", version):
+            pins.append(f"{name}=={version}")
+    return pins
+
+
+def build_image() -> Any:
+    """Debian slim with this project's dependencies (from pyproject.toml) and source.
+
+    The Python minor version matches this machine's, and the packages whose pickles
+    cross the wire are pinned to this machine's versions. tmgg and hydra_plugins go
+    to /root (on the containers' PYTHONPATH) and conf/ to /conf, where
+    ``tmgg.config.CONF_DIR`` points from there.
+    """
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    ignore = ["**/__pycache__", "**/*.pyc", "**/.*"]
+    return (
+        modal.Image.debian_slim(python_version=python)
+        .pip_install_from_pyproject(str(PROJECT_DIR / "pyproject.toml"))
+        .pip_install(*_pins())
+        .env({"PYTHONUNBUFFERED": "1"})
+        .add_local_dir(SRC_DIR / "tmgg", "/root/tmgg", ignore=ignore)
+        .add_local_dir(SRC_DIR / "hydra_plugins", "/root/hydra_plugins", ignore=ignore)
+        .add_local_dir(PROJECT_DIR / "conf", "/conf", ignore=ignore)
+    )
+
+
+def build_app(app_name: str, volume_name: str, wandb_secret: str | None,
+              timeout_s: int = 3600) -> ModalApp:
+    """The App of one sweep; nothing here talks to Modal until ``app.run()``."""
+    volume = modal.Volume.from_name(volume_name, create_if_missing=True)
+    secrets = [modal.Secret.from_name(wandb_secret)] if wandb_secret else []
+    app = modal.App(app_name, image=build_image())
+    function = app.function(
+        name=FUNCTION_NAME,
+        volumes={VOLUME_MOUNT: volume},
+        secrets=secrets,
+        timeout=int(timeout_s),
+        serialized=False,
+        # The image adds tmgg and hydra_plugins itself (with conf/ beside them).
+        include_source=False,
+    )(run_job)
+    return ModalApp(app=app, function=function, volume=volume)

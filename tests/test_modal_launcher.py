@@ -1,0 +1,327 @@
+"""hydra/launcher=modal through its local transport: the whole dispatch path, offline.
+
+Modal's servers are out of reach here, so every sweep runs with
+``hydra.launcher.transport=local``: payloads are cloudpickled as they would be sent
+and run by the remote function's own body (``Function.local()``) in worker processes
+standing in for containers. ``transport=modal`` is tested only where it must fail
+before any network call (no credentials).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SweepDirs, run_cli, tmgg_train
+from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+
+from tmgg.identity import wandb_run_id
+from tmgg.launch.cost import LauncherSettingError, normalize_gpu, plan_estimates
+from tmgg.launch.modal_dispatch import (
+    LocalContainers,
+    ModalSettings,
+    pid_alive,
+    poll_detached,
+)
+from tmgg.orchestration.executor import JobFailure, serialize
+from tmgg.orchestration.ledger import CANCELLED, FAILED, FINISHED, Ledger
+
+LOCAL = ["hydra/launcher=modal", "hydra.launcher.transport=local"]
+ONE_CONTAINER = [*LOCAL, "hydra.launcher.local_containers=1"]
+
+
+@pytest.mark.parametrize("launcher_name, overrides", [("modal", ONE_CONTAINER[1:])])
+class TestModalLauncher(LauncherTestSuite):
+    """Hydra's launcher conformance suite (one warm local container runs every job)."""
+
+
+@pytest.mark.parametrize("task_launcher_cfg, extra_flags", [({}, ["-m", *ONE_CONTAINER])])
+class TestModalLauncherIntegration(IntegrationTestSuite):
+    """Hydra's integration suite: the plugin is discovered and runs real apps."""
+
+
+def _no_modal_env(home: Path) -> dict[str, str]:
+    """An environment without any Modal token: none in env, HOME without ~/.modal.toml."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MODAL_TOKEN") and k != "MODAL_CONFIG_PATH"}
+    env["HOME"] = str(home)
+    return env
+
+
+def _events(ledger: Ledger, kind: str) -> list[dict]:
+    return [e for e in ledger.events() if e["event"] == kind]
+
+
+def test_plugin_import_imports_neither_modal_nor_torch() -> None:
+    code = textwrap.dedent("""
+        import sys
+        import hydra_plugins.tmgg_launchers.modal_launcher
+        heavy = [n for n in ("modal", "torch", "lightning", "wandb") if n in sys.modules]
+        from hydra.core.plugins import Plugins
+        from hydra.core.config_store import ConfigStore
+        from hydra.plugins.launcher import Launcher
+        names = [c.__name__ for c in Plugins.instance().discover(Launcher)]
+        node = ConfigStore.instance().load("hydra/launcher/modal.yaml").node
+        heavy += [n for n in ("modal", "torch") if n in sys.modules]
+        print(heavy, "TmggModalLauncher" in names, node.transport, node.retries.max_retries)
+    """)
+    result = run_cli(["-c", code])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "True", "modal", "2"]
+
+
+def test_smoke_stage_finishes_with_every_job_in_the_ledger(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_train("-m", "stage=smoke", "logger=csv", *LOCAL,
+                        "hydra.launcher.local_containers=2", *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    states = ledger.states()
+    assert len(states) == 6 and {s.status for s in states.values()} == {FINISHED}
+    for state in states.values():
+        record = state.record
+        assert record["launcher"] == "modal" and record["modal"]["transport"] == "local"
+        assert record["metrics"]["test/mse"] >= 0
+        assert record["metrics"]["job_id"] == state.job_id
+        metrics = json.loads((Path(record["output_dir"]) / "metrics.json").read_text())
+        assert metrics["run_name"] == state.run_name
+    assert len(_events(ledger, "dispatched")) == 6 and len(_events(ledger, "outcome")) == 6
+    assert "FINISHED" in result.stderr  # the outcome table
+
+
+FAILING_APP = """
+import hydra
+from tmgg.app import train
+from tmgg.config import CONF_DIR
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg):
+    if int(cfg.seed) == 2:
+        raise RuntimeError("injected failure inside the job for seed 2")
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_job_raising_remotely_is_a_failed_return_and_the_others_finish(
+        sweep_dirs: SweepDirs, tmp_path: Path) -> None:
+    app = tmp_path / "failing_app.py"
+    app.write_text(FAILING_APP)
+    result = run_cli([str(app), "-m", "stage=smoke", "logger=csv", "model=linear_pe", *LOCAL,
+                      "hydra.launcher.retries.max_retries=0", *sweep_dirs.overrides])
+    assert result.returncode != 0
+    states = {s.run_name: s for s in Ledger(sweep_dirs.experiments, "smoke").states().values()}
+    ok, bad = states["smoke_linear_pe_lr1e-3_wd1e-2_k8_s1"], states[
+        "smoke_linear_pe_lr1e-3_wd1e-2_k8_s2"]
+    assert ok.status == FINISHED and ok.metrics["test/mse"] >= 0
+    assert bad.status == FAILED
+    # The remote error and its traceback, as text, in the ledger and on the console.
+    assert "injected failure inside the job for seed 2" in bad.error
+    assert "Remote traceback" in bad.error and "failing_app.py" in bad.error
+    assert "injected failure inside the job for seed 2" in result.stderr
+
+
+def test_killed_job_resumes_from_its_checkpoint_with_the_same_wandb_run(
+        sweep_dirs: SweepDirs, tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    args = ["-m", "stage=smoke", "model=linear_pe", "seed=1", "logger=wandb",
+            "trainer.max_steps=300", "trainer.val_check_interval=20", *LOCAL,
+            f"hydra.launcher.local_volume_dir={volume}", *sweep_dirs.overrides]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "tmgg.app", *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not list(volume.glob(
+                "outputs/smoke/*/checkpoints/last.ckpt")):
+            assert process.poll() is None, "the sweep ended before its first checkpoint"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # launcher and containers, no clean-up
+        process.wait()
+    (job_dir,) = list(volume.glob("outputs/smoke/*"))
+    assert not (job_dir / "metrics.json").exists()  # killed mid-training
+
+    rerun = run_cli(["-m", "tmgg.app", *args], env={"WANDB_MODE": "offline"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    metrics = json.loads((job_dir / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 20 and metrics["global_step"] == 300
+    state = next(iter(Ledger(sweep_dirs.experiments, "smoke").states().values()))
+    assert state.status == FINISHED
+    assert state.record["modal"]["volume_path"] == f"outputs/smoke/{job_dir.name}"
+    # Both attempts logged to one W&B run: offline run folders carry the run id.
+    run_id = wandb_run_id(state.job_id)
+    runs = sorted(p.name for p in (job_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs
+    assert metrics["wandb_path"].endswith(f"/{run_id}")
+    # The volume was committed after checkpoints and at the end of the job.
+    commits = [json.loads(line)["reason"] for line in
+               (volume / ".volume-commits.jsonl").read_text().splitlines()]
+    assert any(r.startswith("checkpoint") and r.endswith("last.ckpt") for r in commits)
+    assert commits[-1] == "job end"
+    # The job's own record landed on the (stand-in) volume too.
+    assert (volume / "experiments/smoke/jobs" / f"{state.job_id}.json").exists()
+
+
+def test_unknown_gpu_is_refused_before_dispatch(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_train("-m", "stage=smoke", "logger=csv", *LOCAL, "hydra.launcher.gpu=T5",
+                        *sweep_dirs.overrides)
+    assert result.returncode != 0
+    assert "hydra.launcher.gpu" in result.stderr and "'T5'" in result.stderr
+    assert not _events(Ledger(sweep_dirs.experiments, "smoke"), "dispatched")
+
+
+def test_gpu_names() -> None:
+    assert normalize_gpu("A10G") == "A10"
+    assert normalize_gpu("h100:2") == "H100:2"
+    assert normalize_gpu(None) is None
+    for bad in ("T5", "A100", "H100:0", "H100:x", "A10G-24GB", "A10:8", "T4:9"):
+        with pytest.raises(LauncherSettingError, match=r"hydra\.launcher\.gpu"):
+            normalize_gpu(bad)
+    assert ModalSettings.from_params({"gpu": "a10g", "transport": "local"}).gpu == "A10"
+
+
+def test_a10g_plans_as_a10_and_the_plan_compares_cpu_only(sweep_dirs: SweepDirs) -> None:
+    from tmgg.orchestration.compose import compose_sweep
+
+    sweep = compose_sweep(["stage=smoke", "hydra/launcher=modal", "hydra.launcher.gpu=A10G",
+                           *sweep_dirs.overrides])
+    rows = plan_estimates(sweep.master_config, sweep.jobs)
+    assert len(rows) == 6
+    for row in rows:
+        assert row["gpu"] == "A10"
+        assert row["est_gpu_seconds"] == 5  # stage.gpu_seconds_per_job of the smoke stage
+        assert 0 < row["est_cost_cpu_usd"] < row["est_cost_usd"]
+    stage1 = compose_sweep(["stage=stage1", "hydra/launcher=local", "model=linear_pe",
+                            "optimizer.lr=1e-3", "optimizer.weight_decay=1e-2", "model.k=8",
+                            "seed=1", "stage.gpu_seconds_per_job=null", *sweep_dirs.overrides])
+    (row,) = plan_estimates(stage1.master_config, stage1.jobs)
+    assert row["gpu"] is None and row["est_cost_usd"] is None  # not billed through Modal
+    assert row["est_gpu_seconds"] == pytest.approx(20 + 10000 * 0.0144)
+
+
+def test_sweep_over_its_cost_limit_is_refused(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_train("-m", "stage=smoke", "logger=csv", *LOCAL,
+                        "hydra.launcher.max_cost_usd=0.001", *sweep_dirs.overrides)
+    assert result.returncode != 0
+    assert "hydra.launcher.max_cost_usd" in result.stderr and "exceeds" in result.stderr
+    assert not _events(Ledger(sweep_dirs.experiments, "smoke"), "dispatched")
+
+
+def test_modal_transport_without_credentials_fails_fast(sweep_dirs: SweepDirs,
+                                                        tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "tmgg.app", "-m", "stage=smoke", "logger=csv",
+         "hydra/launcher=modal", *sweep_dirs.overrides],
+        cwd=REPO, env=_no_modal_env(tmp_path / "home"), text=True, capture_output=True,
+        timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "modal token new" in result.stderr
+    assert elapsed < 5, f"took {elapsed:.1f}s"
+    assert not _events(Ledger(sweep_dirs.experiments, "smoke"), "dispatched")
+
+
+class _Exit:
+    """Unpickling this kills the process: a container lost mid-input."""
+
+    def __reduce__(self) -> tuple:
+        return (os._exit, (3,))
+
+
+class _Sleep:
+    def __reduce__(self) -> tuple:
+        return (time.sleep, (60,))
+
+
+def test_local_containers_follow_modal_semantics() -> None:
+    """Ordered outputs, failures returned as exceptions, lost containers and timeouts retried."""
+    settings = ModalSettings(transport="local", timeout_s=1, max_retries=1, initial_delay=0.0,
+                             max_delay=1.0, wandb_secret=None)
+    inputs = [(serialize(_Sleep()), None), (serialize(_Exit()), None), (b"not a pickle", None)]
+    started = time.monotonic()
+    outputs = list(LocalContainers(settings, size=3).map(inputs))
+    assert all(isinstance(o, JobFailure) for o in outputs)
+    assert [o.error_type for o in outputs] == ["FunctionTimeoutError", "ContainerCrashed",
+                                               "UnpicklingError"]
+    assert "Traceback" in outputs[2].remote_traceback  # raised in the container's body
+    assert time.monotonic() - started < 40
+
+
+def test_detached_sweep_is_polled_and_cancelled(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_train("-m", "stage=smoke", "logger=csv", "model=linear_pe", *LOCAL,
+                        "hydra.launcher.detach=true", "hydra.launcher.local_containers=1",
+                        *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    dispatched = _events(ledger, "dispatched")
+    assert len(dispatched) == 2 and all(e["call_id"].startswith("local-fc-")
+                                        for e in dispatched)
+    assert not _events(ledger, "outcome")  # the launcher returned without waiting
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        poll_detached(ledger)
+        if FINISHED in {s.status for s in ledger.states().values()}:
+            break
+        time.sleep(0.5)
+    # One container slot: the first job finished, the second waits or runs. Cancel it.
+    cancel = run_cli(["-m", "tmgg.orchestration.cli", "cancel", "stage=smoke",
+                      *sweep_dirs.overrides])
+    assert cancel.returncode == 0, cancel.stderr
+    states = sorted(ledger.states().values(), key=lambda s: s.status)
+    assert [s.status for s in states] == [CANCELLED, FINISHED]
+    assert states[1].metrics["test/mse"] >= 0
+    cancelled = states[0]
+    pid = int((ledger.root / "modal_calls/local" / f"{cancelled.call_id}.pid").read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline and pid_alive(pid):
+        time.sleep(0.2)
+    assert not pid_alive(pid)  # its process is gone
+    assert poll_detached(ledger) == 0  # nothing left to fold
+
+
+def test_credentials_are_read_from_the_modal_config_file(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from tmgg.launch.modal_dispatch import modal_credentials_available
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("MODAL_CONFIG_PATH", raising=False)
+    assert not modal_credentials_available()
+    (tmp_path / ".modal.toml").write_text('[default]\ntoken_id = "ak-1"\n')
+    assert not modal_credentials_available()  # a secret is needed too
+    (tmp_path / ".modal.toml").write_text(
+        '[default]\ntoken_id = "ak-1"\ntoken_secret = "as-1"\nactive = true\n')
+    assert modal_credentials_available()
+
+
+def test_wandb_jobs_on_modal_need_the_secret() -> None:
+    from tmgg.launch.modal_dispatch import check_wandb_secret
+    from tmgg.orchestration.plan import PlannedJob
+
+    def job(logger: dict) -> PlannedJob:
+        return PlannedJob(index=0, job_id="smoke-0", run_name="smoke_x", stage="smoke",
+                          overrides=[], sweep_config=None,  # type: ignore[arg-type]
+                          task_config={"logger": logger})
+
+    no_secret = ModalSettings(wandb_secret=None)
+    with pytest.raises(LauncherSettingError, match=r"hydra\.launcher\.wandb_secret"):
+        check_wandb_secret(no_secret, [job({"name": "wandb", "mode": "auto"})])
+    check_wandb_secret(no_secret, [job({"name": "wandb", "mode": "offline"})])
+    check_wandb_secret(no_secret, [job({"name": "csv"})])
+    check_wandb_secret(ModalSettings(wandb_secret="wandb"),
+                       [job({"name": "wandb", "mode": "online"})])
+    check_wandb_secret(ModalSettings(transport="local", wandb_secret=None),
+                       [job({"name": "wandb", "mode": "online"})])
