@@ -22,9 +22,12 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _console() -> Any:
+    """Rich console; wide when piped so a table's columns are never truncated."""
+    import sys
+
     from rich.console import Console
 
-    return Console()
+    return Console() if sys.stdout.isatty() else Console(width=220)
 
 
 def _optional(module: str, name: str) -> Any:
@@ -64,6 +67,9 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
     totals = [r.get("est_cost_usd") for r in rows if r.get("est_cost_usd") is not None]
     if totals:
         facts["est_cost_usd"] = round(sum(totals), 4)
+    cpu_totals = [r.get("est_cost_cpu_usd") for r in rows if r.get("est_cost_cpu_usd") is not None]
+    if cpu_totals:
+        facts["est_cost_cpu_usd"] = round(sum(cpu_totals), 4)
     check_limit = _optional("tmgg.launch.cost", "check_cost_limit")
     if check_limit is not None:
         check_limit(sweep.master_config, estimates)
@@ -105,8 +111,13 @@ def plan_main(argv: list[str]) -> int:
     console = _console()
     console.print(table)
     if facts.get("resources"):
-        console.print(f"resources per job: {facts['resources']}")
+        format_resources = _optional("tmgg.launch.slurm_resources", "format_resources")
+        text = format_resources(facts["resources"]) if format_resources else facts["resources"]
+        console.print(f"resources per job: {text}")
     cost_text = f", estimated cost ${facts['est_cost_usd']:.2f}" if "est_cost_usd" in facts else ""
+    if "est_cost_cpu_usd" in facts and facts["launcher"] == "modal":
+        cost_text += (f" (on CPU-only containers, hydra.launcher.gpu=null: "
+                      f"${facts['est_cost_cpu_usd']:.2f})")
     console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched")
     return 0
 
