@@ -35,6 +35,9 @@ def job_output_dir(cfg: DictConfig) -> Path:
 def set_threads(cfg: DictConfig) -> None:
     import torch
 
+    # Subnormal floats (tiny eigenvector entries, decayed weights) make CPU kernels
+    # ~10x slower; flushing them to zero costs no accuracy that matters here.
+    torch.set_flush_denormal(True)
     threads = cfg.trainer.get("num_threads")
     if threads is None:
         threads = int(os.environ.get("TMGG_NUM_THREADS", "0")) or None
@@ -76,6 +79,8 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         max_steps=int(trainer_cfg.max_steps),
         log_every_n_steps=int(trainer_cfg.log_every_n_steps),
+        # Clipped in the module's own (manual) optimisation step, not by the Trainer.
+        gradient_clip_val=float(trainer_cfg.gradient_clip_val),
     )
     module.references = reference_metrics(data.test_levels, "test")
     val_references = reference_metrics(data.val_levels, "val")
@@ -83,7 +88,12 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
     from tmgg.task.loggers import build_logger
 
     logger = build_logger(cfg, output_dir)
-    callbacks: list[Any] = list(extra_callbacks or [])
+    callbacks: list[Any] = list(extra_callbacks or []) + _launcher_callbacks(cfg, output_dir)
+    if logger.__class__.__name__ == "WandbLogger":
+        from tmgg.task.wandb_guard import WandbDestinationGuard
+
+        # The live run must be at the pinned destination before any training step.
+        callbacks.insert(0, WandbDestinationGuard.for_job(cfg))
     checkpoint_dir = output_dir / CHECKPOINT_DIR
     checkpoint = None
     if trainer_cfg.checkpoint:
@@ -95,7 +105,7 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
         max_steps=int(trainer_cfg.max_steps),
         val_check_interval=int(trainer_cfg.val_check_interval),
         check_val_every_n_epoch=None,
-        gradient_clip_val=float(trainer_cfg.gradient_clip_val),
+        gradient_clip_val=None,  # DenoisingModule clips (it optimises manually)
         accelerator=str(trainer_cfg.accelerator),
         devices=trainer_cfg.devices,
         precision=str(trainer_cfg.precision),
@@ -111,22 +121,27 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
     )
     resume_from = checkpoint_dir / "last.ckpt"
     ckpt_path = str(resume_from) if trainer_cfg.resume and resume_from.exists() else None
+    resumed_from_step = _checkpoint_step(ckpt_path)  # before fit overwrites last.ckpt
     if ckpt_path:
         log.info("Resuming %s from %s", cfg.job.run_name, ckpt_path)
     failed = True
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        validated = dict(trainer.callback_metrics)
         best = checkpoint.best_model_path if checkpoint is not None else ""
         test_results = trainer.test(module, datamodule=data, ckpt_path=best or None,
                                     verbose=False)
         metrics = _floats(test_results[0] if test_results else {})
+        # The last validation's averages (val/...), beside its reference scores.
+        metrics.update({name: value for name, value in _floats(dict(validated)).items()
+                        if name.startswith(("val/", "val_eps"))})
         metrics.update(val_references)
         result: dict[str, Any] = {
             "job_id": str(cfg.job.id),
             "run_name": str(cfg.job.run_name),
             **dict(sorted(metrics.items())),
             "global_step": int(trainer.global_step),
-            "resumed_from_step": _checkpoint_step(ckpt_path),
+            "resumed_from_step": resumed_from_step,
             "train_seconds": round(time.perf_counter() - started, 3),
         }
         if logger.__class__.__name__ == "WandbLogger":
@@ -142,6 +157,19 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
 
             if wandb.run is not None:
                 wandb.finish(exit_code=1 if failed else 0)
+
+
+def _launcher_callbacks(cfg: DictConfig, output_dir: Path) -> list[Any]:
+    """Callbacks a launcher adds from where the job runs, named by TMGG_CALLBACK_FACTORY
+    ("module:function", called with (cfg, output_dir)); the Modal launcher commits its
+    volume after every checkpoint this way."""
+    spec = os.environ.get("TMGG_CALLBACK_FACTORY")
+    if not spec:
+        return []
+    import importlib
+
+    module_name, _, function_name = spec.partition(":")
+    return list(getattr(importlib.import_module(module_name), function_name)(cfg, output_dir))
 
 
 def _checkpoint_step(ckpt_path: str | None) -> int:
