@@ -24,8 +24,9 @@ class LocalLauncherConf:
     n_workers: Optional[int] = None  # noqa: UP045 (OmegaConf 2.3 needs Optional)
     # torch intra-op threads per worker (1 is fastest for many small jobs).
     threads_per_worker: int = 1
-    # multiprocessing start method for workers: spawn (safe with torch) or forkserver.
-    start_method: str = "spawn"
+    # multiprocessing start method for workers: forkserver (torch and lightning are
+    # imported once, in the fork server, started while Hydra composes) or spawn.
+    start_method: str = "forkserver"
     # Show a live progress bar and the outcome table at the end.
     progress: bool = True
     # Times a job whose worker process died is run again in a fresh worker.
@@ -49,6 +50,10 @@ class TmggLocalLauncher(Launcher):
         self.config = config
         self.hydra_context = hydra_context
         self.task_function = task_function
+        from tmgg.launch.local import prestart
+        from tmgg.orchestration.plan import is_tmgg_config
+
+        prestart(str(self.params.get("start_method") or "forkserver"), is_tmgg_config(config))
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
