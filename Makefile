@@ -4,6 +4,7 @@ STAGE ?= stage1
 LAUNCHER ?= local
 GPU ?= T4
 OVERRIDES ?=
+BENCH_OUT ?= /tmp/tmgg-bench
 TRAIN = $(PYTHON) -m tmgg.app
 SWEEP = $(PYTHON) -m tmgg.orchestration.cli
 ifeq ($(LAUNCHER),modal)
@@ -55,8 +56,9 @@ stage2:  ## the 216-job stage 2 (LAUNCHER=local|modal|slurm, GPU= for modal)
 	$(TRAIN) -m stage=stage2 $(LAUNCH_ARGS) $(OVERRIDES)
 
 bench:  ## training and sweep benchmarks (ratios against baselines measured in the same run)
-	$(PYTHON) benchmarks/bench_training.py
-	$(PYTHON) benchmarks/bench_sweep.py
+	mkdir -p $(BENCH_OUT)
+	$(PYTHON) benchmarks/bench_training.py --json $(BENCH_OUT)/training.json
+	$(PYTHON) benchmarks/bench_sweep.py --json $(BENCH_OUT)/sweep.json
 
 clean:  ## remove outputs/ and caches (never experiments/)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
