@@ -75,9 +75,7 @@ def _plain(value: object) -> object:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return value  # keep 1.0 distinct from the int 1, as the config would
-    return value
+    return value  # floats stay floats: 1.0 is not the int 1, as in the config
 
 
 def job_id(stage: str, overrides: Iterable[str]) -> str:

@@ -22,11 +22,10 @@ from tmgg.launch.common import build_payload, prepare_sweep_dir, print_outcome_t
 from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.sweep import (
-    is_finished,
     planned_jobs,
     record_dispatched,
     record_outcome,
-    skipped_return,
+    split_finished,
 )
 
 log = logging.getLogger(__name__)
@@ -108,14 +107,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     jobs = planned_jobs(launcher.hydra_context.config_loader, config, job_overrides,
                         initial_job_idx)
     prepare_sweep_dir(config)
-    results: list[Any] = [None] * len(jobs)
-    pending: list[int] = []
-    for position, job in enumerate(jobs):
-        record = is_finished(job)
-        if record is not None:
-            results[position] = skipped_return(job, record)
-        else:
-            pending.append(position)
+    results, pending = split_finished(jobs)
     n_workers = int(params.get("n_workers") or os.cpu_count() or 1)
     n_workers = max(1, min(n_workers, len(pending) or 1))
     threads = int(params.get("threads_per_worker") or 1)
@@ -125,8 +117,8 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     log.info("Launching %d jobs (%d already finished) on %d local workers", len(pending),
              len(jobs) - len(pending), n_workers)
 
-    progress = _progress(bool(params.get("progress", True)), len(jobs), len(jobs) - len(pending))
-    with progress as bar:
+    with _Progress(bool(params.get("progress", True)), len(jobs),
+                   len(jobs) - len(pending)) as bar:
         while pending:
             pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context,
                                        initializer=_init_worker,
@@ -204,6 +196,3 @@ class _Progress:
         if self._progress is not None:
             self._progress.__exit__(*exc)
 
-
-def _progress(enabled: bool, total: int, completed: int) -> _Progress:
-    return _Progress(enabled, total, completed)

@@ -49,12 +49,11 @@ from tmgg.orchestration.ledger import DISPATCHED, RUNNING, Ledger, atomic_write_
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.records import utc_now
 from tmgg.orchestration.sweep import (
-    is_finished,
     ledger_for,
     planned_jobs,
     record_dispatched,
     record_outcome,
-    skipped_return,
+    split_finished,
 )
 
 log = logging.getLogger(__name__)
@@ -783,7 +782,7 @@ class _LineProgress:
 def _progress(settings: ModalSettings, total: int, completed: int) -> Any:
     if settings.transport == "local":
         try:  # the local launcher's rich bar: nothing else owns the terminal here
-            from tmgg.launch.local import _progress as rich_progress
+            from tmgg.launch.local import _Progress as rich_progress
         except ImportError:
             pass
         else:
@@ -834,14 +833,7 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
     config = launcher.config
     jobs = planned_jobs(launcher.hydra_context.config_loader, config, job_overrides,
                         initial_job_idx)
-    results: list[Any] = [None] * len(jobs)
-    pending: list[int] = []
-    for position, job in enumerate(jobs):
-        record = is_finished(job)
-        if record is not None:
-            results[position] = skipped_return(job, record)
-        else:
-            pending.append(position)
+    results, pending = split_finished(jobs)
     check_cost_limit(config, plan_estimates(config, [jobs[p] for p in pending]))
     check_wandb_secret(settings, [jobs[p] for p in pending])
     prepare_sweep_dir(config)

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,6 @@ def callbacks_for(config: DictConfig) -> Any:
 class LedgerCallback(Callback):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._started: dict[str, float] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
@@ -54,7 +52,6 @@ class LedgerCallback(Callback):
             return
         from tmgg.orchestration.sweep import job_record_start
 
-        self._started[str(OmegaConf.select(config, "job.id"))] = time.time()
         job_record_start(config)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:

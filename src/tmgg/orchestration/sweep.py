@@ -55,17 +55,6 @@ def launcher_name(config: DictConfig) -> str:
     return "unknown"
 
 
-def plan_summary(jobs: Sequence[PlannedJob], launcher: str,
-                 estimate: Any | None = None) -> list[dict[str, Any]]:
-    rows = []
-    for job in jobs:
-        row = job.summary()
-        row["launcher"] = launcher
-        if estimate is not None:
-            row.update(estimate(job))
-        rows.append(row)
-    return rows
-
 
 def record_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
                 arguments: Sequence[str]) -> None:
@@ -144,6 +133,19 @@ def is_finished(job: PlannedJob) -> dict[str, Any] | None:
     if record and record.get("status") == FINISHED:
         return record
     return None
+
+
+def split_finished(jobs: Sequence[PlannedJob]) -> tuple[list[Any], list[int]]:
+    """JobReturns with finished jobs already filled in, and the positions still to run."""
+    results: list[Any] = [None] * len(jobs)
+    pending: list[int] = []
+    for position, job in enumerate(jobs):
+        record = is_finished(job)
+        if record is not None:
+            results[position] = skipped_return(job, record)
+        else:
+            pending.append(position)
+    return results, pending
 
 
 def skipped_return(job: PlannedJob, record: dict[str, Any]) -> Any:

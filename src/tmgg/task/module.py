@@ -19,7 +19,6 @@ from tmgg.task.metrics import (
     logit_metrics,
     masked_bce_with_logits,
     off_diagonal_mask,
-    predict,
     prediction_metrics,
 )
 from tmgg.task.models import build_model
@@ -222,8 +221,3 @@ def reference_metrics(levels: list[EvalLevel], prefix: str) -> dict[str, float]:
             out[f"{prefix}_reference_{reference}/{name}"] = float(values.mean())
     return out
 
-
-def predict_graphs(module: DenoisingModule, noisy: torch.Tensor) -> torch.Tensor:
-    """Binary denoised graphs, diagonal 0."""
-    with torch.no_grad():
-        return predict(module(noisy))
