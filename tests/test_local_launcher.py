@@ -119,3 +119,62 @@ def test_sigkill_then_resume_runs_exactly_the_unfinished_jobs(sweep_dirs: SweepD
         assert before.get(job_id, {}).get("started_at") != after[job_id]["started_at"]
     status = tmgg_sweep("status", "--json", "stage=smoke", *sweep_dirs.overrides)
     assert json.loads(status.stdout)["counts"] == {FINISHED: 6}
+
+
+# Run in a fresh interpreter: the fork server is per process, and Hydra's suites above
+# may already have started one in pytest's. The probe is what a worker runs.
+_PROBE = """
+import sys
+
+def loaded(names):
+    return [name for name in names if name in sys.modules]
+"""
+_WARM_WORKERS_SCRIPT = """
+import json, multiprocessing, sys, threading
+from multiprocessing import forkserver
+
+sys.path.insert(0, sys.argv[1])
+import probe
+from hydra import compose, initialize_config_dir
+
+from tmgg.config import CONF_DIR
+from tmgg.orchestration.hydra_callbacks import LocalWorkersCallback
+
+with initialize_config_dir(str(CONF_DIR), version_base=None):
+    cfg = compose("train", overrides=sys.argv[2:], return_hydra_config=True)
+LocalWorkersCallback().on_multirun_start(config=cfg)
+for thread in threading.enumerate():
+    if thread.name == "tmgg-forkserver-start":
+        thread.join()
+started = forkserver._forkserver._forkserver_pid is not None
+loaded = []
+if started:
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:
+        loaded = pool.apply(probe.loaded, (["lightning", "networkx", "tmgg.task.module",
+                                            "wandb"],))
+print(json.dumps({"callbacks": list(cfg.hydra.callbacks), "started": started,
+                  "loaded": loaded}))
+"""
+
+
+@pytest.mark.parametrize("overrides, started, loaded", [
+    (["hydra/launcher=local", "logger=csv"], True,
+     ["lightning", "networkx", "tmgg.task.module"]),
+    (["hydra/launcher=local", "logger=wandb"], True,
+     ["lightning", "networkx", "tmgg.task.module", "wandb"]),
+    (["hydra/launcher=basic"], False, []),
+])
+def test_workers_warm_up_from_multirun_start(tmp_path: Path, overrides: list[str],
+                                             started: bool, loaded: list[str]) -> None:
+    """The fork server starts with the multirun, before the plan, with the job's imports.
+
+    A worker forked from it has torch, lightning and the task modules (and wandb when
+    the sweep logs to W&B) before its first job; other launchers start nothing.
+    """
+    (tmp_path / "probe.py").write_text(_PROBE)
+    result = run_cli(["-c", _WARM_WORKERS_SCRIPT, str(tmp_path), *overrides], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["callbacks"] == ["local_workers", "ledger"]  # before the plan is composed
+    assert report["started"] is started
+    assert report["loaded"] == loaded

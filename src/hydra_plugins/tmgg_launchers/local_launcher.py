@@ -50,10 +50,9 @@ class TmggLocalLauncher(Launcher):
         self.config = config
         self.hydra_context = hydra_context
         self.task_function = task_function
-        from tmgg.launch.local import prestart
-        from tmgg.orchestration.plan import is_tmgg_config
+        from tmgg.launch.local import preload_modules, prestart
 
-        prestart(str(self.params.get("start_method") or "forkserver"), is_tmgg_config(config))
+        prestart(str(self.params.get("start_method") or "forkserver"), preload_modules(config))
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:

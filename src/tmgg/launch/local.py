@@ -3,9 +3,10 @@
 Workers are started once per sweep and have torch and lightning imported before
 their first job, so a job costs its training time plus a few milliseconds. With the
 default ``forkserver`` start method the heavy imports happen once, in the fork
-server, which the launcher starts while Hydra is still composing the sweep; every
-worker is a fork of it. Results are recorded in the ledger as they arrive; a crashed
-worker fails only its own job.
+server (``tmgg.launch.warm``), started at multirun start while Hydra is still
+composing the sweep (``LocalWorkersCallback``); every worker is a fork of it.
+Results are recorded in the ledger as they arrive; a crashed worker fails only its
+own job.
 """
 
 from __future__ import annotations
@@ -32,43 +33,61 @@ log = logging.getLogger(__name__)
 LAUNCHER = "local"
 
 
-# What a tmgg job needs imported; the fork server imports it once for all workers.
-PRELOAD_MODULES = ("torch", "lightning", "tmgg.task.train")
+def preload_modules(config: Any) -> list[str]:
+    """What every worker imports once before its first job (nothing for non-tmgg apps).
+
+    ``tmgg.launch.warm`` holds the job's own imports; wandb (≈0.6 s) only when the
+    sweep logs to W&B.
+    """
+    from omegaconf import OmegaConf
+
+    from tmgg.orchestration.plan import is_tmgg_config
+
+    if not is_tmgg_config(config):
+        return []
+    modules = ["tmgg.launch.warm"]
+    if OmegaConf.select(config, "logger.name") == "wandb":
+        modules.append("wandb")
+    return modules
 
 
-def worker_context(start_method: str, preload: bool) -> Any:
+def worker_context(start_method: str, modules: Sequence[str]) -> Any:
     """The multiprocessing context of the workers (forkserver: with the preload set)."""
     context = multiprocessing.get_context(start_method)
-    if start_method == "forkserver" and preload:
-        context.set_forkserver_preload(list(PRELOAD_MODULES))
+    if start_method == "forkserver" and modules:
+        context.set_forkserver_preload(list(modules))
     return context
 
 
-def prestart(start_method: str, preload: bool) -> None:
-    """Start the fork server (and its imports) now, beside Hydra's composition."""
+def prestart(start_method: str, modules: Sequence[str]) -> None:
+    """Start the fork server (and its imports) now, beside Hydra's composition.
+
+    Idempotent: the multirun callback calls it before the plan is composed, the
+    launcher's setup again for apps without that callback.
+    """
     if start_method != "forkserver":
         return
     import threading
     from multiprocessing import forkserver
 
-    worker_context(start_method, preload)
+    worker_context(start_method, modules)
     threading.Thread(target=forkserver.ensure_running, name="tmgg-forkserver-start",
                      daemon=True).start()
 
 
-def _init_worker(threads: int, preload: bool) -> None:
-    """Runs once per worker: pin threads, then import the heavy libraries."""
+def _init_worker(threads: int, modules: Sequence[str]) -> None:
+    """Runs once per worker: pin threads, then import what jobs need (no-op if forked)."""
     _exit_with_parent()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ["TMGG_NUM_THREADS"] = str(threads)
+    import importlib
+
     import torch
 
     torch.set_num_threads(threads)
-    if preload:
-        from tmgg.orchestration.executor import warm_up
-
-        warm_up()
+    for module in modules:
+        importlib.import_module(module)
 
 
 def _exit_with_parent() -> None:
@@ -111,8 +130,8 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     n_workers = int(params.get("n_workers") or os.cpu_count() or 1)
     n_workers = max(1, min(n_workers, len(pending) or 1))
     threads = int(params.get("threads_per_worker") or 1)
-    preload = any(job.is_tmgg_job for job in jobs)
-    context = worker_context(str(params.get("start_method") or "forkserver"), preload)
+    modules = preload_modules(config)
+    context = worker_context(str(params.get("start_method") or "forkserver"), modules)
     retries_left = {position: int(params.get("worker_crash_retries", 1)) for position in pending}
     log.info("Launching %d jobs (%d already finished) on %d local workers", len(pending),
              len(jobs) - len(pending), n_workers)
@@ -122,7 +141,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
         while pending:
             pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context,
                                        initializer=_init_worker,
-                                       initargs=(threads, preload))
+                                       initargs=(threads, modules))
             futures: dict[Future[bytes], int] = {}
             for position in pending:
                 job = jobs[position]

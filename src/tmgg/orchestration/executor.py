@@ -100,11 +100,3 @@ def run_payload(payload: JobPayload) -> Any:
 def execute_payload(blob: bytes) -> bytes:
     """Bytes in, bytes out: the body of the local worker and the Modal function."""
     return serialize(run_payload(deserialize(blob)))
-
-
-def warm_up() -> None:
-    """Import what jobs need once per worker, not once per job."""
-    import lightning  # noqa: F401
-    import torch  # noqa: F401
-
-    import tmgg.task.train  # noqa: F401
