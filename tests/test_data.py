@@ -229,6 +229,18 @@ def test_train_batches() -> None:
     assert not torch.equal(other["noisy"], batches[0]["noisy"])
 
 
+def test_train_batches_resumed_mid_stream_continue_it() -> None:
+    graphs = partition_splits(1).train
+    whole = list(TrainBatches(graphs, batch_size=10, num_batches=12, levels=LEVELS, seed=5))
+    rest = list(TrainBatches(graphs, batch_size=10, num_batches=12, levels=LEVELS, seed=5,
+                             start=7))
+    assert len(rest) == 5
+    for a, b in zip(whole[7:], rest, strict=True):
+        assert torch.equal(a["noisy"], b["noisy"]) and torch.equal(a["eps"], b["eps"])
+    with pytest.raises(ValueError, match="start"):
+        TrainBatches(graphs, 10, 12, LEVELS, seed=5, start=13)
+
+
 def test_train_batches_rejects_bad_levels() -> None:
     with pytest.raises(ValueError, match="1.5"):
         TrainBatches(partition_splits(1).train, 10, 1, [0.1, 1.5], 0)

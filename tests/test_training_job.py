@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-from conftest import SweepDirs, tmgg_train
+from conftest import REPO, SweepDirs, tmgg_train
 
 TIMING_KEYS = {"train_seconds"}
 
@@ -62,3 +63,26 @@ def test_bad_override_fails_before_training_naming_the_field(
     assert field in result.stderr
     assert not list(sweep_dirs.outputs.glob("**/metrics.json"))
     assert not list(sweep_dirs.outputs.glob("**/checkpoints/*"))
+
+
+def test_interrupted_then_resumed_job_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    """A job stopped at step 25 (last checkpoint: step 20) and run again resumes there,
+    with the training stream at batch 20, not 0: its results are the uninterrupted run's."""
+    args = ("model=filter_bank", "seed=3", "trainer.max_steps=60",
+            "trainer.val_check_interval=20", "logger=csv")
+    whole = SweepDirs(tmp_path / "whole")
+    assert tmgg_train(*args, *whole.overrides).returncode == 0
+    resumed = SweepDirs(tmp_path / "resumed")
+    stop = {"TMGG_CALLBACK_FACTORY": "interrupt:stop_at_step", "TMGG_TEST_STOP_AT_STEP": "25",
+            "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "apps"),
+                                           os.environ.get("PYTHONPATH", "")])}
+    stopped = tmgg_train(*args, *resumed.overrides, env=stop)
+    assert stopped.returncode != 0 and "injected stop at step 25" in stopped.stderr
+    assert tmgg_train(*args, *resumed.overrides).returncode == 0
+
+    expected, got = _metrics(whole), _metrics(resumed)
+    assert expected["resumed_from_step"] == 0 and got["resumed_from_step"] == 20
+    assert got["global_step"] == 60
+    ignore = TIMING_KEYS | {"resumed_from_step"}
+    assert {k: v for k, v in got.items() if k not in ignore} == \
+        {k: v for k, v in expected.items() if k not in ignore}

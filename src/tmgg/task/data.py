@@ -332,6 +332,11 @@ class TrainBatches(IterableDataset):
     generator, so two passes (or two runs with one seed) see bit-identical batches. Use
     with ``DataLoader(ds, batch_size=None)``. With several workers every worker replays
     the stream and keeps its round-robin share, so the order is unchanged.
+
+    ``start`` skips the stream's first batches (a job resumed from a checkpoint taken
+    after ``start`` steps): they are drawn and dropped, so the batches that follow are
+    those an uninterrupted run would have seen. The length stays ``num_batches``: a
+    resumed Lightning loop counts its batches from where the checkpoint left off.
     """
 
     def __init__(
@@ -341,6 +346,7 @@ class TrainBatches(IterableDataset):
         num_batches: int,
         levels: Sequence[float],
         seed: int,
+        start: int = 0,
     ) -> None:
         super().__init__()
         if graphs.dim() != 3 or graphs.shape[0] == 0:
@@ -349,11 +355,14 @@ class TrainBatches(IterableDataset):
         if batch_size < 1 or num_batches < 0:
             raise ValueError(f"batch_size must be >= 1 and num_batches >= 0, got "
                              f"{batch_size}, {num_batches}")
+        if not 0 <= start <= num_batches:
+            raise ValueError(f"start must be in [0, num_batches={num_batches}], got {start}")
         self.graphs = graphs
         self.batch_size = int(batch_size)
         self.num_batches = int(num_batches)
         self.levels = validate_levels(levels)
         self.seed = int(seed)
+        self.start = int(start)
         self._level_values = torch.tensor(self.levels, dtype=torch.float32)
 
     def __len__(self) -> int:
@@ -367,7 +376,7 @@ class TrainBatches(IterableDataset):
             clean = sample_batch(self.graphs, self.batch_size, generator)
             k = int(torch.randint(len(self.levels), (1,), generator=generator))
             noisy = edge_flip(clean, self.levels[k], generator)
-            if step % num_workers == worker:
+            if step >= self.start and (step - self.start) % num_workers == worker:
                 yield {"clean": clean, "noisy": noisy, "eps": self._level_values[k].clone()}
 
 

@@ -77,8 +77,11 @@ class GraphDenoisingData(L.LightningDataModule):
         # sampling unit, not a loop boundary worth paying Lightning's per-epoch cost for.
         # Lightning takes any iterable; the stream already yields whole batches, so a
         # DataLoader around it would only add its fetch/convert work to every step.
+        # Resumed from a checkpoint (global_step restored before this is called): carry
+        # on where the stream was, not at its first batch. One batch is one step.
+        done = self.trainer.global_step if self.trainer is not None else 0
         return TrainBatches(self.splits.train, int(self.data_cfg["batch_size"]),
-                            self.max_steps, self.levels, self.seed)
+                            self.max_steps, self.levels, self.seed, start=done)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_EvalLevels(self.val_levels), batch_size=None)

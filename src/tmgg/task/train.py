@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,12 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
         log.info("Resuming %s from %s", cfg.job.run_name, ckpt_path)
     failed = True
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            # Lightning cannot see that the training stream resumes where the checkpoint
+            # left off (GraphDenoisingData.train_dataloader), so it warns that it won't.
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that "
+                                    "ended before the epoch ended")
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         validated = dict(trainer.callback_metrics)
         best = checkpoint.best_model_path if checkpoint is not None else ""
         test_results = trainer.test(module, datamodule=data, ckpt_path=best or None,
