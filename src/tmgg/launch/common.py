@@ -15,6 +15,22 @@ from tmgg.orchestration.plan import PlannedJob
 log = logging.getLogger(__name__)
 
 
+def launcher_preflight(config: DictConfig, jobs: Sequence[PlannedJob]) -> None:
+    """The configured launcher's own refusals, run by the ledger before it records the plan.
+
+    A launcher that checks its settings only when Hydra sets it up or launches would
+    leave a refused sweep's jobs in the ledger as planned; only Modal has such checks.
+    """
+    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+    if not target.endswith(".TmggModalLauncher"):
+        return
+    from tmgg.launch.modal_dispatch import preflight
+    from tmgg.orchestration.sweep import split_finished
+
+    _, pending = split_finished(jobs)
+    preflight(config, [jobs[position] for position in pending])
+
+
 def prepare_sweep_dir(config: DictConfig) -> None:
     """Create the sweep dir and save multirun.yaml, as Hydra's launchers do."""
     sweep_dir = Path(str(config.hydra.sweep.dir))

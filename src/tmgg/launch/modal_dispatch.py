@@ -46,7 +46,7 @@ from tmgg.launch.common import build_payload, prepare_sweep_dir, print_outcome_t
 from tmgg.launch.cost import LauncherSettingError, check_cost_limit, normalize_gpu, plan_estimates
 from tmgg.orchestration.executor import JobFailure, deserialize, serialize
 from tmgg.orchestration.ledger import DISPATCHED, RUNNING, Ledger, atomic_write_json
-from tmgg.orchestration.plan import PlannedJob
+from tmgg.orchestration.plan import PlanError, PlannedJob
 from tmgg.orchestration.records import utc_now
 from tmgg.orchestration.sweep import (
     ledger_for,
@@ -70,7 +70,7 @@ MODAL_TOKEN_HELP = (
 _LOCAL_VOLUME_WARNING = ".*executing locally and will not have access to the mounted Volume.*"
 
 
-class ModalCredentialsError(RuntimeError):
+class ModalCredentialsError(PlanError):
     """transport=modal without Modal credentials: refused before any network call."""
 
 
@@ -826,16 +826,28 @@ def check_wandb_secret(settings: ModalSettings, jobs: Sequence[PlannedJob]) -> N
                 "logger=csv or logger.mode=offline")
 
 
+def preflight(config: DictConfig, pending: Sequence[PlannedJob]) -> ModalSettings:
+    """Every refusal this launcher makes before dispatch, for the jobs still to run.
+
+    Settings, credentials, the cost limit and the W&B secret. The ledger runs it before
+    it records the plan (``tmgg.launch.common.launcher_preflight``), so a refused sweep
+    leaves no trace; ``launch_modal`` runs it again for apps without the ledger.
+    """
+    settings = check_settings(config.hydra.launcher)
+    check_cost_limit(config, plan_estimates(config, pending))
+    check_wandb_secret(settings, pending)
+    return settings
+
+
 def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
                  initial_job_idx: int) -> list[Any]:
     """Check, then dispatch every unfinished job of the sweep; JobReturns in job order."""
-    settings = check_settings(launcher.params)
+    check_settings(launcher.params)
     config = launcher.config
     jobs = planned_jobs(launcher.hydra_context.config_loader, config, job_overrides,
                         initial_job_idx)
     results, pending = split_finished(jobs)
-    check_cost_limit(config, plan_estimates(config, [jobs[p] for p in pending]))
-    check_wandb_secret(settings, [jobs[p] for p in pending])
+    settings = preflight(config, [jobs[p] for p in pending])
     prepare_sweep_dir(config)
     root = volume_root(settings)
     env = {"TMGG_NUM_THREADS": str(settings.container_threads())}

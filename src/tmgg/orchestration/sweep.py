@@ -96,6 +96,9 @@ def record_plan_for_multirun(config: DictConfig) -> None:
     from tmgg.orchestration.wandb_check import check_wandb_destinations
 
     check_wandb_destinations(jobs, config)  # before any job is recorded or dispatched
+    from tmgg.launch.common import launcher_preflight
+
+    launcher_preflight(config, jobs)
     for job in jobs:
         _PLAN_CACHE[tuple(job.overrides)] = job
     record_plan(jobs, config, arguments)
