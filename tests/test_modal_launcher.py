@@ -24,12 +24,9 @@ from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, Launche
 
 from tmgg.identity import wandb_run_id
 from tmgg.launch.cost import LauncherSettingError, normalize_gpu, plan_estimates
-from tmgg.launch.modal_dispatch import (
-    LocalContainers,
-    ModalSettings,
-    pid_alive,
-    poll_detached,
-)
+from tmgg.launch.modal_calls import pid_alive, poll_detached
+from tmgg.launch.modal_settings import ModalSettings
+from tmgg.launch.modal_transport import LocalContainers
 from tmgg.orchestration.executor import JobFailure, serialize
 from tmgg.orchestration.ledger import CANCELLED, FAILED, FINISHED, Ledger
 
@@ -296,7 +293,7 @@ def test_detached_sweep_is_polled_and_cancelled(sweep_dirs: SweepDirs) -> None:
 
 def test_credentials_are_read_from_the_modal_config_file(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from tmgg.launch.modal_dispatch import modal_credentials_available
+    from tmgg.launch.modal_settings import modal_credentials_available
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("MODAL_CONFIG_PATH", raising=False)
@@ -309,7 +306,7 @@ def test_credentials_are_read_from_the_modal_config_file(tmp_path: Path,
 
 
 def test_wandb_jobs_on_modal_need_the_secret() -> None:
-    from tmgg.launch.modal_dispatch import check_wandb_secret
+    from tmgg.launch.modal_settings import check_wandb_secret
     from tmgg.orchestration.plan import PlannedJob
 
     def job(logger: dict) -> PlannedJob:

@@ -107,7 +107,7 @@ class TmggModalLauncher(Launcher):
         self.task_function = task_function
         # Fail fast (bad GPU name, missing Modal credentials) before Hydra's sweeper
         # composes every job again; the check reads no network and imports no modal.
-        from tmgg.launch.modal_dispatch import check_settings
+        from tmgg.launch.modal_settings import check_settings
 
         check_settings(self.params)
 

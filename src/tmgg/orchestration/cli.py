@@ -21,7 +21,7 @@ COMMANDS = {
                   "expected jobs versus W&B and outputs: missing, failed, misrouted, duplicated"),
     "report": ("tmgg.reporting.report", "main",
                "write experiments/<stage>/REPORT.md and plots"),
-    "cancel": ("tmgg.launch.modal_dispatch", "cancel_main",
+    "cancel": ("tmgg.launch.modal_calls", "cancel_main",
                "cancel a detached Modal sweep's running calls"),
 }
 

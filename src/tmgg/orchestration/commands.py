@@ -151,7 +151,7 @@ def status_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     ledger = _ledger_for(args.overrides)
     if not args.no_poll:
-        poll = _optional("tmgg.launch.modal_dispatch", "poll_detached")
+        poll = _optional("tmgg.launch.modal_calls", "poll_detached")
         if poll is not None and any(s.call_id for s in ledger.states().values()):
             poll(ledger)
     rows = status_rows(ledger)

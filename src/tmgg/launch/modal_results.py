@@ -1,0 +1,100 @@
+"""Jobs on the Modal volume, and a transport's outputs as JobReturns and ledger records.
+
+Shared by the blocking launcher (``modal_dispatch``) and by the folding of detached
+calls (``modal_calls``): the job as sent (outputs, checkpoints and records under the
+volume), and what comes back (a pickled JobReturn or an exception) recorded here,
+since the job wrote its own record remotely.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from omegaconf import open_dict, read_write
+
+from tmgg.launch.modal_settings import ModalSettings
+from tmgg.orchestration.executor import JobFailure, deserialize
+from tmgg.orchestration.plan import PlannedJob
+from tmgg.orchestration.sweep import ledger_for, record_outcome
+
+LAUNCHER = "modal"
+
+
+def volume_root(settings: ModalSettings) -> str | None:
+    """Where the volume is seen by a job: Modal's mount, a local stand-in, or None."""
+    if settings.transport == "modal":
+        from tmgg.launch.modal_app import VOLUME_MOUNT
+
+        return VOLUME_MOUNT
+    if settings.local_volume_dir:
+        return str(Path(settings.local_volume_dir).resolve())
+    return None
+
+
+def on_volume(job: PlannedJob, root: str | None) -> PlannedJob:
+    """The job as sent: outputs, checkpoints and its own records under the volume.
+
+    The output folder keeps its job-id-derived leaf (hydra.sweep.subdir), so every
+    attempt of a job finds the previous attempt's checkpoints.
+    """
+    if root is None or not job.is_tmgg_job:
+        return job
+    config = copy.deepcopy(job.sweep_config)
+    with read_write(config), open_dict(config):
+        config.outputs_dir = f"{root}/outputs"
+        config.experiments_dir = f"{root}/experiments"
+    with read_write(config.hydra), read_write(config.hydra.sweep):
+        config.hydra.sweep.dir = f"{root}/outputs/{job.stage}"
+    return dataclasses.replace(job, sweep_config=config)
+
+
+def _output_dir(result: Any) -> str | None:
+    hydra_cfg = getattr(result, "hydra_cfg", None)
+    try:
+        return str(hydra_cfg.hydra.runtime.output_dir) if hydra_cfg is not None else None
+    except Exception:  # noqa: BLE001 - a missing runtime node only loses a detail
+        return None
+
+
+def record_result(job: PlannedJob, result: Any, settings: ModalSettings, root: str | None,
+            call_id: str | None = None) -> None:
+    """Outcome event plus the job's record, written here: the job wrote its own remotely."""
+    if not job.is_tmgg_job:
+        return
+    ledger = ledger_for(job.task_config)
+    before = ledger.job_record(job.job_id) or {}
+    record_outcome(job, result, LAUNCHER, write_job_record=True)
+    record = ledger.job_record(job.job_id) or {}
+    if before.get("status") == record.get("status") and before.get("started_at"):
+        # transport=local on this disk: the job's own record had its timing and attempts.
+        for key in ("started_at", "attempts", "output_dir"):
+            if record.get(key) is None:
+                record[key] = before.get(key)
+    output_dir = _output_dir(result) or record.get("output_dir")
+    record["output_dir"] = output_dir
+    modal_info: dict[str, Any] = {"transport": settings.transport, "gpu": settings.gpu,
+                                  "volume": settings.volume, "call_id": call_id}
+    prefix = f"{root.rstrip('/')}/" if root else None
+    if prefix and output_dir and output_dir.startswith(prefix):
+        modal_info["volume_path"] = output_dir[len(prefix):]
+    record["modal"] = modal_info
+    ledger.write_job_record(job.job_id, record)
+
+
+def to_job_return(job: PlannedJob, output: Any) -> Any:
+    """A transport's output (pickled JobReturn, or an exception) as a JobReturn."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    if isinstance(output, bytes | bytearray):
+        try:
+            return deserialize(bytes(output))
+        except Exception as error:  # noqa: BLE001 - becomes a FAILED job
+            output = error
+    if not isinstance(output, BaseException):
+        output = RuntimeError(f"unexpected result from the remote function: {output!r}")
+    failed = JobReturn(overrides=list(job.overrides), status=JobStatus.FAILED)
+    failed.return_value = JobFailure.from_exception(output)
+    return failed

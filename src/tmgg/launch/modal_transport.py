@@ -1,0 +1,303 @@
+"""The Modal launcher's transports: Modal itself, or local processes standing in for it.
+
+The boundary is small — a ``Runner`` with ``map`` (Modal's ``starmap`` with ordered
+outputs and ``return_exceptions=True``) and ``spawn`` (returns a call id):
+
+- ``modal``: an ephemeral ``app.run()``, ``Function.with_options(...)`` with this
+  sweep's GPU, CPU, memory, timeout, retries and max_containers.
+- ``local``: worker processes standing in for containers (``LocalContainers``). Each
+  imports the Modal app module and runs the remote function's own body with
+  ``Function.local()``; a pool bounded by ``max_containers`` keeps containers warm
+  between inputs, keeps outputs in input order, retries lost containers and timeouts
+  with ``modal.Retries``' backoff, and returns failures as exceptions. A detached
+  local call is a session-leader process (``python -m tmgg.launch.modal_transport
+  local-call``) whose result is a file under the stage's ledger directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from multiprocessing.connection import wait as wait_connections
+from pathlib import Path
+from typing import Any, Protocol
+
+from tmgg.launch.modal_settings import ModalSettings
+from tmgg.orchestration.executor import JobFailure, deserialize, serialize
+
+log = logging.getLogger(__name__)
+
+LOCAL_CALL_PREFIX = "local-fc-"
+_LOCAL_VOLUME_WARNING = ".*executing locally and will not have access to the mounted Volume.*"
+
+
+# -- the transport boundary --------------------------------------------------------
+
+
+class Runner(Protocol):
+    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[Any]:
+        """One output per input, in input order; a failed input yields its exception."""
+
+    def spawn(self, args: tuple[bytes, str | None]) -> str:
+        """Start one call without waiting; its call id."""
+
+
+class _ModalRunner:
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[Any]:
+        yield from self.function.starmap(list(inputs), order_outputs=True,
+                                         return_exceptions=True)
+
+    def spawn(self, args: tuple[bytes, str | None]) -> str:
+        return str(self.function.spawn(*args).object_id)
+
+
+@contextlib.contextmanager
+def _modal_runner(settings: ModalSettings, detach: bool) -> Iterator[Runner]:
+    import modal
+
+    from tmgg.launch.modal_app import build_app
+
+    built = build_app(settings.app_name, settings.volume, settings.wandb_secret,
+                      settings.timeout_s)
+    output = modal.enable_output() if settings.progress else contextlib.nullcontext()
+    with output, built.app.run(detach=detach):
+        yield _ModalRunner(built.function.with_options(**settings.function_options()))
+
+
+def _container_main(conn: Any, spec: dict[str, Any]) -> None:
+    """A local container: import the Modal app once, then run inputs with Function.local()."""
+    import warnings
+
+    os.environ.update(spec.get("env") or {})
+    warnings.filterwarnings("ignore", message=_LOCAL_VOLUME_WARNING)
+    from tmgg.launch.modal_app import build_app
+
+    function = build_app(spec["app_name"], spec["volume"], spec["wandb_secret"],
+                         spec["timeout_s"]).function
+    while True:
+        try:
+            args = conn.recv()
+        except (EOFError, OSError):
+            return
+        if args is None:
+            return
+        conn.send(("started", None))  # the timeout counts from here, as on Modal
+        try:
+            reply = ("ok", function.local(*args))
+        except Exception as error:  # noqa: BLE001 - Modal returns it as the input's failure
+            reply = ("error", serialize(JobFailure.from_exception(error)))
+        conn.send(reply)
+
+
+class _Container:
+    def __init__(self, context: Any, spec: dict[str, Any]) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_container_main, args=(child, spec),
+                                       name="tmgg-local-container")
+        self.process.start()
+        child.close()
+        self.position: int | None = None
+        self.started: float | None = None  # when the current input began to run
+
+    def submit(self, position: int, args: tuple[bytes, str | None]) -> None:
+        self.position = position
+        self.started = None
+        self.conn.send(args)
+
+    def stop(self, kill: bool = False) -> None:
+        if not kill:
+            with contextlib.suppress(OSError, ValueError):
+                self.conn.send(None)
+            self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+class LocalContainers:
+    """Warm worker processes with the semantics of Modal's ``starmap`` on one function.
+
+    Outputs come in input order; at most ``size`` containers run at once and each
+    takes input after input; an input whose container dies, runs past the timeout
+    or raises is retried with modal.Retries' backoff, and after the last retry its
+    failure is the output (``return_exceptions=True``).
+    """
+
+    def __init__(self, settings: ModalSettings, size: int) -> None:
+        self.settings = settings
+        self.size = max(1, size)
+        self.spec = settings.container_spec()
+        self.context = multiprocessing.get_context("spawn")
+
+    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[Any]:
+        n = len(inputs)
+        results: dict[int, Any] = {}
+        attempts = [0] * n
+        ready_at = [0.0] * n
+        queue = list(range(n))
+        containers: list[_Container] = []
+        next_out = 0
+        timeout = float(self.settings.timeout_s)
+
+        def lost(position: int, failure: JobFailure) -> None:
+            attempts[position] += 1
+            if attempts[position] <= self.settings.max_retries:
+                delay = self.settings.retry_delay(attempts[position])
+                log.warning("input %d: %s; retry %d of %d in %.1fs", position,
+                            failure.error_type, attempts[position],
+                            self.settings.max_retries, delay)
+                ready_at[position] = time.monotonic() + delay
+                queue.append(position)
+            else:
+                results[position] = failure
+
+        try:
+            while next_out < n:
+                now = time.monotonic()
+                for container in [c for c in containers if c.position is None
+                                  and not c.process.is_alive()]:
+                    containers.remove(container)  # an idle container that went away
+                    container.stop(kill=True)
+                for position in [p for p in queue if ready_at[p] <= now]:
+                    idle = next((c for c in containers if c.position is None), None)
+                    if idle is None and len(containers) < self.size:
+                        idle = _Container(self.context, self.spec)
+                        containers.append(idle)
+                    if idle is None:
+                        break
+                    queue.remove(position)
+                    try:
+                        idle.submit(position, inputs[position])
+                    except OSError:  # the container died while starting
+                        containers.remove(idle)
+                        idle.stop(kill=True)
+                        lost(position, JobFailure("ContainerCrashed", "the container for "
+                                                  f"input {position} died while starting", ""))
+                busy = [c for c in containers if c.position is not None]
+                waits = [c.started + timeout - now for c in busy if c.started is not None]
+                waits += [ready_at[p] - now for p in queue if ready_at[p] > now]
+                ready = wait_connections([c.conn for c in busy],
+                                         timeout=max(0.0, min([1.0, *waits])))
+                for container in busy:
+                    position = container.position
+                    assert position is not None
+                    if container.conn in ready:
+                        try:
+                            status, value = container.conn.recv()
+                        except (EOFError, OSError):
+                            container.process.join(timeout=5)
+                            code = container.process.exitcode
+                            containers.remove(container)
+                            container.stop(kill=True)
+                            lost(position, JobFailure(
+                                "ContainerCrashed", f"the container running input {position} "
+                                f"exited (exit code {code}) before returning a result", ""))
+                            continue
+                        if status == "started":
+                            container.started = time.monotonic()
+                            continue
+                        container.position = None
+                        if status == "ok":
+                            results[position] = value
+                        else:
+                            lost(position, deserialize(value))
+                    elif (container.started is not None
+                          and time.monotonic() - container.started > timeout):
+                        containers.remove(container)
+                        container.stop(kill=True)
+                        lost(position, JobFailure(
+                            "FunctionTimeoutError", f"input {position} ran longer than "
+                            f"hydra.launcher.timeout_s={self.settings.timeout_s}s", ""))
+                while next_out in results:
+                    yield results.pop(next_out)
+                    next_out += 1
+        finally:
+            for container in containers:
+                container.stop(kill=container.position is not None)
+
+
+class _LocalRunner:
+    def __init__(self, settings: ModalSettings, size: int, calls_dir: Path | None) -> None:
+        self.settings = settings
+        self.size = size
+        self.calls_dir = calls_dir
+
+    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[Any]:
+        yield from LocalContainers(self.settings, self.size).map(inputs)
+
+    def spawn(self, args: tuple[bytes, str | None]) -> str:
+        """A detached local call: a session-leader process that outlives the launcher."""
+        assert self.calls_dir is not None
+        self.calls_dir.mkdir(parents=True, exist_ok=True)
+        call_id = f"{LOCAL_CALL_PREFIX}{uuid.uuid4().hex[:20]}"
+        spec = {"settings": dataclasses.asdict(self.settings), "args": args,
+                "slots": self.size}
+        (self.calls_dir / f"{call_id}.in").write_bytes(serialize(spec))
+        with open(self.calls_dir / f"{call_id}.log", "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tmgg.launch.modal_transport", "local-call",
+                 str(self.calls_dir), call_id],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        (self.calls_dir / f"{call_id}.pid").write_text(str(process.pid))
+        return call_id
+
+
+@contextlib.contextmanager
+def open_runner(settings: ModalSettings, detach: bool, size: int,
+            calls_dir: Path | None) -> Iterator[Runner]:
+    if settings.transport == "modal":
+        with _modal_runner(settings, detach) as runner:
+            yield runner
+    else:
+        yield _LocalRunner(settings, size, calls_dir)
+
+
+def _local_call_main(calls_dir: Path, call_id: str) -> int:
+    """Body of a detached local call: wait for a container slot, run, write the result."""
+    import fcntl
+
+    spec = deserialize((calls_dir / f"{call_id}.in").read_bytes())
+    settings = ModalSettings(**spec["settings"])
+    slots = calls_dir / "slots"
+    slots.mkdir(exist_ok=True)
+    handle = None
+    while handle is None:  # at most `slots` detached calls run at once, like max_containers
+        for slot in range(int(spec["slots"])):
+            candidate = open(slots / f"{slot}.lock", "w")  # noqa: SIM115 - held until exit
+            try:
+                fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                handle = candidate
+                break
+            except OSError:
+                candidate.close()
+        if handle is None:
+            time.sleep(0.5)
+    output = next(iter(LocalContainers(settings, 1).map([tuple(spec["args"])])))
+    reply = ("ok", output) if isinstance(output, bytes) else ("error", serialize(output))
+    out = calls_dir / f"{call_id}.out"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(serialize(reply))
+    os.replace(tmp, out)
+    (calls_dir / f"{call_id}.in").unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "local-call":
+        sys.exit(_local_call_main(Path(sys.argv[2]), sys.argv[3]))
+    print("usage: python -m tmgg.launch.modal_transport local-call CALLS_DIR CALL_ID",
+          file=sys.stderr)
+    sys.exit(2)
