@@ -71,6 +71,26 @@ def test_failed_job_does_not_stop_the_others(sweep_dirs: SweepDirs) -> None:
     assert "FAILED" in result.stderr
 
 
+def test_override_holding_an_interpolation_is_planned_as_hydra_runs_it(
+        sweep_dirs: SweepDirs) -> None:
+    """``${...}`` in a command-line override is text to Hydra's sweeper; the plan (and the
+    job ids derived from it) must read it the same way, not resolve it on the spot."""
+    result = tmgg_train("-m", "stage=smoke", "model=linear_pe", "logger.mode=offline",
+                        "logger.group=${stage.name}_b", "trainer.max_steps=10",
+                        "trainer.val_check_interval=5", *LOCAL, *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    plan = ledger.plan()
+    assert plan is not None
+    planned = {job["job_id"]: job["overrides"] for job in plan["jobs"]}
+    records = sweep_dirs.job_records("smoke")
+    assert set(records) == set(planned) and len(records) == 2
+    for job_id, record in records.items():
+        assert record["status"] == FINISHED
+        assert record["overrides"] == planned[job_id]
+        assert record["config"]["logger"]["group"] == "smoke_b"
+
+
 def test_rerun_skips_finished_jobs(sweep_dirs: SweepDirs) -> None:
     args = ("-m", "stage=smoke", "logger=csv", "model=linear_pe", *LOCAL, *sweep_dirs.overrides)
     assert tmgg_train(*args).returncode == 0

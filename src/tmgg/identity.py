@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -95,6 +96,18 @@ def wandb_run_id(job_id_value: str) -> str:
     return hashlib.sha1(f"wandb:{job_id_value}".encode()).hexdigest()[:16]
 
 
+def override_lines(node: Any) -> list[str]:
+    """A ``hydra.overrides.task`` node as typed on the command line, read unresolved.
+
+    Hydra's sweeper reads them so: ``logger.group=${stage.name}_b`` is an override
+    holding an interpolation, not text for OmegaConf to resolve in the hydra node's
+    context (which ``list(node)`` would do).
+    """
+    if node is None:
+        return []
+    return [str(line) for line in OmegaConf.to_container(node, resolve=False)]
+
+
 def _job_id_from_hydra(stage: str) -> str:
     from hydra.core.hydra_config import HydraConfig
 
@@ -103,8 +116,7 @@ def _job_id_from_hydra(stage: str) -> str:
             "job.id can only be resolved while Hydra composes a job "
             "(HydraConfig is not set); compose through tmgg-train or tmgg-sweep"
         )
-    task_overrides = list(HydraConfig.get().overrides.task)
-    return job_id(stage, task_overrides)
+    return job_id(stage, override_lines(HydraConfig.get().overrides.task))
 
 
 def register_resolvers() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tmgg.config import CONF_DIR
+from tmgg.identity import override_lines
 from tmgg.orchestration.plan import PlanError, PlannedJob
 
 FIELDS = ("entity", "project")
@@ -81,7 +82,7 @@ def whole_sweep_overrides(master_config: DictConfig) -> dict[str, str]:
     """``field -> override line`` for destination fields the user set for the whole sweep."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    lines = list(OmegaConf.select(master_config, "hydra.overrides.task") or [])
+    lines = override_lines(OmegaConf.select(master_config, "hydra.overrides.task"))
     found: dict[str, str] = {}
     for override in OverridesParser.create().parse_overrides(lines):
         key = override.key_or_group
