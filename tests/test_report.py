@@ -21,15 +21,8 @@ from typing import Any
 import pytest
 
 from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger
-from tmgg.reporting.report import (
-    MSE_PLOT,
-    NOTES_FILE,
-    REPORT_FILE,
-    SPREAD_PLOT,
-    error_line,
-    main,
-    write_report,
-)
+from tmgg.reporting.plots import MSE_PLOT, SPREAD_PLOT
+from tmgg.reporting.report import NOTES_FILE, REPORT_FILE, error_line, main, write_report
 
 IDENTITY = ["stage=smoke", "logger=csv"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

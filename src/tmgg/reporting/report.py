@@ -16,7 +16,6 @@ Matplotlib is imported only while plotting (Agg canvas, no pyplot state).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -27,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tmgg.identity import NON_IDENTITY_KEYS, short_float
+from tmgg.identity import NON_IDENTITY_KEYS
 from tmgg.orchestration.ledger import (
     CANCELLED,
     DISPATCHED,
@@ -38,37 +37,34 @@ from tmgg.orchestration.ledger import (
     JobState,
     Ledger,
 )
+from tmgg.reporting.fields import (
+    BASE_KEYS,
+    F1,
+    LABELS,
+    LR,
+    MODEL,
+    MSE,
+    NO_EDGES,
+    NOISY_INPUT,
+    NONE_TEXT,
+    SEED_KEY,
+    SUBSPACE,
+    WD,
+    K,
+    as_number,
+    format_value,
+    hashable,
+    sort_key,
+)
+from tmgg.reporting.plots import write_plots
 
 REPORT_FILE = "REPORT.md"
 NOTES_FILE = "NOTES.md"
-MSE_PLOT = "test_mse_vs_lr.png"
-SPREAD_PLOT = "test_mse_seed_spread.png"
-
-MSE = "test/mse"
-F1 = "test/f1"
-SUBSPACE = "test/subspace_distance"
-NO_EDGES = "test_reference_no_edges"
-NOISY_INPUT = "test_reference_noisy_input"
-
-# Grouping keys every stage reports (config paths); a grid's other swept keys follow.
-BASE_KEYS = ("model.name", "optimizer.lr", "optimizer.weight_decay", "model.k")
-MODEL, LR, WD, K = BASE_KEYS
-SEED_KEY = "seed"
-LABELS = {
-    "model.name": "model",
-    "optimizer.lr": "lr",
-    "optimizer.weight_decay": "wd",
-    "model.k": "k",
-    "data.name": "data",
-    "optimizer.name": "optimizer",
-    "noise.name": "noise",
-}
 
 # Report categories, in the order the outcome table lists them.
 CATEGORIES = ("finished", "failed", "running", "cancelled", "missing")
 _CATEGORY_OF = {FINISHED: "finished", FAILED: "failed", RUNNING: "running",
                 DISPATCHED: "running", CANCELLED: "cancelled"}
-NONE_TEXT = "—"
 WARNING = "⚠"
 
 
@@ -96,7 +92,7 @@ class JobEntry:
 
     @property
     def has_metrics(self) -> bool:
-        return self.category == "finished" and _number(self.metrics.get(MSE)) is not None
+        return self.category == "finished" and as_number(self.metrics.get(MSE)) is not None
 
     @property
     def seed(self) -> Any:
@@ -133,10 +129,10 @@ class Row:
     @property
     def finished(self) -> list[JobEntry]:
         done = [job for job in self.jobs if job.has_metrics]
-        return sorted(done, key=lambda job: (_sort_key(job.seed), job.job_id))
+        return sorted(done, key=lambda job: (sort_key(job.seed), job.job_id))
 
     def values(self, metric: str) -> list[float]:
-        found = (_number(job.metrics.get(metric)) for job in self.finished)
+        found = (as_number(job.metrics.get(metric)) for job in self.finished)
         return [value for value in found if value is not None]
 
     def mean(self, metric: str) -> float | None:
@@ -176,10 +172,10 @@ class StageReport:
             if job.config is None:
                 self.unplaced.append(job)
                 continue
-            key = tuple(_hashable(select(job.config, path)) for path in self.group_keys)
+            key = tuple(hashable(select(job.config, path)) for path in self.group_keys)
             groups.setdefault(key, []).append(job)
         self.rows = [Row(key, groups[key], self.group_keys) for key in
-                     sorted(groups, key=lambda k: tuple(_sort_key(v) for v in k))]
+                     sorted(groups, key=lambda k: tuple(sort_key(v) for v in k))]
 
     # -- facts -------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -193,7 +189,7 @@ class StageReport:
                       key=lambda job: (job.run_name, job.job_id))
 
     def compute_seconds(self) -> tuple[float, int]:
-        durations = [d for d in (_number(job.record.get("duration_s")) for job in self.jobs)
+        durations = [d for d in (as_number(job.record.get("duration_s")) for job in self.jobs)
                      if d is not None]
         return math.fsum(durations), len(durations)
 
@@ -298,7 +294,7 @@ class StageReport:
 
     def _config_cells(self, row: Row, with_model: bool) -> list[str]:
         values = row.key if with_model else row.key[1:]
-        cells = [_format_value(value) for value in values]
+        cells = [format_value(value) for value in values]
         if with_model:
             cells[0] = f"`{cells[0]}`"
         return cells
@@ -323,7 +319,7 @@ class StageReport:
         align = ["---:"] * (len(headers) - 7) + [":---:", "---", "---", "---", "---:",
                                                  "---:", "---"]
         for model, rows in _by_model(self.rows).items():
-            lines += [f"### `{_format_value(model)}`", "", _md_row(headers),
+            lines += [f"### `{format_value(model)}`", "", _md_row(headers),
                       "|" + "|".join(align) + "|"]
             for row in rows:
                 lines.append(_md_row([
@@ -369,7 +365,7 @@ class StageReport:
         for row in self.rows:
             for job in row.finished:
                 extras = self.panel_key(row)[1:]
-                groups.setdefault((_hashable(job.seed), *extras), []).append(job)
+                groups.setdefault((hashable(job.seed), *extras), []).append(job)
         lines = ["## Reference scores per seed", "",
                  "The two trivial predictions of SPEC.md §6 on each seed's test set (they do "
                  "not depend on the model), averaged over that seed's finished jobs.", ""]
@@ -379,12 +375,12 @@ class StageReport:
                    "no edges mse", "no edges f1", "no edges subspace distance",
                    "noisy input mse", "noisy input f1", "noisy input subspace distance"]
         lines += [_md_row(headers), "|" + "|".join(["---:"] * len(headers)) + "|"]
-        for key in sorted(groups, key=lambda k: tuple(_sort_key(v) for v in k)):
+        for key in sorted(groups, key=lambda k: tuple(sort_key(v) for v in k)):
             jobs = groups[key]
-            cells = [_format_value(value) for value in key] + [str(len(jobs))]
+            cells = [format_value(value) for value in key] + [str(len(jobs))]
             for prefix in (NO_EDGES, NOISY_INPUT):
                 for metric in ("mse", "f1", "subspace_distance"):
-                    values = [v for v in (_number(j.metrics.get(f"{prefix}/{metric}"))
+                    values = [v for v in (as_number(j.metrics.get(f"{prefix}/{metric}"))
                                           for j in jobs) if v is not None]
                     cells.append(_fixed(statistics.fmean(values) if values else None))
             lines.append(_md_row(cells))
@@ -473,7 +469,7 @@ def swept_keys(jobs: Iterable[JobEntry]) -> list[str]:
     candidates -= {*BASE_KEYS, SEED_KEY, "model", "optimizer"}
     swept = []
     for path in sorted(candidates):
-        values = {_hashable(select(job.config, path)) for job in jobs}
+        values = {hashable(select(job.config, path)) for job in jobs}
         if len(values) > 1:
             swept.append(path)
     return swept
@@ -555,193 +551,8 @@ def write_report(source: Any, out_dir: str | Path | None = None) -> Path:
 
 
 # --------------------------------------------------------------------------------------
-# Plots (matplotlib, Agg canvas)
-# --------------------------------------------------------------------------------------
-def write_plots(report: StageReport, out: Path) -> list[tuple[str, str, str]]:
-    """Both PNGs, when some job has test metrics; their (file, title, caption)."""
-    if not any(row.finished for row in report.rows):
-        return []
-    plot_mse_vs_lr(report, out / MSE_PLOT)
-    plot_seed_spread(report, out / SPREAD_PLOT)
-    return [
-        (MSE_PLOT, "Test mse against learning rate",
-         "Mean test mse against learning rate: one panel per model, one colour per k, one "
-         "line style per weight decay; error bars are the std over seeds; the dashed grey "
-         "line is the \"no edges\" reference."),
-        (SPREAD_PLOT, "Per-seed test mse of every configuration",
-         "Spread over seeds: every finished seed's test mse per configuration (colour = "
-         "seed), the black bar is the mean; the x labels say how many seeds finished; "
-         "the dashed grey line is the \"no edges\" reference."),
-    ]
-
-
-_WD_STYLES = ("-", ":", "-.", (0, (5, 1, 1, 1)))
-_WD_MARKERS = ("o", "s", "^", "D")
-
-
-def _panel_title(key: tuple[Any, ...], extra_keys: Sequence[str]) -> str:
-    title = _format_value(key[0])
-    extras = [f"{LABELS.get(k, k)}={_format_value(v)}" for k, v in zip(extra_keys, key[1:],
-                                                                        strict=True)]
-    return title + (f" ({', '.join(extras)})" if extras else "")
-
-
-def _panel_grid(report: StageReport) -> tuple[list[Any], list[tuple[Any, ...]]]:
-    panels = report.panels()
-    models = sorted({key[0] for key in panels}, key=_sort_key)
-    extras = sorted({key[1:] for key in panels}, key=lambda k: tuple(_sort_key(v) for v in k))
-    return models, extras
-
-
-def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def plot_mse_vs_lr(report: StageReport, path: Path) -> None:
-    """Test mse against lr: a panel per model (x other swept keys), a line per k and wd."""
-    panels = report.panels()
-    models, extras = _panel_grid(report)
-    ks = sorted({row.value(K) for row in report.rows}, key=_sort_key)
-    wds = sorted({row.value(WD) for row in report.rows}, key=_sort_key)
-    figure = _new_figure(4.4 * len(models), 3.6 * len(extras) + 0.4)
-    axes = figure.subplots(len(extras), len(models), squeeze=False, sharey=True)
-    y_values: list[float] = []
-    for r, extra in enumerate(extras):
-        for c, model in enumerate(models):
-            ax = axes[r][c]
-            rows = [row for row in panels.get((model, *extra), []) if row.mean(MSE) is not None]
-            ax.set_title(_panel_title((model, *extra), report.extra_keys), fontsize=10)
-            ax.set_xscale("log")
-            ax.grid(True, which="major", alpha=0.3)
-            lrs: set[float] = set()
-            for k_index, k in enumerate(ks):
-                for wd_index, wd in enumerate(wds):
-                    line = sorted((row for row in rows if row.value(K) == k
-                                   and row.value(WD) == wd and _number(row.value(LR)) is not None),
-                                  key=lambda row: float(row.value(LR)))
-                    if not line:
-                        continue
-                    x = [float(row.value(LR)) for row in line]
-                    lrs.update(x)
-                    ax.errorbar(x, [row.mean(MSE) for row in line],
-                                yerr=[row.std(MSE) or 0.0 for row in line],
-                                color=f"C{k_index % 10}",
-                                linestyle=_WD_STYLES[wd_index % len(_WD_STYLES)],
-                                marker=_WD_MARKERS[wd_index % len(_WD_MARKERS)],
-                                markersize=4, capsize=3, linewidth=1.4,
-                                label=f"k={_format_value(k)}, wd={_format_value(wd)}")
-            if lrs:  # limits first: a horizontal line needs a non-empty log x range
-                ticks = sorted(lrs)
-                ax.set_xlim(ticks[0] / 1.6, ticks[-1] * 1.6)
-                ax.set_xticks(ticks, [short_float(t) for t in ticks])
-                ax.minorticks_off()
-            no_edges = [v for row in rows for v in row.values(f"{NO_EDGES}/mse")]
-            if no_edges and lrs:
-                reference = statistics.fmean(no_edges)
-                ax.axhline(reference, color="0.45", linestyle="--", linewidth=1.2,
-                           label="no edges")
-                y_values.append(reference)
-            y_values += [row.mean(MSE) + sign * (row.std(MSE) or 0.0)
-                         for row in rows for sign in (-1, 1)]
-            ax.set_xlabel("learning rate")
-            if c == 0:
-                ax.set_ylabel("test mse (mean ± std over seeds)")
-            if r == 0 and c == len(models) - 1 and ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="best")
-    if y_values:  # explicit limits: the shared, log-x axes do not autoscale to axhline
-        low, high = min(y_values), max(y_values)
-        margin = max(high - low, 0.01) * 0.08
-        axes[0][0].set_ylim(low - margin, high + margin)
-    figure.suptitle(f"{report.stage}: test mse against learning rate", fontsize=12)
-    figure.savefig(path, dpi=110)
-
-
-def plot_seed_spread(report: StageReport, path: Path) -> None:
-    """Per-seed test mse of every configuration, a panel per model (x other keys)."""
-    from matplotlib.lines import Line2D
-
-    panels = report.panels()
-    order = sorted(panels, key=lambda key: tuple(_sort_key(v) for v in key))
-    seeds = sorted({_hashable(job.seed) for row in report.rows for job in row.finished},
-                   key=_sort_key)
-    widest = max(len(rows) for rows in panels.values())
-    figure = _new_figure(max(6.5, 0.62 * widest + 2.5), 3.3 * len(order) + 0.4)
-    axes = figure.subplots(len(order), 1, squeeze=False)
-    for index, key in enumerate(order):
-        ax = axes[index][0]
-        rows = panels[key]
-        labels = []
-        for x, row in enumerate(rows):
-            config = [f"{LABELS[key]}{_format_value(row.value(key))}" for key in (LR, WD, K)]
-            labels.append(f"{' '.join(config)} ({len(row.finished)}/{len(row.jobs)})")
-            for job in row.finished:
-                seed_index = seeds.index(_hashable(job.seed))
-                offset = (seed_index - (len(seeds) - 1) / 2) * 0.12
-                ax.scatter([x + offset], [float(job.metrics[MSE])], s=22,
-                           color=f"C{seed_index % 10}", zorder=3)
-            mean = row.mean(MSE)
-            if mean is not None:
-                ax.hlines(mean, x - 0.3, x + 0.3, color="black", linewidth=1.6, zorder=4)
-        no_edges = [v for row in rows for v in row.values(f"{NO_EDGES}/mse")]
-        if no_edges:
-            ax.axhline(statistics.fmean(no_edges), color="0.45", linestyle="--",
-                       linewidth=1.2)
-        ax.set_xticks(range(len(rows)), labels, rotation=40, ha="right", fontsize=7)
-        for label, row in zip(ax.get_xticklabels(), rows, strict=True):
-            if len(row.finished) < len(row.jobs):  # seeds failed or missing: stand out
-                label.set_color("tab:red")
-        ax.set_xlim(-0.6, len(rows) - 0.4)
-        ax.set_title(_panel_title(key, report.extra_keys), fontsize=10)
-        ax.set_ylabel("test mse per seed")
-        ax.grid(True, axis="y", alpha=0.3)
-    handles = [Line2D([], [], linestyle="", marker="o", color=f"C{i % 10}",
-                      label=f"seed {_format_value(seed)}") for i, seed in enumerate(seeds)]
-    handles += [Line2D([], [], color="black", linewidth=1.6, label="mean"),
-                Line2D([], [], color="0.45", linestyle="--", label="no edges")]
-    axes[0][0].legend(handles=handles, fontsize=7, loc="best")
-    figure.suptitle(f"{report.stage}: spread of test mse over seeds", fontsize=12)
-    figure.savefig(path, dpi=110)
-
-
-# --------------------------------------------------------------------------------------
 # Formatting helpers (fixed formats: the report must not change unless the records do)
 # --------------------------------------------------------------------------------------
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, dict | list):
-        return json.dumps(value, sort_keys=True)
-    return value
-
-
-def _sort_key(value: Any) -> tuple[int, float, str]:
-    """Numbers by value, then strings alphabetically, unknowns last."""
-    number = _number(value)
-    if number is not None:
-        return (0, number, "")
-    if value is None:
-        return (2, 0.0, "")
-    return (1, 0.0, str(value))
-
-
-def _format_value(value: Any) -> str:
-    if value is None:
-        return NONE_TEXT
-    if isinstance(value, float):
-        return short_float(value)
-    return str(value)
-
-
 def _fixed(value: float | None) -> str:
     return NONE_TEXT if value is None else f"{value:.4f}"
 
