@@ -6,15 +6,15 @@ the same executor the Modal launcher uses; a failed job does not stop the others
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 # No `from __future__ import annotations`: Hydra loads plugin modules outside
 # sys.modules, where dataclasses cannot resolve string annotations.
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
-from hydra.plugins.launcher import Launcher
-from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from tmgg.launch.plugin_base import TmggLauncher
 
 
 @dataclass
@@ -37,22 +37,14 @@ ConfigStore.instance().store(group="hydra/launcher", name="local", node=LocalLau
                              provider="tmgg")
 
 
-class TmggLocalLauncher(Launcher):
-    def __init__(self, **params: Any) -> None:
-        self.params = params
-        self.config: DictConfig | None = None
-        self.task_function: TaskFunction | None = None
-        self.hydra_context: HydraContext | None = None
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig,
-    ) -> None:
-        self.config = config
-        self.hydra_context = hydra_context
-        self.task_function = task_function
+class TmggLocalLauncher(TmggLauncher):
+    @classmethod
+    def before_plan(cls, config: DictConfig) -> None:
+        # Start the fork server (torch and lightning imports) beside Hydra's composition.
         from tmgg.launch.local import preload_modules, prestart
 
-        prestart(str(self.params.get("start_method") or "forkserver"), preload_modules(config))
+        start_method = OmegaConf.select(config, "hydra.launcher.start_method")
+        prestart(str(start_method or "forkserver"), preload_modules(config))
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:

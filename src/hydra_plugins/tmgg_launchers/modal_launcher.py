@@ -5,7 +5,7 @@ outputs and checkpoints land on a Modal Volume under a path derived from the job
 so a retried or preempted job resumes from its last checkpoint with the same W&B
 run. ``transport=local`` runs the whole dispatch path on this machine instead of
 Modal's servers: how the tests exercise the plugin and how a sweep is checked before
-paying for it. See docs/modal.md.
+paying for it. See README.md, "Running on Modal".
 
 Hydra imports this module at every start-up: it imports hydra, omegaconf and
 dataclasses only; modal, torch and the dispatch code load when a sweep launches.
@@ -19,9 +19,9 @@ from typing import Any, Optional
 # sys.modules, where dataclasses cannot resolve string annotations.
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
-from hydra.plugins.launcher import Launcher
-from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
+
+from tmgg.launch.plugin_base import TmggLauncher
 
 
 @dataclass
@@ -92,24 +92,22 @@ ConfigStore.instance().store(group="hydra/launcher", name="modal", node=ModalLau
                              provider="tmgg")
 
 
-class TmggModalLauncher(Launcher):
-    def __init__(self, **params: Any) -> None:
-        self.params = params
-        self.config: Optional[DictConfig] = None  # noqa: UP045
-        self.task_function: Optional[TaskFunction] = None  # noqa: UP045
-        self.hydra_context: Optional[HydraContext] = None  # noqa: UP045
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig,
-    ) -> None:
-        self.config = config
-        self.hydra_context = hydra_context
-        self.task_function = task_function
-        # Fail fast (bad GPU name, missing Modal credentials) before Hydra's sweeper
-        # composes every job again; the check reads no network and imports no modal.
+class TmggModalLauncher(TmggLauncher):
+    @classmethod
+    def before_plan(cls, config: DictConfig) -> None:
+        # Fail fast (bad GPU name, missing Modal credentials) before any job is
+        # composed; the check reads no network and imports no modal.
         from tmgg.launch.modal_settings import check_settings
 
-        check_settings(self.params)
+        check_settings(config.hydra.launcher)
+
+    @classmethod
+    def preflight(cls, config: DictConfig, jobs: Sequence[Any]) -> None:
+        from tmgg.launch.modal_dispatch import preflight
+        from tmgg.orchestration.sweep import split_finished
+
+        _, pending = split_finished(jobs)  # the cost limit counts what is left to run
+        preflight(config, [jobs[position] for position in pending])
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:

@@ -18,17 +18,14 @@ log = logging.getLogger(__name__)
 def launcher_preflight(config: DictConfig, jobs: Sequence[PlannedJob]) -> None:
     """The configured launcher's own refusals, run by the ledger before it records the plan.
 
-    A launcher that checks its settings only when Hydra sets it up or launches would
-    leave a refused sweep's jobs in the ledger as planned; only Modal has such checks.
+    A launcher that checked its settings only when Hydra sets it up or launches would
+    leave a refused sweep's jobs in the ledger as planned.
     """
-    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
-    if not target.endswith(".TmggModalLauncher"):
-        return
-    from tmgg.launch.modal_dispatch import preflight
-    from tmgg.orchestration.sweep import split_finished
+    from tmgg.launch.plugin_base import configured_launcher
 
-    _, pending = split_finished(jobs)
-    preflight(config, [jobs[position] for position in pending])
+    launcher = configured_launcher(config)
+    if launcher is not None:
+        launcher.preflight(config, jobs)
 
 
 def prepare_sweep_dir(config: DictConfig) -> None:

@@ -100,7 +100,8 @@ def preflight(config: DictConfig, pending: Sequence[PlannedJob]) -> ModalSetting
 
     Settings, credentials, the cost limit and the W&B secret. The ledger runs it before
     it records the plan (``tmgg.launch.common.launcher_preflight``), so a refused sweep
-    leaves no trace; ``launch_modal`` runs it again for apps without the ledger.
+    leaves no trace; ``launch_modal`` runs it again for apps without the ledger (and
+    for the jobs still unfinished when the launch begins).
     """
     settings = check_settings(config.hydra.launcher)
     check_cost_limit(config, plan_estimates(config, pending))
@@ -111,7 +112,6 @@ def preflight(config: DictConfig, pending: Sequence[PlannedJob]) -> ModalSetting
 def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
                  initial_job_idx: int) -> list[Any]:
     """Check, then dispatch every unfinished job of the sweep; JobReturns in job order."""
-    check_settings(launcher.params)
     config = launcher.config
     jobs = planned_jobs(launcher.hydra_context.config_loader, config, job_overrides,
                         initial_job_idx)

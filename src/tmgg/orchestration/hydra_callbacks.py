@@ -8,7 +8,8 @@ Hydra runs it whichever launcher dispatches the jobs — ours, ``basic`` or subm
 - ``on_job_start`` / ``on_job_end`` (where the job runs): the job writes its own
   record — RUNNING, then FINISHED or FAILED with metrics or error — by atomic rename.
 
-``LocalWorkersCallback`` starts the local launcher's fork server at multirun start.
+``LocalWorkersCallback`` runs the launcher's ``before_plan`` hook at multirun start
+(the local launcher starts its fork server there).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,13 @@ def callbacks_for(config: DictConfig) -> Any:
     from hydra.core.utils import JobReturn  # noqa: F401  (import order for hydra)
 
     return Callbacks(config)
+
+
+def _refuse(error: Exception) -> None:
+    """Stop the sweep before any dispatch: Hydra turns a callback's exception into a
+    warning and launches anyway, but SystemExit is not an Exception."""
+    print(f"sweep refused, nothing dispatched: {error}", file=sys.stderr)
+    raise SystemExit(2) from error
 
 
 class LedgerCallback(Callback):
@@ -44,10 +52,7 @@ class LedgerCallback(Callback):
         try:
             record_plan_for_multirun(config)
         except PlanError as error:
-            # Hydra turns a callback's exception into a warning and launches anyway;
-            # SystemExit is not an Exception, so it stops the sweep before any dispatch.
-            print(f"sweep refused, nothing dispatched: {error}", file=sys.stderr)
-            raise SystemExit(2) from error
+            _refuse(error)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
@@ -65,20 +70,25 @@ class LedgerCallback(Callback):
 
 
 class LocalWorkersCallback(Callback):
-    """Starts ``hydra/launcher=local``'s fork server as soon as the multirun starts.
+    """Runs the configured tmgg launcher's ``before_plan`` as soon as the multirun starts.
 
-    Hydra composes every job twice before the launcher's ``setup`` (the ledger's plan,
-    then BasicSweeper's own check of each job), about a second for a 12-job stage.
-    Started here, the server's imports (torch, lightning: ≈3.5 s of one core) run
-    beside that work, not after it. Listed before ``ledger`` in ``conf/train.yaml``;
-    does nothing for any other launcher.
+    For ``hydra/launcher=local`` that starts the fork server: Hydra composes every job
+    twice before the launcher's ``setup`` (the ledger's plan, then BasicSweeper's own
+    check of each job), about a second for a 12-job stage, and started here the
+    server's imports (torch, lightning: ≈3 s of one core) run beside that work, not
+    after it. For ``=modal`` it refuses bad settings or missing credentials before
+    anything is composed. Listed before ``ledger`` in ``conf/train.yaml``; does nothing
+    for launchers that are not tmgg's.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        launcher = OmegaConf.select(config, "hydra.launcher")
-        target = str(launcher.get("_target_", "")) if launcher is not None else ""
-        if not target.endswith(".TmggLocalLauncher"):
-            return
-        from tmgg.launch.local import preload_modules, prestart
+        from tmgg.launch.plugin_base import configured_launcher
+        from tmgg.orchestration.plan import PlanError
 
-        prestart(str(launcher.get("start_method") or "forkserver"), preload_modules(config))
+        launcher = configured_launcher(config)
+        if launcher is None:
+            return
+        try:
+            launcher.before_plan(config)
+        except PlanError as error:
+            _refuse(error)

@@ -1,0 +1,59 @@
+"""What tmgg's Hydra launcher plugins (``hydra/launcher=local``, ``=modal``) share.
+
+Hydra imports the plugins at every start-up, so this imports hydra and omegaconf
+only. ``TmggLauncher`` leaves ``launch`` abstract: Hydra's plugin scan registers only
+concrete classes, so the base is never offered as a launcher itself.
+
+Besides Hydra's ``setup``/``launch``, a tmgg launcher has two class-level hooks that
+tmgg's multirun start calls for whichever launcher the sweep is configured with
+(``configured_launcher``): ``before_plan`` (before the sweep is composed: start
+warming up, fail fast on settings) and ``preflight`` (after it is composed, before
+the plan is recorded: every refusal that needs the jobs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+
+class TmggLauncher(Launcher):
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+        # Again here for apps whose config lacks tmgg's multirun callbacks (idempotent).
+        type(self).before_plan(config)
+
+    @classmethod
+    def before_plan(cls, config: DictConfig) -> None:
+        """At multirun start, before any job is composed; nothing by default."""
+
+    @classmethod
+    def preflight(cls, config: DictConfig, jobs: Sequence[Any]) -> None:
+        """Refusals (PlanError) for the sweep's planned jobs, before the plan is recorded."""
+
+
+def configured_launcher(config: DictConfig) -> type[TmggLauncher] | None:
+    """The class of the sweep's ``hydra/launcher`` when it is a tmgg launcher."""
+    target = OmegaConf.select(config, "hydra.launcher._target_")
+    if not target:
+        return None
+    from hydra.utils import get_class
+
+    try:
+        launcher = get_class(str(target))
+    except Exception:  # noqa: BLE001 - Hydra reports an unloadable launcher itself
+        return None
+    return launcher if issubclass(launcher, TmggLauncher) else None
