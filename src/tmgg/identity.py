@@ -108,6 +108,11 @@ def override_lines(node: Any) -> list[str]:
     return [str(line) for line in OmegaConf.to_container(node, resolve=False)]
 
 
+def task_overrides(config: Any) -> list[str]:
+    """A composed config's ``hydra.overrides.task``, as typed (see ``override_lines``)."""
+    return override_lines(OmegaConf.select(config, "hydra.overrides.task"))
+
+
 def _job_id_from_hydra(stage: str) -> str:
     from hydra.core.hydra_config import HydraConfig
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from tmgg.identity import override_lines
+from tmgg.identity import task_overrides
 from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger
 from tmgg.orchestration.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
 from tmgg.orchestration.records import code_version, host, package_versions, utc_now
@@ -90,7 +90,7 @@ def record_plan_for_multirun(config: DictConfig) -> None:
         return
     from hydra.core.global_hydra import GlobalHydra
 
-    arguments = override_lines(OmegaConf.select(config, "hydra.overrides.task"))
+    arguments = task_overrides(config)
     loader = GlobalHydra.instance().config_loader()
     jobs = compose_plan(loader, config, expand_grid(config, arguments))
     _PLAN_CACHE.clear()
@@ -245,7 +245,7 @@ def job_record_start(config: DictConfig) -> None:
         return
     task = _task_dict(config)
     ledger = ledger_for(task)
-    overrides = override_lines(OmegaConf.select(config, "hydra.overrides.task"))
+    overrides = task_overrides(config)
     record = base_record(task, overrides, launcher_name(config),
                          output_dir=OmegaConf.select(config, "hydra.runtime.output_dir"))
     previous = ledger.job_record(task["job"]["id"])

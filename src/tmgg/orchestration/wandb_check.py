@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tmgg.config import CONF_DIR
-from tmgg.identity import override_lines
+from tmgg.identity import task_overrides
 from tmgg.orchestration.plan import PlanError, PlannedJob
 
 FIELDS = ("entity", "project")
@@ -82,7 +82,7 @@ def whole_sweep_overrides(master_config: DictConfig) -> dict[str, str]:
     """``field -> override line`` for destination fields the user set for the whole sweep."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    lines = override_lines(OmegaConf.select(master_config, "hydra.overrides.task"))
+    lines = task_overrides(master_config)
     found: dict[str, str] = {}
     for override in OverridesParser.create().parse_overrides(lines):
         key = override.key_or_group
