@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import tmgg  # noqa: F401  (resolvers)
 from tmgg.config import CONF_DIR
+from tmgg.orchestration.composer import recorded_plan_matches, share_config_cache
 from tmgg.orchestration.ledger import Ledger
 from tmgg.orchestration.plan import PlannedJob, compose_plan, expand_grid
 from tmgg.orchestration.sweep import experiments_root
@@ -28,6 +29,7 @@ class ComposedSweep:
     jobs: list[PlannedJob]
     arguments: list[str]
     config_loader: Any
+    from_plan: bool = False  # jobs read back from plan.json, not composed now
 
     @property
     def stage(self) -> str:
@@ -43,13 +45,21 @@ class ComposedSweep:
 
 
 @contextmanager
-def hydra_session() -> Iterator[Any]:
-    """An initialised GlobalHydra on conf/, restored afterwards."""
+def hydra_session(shared_cache: bool = True) -> Iterator[Any]:
+    """An initialised GlobalHydra on conf/, restored afterwards.
+
+    Its loader parses each config file once for all the compositions of the session
+    (``composer.share_config_cache``); ``shared_cache=False`` keeps Hydra's own
+    per-load repository, the baseline that tests and benchmarks compare against.
+    """
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="app"):
-        yield GlobalHydra.instance().config_loader()
+        loader = GlobalHydra.instance().config_loader()
+        if shared_cache:
+            share_config_cache(loader)
+        yield loader
 
 
 def load_master_config(config_loader: Any, overrides: Sequence[str]) -> DictConfig:
@@ -64,17 +74,53 @@ def load_master_config(config_loader: Any, overrides: Sequence[str]) -> DictConf
     return config
 
 
-def compose_sweep(overrides: Sequence[str]) -> ComposedSweep:
-    """Every job of ``tmgg-train -m <overrides>``, composed and validated (no dispatch)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def compose_sweep(overrides: Sequence[str], shared_cache: bool = True) -> ComposedSweep:
+    """Every job of ``tmgg-train -m <overrides>``, composed and validated (no dispatch).
 
+    ``shared_cache=False`` composes with Hydra's uncached repository (the baseline).
+    """
+    with hydra_session(shared_cache) as loader:
+        master = load_master_config(loader, overrides)
+        return _compose(loader, master, overrides)
+
+
+def recorded_or_composed_sweep(overrides: Sequence[str]) -> ComposedSweep:
+    """The sweep's jobs read from its plan.json when that is safe, else composed.
+
+    For commands that only read the jobs (reconcile, report): the ledger's plan.json
+    stands in when it was recorded for the same overrides (launcher ones aside) and
+    the same conf/, code and library versions (``composer.recorded_plan_matches``);
+    otherwise, or when the plan holds no job configs, every job is composed as usual.
+    """
     with hydra_session() as loader:
         master = load_master_config(loader, overrides)
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-        task_arguments = [o.input_line for o in parsed if not o.is_hydra_override()]
-        jobs = compose_plan(loader, master, expand_grid(master, task_arguments))
-        return ComposedSweep(master_config=master, jobs=jobs, arguments=list(overrides),
-                             config_loader=loader)
+        plan = Ledger(experiments_root(master), str(master.stage.name)).plan()
+        if recorded_plan_matches(plan, master):
+            assert plan is not None
+            return ComposedSweep(master_config=master, arguments=list(overrides),
+                                 config_loader=loader, from_plan=True,
+                                 jobs=[recorded_job(entry) for entry in plan["jobs"]])
+        return _compose(loader, master, overrides)
+
+
+def _compose(loader: Any, master: DictConfig, overrides: Sequence[str]) -> ComposedSweep:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    task_arguments = [o.input_line for o in parsed if not o.is_hydra_override()]
+    jobs = compose_plan(loader, master, expand_grid(master, task_arguments))
+    return ComposedSweep(master_config=master, jobs=jobs, arguments=list(overrides),
+                         config_loader=loader)
+
+
+def recorded_job(entry: dict[str, Any]) -> PlannedJob:
+    """A job as plan.json recorded it: its composed task config, no hydra node."""
+    known = {"index", "job_id", "run_name", "stage", "overrides", "wandb", "config"}
+    return PlannedJob(index=int(entry["index"]), job_id=str(entry["job_id"]),
+                      run_name=str(entry["run_name"]), stage=str(entry["stage"]),
+                      overrides=[str(o) for o in entry.get("overrides") or []],
+                      sweep_config=None, task_config=dict(entry["config"]),
+                      extras={k: v for k, v in entry.items() if k not in known})
 
 
 def stage_ledger(overrides: Sequence[str]) -> Ledger:

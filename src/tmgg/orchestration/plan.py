@@ -32,7 +32,9 @@ class PlannedJob:
     run_name: str
     stage: str
     overrides: list[str]
-    sweep_config: DictConfig  # full config incl. hydra node, task part resolved
+    # full config incl. hydra node, task part resolved; None for a job read back from
+    # plan.json (compose.recorded_job), which is reported on, never dispatched
+    sweep_config: DictConfig | None
     task_config: dict[str, Any]  # resolved task config (what the job function gets)
     is_tmgg_job: bool = True
     extras: dict[str, Any] = field(default_factory=dict)

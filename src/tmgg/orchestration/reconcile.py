@@ -1,6 +1,7 @@
 """``tmgg-sweep reconcile``: is every expected job where it should be?
 
-Expected jobs are those ``tmgg-train -m <overrides>`` would run (``compose_sweep``);
+Expected jobs are those ``tmgg-train -m <overrides>`` would run (composed, or read
+from the stage's plan.json when that is safe: ``compose.recorded_or_composed_sweep``);
 what ran comes from the stage's ledger; the evidence of where each run logged is
 
 - offline: wandb's own transaction logs, ``<job output dir>/wandb/*/run-<id>.wandb``
@@ -425,10 +426,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str], api: RunsApi | None = None) -> int:
     """``tmgg-sweep reconcile stage=... [--search-entity E]... [--online|--offline]``."""
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.orchestration.compose import recorded_or_composed_sweep
 
     args = parse_args(argv)
-    sweep = compose_sweep(args.overrides)
+    sweep = recorded_or_composed_sweep(args.overrides)
     mode = resolve_mode(args.mode)
     notes: list[str] = []
     if args.search_entity and mode != "online":

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from tmgg.identity import task_overrides
+from tmgg.orchestration.composer import composition_key, master_overrides, share_config_cache
 from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger
 from tmgg.orchestration.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
 from tmgg.orchestration.records import code_version, host, package_versions, utc_now
@@ -76,6 +77,7 @@ def record_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
             "arguments": list(arguments),
             "launcher": launcher,
             "code": code_version(),
+            "composition": composition_key(master_overrides(master_config)),
             "jobs": [{**job.summary(), "config": job.task_config} for job in jobs_of_stage],
         })
         ledger.append_many({
@@ -92,6 +94,7 @@ def record_plan_for_multirun(config: DictConfig) -> None:
 
     arguments = task_overrides(config)
     loader = GlobalHydra.instance().config_loader()
+    share_config_cache(loader)  # the plan, BasicSweeper's checks and the launcher
     jobs = compose_plan(loader, config, expand_grid(config, arguments))
     _PLAN_CACHE.clear()
     from tmgg.orchestration.wandb_check import check_wandb_destinations

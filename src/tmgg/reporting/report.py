@@ -1,6 +1,7 @@
 """``tmgg-sweep report``: a stage's results as ``experiments/<stage>/REPORT.md`` plus plots.
 
-The expected jobs are the stage's grid composed by Hydra (``compose_sweep``), or,
+The expected jobs are the stage's grid composed by Hydra (or read back from its
+plan.json when that is safe: ``compose.recorded_or_composed_sweep``), or,
 from the records alone, every job the ledger ever planned. Each expected job is
 folded with its ledger state; finished jobs are grouped by every swept key except
 the seed (model, lr, weight decay, k, plus any other key the grid varies, such as
@@ -699,9 +700,9 @@ def _source(args: argparse.Namespace) -> Any:
     if args.ledger_only:
         return stage_ledger(args.overrides)
     try:
-        from tmgg.orchestration.compose import compose_sweep
+        from tmgg.orchestration.compose import recorded_or_composed_sweep
 
-        return compose_sweep(args.overrides)
+        return recorded_or_composed_sweep(args.overrides)
     except Exception as error:  # noqa: BLE001 - fall back to the records, say why
         print(f"tmgg-sweep report: cannot compose the grid ({type(error).__name__}: "
               f"{error}); reporting the jobs the ledger planned instead", file=sys.stderr)

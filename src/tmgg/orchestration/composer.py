@@ -1,0 +1,206 @@
+"""One parse of each config file for every job of a sweep.
+
+Hydra's ``ConfigLoaderImpl`` composes each job from scratch: every
+``load_sweep_config`` wraps the loader's repository in a fresh
+``CachingConfigRepository`` (a deep copy of the repository and its sources), so
+the YAML files, their defaults lists and the ConfigStore's nodes are read again for
+every job, about 56 lookups of 19 files per stage-1 job. ``SharedConfigRepository``
+is the repository a loader wraps instead: per-load views of one cache that lives as
+long as the loader, so a sweep parses each file once and every job is still composed
+by Hydra's own ``load_sweep_config`` (DESIGN.md contract 1).
+
+Why this is safe: Hydra merges a loaded config *into* the job's config without
+copying it (``no_deepcopy_set_nodes``) and may replace ``ConfigResult.config``, so a
+cached result must never be handed out itself. Each lookup returns a fresh
+``ConfigResult`` holding a deep copy of the cached config; the cached ones are never
+reachable from a composed config. Defaults lists are shared: Hydra deep-copies them
+before use. The cache assumes the config files do not change while the loader lives
+(one sweep, one command); ``uncached`` restores Hydra's own per-load behaviour, the
+baseline that tests and ``benchmarks/bench_planning.py`` compare against.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from hydra._internal.config_repository import ConfigRepository, IConfigRepository
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.object_type import ObjectType
+from hydra.plugins.config_source import ConfigResult, ConfigSource
+
+
+class _SharedCache:
+    """What every view of one shared repository reads: results by search path and name."""
+
+    def __init__(self) -> None:
+        self.results: dict[tuple[Any, ...], ConfigResult | None] = {}
+        self.lookups: dict[tuple[Any, ...], Any] = {}
+        self.loads = 0  # delegate loads (file reads and parses), for tests and benchmarks
+
+
+class SharedConfigRepository(IConfigRepository):
+    """A loader's repository whose parsed configs outlive one ``load_configuration``.
+
+    ``ConfigLoaderImpl`` deep-copies its repository once per load; a deep copy of this
+    one is a cheap view of the same cache (its own sources, so that a load that
+    re-initialises the search path from ``hydra.searchpath`` does not change the
+    others). Results are keyed by the view's search path as well as the config name.
+    """
+
+    def __init__(self, delegate: ConfigRepository, cache: _SharedCache | None = None) -> None:
+        self.delegate = delegate
+        self.cache = cache if cache is not None else _SharedCache()
+        self._path_key = _search_path_key(delegate)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedConfigRepository:
+        return SharedConfigRepository(self.delegate, self.cache)
+
+    def initialize_sources(self, config_search_path: ConfigSearchPath) -> None:
+        self.delegate = ConfigRepository(config_search_path=config_search_path)
+        self._path_key = _search_path_key(self.delegate)
+
+    def load_config(self, config_path: str) -> ConfigResult | None:
+        key = (self._path_key, config_path)
+        if key not in self.cache.results:
+            self.cache.loads += 1
+            self.cache.results[key] = self.delegate.load_config(config_path=config_path)
+        cached = self.cache.results[key]
+        return None if cached is None else _fresh_result(cached)
+
+    def _memo(self, kind: str, *args: Any) -> Any:
+        key = (self._path_key, kind, *args)
+        if key not in self.cache.lookups:
+            self.cache.lookups[key] = getattr(self.delegate, kind)(*args)
+        return self.cache.lookups[key]
+
+    def group_exists(self, config_path: str) -> bool:
+        return bool(self._memo("group_exists", config_path))
+
+    def config_exists(self, config_path: str) -> bool:
+        return bool(self._memo("config_exists", config_path))
+
+    def get_group_options(self, group_name: str,
+                          results_filter: ObjectType | None = ObjectType.CONFIG) -> list[str]:
+        return list(self._memo("get_group_options", group_name, results_filter))
+
+    def get_schema_source(self) -> ConfigSource:
+        return self.delegate.get_schema_source()
+
+    def get_sources(self) -> list[ConfigSource]:
+        return self.delegate.get_sources()
+
+
+def _search_path_key(repository: ConfigRepository) -> tuple[tuple[str, str, str], ...]:
+    return tuple((type(source).__name__, str(source.provider), str(source.path))
+                 for source in repository.get_sources())
+
+
+def _fresh_result(cached: ConfigResult) -> ConfigResult:
+    """A copy Hydra may merge from and mutate without touching the cached result."""
+    result = copy.copy(cached)
+    result.config = copy.deepcopy(cached.config)
+    result.header = dict(cached.header)
+    return result
+
+
+def share_config_cache(config_loader: Any) -> SharedConfigRepository | None:
+    """Make every later composition of this loader share one parse of each config.
+
+    Idempotent; the loader is Hydra's ``ConfigLoaderImpl`` (GlobalHydra's in a
+    ``tmgg-train -m`` run, so BasicSweeper's per-job checks and the launcher share
+    the plan's cache). Another loader is left alone and None returned.
+    """
+    repository = getattr(config_loader, "repository", None)
+    if isinstance(repository, SharedConfigRepository):
+        return repository
+    if type(repository) is not ConfigRepository:
+        return None
+    shared = SharedConfigRepository(repository)
+    config_loader.repository = shared
+    return shared
+
+
+@contextmanager
+def uncached(config_loader: Any) -> Iterator[Any]:
+    """Hydra's own per-load repository while inside: the baseline composition path."""
+    repository = config_loader.repository
+    if isinstance(repository, SharedConfigRepository):
+        config_loader.repository = ConfigRepository(config_loader.get_search_path())
+    try:
+        yield config_loader
+    finally:
+        config_loader.repository = repository
+
+
+# -- when a recorded plan may stand in for composing again ----------------------------
+
+# Overrides that never enter a job's task config: the launcher's choice and settings
+# (DESIGN.md contract 2) and the run mode that `tmgg-train -m` adds itself. So
+# `tmgg-sweep report stage=s1` may read the plan `tmgg-train -m stage=s1
+# hydra/launcher=modal` recorded.
+_IGNORED_KEYS = ("hydra/launcher", "hydra.launcher", "hydra.mode")
+
+
+def composition_inputs_digest() -> str:
+    """A digest of everything composition reads besides the overrides.
+
+    The conf/ tree, tmgg's own code (its resolvers decide job ids and names; its
+    launcher plugins register configs) and the hydra-core and omegaconf versions.
+    Reading and hashing them takes milliseconds; any change means compose again.
+    """
+    import hashlib
+    from importlib import metadata
+    from pathlib import Path
+
+    import tmgg
+    from tmgg.config import CONF_DIR
+
+    digest = hashlib.sha256()
+    for name in ("hydra-core", "omegaconf"):
+        digest.update(f"{name}=={metadata.version(name)}\n".encode())
+    package = Path(tmgg.__file__).parent
+    roots = [("conf", Path(CONF_DIR)), ("tmgg", package),
+             ("hydra_plugins", package.parent / "hydra_plugins" / "tmgg_launchers")]
+    for label, root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()
+                           and p.suffix in (".yaml", ".yml", ".py")):
+            digest.update(f"{label}/{path.relative_to(root).as_posix()}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def composition_key(overrides: list[str]) -> dict[str, Any]:
+    """What a plan was composed from: its overrides (``_IGNORED_KEYS`` aside), inputs digest.
+
+    Recorded in plan.json; a command may use that plan's jobs instead of composing
+    only when its own key is equal (``recorded_plan_matches``).
+    """
+    kept = [line for line in overrides if not line.lstrip("+~").startswith(_IGNORED_KEYS)]
+    return {"overrides": kept, "inputs_digest": composition_inputs_digest()}
+
+
+def master_overrides(master_config: Any) -> list[str]:
+    """Every override a master config was composed with (hydra ones first, as Hydra)."""
+    from omegaconf import OmegaConf
+
+    lines = OmegaConf.to_container(master_config.hydra.overrides.hydra)
+    task = OmegaConf.to_container(master_config.hydra.overrides.task)
+    assert isinstance(lines, list) and isinstance(task, list)
+    return [str(line) for line in [*lines, *task]]
+
+
+def recorded_plan_matches(plan: dict[str, Any] | None, master_config: Any) -> bool:
+    """True when plan.json holds exactly the jobs composing now would give.
+
+    Safe means: the plan records the composition key of the same overrides (launcher
+    choice and settings aside) and the same conf/, code and library versions, and
+    every planned job carries its composed config.
+    """
+    if not plan or not plan.get("jobs"):
+        return False
+    if plan.get("composition") != composition_key(master_overrides(master_config)):
+        return False
+    return all(isinstance(job.get("config"), dict) for job in plan["jobs"])
