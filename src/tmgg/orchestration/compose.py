@@ -81,7 +81,7 @@ def compose_sweep(overrides: Sequence[str], shared_cache: bool = True) -> Compos
     """
     with hydra_session(shared_cache) as loader:
         master = load_master_config(loader, overrides)
-        return _compose(loader, master, overrides)
+        return compose_jobs(loader, master, overrides)
 
 
 def recorded_or_composed_sweep(overrides: Sequence[str]) -> ComposedSweep:
@@ -100,10 +100,11 @@ def recorded_or_composed_sweep(overrides: Sequence[str]) -> ComposedSweep:
             return ComposedSweep(master_config=master, arguments=list(overrides),
                                  config_loader=loader, from_plan=True,
                                  jobs=[recorded_job(entry) for entry in plan["jobs"]])
-        return _compose(loader, master, overrides)
+        return compose_jobs(loader, master, overrides)
 
 
-def _compose(loader: Any, master: DictConfig, overrides: Sequence[str]) -> ComposedSweep:
+def compose_jobs(loader: Any, master: DictConfig, overrides: Sequence[str]) -> ComposedSweep:
+    """Every job of the sweep whose master config ``loader`` composed from ``overrides``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
