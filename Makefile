@@ -55,10 +55,11 @@ stage1:  ## the 108-job stage 1 (LAUNCHER=local|modal|slurm, GPU= for modal)
 stage2:  ## the 216-job stage 2 (LAUNCHER=local|modal|slurm, GPU= for modal)
 	$(TRAIN) -m stage=stage2 $(LAUNCH_ARGS) $(OVERRIDES)
 
-bench:  ## training and sweep benchmarks (ratios against baselines measured in the same run)
+bench:  ## training, sweep and planning benchmarks (ratios against baselines measured in the same run)
 	mkdir -p $(BENCH_OUT)
 	$(PYTHON) benchmarks/bench_training.py --json $(BENCH_OUT)/training.json
 	$(PYTHON) benchmarks/bench_sweep.py --json $(BENCH_OUT)/sweep.json
+	$(PYTHON) benchmarks/bench_planning.py --json $(BENCH_OUT)/planning.json
 
 clean:  ## remove outputs/ and caches (never experiments/)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -25,6 +25,7 @@ from tmgg.orchestration.compose import (
 from tmgg.orchestration.composer import (
     SharedConfigRepository,
     composition_inputs_digest,
+    keep_compositions_for_the_sweeper,
     share_config_cache,
 )
 from tmgg.orchestration.plan import PlannedJob
@@ -100,6 +101,28 @@ def test_the_cache_is_read_once_per_file_and_never_merged_into_a_job() -> None:
         after = {key: OmegaConf.to_container(result.config, resolve=False)
                  for key, result in shared.cache.results.items() if result is not None}
         assert {key: after[key] for key in before} == before
+
+
+def test_basic_sweepers_check_of_each_planned_job_reuses_the_plans_composition() -> None:
+    """tmgg-train -m: BasicSweeper composes each job again only to check it composes."""
+    overrides = ["stage=smoke"]
+    with hydra_session(shared_cache=False) as loader:
+        baseline_master = load_master_config(loader, overrides)
+        baseline = [OmegaConf.to_container(loader.load_sweep_config(baseline_master, job.overrides))
+                    for job in compose_jobs(loader, baseline_master, overrides).jobs]
+    with hydra_session() as loader:
+        keep_compositions_for_the_sweeper(loader)
+        keep_compositions_for_the_sweeper(loader)  # idempotent
+        master = load_master_config(loader, overrides)
+        jobs = compose_jobs(loader, master, overrides).jobs  # the plan
+        shared = loader.repository
+        composed = shared.cache.compositions
+        checked = [loader.load_sweep_config(master_config=master, sweep_overrides=job.overrides)
+                   for job in jobs]  # as Sweeper.validate_batch_is_legal calls it
+        assert shared.cache.compositions == composed
+        assert [OmegaConf.to_container(config) for config in checked] == baseline
+        loader.load_sweep_config(master_config=master, sweep_overrides=jobs[0].overrides)
+        assert shared.cache.compositions == composed + 1  # kept for one more asker only
 
 
 # -- reading the recorded plan instead of composing ----------------------------------

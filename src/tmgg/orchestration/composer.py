@@ -12,18 +12,20 @@ by Hydra's own ``load_sweep_config`` (DESIGN.md contract 1).
 Why this is safe: Hydra merges a loaded config *into* the job's config without
 copying it (``no_deepcopy_set_nodes``) and may replace ``ConfigResult.config``, so a
 cached result must never be handed out itself. Each lookup returns a fresh
-``ConfigResult`` holding a deep copy of the cached config; the cached ones are never
+``ConfigResult`` holding a new copy of the cached config, rebuilt from a pickle of it
+taken when the file was parsed (about 4x cheaper than ``copy.deepcopy`` of an
+OmegaConf tree; these bytes never leave the process); the cached ones are never
 reachable from a composed config. Defaults lists are shared: Hydra deep-copies them
 before use. The cache assumes the config files do not change while the loader lives
-(one sweep, one command); ``uncached`` restores Hydra's own per-load behaviour, the
-baseline that tests and ``benchmarks/bench_planning.py`` compare against.
+(one sweep, one command). A loader without it is Hydra's own per-load path, the
+baseline that tests and ``benchmarks/bench_planning.py`` compare against
+(``compose_sweep(..., shared_cache=False)``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
+import pickle
 from typing import Any
 
 from hydra._internal.config_repository import ConfigRepository, IConfigRepository
@@ -37,8 +39,10 @@ class _SharedCache:
 
     def __init__(self) -> None:
         self.results: dict[tuple[Any, ...], ConfigResult | None] = {}
+        self.pickled: dict[tuple[Any, ...], bytes] = {}  # each result's config, pickled
         self.lookups: dict[tuple[Any, ...], Any] = {}
         self.loads = 0  # delegate loads (file reads and parses), for tests and benchmarks
+        self.compositions = 0  # load_configuration calls served (one view each)
 
 
 class SharedConfigRepository(IConfigRepository):
@@ -56,6 +60,7 @@ class SharedConfigRepository(IConfigRepository):
         self._path_key = _search_path_key(delegate)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SharedConfigRepository:
+        self.cache.compositions += 1
         return SharedConfigRepository(self.delegate, self.cache)
 
     def initialize_sources(self, config_search_path: ConfigSearchPath) -> None:
@@ -66,9 +71,17 @@ class SharedConfigRepository(IConfigRepository):
         key = (self._path_key, config_path)
         if key not in self.cache.results:
             self.cache.loads += 1
-            self.cache.results[key] = self.delegate.load_config(config_path=config_path)
+            loaded = self.delegate.load_config(config_path=config_path)
+            self.cache.results[key] = loaded
+            if loaded is not None:
+                self.cache.pickled[key] = pickle.dumps(loaded.config)
         cached = self.cache.results[key]
-        return None if cached is None else _fresh_result(cached)
+        if cached is None:
+            return None
+        result = copy.copy(cached)  # Hydra may set .config on what it is given
+        result.config = pickle.loads(self.cache.pickled[key])
+        result.header = dict(cached.header)
+        return result
 
     def _memo(self, kind: str, *args: Any) -> Any:
         key = (self._path_key, kind, *args)
@@ -98,14 +111,6 @@ def _search_path_key(repository: ConfigRepository) -> tuple[tuple[str, str, str]
                  for source in repository.get_sources())
 
 
-def _fresh_result(cached: ConfigResult) -> ConfigResult:
-    """A copy Hydra may merge from and mutate without touching the cached result."""
-    result = copy.copy(cached)
-    result.config = copy.deepcopy(cached.config)
-    result.header = dict(cached.header)
-    return result
-
-
 def share_config_cache(config_loader: Any) -> SharedConfigRepository | None:
     """Make every later composition of this loader share one parse of each config.
 
@@ -123,16 +128,35 @@ def share_config_cache(config_loader: Any) -> SharedConfigRepository | None:
     return shared
 
 
-@contextmanager
-def uncached(config_loader: Any) -> Iterator[Any]:
-    """Hydra's own per-load repository while inside: the baseline composition path."""
-    repository = config_loader.repository
-    if isinstance(repository, SharedConfigRepository):
-        config_loader.repository = ConfigRepository(config_loader.get_search_path())
-    try:
-        yield config_loader
-    finally:
-        config_loader.repository = repository
+class KeptCompositions:
+    """``load_sweep_config`` that keeps each answer for the next identical request.
+
+    In ``tmgg-train -m`` Hydra's BasicSweeper composes every job a second time only to
+    check that it composes (``Sweeper.validate_batch_is_legal``), right after tmgg's
+    plan composed and validated it with the same loader, master config and overrides.
+    The plan's call keeps a pickle of the fresh composition (taken before the plan
+    changes anything in it); the sweeper's identical call gets it back, unpickled, and
+    drops it. Any other call composes as usual.
+    """
+
+    def __init__(self, load_sweep_config: Any) -> None:
+        self.load_sweep_config = load_sweep_config
+        self.kept: dict[tuple[int, tuple[str, ...]], bytes] = {}
+
+    def __call__(self, master_config: Any, sweep_overrides: list[str]) -> Any:
+        key = (id(master_config), tuple(sweep_overrides))
+        kept = self.kept.pop(key, None)
+        if kept is not None:
+            return pickle.loads(kept)
+        config = self.load_sweep_config(master_config, sweep_overrides)
+        self.kept[key] = pickle.dumps(config)
+        return config
+
+
+def keep_compositions_for_the_sweeper(config_loader: Any) -> None:
+    """Serve BasicSweeper's re-composition of each planned job from the plan's (idempotent)."""
+    if not isinstance(config_loader.load_sweep_config, KeptCompositions):
+        config_loader.load_sweep_config = KeptCompositions(config_loader.load_sweep_config)
 
 
 # -- when a recorded plan may stand in for composing again ----------------------------

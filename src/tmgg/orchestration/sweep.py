@@ -14,7 +14,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from tmgg.identity import task_overrides
-from tmgg.orchestration.composer import composition_key, master_overrides, share_config_cache
+from tmgg.orchestration.composer import (
+    composition_key,
+    keep_compositions_for_the_sweeper,
+    master_overrides,
+    share_config_cache,
+)
 from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger
 from tmgg.orchestration.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
 from tmgg.orchestration.records import code_version, host, package_versions, utc_now
@@ -95,6 +100,7 @@ def record_plan_for_multirun(config: DictConfig) -> None:
     arguments = task_overrides(config)
     loader = GlobalHydra.instance().config_loader()
     share_config_cache(loader)  # the plan, BasicSweeper's checks and the launcher
+    keep_compositions_for_the_sweeper(loader)
     jobs = compose_plan(loader, config, expand_grid(config, arguments))
     _PLAN_CACHE.clear()
     from tmgg.orchestration.wandb_check import check_wandb_destinations
