@@ -151,7 +151,8 @@ def test_report_and_reconcile_read_a_plan_recorded_for_the_same_overrides(
     assert sweep.stage == "smoke" and sweep.ledger.root == tmp_path / "exp" / "smoke"
 
 
-@pytest.mark.parametrize("change", ["other_overrides", "other_inputs", "no_configs"])
+@pytest.mark.parametrize("change", ["other_overrides", "other_inputs", "no_configs",
+                                    "one_stage_of_several"])
 def test_a_plan_that_may_differ_is_not_read_but_composed_again(
         tmp_path: Path, change: str) -> None:
     overrides = [*SMOKE, f"experiments_dir={tmp_path}/exp", f"outputs_dir={tmp_path}/out"]
@@ -163,6 +164,8 @@ def test_a_plan_that_may_differ_is_not_read_but_composed_again(
         asked = [*overrides, "trainer.max_steps=7"]
     elif change == "other_inputs":
         plan["composition"]["inputs_digest"] = "0" * 64
+    elif change == "one_stage_of_several":
+        plan["sweep_jobs"] = len(plan["jobs"]) + 4
     else:
         for job in plan["jobs"]:
             job.pop("config")

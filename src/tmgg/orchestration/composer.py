@@ -220,10 +220,11 @@ def recorded_plan_matches(plan: dict[str, Any] | None, master_config: Any) -> bo
     """True when plan.json holds exactly the jobs composing now would give.
 
     Safe means: the plan records the composition key of the same overrides (launcher
-    choice and settings aside) and the same conf/, code and library versions, and
-    every planned job carries its composed config.
+    choice and settings aside) and the same conf/, code and library versions; it holds
+    every job of that sweep (not a sweep over several stages, whose plan.json files
+    each hold one stage's jobs); and every planned job carries its composed config.
     """
-    if not plan or not plan.get("jobs"):
+    if not plan or not plan.get("jobs") or len(plan["jobs"]) != plan.get("sweep_jobs"):
         return False
     if plan.get("composition") != composition_key(master_overrides(master_config)):
         return False

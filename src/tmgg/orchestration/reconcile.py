@@ -432,6 +432,9 @@ def main(argv: Sequence[str], api: RunsApi | None = None) -> int:
     sweep = recorded_or_composed_sweep(args.overrides)
     mode = resolve_mode(args.mode)
     notes: list[str] = []
+    if sweep.from_plan:
+        notes.append("expected jobs read from the stage's plan.json (recorded for the same "
+                     "overrides, conf/ and code), not composed again")
     if args.search_entity and mode != "online":
         notes.append("--search-entity is used online only; offline, every run file in a "
                      "job's output dir is read whatever its entity")

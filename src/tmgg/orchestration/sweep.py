@@ -83,6 +83,7 @@ def record_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
             "launcher": launcher,
             "code": code_version(),
             "composition": composition_key(master_overrides(master_config)),
+            "sweep_jobs": len(tmgg_jobs),  # all stages' (a plan.json holds its stage's)
             "jobs": [{**job.summary(), "config": job.task_config} for job in jobs_of_stage],
         })
         ledger.append_many({
