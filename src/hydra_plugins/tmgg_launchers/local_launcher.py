@@ -31,6 +31,11 @@ class LocalLauncherConf:
     progress: bool = True
     # Times a job whose worker process died is run again in a fresh worker.
     worker_crash_retries: int = 1
+    # auto: jobs that share a batch stream (data, noise, seed, trainer settings) train
+    # together as one task, each still its own job (tmgg.orchestration.fusion); off.
+    fuse: str = "auto"
+    # The most jobs in one fused group; a larger set is split into near-equal groups.
+    fuse_max_members: int = 64
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="local", node=LocalLauncherConf,
@@ -45,6 +50,12 @@ class TmggLocalLauncher(TmggLauncher):
 
         start_method = OmegaConf.select(config, "hydra.launcher.start_method")
         prestart(str(start_method or "forkserver"), preload_modules(config))
+
+    @classmethod
+    def preflight(cls, config: DictConfig, jobs: Sequence[object]) -> None:
+        from tmgg.orchestration.fusion import fusion_settings
+
+        fusion_settings(config)  # a bad fuse setting is refused before the plan
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:

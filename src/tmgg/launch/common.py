@@ -92,3 +92,45 @@ def print_outcome_table(jobs: Sequence[PlannedJob], results: Sequence[Any], titl
     console.print(table)
     console.print(f"{len(rows) - failed - skipped} finished, {skipped} skipped (already "
                   f"finished), {failed} failed")
+
+
+def dispatch_tasks(jobs: Sequence[PlannedJob], pending: Sequence[int],
+                   config: DictConfig, task_function: Any = None) -> list[list[int]]:
+    """The launcher's tasks: positions of ``jobs`` (among ``pending``), one list per task.
+
+    Jobs of one batch stream form a fused group (``tmgg.orchestration.fusion``) when
+    the launcher's ``fuse`` is auto and the task is tmgg's own training (an app with
+    its own task function is run job by job); every other job is a task of its own.
+    """
+    from tmgg.orchestration.fusion import fusion_settings, group_jobs
+
+    mode, cap = fusion_settings(config)
+    if not is_tmgg_training(task_function):
+        mode = "off"
+    groups = group_jobs([jobs[p] for p in pending], mode, cap)
+    return [[pending[i] for i in group] for group in groups]
+
+
+def task_payload(task_jobs: Sequence[PlannedJob], task_function: Any,
+                 env: dict[str, str] | None = None) -> bytes:
+    """A solo job's payload, or a fused group's (one JobReturn per member comes back)."""
+    if len(task_jobs) == 1:
+        return build_payload(task_jobs[0], task_function, env)
+    from tmgg.orchestration.fused_jobs import build_group_payload
+
+    return build_group_payload(list(task_jobs), task_function, env)
+
+
+def task_results(returned: Any) -> list[Any]:
+    """A task's JobReturns: a group returns a list, a solo job one JobReturn."""
+    return list(returned) if isinstance(returned, list) else [returned]
+
+
+def is_tmgg_training(task_function: Any) -> bool:
+    """Whether a task function is ``tmgg-train``'s own (also when run as ``-m tmgg.app``)."""
+    import tmgg
+
+    code = getattr(task_function, "__code__", None)
+    if code is None:
+        return False
+    return Path(code.co_filename).resolve() == (Path(tmgg.__file__).parent / "app.py").resolve()

@@ -19,7 +19,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from tmgg.launch.common import build_payload, prepare_sweep_dir, print_outcome_table
+from tmgg.launch.common import (
+    dispatch_tasks,
+    prepare_sweep_dir,
+    print_outcome_table,
+    task_payload,
+    task_results,
+)
 from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.sweep import (
@@ -142,35 +148,45 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
             pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context,
                                        initializer=_init_worker,
                                        initargs=(threads, modules))
-            futures: dict[Future[bytes], int] = {}
-            for position in pending:
-                job = jobs[position]
-                payload = build_payload(job, launcher.task_function)
-                record_dispatched(job, LAUNCHER)
-                futures[pool.submit(execute_payload, payload)] = position
+            futures: dict[Future[bytes], list[int]] = {}
+            # A fused group (jobs of one batch stream) is one task; its results fan out.
+            for task in dispatch_tasks(jobs, pending, config, launcher.task_function):
+                payload = task_payload([jobs[p] for p in task], launcher.task_function)
+                for position in task:
+                    record_dispatched(jobs[position], LAUNCHER)
+                futures[pool.submit(execute_payload, payload)] = task
             pending = []
             remaining = set(futures)
             while remaining:
                 done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
                 for future in done:
-                    position = futures[future]
-                    job = jobs[position]
+                    task = futures[future]
                     try:
-                        result = deserialize(future.result())
+                        returned = task_results(deserialize(future.result()))
                     except BrokenProcessPool as error:
-                        if retries_left[position] > 0:
-                            retries_left[position] -= 1
-                            pending.append(position)
-                            continue
-                        result = _crashed_return(job, error)
+                        returned = []
+                        for position in task:
+                            if retries_left[position] > 0:
+                                retries_left[position] -= 1
+                                pending.append(position)
+                                returned.append(None)
+                            else:
+                                returned.append(_crashed_return(jobs[position], error))
                     except Exception as error:  # noqa: BLE001 - becomes a FAILED job
                         from hydra.core.utils import JobReturn, JobStatus
 
-                        result = JobReturn(overrides=job.overrides, status=JobStatus.FAILED)
-                        result.return_value = JobFailure.from_exception(error)
-                    results[position] = result
-                    record_outcome(job, result, LAUNCHER)
-                    bar.advance(job, result)
+                        returned = []
+                        for position in task:
+                            failed = JobReturn(overrides=jobs[position].overrides,
+                                               status=JobStatus.FAILED)
+                            failed.return_value = JobFailure.from_exception(error)
+                            returned.append(failed)
+                    for position, result in zip(task, returned, strict=True):
+                        if result is None:
+                            continue  # retried in a fresh worker
+                        results[position] = result
+                        record_outcome(jobs[position], result, LAUNCHER)
+                        bar.advance(jobs[position], result)
             pool.shutdown(wait=True, cancel_futures=True)
     if bool(params.get("progress", True)):
         print_outcome_table(jobs, results, title=f"local launcher: {len(jobs)} jobs")

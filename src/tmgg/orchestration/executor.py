@@ -98,5 +98,14 @@ def run_payload(payload: JobPayload) -> Any:
 
 
 def execute_payload(blob: bytes) -> bytes:
-    """Bytes in, bytes out: the body of the local worker and the Modal function."""
-    return serialize(run_payload(deserialize(blob)))
+    """Bytes in, bytes out: the body of the local worker and the Modal function.
+
+    A fused group's payload (``tmgg.orchestration.fused_jobs.GroupPayload``) comes back
+    as a list of JobReturns, one per member.
+    """
+    payload = deserialize(blob)
+    if hasattr(payload, "members"):
+        from tmgg.orchestration.fused_jobs import run_group_payload
+
+        return serialize(run_group_payload(payload))
+    return serialize(run_payload(payload))

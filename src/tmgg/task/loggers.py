@@ -121,11 +121,13 @@ def finish_leftover_run() -> None:
         wandb.finish(exit_code=1)
 
 
-def build_logger(cfg: DictConfig, output_dir: Path) -> Any:
+def build_logger(cfg: DictConfig, output_dir: Path, concurrent: bool = False) -> Any:
     """The job's logger; for W&B the run is started here, under the pinned environment.
 
     Run id from the job id with ``resume="allow"`` (a relaunch continues the run),
-    name = run name, group = stage, config = the composed job config.
+    name = run name, group = stage, config = the composed job config. ``concurrent``:
+    one of several runs alive in this process at once (the members of a fused group,
+    wandb's ``reinit="create_new"``); the caller finishes each run itself.
     """
     logger_cfg = cfg.logger
     if logger_cfg.name == "csv":
@@ -136,7 +138,9 @@ def build_logger(cfg: DictConfig, output_dir: Path) -> Any:
 
     entity, project = str(logger_cfg.entity), str(logger_cfg.project)
     run_name = str(cfg.job.run_name)
-    finish_leftover_run()
+    if not concurrent:
+        finish_leftover_run()
+    extra = {"reinit": "create_new"} if concurrent else {}
     with pinned_wandb_environment(entity, project, job=run_name):
         logger = WandbLogger(
             entity=entity,
@@ -150,6 +154,7 @@ def build_logger(cfg: DictConfig, output_dir: Path) -> Any:
             tags=list(logger_cfg.get("tags") or []),
             config=OmegaConf.to_container(cfg, resolve=True),
             log_model=False,
+            **extra,
         )
         _ = logger.experiment  # start the run now, while the environment is pinned
     return logger

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SIGN_TOLERANCE", "top_k_eigenpairs"]
+__all__ = ["SIGN_TOLERANCE", "select_top_k", "symmetric_eigh", "top_k_eigenpairs"]
 
 #: Entries with |v| at or below this are skipped when choosing an eigenvector's sign.
 SIGN_TOLERANCE = 1e-10
@@ -35,17 +35,32 @@ def top_k_eigenpairs(adjacency: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    evals, evecs = symmetric_eigh(adjacency)
+    return select_top_k(evals, evecs, k)
+
+
+def symmetric_eigh(adjacency: Tensor) -> tuple[Tensor, Tensor]:
+    """Ascending eigenvalues (B, n) and eigenvectors (B, n, n) of the symmetrised graphs.
+
+    The expensive half of :func:`top_k_eigenpairs`, split out so that jobs trained on
+    one batch (a fused group) decompose it once and select each k from the result.
+    """
     a = adjacency.unsqueeze(0) if adjacency.dim() == 2 else adjacency
     if a.dim() != 3 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"expected (B, n, n) or (n, n) input, got shape {tuple(adjacency.shape)}")
     if a.dtype not in (torch.float32, torch.float64):
         # eigh has no half/bfloat16/integer kernels.
         a = a.to(torch.float32)
-    n = a.shape[-1]
-
     sym = torch.add(a, a.mT).mul_(0.5)
-    evals, evecs = torch.linalg.eigh(sym)  # ascending eigenvalues
+    return torch.linalg.eigh(sym)  # ascending eigenvalues
 
+
+def select_top_k(evals: Tensor, evecs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k eigenpairs of largest |λ| from :func:`symmetric_eigh`'s output (see
+    :func:`top_k_eigenpairs` for the order, sign and padding conventions)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n = evals.shape[-1]
     m = min(k, n)
     # Rank by |λ|, but let +λ win over -λ when the two are equal up to round-off: a
     # bipartite graph has exact ±λ pairs, and without a tie-break their order (and which

@@ -71,6 +71,10 @@ class WandbDestinationGuard(Callback):
             if isinstance(logger, WandbLogger):
                 self._check_run(logger.experiment, int(trainer.global_step))
 
+    def check_run(self, run: Any, global_step: int) -> None:
+        """Check one live run (a fused group checks each member's run this way)."""
+        self._check_run(run, global_step)
+
     def _check_run(self, run: Any, global_step: int) -> None:
         if getattr(run, "disabled", False):
             return  # mode=disabled: nothing is logged anywhere

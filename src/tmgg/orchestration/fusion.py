@@ -1,0 +1,118 @@
+"""Which jobs of a sweep train together: fusion by declaration.
+
+Two jobs see the very same training batches and evaluation sets when their data,
+noise, seed and trainer settings agree (the stream depends on nothing else); they
+may differ in the model, k, optimiser, schedule, weight decay and clipping. The
+launcher groups such jobs (``hydra.launcher.fuse=auto``, the default) and runs each
+group as one task (``tmgg.task.fused``); ``fuse=off`` runs every job alone.
+``fuse_max_members`` caps a group; a larger set is split into near-equal groups.
+
+Imports nothing heavy: the plan command and the launchers call it at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tmgg.orchestration.plan import PlanError, PlannedJob
+
+FUSE_MODES = ("auto", "off")
+DEFAULT_MAX_MEMBERS = 64
+#: Trainer keys a member may set for itself (the rest fix the group's Trainer).
+MEMBER_TRAINER_KEYS = frozenset({"gradient_clip_val"})
+
+
+def fusion_settings(config: DictConfig | dict[str, Any] | None) -> tuple[str, int]:
+    """``(fuse, fuse_max_members)`` of a sweep's launcher config, checked.
+
+    Launchers without these keys (Hydra's basic, submitit) run every job alone.
+    """
+    if config is None:
+        return "off", 1
+    if isinstance(config, DictConfig):
+        launcher = OmegaConf.select(config, "hydra.launcher") or {}
+    else:
+        launcher = config
+    mode = launcher.get("fuse", None)
+    if mode is None:
+        return "off", 1
+    mode = str(mode)
+    if mode not in FUSE_MODES:
+        raise PlanError(f"hydra.launcher.fuse: {mode!r} is not one of {', '.join(FUSE_MODES)}")
+    cap = launcher.get("fuse_max_members", DEFAULT_MAX_MEMBERS)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise PlanError(f"hydra.launcher.fuse_max_members: {cap!r} is not an integer >= 1")
+    return mode, int(cap)
+
+
+def stream_key(task_config: dict[str, Any]) -> str | None:
+    """What fixes a job's batch stream and its group's Trainer; None: never fused."""
+    if not task_config or "trainer" not in task_config or "data" not in task_config:
+        return None
+    trainer = {k: v for k, v in task_config["trainer"].items() if k not in MEMBER_TRAINER_KEYS}
+    if not trainer.get("checkpoint", True) and trainer.get("resume", True):
+        trainer["resume"] = False  # without checkpoints nothing resumes either way
+    return json.dumps({"data": task_config["data"], "noise": task_config.get("noise"),
+                       "seed": task_config.get("seed"), "trainer": trainer},
+                      sort_keys=True, default=str)
+
+
+def _bank(job: PlannedJob) -> tuple[str, str]:
+    model = job.task_config.get("model") or {}
+    return str(model.get("name")), json.dumps(model, sort_keys=True, default=str)
+
+
+def group_jobs(jobs: Sequence[PlannedJob], mode: str = "auto",
+               max_members: int = DEFAULT_MAX_MEMBERS) -> list[list[int]]:
+    """Positions of ``jobs`` grouped by batch stream, in first-appearance order.
+
+    A group lists its members by architecture and model settings (so each stacked
+    bank is contiguous); one beyond ``max_members`` is split into near-equal groups.
+    Jobs that are not tmgg jobs, and every job when ``mode`` is off, stay alone.
+    """
+    if mode not in FUSE_MODES:
+        raise PlanError(f"hydra.launcher.fuse: {mode!r} is not one of {', '.join(FUSE_MODES)}")
+    groups: dict[str, list[int]] = {}
+    order: list[str] = []
+    for position, job in enumerate(jobs):
+        key = stream_key(job.task_config) if job.is_tmgg_job and mode == "auto" else None
+        key = key if key is not None else f"#solo{position}"
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(position)
+    out: list[list[int]] = []
+    for key in order:
+        members = sorted(groups[key], key=lambda p: (_bank(jobs[p]), p))
+        chunks = -(-len(members) // max_members)
+        size, extra = divmod(len(members), chunks)
+        start = 0
+        for chunk in range(chunks):
+            end = start + size + (1 if chunk < extra else 0)
+            out.append(members[start:end])
+            start = end
+    return out
+
+
+def describe_groups(jobs: Sequence[PlannedJob], groups: Sequence[Sequence[int]]
+                    ) -> list[dict[str, Any]]:
+    """One row per dispatched task for ``tmgg-sweep plan``."""
+    rows = []
+    for number, group in enumerate(groups):
+        first = jobs[group[0]].task_config
+        banks = sorted({f"{_bank(jobs[p])[0]}/k{(jobs[p].task_config.get('model') or {}).get('k')}"
+                        for p in group})
+        rows.append({
+            "group": number,
+            "members": len(group),
+            "seed": first.get("seed"),
+            "batch_size": (first.get("data") or {}).get("batch_size"),
+            "max_steps": (first.get("trainer") or {}).get("max_steps"),
+            "stacked_models": ", ".join(banks),
+            "jobs": [jobs[p].run_name for p in group],
+        })
+    return rows

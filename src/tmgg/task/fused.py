@@ -1,0 +1,704 @@
+"""Fused training: jobs that share a batch stream, trained together, each still its own job.
+
+Jobs with the same data, noise, seed, batch size, step budget and evaluation schedule
+(``tmgg.orchestration.fusion.stream_key``) see the very same batches. A fused group
+trains them in one Lightning Trainer: every step draws one batch and decomposes it
+once (``symmetric_eigh``); members of the same architecture and k are evaluated as one
+batched model (their parameters stacked on a leading member dim); each member keeps
+its own parameters, optimiser, schedule, weight decay and gradient clipping.
+
+A member is a plain :class:`~tmgg.task.module.DenoisingModule`, built exactly as the
+solo job builds it (same seed, same RNG state), so its initial weights, its optimiser
+and its checkpoints are the solo job's. What each member leaves is what a solo run
+leaves: ``metrics.json``, ``checkpoints/best.ckpt`` and ``last.ckpt`` (in the solo
+format: a solo job resumes from it), its own W&B run checked by the destination guard
+before the first step. A member whose loss stops being finite, or whose W&B run fails
+the guard, fails alone: it stops training and ``on_member_failed`` is told at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from tmgg.config import validate_job_config
+from tmgg.task.metrics import logit_metrics, masked_bce_with_logits
+from tmgg.task.module import (
+    DenoisingModule,
+    GraphDenoisingData,
+    edge_accuracy,
+    level_tag,
+    reference_metrics,
+)
+from tmgg.task.spectral import select_top_k, symmetric_eigh
+
+log = logging.getLogger(__name__)
+
+#: Separates a member's index from the metric name in the group's logged keys.
+MEMBER_SEPARATOR = "|"
+
+
+class MemberFailure(RuntimeError):
+    """Why one member of a fused group stopped (the others go on)."""
+
+
+def member_key(index: int, name: str) -> str:
+    return f"{index}{MEMBER_SEPARATOR}{name}"
+
+
+def split_member_key(key: str) -> tuple[int, str] | None:
+    head, sep, name = key.partition(MEMBER_SEPARATOR)
+    return (int(head), name) if sep and head.isdigit() else None
+
+
+def member_metrics(metrics: dict[str, Any], index: int) -> dict[str, Any]:
+    """The metrics one member logged, under the names the solo job gives them."""
+    out = {}
+    for key, value in metrics.items():
+        split = split_member_key(key)
+        if split is not None and split[0] == index:
+            out[split[1]] = value
+    return out
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+class MemberOptimizers(torch.optim.Optimizer):
+    """The members' own optimisers and schedules, stepped as one optimiser.
+
+    Lightning counts a step per ``optimizer.step()`` call in manual optimisation, so a
+    group presents one optimiser. Its step is each active member's solo step in the
+    solo order: clip the member's gradient norm to its ``gradient_clip_val`` (0 = off),
+    the member's optimiser step, then its per-step schedule. Per-member learning rate,
+    weight decay, betas and clipping are therefore exactly the solo job's.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer],
+                 schedulers: Sequence[Any | None], clip_values: Sequence[float],
+                 active: set[int]) -> None:
+        groups = [{"params": [p for g in opt.param_groups for p in g["params"]]}
+                  for opt in optimizers]
+        super().__init__(groups, defaults={})
+        self.members = list(optimizers)
+        self.schedulers = list(schedulers)
+        self.clip_values = [float(v) for v in clip_values]
+        self.active = active
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index in sorted(self.active):
+            optimizer = self.members[index]
+            if self.clip_values[index] > 0:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.clip_values[index])
+            optimizer.step()
+            if self.schedulers[index] is not None:
+                self.schedulers[index].step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for index in self.active:
+            self.members[index].zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"members": [self.member_state(i) for i in range(len(self.members))]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        for index, state in enumerate(state_dict["members"]):
+            if state is not None:
+                self.load_member_state(index, state)
+
+    def member_state(self, index: int) -> dict[str, Any]:
+        scheduler = self.schedulers[index]
+        return {"optimizer": self.members[index].state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict()}
+
+    def load_member_state(self, index: int, state: dict[str, Any]) -> None:
+        self.members[index].load_state_dict(state["optimizer"])
+        if self.schedulers[index] is not None and state.get("scheduler") is not None:
+            self.schedulers[index].load_state_dict(state["scheduler"])
+
+
+# --------------------------------------------------------------------------- module
+
+
+class FusedDenoisingModule(L.LightningModule):
+    """The members of a fused group as one LightningModule (manual optimisation).
+
+    Each step: one eigendecomposition of the shared batch, the top-k selection once
+    per distinct k, one batched forward per (architecture, k) bank, each member's
+    loss exactly as its solo job computes it, one backward of their sum (the members
+    share no parameter, so each gets its own gradient), then ``MemberOptimizers``.
+    """
+
+    def __init__(self, members: Sequence[DenoisingModule], log_every_n_steps: int,
+                 on_member_failed: Callable[[int, BaseException], None]) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.members = nn.ModuleList(members)
+        self.active: set[int] = set(range(len(members)))
+        self.log_every_n_steps = int(log_every_n_steps)
+        self.on_member_failed = on_member_failed
+        self.failures: dict[int, BaseException] = {}
+        self.references: dict[str, float] = {}
+        self._eval_outputs: dict[int, list[dict[str, Tensor]]] = {}
+
+    # -- membership
+    def fail(self, index: int, error: BaseException) -> None:
+        """Take a member out of the group; the others go on."""
+        if index not in self.active:
+            return
+        self.active.discard(index)
+        self.failures[index] = error
+        log.error("fused member %d failed: %s", index, error)
+        self.on_member_failed(index, error)
+        if not self.active and self._trainer is not None:
+            self.trainer.should_stop = True
+
+    def banks(self) -> list[list[int]]:
+        """Active members grouped by architecture, constructor arguments and k."""
+        banks: dict[str, list[int]] = {}
+        for index in sorted(self.active):
+            model = self.members[index].model
+            banks.setdefault(f"{type(model).__name__}({model.extra_repr()})", []).append(index)
+        return list(banks.values())
+
+    def bank_logits(self, bank: list[int], eigenpairs: dict[int, tuple[Tensor, Tensor]]
+                    ) -> list[Tensor]:
+        """Each bank member's symmetric logits, computed as one batched model."""
+        lead = self.members[bank[0]].model
+        if len(bank) == 1:
+            params = dict(lead.named_parameters())
+        else:
+            per_member = [dict(self.members[i].model.named_parameters()) for i in bank]
+            params = {name: torch.stack([p[name] for p in per_member]) for name in per_member[0]}
+        logits = lead.symmetric_logits(params, *eigenpairs[lead.k])
+        return [logits] if len(bank) == 1 else list(logits.unbind(0))
+
+    def all_logits(self, noisy: Tensor) -> dict[int, Tensor]:
+        evals, evecs = symmetric_eigh(noisy)
+        ks = {self.members[i].model.k for i in self.active}
+        eigenpairs = {k: select_top_k(evals, evecs, k) for k in ks}
+        out: dict[int, Tensor] = {}
+        for bank in self.banks():
+            out.update(zip(bank, self.bank_logits(bank, eigenpairs), strict=True))
+        return out
+
+    # -- training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if not self.active:
+            return None
+        optimizer = self.optimizers()
+        logits = self.all_logits(batch["noisy"])
+        order = sorted(logits)
+        losses = torch.stack([masked_bce_with_logits(logits[i], batch["clean"]) for i in order])
+        finite = torch.isfinite(losses.detach())
+        if not bool(finite.all()):
+            for i, ok in zip(order, finite.tolist(), strict=True):
+                if not ok:
+                    self.fail(i, MemberFailure(
+                        f"training loss is {float(losses[order.index(i)])} at step "
+                        f"{self.global_step}: the job diverged (its learning rate, schedule "
+                        "or clipping); the other members of its fused group went on"))
+        if (self.global_step + 1) % self.log_every_n_steps == 0:
+            self._log_training(order, logits, losses, batch, optimizer)
+        optimizer.zero_grad()
+        # Members share no parameter: d(sum)/d(member) is each member's own gradient.
+        self.manual_backward(losses.sum())
+        optimizer.step()
+        return losses.detach().mean()
+
+    def _log_training(self, order: list[int], logits: dict[int, Tensor], losses: Tensor,
+                      batch: dict[str, Tensor], optimizer: Any) -> None:
+        members = optimizer.optimizer.members if hasattr(optimizer, "optimizer") else []
+        values: dict[str, Any] = {}
+        for position, i in enumerate(order):
+            if i not in self.active:
+                continue
+            values[member_key(i, "train/loss")] = losses[position].detach()
+            values[member_key(i, "train/accuracy")] = edge_accuracy(logits[i].detach(),
+                                                                    batch["clean"])
+            values[member_key(i, "train/noise_level")] = float(batch["eps"])
+            if members:
+                values[member_key(i, "lr")] = members[i].param_groups[0]["lr"]
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch["noisy"].shape[0])
+
+    # -- evaluation (what DenoisingModule logs, per member)
+    def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
+        tag = level_tag(float(batch["eps"]))
+        values = {}
+        for i, logits in self.all_logits(batch["noisy"]).items():
+            metrics = logit_metrics(logits, batch["clean"])
+            values.update({member_key(i, f"{prefix}_eps{tag}/{name}"): value
+                           for name, value in metrics.items()})
+            self._eval_outputs.setdefault(i, []).append(metrics)
+        self.log_dict(values, on_epoch=True, batch_size=1)
+
+    def _log_average(self, prefix: str) -> None:
+        values = {}
+        for i, outputs in self._eval_outputs.items():
+            for name in outputs[0]:
+                values[member_key(i, f"{prefix}/{name}")] = torch.stack(
+                    [o[name] for o in outputs]).mean()
+        self._eval_outputs.clear()
+        if values:
+            self.log_dict(values, on_epoch=True, batch_size=1)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_outputs.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_average("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_outputs.clear()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_average("test")
+        self.log_dict({member_key(i, name): torch.tensor(value)
+                       for i in sorted(self.active) for name, value in self.references.items()},
+                      batch_size=1)
+
+    def configure_optimizers(self) -> Any:
+        optimizers, schedulers = [], []
+        for member in self.members:
+            configured = member.configure_optimizers()
+            if isinstance(configured, dict):
+                optimizers.append(configured["optimizer"])
+                schedulers.append(configured["lr_scheduler"]["scheduler"])
+            else:
+                optimizers.append(configured)
+                schedulers.append(None)
+        return MemberOptimizers(optimizers, schedulers,
+                                [m.gradient_clip_val for m in self.members], self.active)
+
+
+# --------------------------------------------------------------------------- loggers
+
+
+class MemberLoggers(Logger):
+    """One Lightning logger for the group that hands each member's metrics, under their
+    solo names, to that member's own logger (its W&B run or CSV file)."""
+
+    def __init__(self, loggers: Sequence[Any], members: Sequence[DenoisingModule]) -> None:
+        super().__init__()
+        self.loggers = list(loggers)
+        self.members = list(members)
+
+    @property
+    def name(self) -> str:
+        return "fused"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Each member's logger gets its own module's hyper-parameters, as solo."""
+        for logger, member in zip(self.loggers, self.members, strict=True):
+            if logger is not None:
+                logger.log_hyperparams(member.hparams)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        per_member: dict[int, dict[str, float]] = {}
+        for key, value in metrics.items():
+            split = split_member_key(key)
+            if split is not None:
+                per_member.setdefault(split[0], {})[split[1]] = value
+            elif key == "epoch":
+                for i in range(len(self.loggers)):
+                    per_member.setdefault(i, {})[key] = value
+        for i, values in per_member.items():
+            if self.loggers[i] is not None and values:
+                self.loggers[i].log_metrics(values, step=step)
+
+    def save(self) -> None:
+        for logger in self.loggers:
+            if logger is not None:
+                logger.save()
+
+    def finalize(self, status: str) -> None:
+        for logger in self.loggers:
+            if logger is not None:
+                logger.finalize(status)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def solo_checkpoint_callback(checkpoint_dir: Path) -> ModelCheckpoint:
+    """The ModelCheckpoint a solo job configures (train.py), here as a member's state."""
+    return ModelCheckpoint(dirpath=str(checkpoint_dir), filename="best", monitor="val/loss",
+                           mode="min", save_top_k=1, save_last=True,
+                           auto_insert_metric_name=False)
+
+
+class MemberCheckpoints(Callback):
+    """After every validation, each active member's last.ckpt and (when its val/loss
+    improved) best.ckpt, in the format of a solo job's checkpoint: a solo job resumes
+    from it, and a fused group resumes every member from its own."""
+
+    def __init__(self, members: Sequence[DenoisingModule], dirs: Sequence[Path | None]) -> None:
+        self.member_modules = list(members)
+        self.callbacks = [None if d is None else solo_checkpoint_callback(d) for d in dirs]
+
+    @property
+    def state_key(self) -> str:
+        return "MemberCheckpoints"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"members": [None if cb is None else cb.state_dict() for cb in self.callbacks]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for cb, state in zip(self.callbacks, state_dict.get("members", []), strict=False):
+            if cb is not None and state is not None:
+                cb.load_state_dict(state)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking or not self.callbacks:
+            return
+        group = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        optimizer = trainer.optimizers[0]
+        for i in sorted(pl_module.active):
+            cb = self.callbacks[i]
+            if cb is None:
+                continue
+            score = trainer.callback_metrics.get(member_key(i, "val/loss"))
+            directory = Path(str(cb.dirpath))
+            directory.mkdir(parents=True, exist_ok=True)
+            best = str(directory / "best.ckpt")
+            last = str(directory / "last.ckpt")
+            improved = score is not None and (cb.best_model_score is None
+                                              or float(score) < float(cb.best_model_score))
+            if improved:
+                cb.best_model_score = score.detach().clone()
+                cb.best_model_path = best
+                cb.best_k_models = {best: cb.best_model_score}
+                cb.kth_best_model_path = best
+                cb.kth_value = cb.best_model_score
+            cb.current_score = score
+            cb.last_model_path = last
+            checkpoint = self.member_checkpoint(group, i, optimizer)
+            io = trainer.strategy.checkpoint_io
+            if improved:
+                io.save_checkpoint(checkpoint, best)
+            io.save_checkpoint(checkpoint, last)
+
+    def member_checkpoint(self, group: dict[str, Any], index: int, optimizer: Any
+                          ) -> dict[str, Any]:
+        member = self.member_modules[index]
+        state = optimizer.member_state(index)
+        cb = self.callbacks[index]
+        assert cb is not None
+        return {
+            **{key: group[key] for key in ("epoch", "global_step", "pytorch-lightning_version",
+                                           "loops") if key in group},
+            "state_dict": member.state_dict(),
+            "optimizer_states": [state["optimizer"]],
+            "lr_schedulers": [] if state["scheduler"] is None else [state["scheduler"]],
+            "callbacks": {cb.state_key: cb.state_dict()},
+            "hparams_name": "kwargs",
+            "hyper_parameters": dict(member.hparams),
+        }
+
+
+def group_resume_checkpoint(member_checkpoints: Sequence[dict[str, Any] | None],
+                            members: Sequence[DenoisingModule]) -> dict[str, Any]:
+    """One group checkpoint from the members' own last.ckpt (all at one step)."""
+    first = next(c for c in member_checkpoints if c is not None)
+    state_dict: dict[str, Any] = {}
+    optimizer_states: list[dict[str, Any] | None] = []
+    callbacks: list[dict[str, Any] | None] = []
+    for i, (ckpt, member) in enumerate(zip(member_checkpoints, members, strict=True)):
+        source = ckpt["state_dict"] if ckpt is not None else member.state_dict()
+        state_dict.update({f"members.{i}.{key}": value for key, value in source.items()})
+        if ckpt is None:
+            optimizer_states.append(None)
+            callbacks.append(None)
+            continue
+        schedulers = ckpt.get("lr_schedulers") or [None]
+        optimizer_states.append({"optimizer": ckpt["optimizer_states"][0],
+                                 "scheduler": schedulers[0]})
+        callbacks.append(next(iter((ckpt.get("callbacks") or {}).values()), None))
+    return {
+        **{key: first[key] for key in ("epoch", "global_step", "pytorch-lightning_version",
+                                       "loops") if key in first},
+        "state_dict": state_dict,
+        "optimizer_states": [{"members": optimizer_states}],
+        "lr_schedulers": [],
+        "callbacks": {"MemberCheckpoints": {"members": callbacks}},
+    }
+
+
+class GuardMembers(Callback):
+    """The W&B destination guard of every member with a W&B run, before the first step.
+
+    A refused member fails alone (its stray run was finished as failed by the guard).
+    """
+
+    def __init__(self, guards: Sequence[Any | None], loggers: Sequence[Any | None]) -> None:
+        self.guards = list(guards)
+        self.loggers = list(loggers)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        from tmgg.task.wandb_guard import WandbDestinationError
+
+        for i, (guard, logger) in enumerate(zip(self.guards, self.loggers, strict=True)):
+            if guard is None or logger is None or i not in pl_module.active:
+                continue
+            try:
+                guard.check_run(logger.experiment, int(trainer.global_step))
+            except WandbDestinationError as error:
+                pl_module.fail(i, error)
+
+
+# --------------------------------------------------------------------------- the group
+
+
+@dataclass
+class FusedMember:
+    """One job of a fused group: its composed config, output dir and what became of it."""
+
+    cfg: DictConfig
+    output_dir: Path
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def resume_buckets(members: Sequence[FusedMember]) -> list[list[int]]:
+    """Members by the step their last.ckpt resumes them from (0 = fresh), lowest first.
+
+    An interrupted group saved every member at the same validations, so normally there
+    is one bucket; members that stopped apart (one failed earlier and is re-run) run
+    as separate sub-groups, each member from its own checkpoint.
+    """
+    buckets: dict[int, list[int]] = {}
+    for i, member in enumerate(members):
+        trainer_cfg = member.cfg.trainer
+        step = 0
+        if trainer_cfg.checkpoint and trainer_cfg.resume:
+            step = _checkpoint_step(member.output_dir / "checkpoints" / "last.ckpt") or 0
+        buckets.setdefault(step, []).append(i)
+    return [buckets[step] for step in sorted(buckets)]
+
+
+def run_fused_training(members: Sequence[FusedMember],
+                       on_member_done: Callable[[FusedMember], None] | None = None) -> None:
+    """Train and test every member; fills each member's ``result`` or ``error``.
+
+    ``on_member_done`` is called as soon as a member is finished or has failed (a
+    failing member is reported mid-way, while the others train on).
+    """
+    for bucket in resume_buckets(members):
+        _run_bucket([members[i] for i in bucket], on_member_done)
+
+
+def _stream_settings(cfg: DictConfig) -> tuple[Any, ...]:
+    trainer = cfg.trainer
+    return (OmegaConf.to_container(cfg.data, resolve=True), list(cfg.noise.levels),
+            int(cfg.seed), int(trainer.max_steps), int(trainer.val_check_interval))
+
+
+def _run_bucket(members: Sequence[FusedMember],
+                on_member_done: Callable[[FusedMember], None] | None) -> None:
+    from tmgg.task.loggers import build_logger, finish_leftover_run
+    from tmgg.task.train import (
+        CHECKPOINT_DIR,
+        METRICS_FILE,
+        _atomic_write_json,
+        _floats,
+        set_threads,
+    )
+    from tmgg.task.wandb_guard import WandbDestinationGuard
+
+    started = time.perf_counter()
+    lead = members[0].cfg
+    for member in members:
+        validate_job_config(member.cfg)
+        if _stream_settings(member.cfg) != _stream_settings(lead):
+            raise ValueError(f"job {member.cfg.job.run_name} does not share the batch stream "
+                             f"of {lead.job.run_name}: it cannot be fused with it")
+        member.output_dir.mkdir(parents=True, exist_ok=True)
+    set_threads(lead)
+    trainer_cfg = lead.trainer
+    L.seed_everything(int(lead.seed), workers=True, verbose=False)
+    data = GraphDenoisingData(OmegaConf.to_container(lead.data, resolve=True),
+                              list(lead.noise.levels), int(lead.seed), int(trainer_cfg.max_steps))
+    data.setup()
+    # Each member's weights are drawn from the RNG state its solo job has at that point.
+    rng_state = torch.random.get_rng_state()
+    modules = []
+    for member in members:
+        torch.random.set_rng_state(rng_state)
+        cfg = member.cfg
+        modules.append(DenoisingModule(
+            model=OmegaConf.to_container(cfg.model, resolve=True),
+            optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+            scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+            max_steps=int(cfg.trainer.max_steps),
+            log_every_n_steps=int(cfg.trainer.log_every_n_steps),
+            gradient_clip_val=float(cfg.trainer.gradient_clip_val)))
+
+    done: set[int] = set()
+
+    def finish_member(index: int, error: BaseException | None) -> None:
+        member = members[index]
+        member.error = error
+        done.add(index)
+        logger = loggers[index] if index < len(loggers) else None
+        if _is_wandb(logger):
+            run = logger.experiment
+            try:
+                run.finish(exit_code=1 if error is not None else 0)
+            except Exception:  # noqa: BLE001 - the member's outcome must still be recorded
+                log.exception("could not finish the W&B run of %s", member.cfg.job.run_name)
+        if on_member_done is not None:
+            on_member_done(member)
+
+    finish_leftover_run_needed = any(m.cfg.logger.name == "wandb" for m in members)
+    if finish_leftover_run_needed:
+        finish_leftover_run()
+    loggers: list[Any] = []
+    guards: list[Any] = []
+    for member in members:
+        try:
+            logger = build_logger(member.cfg, member.output_dir, concurrent=True)
+        except Exception as error:  # noqa: BLE001 - this member fails alone
+            loggers.append(None)
+            guards.append(None)
+            member.error = error
+            continue
+        loggers.append(logger)
+        guards.append(WandbDestinationGuard.for_job(member.cfg) if _is_wandb(logger) else None)
+
+    module = FusedDenoisingModule(modules, int(trainer_cfg.log_every_n_steps),
+                                  on_member_failed=lambda i, e: finish_member(i, e))
+    module.references = reference_metrics(data.test_levels, "test")
+    val_references = reference_metrics(data.val_levels, "val")
+    for i, member in enumerate(members):
+        if member.error is not None:
+            module.fail(i, member.error)
+
+    checkpoint_dirs = [m.output_dir / CHECKPOINT_DIR if m.cfg.trainer.checkpoint else None
+                       for m in members]
+    checkpoints = MemberCheckpoints(modules, checkpoint_dirs)
+    workdir = Path(tempfile.mkdtemp(prefix="tmgg-fused-"))
+    trainer = L.Trainer(
+        max_steps=int(trainer_cfg.max_steps),
+        val_check_interval=int(trainer_cfg.val_check_interval),
+        check_val_every_n_epoch=None,
+        gradient_clip_val=None,
+        accelerator=str(trainer_cfg.accelerator),
+        devices=trainer_cfg.devices,
+        precision=str(trainer_cfg.precision),
+        log_every_n_steps=int(trainer_cfg.log_every_n_steps),
+        logger=MemberLoggers(loggers, modules),
+        callbacks=[GuardMembers(guards, loggers), checkpoints],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(workdir),
+        deterministic=True,
+    )
+    ckpt_path, resumed_from_step = _resume_path(members, modules, workdir)
+    try:
+        if module.active:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that "
+                                        "ended before the epoch ended")
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        validated = dict(trainer.callback_metrics)
+        # Test each member at its best checkpoint, as the solo job does.
+        for i in sorted(module.active):
+            cb = checkpoints.callbacks[i]
+            if cb is not None and cb.best_model_path:
+                state = torch.load(cb.best_model_path, map_location="cpu", weights_only=False)
+                modules[i].load_state_dict(state["state_dict"])
+        tested = trainer.test(module, datamodule=data, verbose=False) if module.active else []
+        test_metrics = tested[0] if tested else {}
+        for i in sorted(module.active):
+            member = members[i]
+            metrics = _floats(member_metrics(test_metrics, i))
+            metrics.update({name: value for name, value in
+                            _floats(member_metrics(validated, i)).items()
+                            if name.startswith(("val/", "val_eps"))})
+            metrics.update(val_references)
+            result: dict[str, Any] = {
+                "job_id": str(member.cfg.job.id),
+                "run_name": str(member.cfg.job.run_name),
+                **dict(sorted(metrics.items())),
+                "global_step": int(trainer.global_step),
+                "resumed_from_step": resumed_from_step,
+                "train_seconds": round(time.perf_counter() - started, 3),
+                "fused_members": len(members),
+            }
+            logger = loggers[i]
+            if _is_wandb(logger):
+                run = logger.experiment
+                result["wandb_path"] = f"{run.entity}/{run.project}/{run.id}"
+            _atomic_write_json(member.output_dir / METRICS_FILE, result)
+            member.result = result
+            finish_member(i, None)
+    except BaseException as error:
+        for i in range(len(members)):
+            if i not in done:
+                finish_member(i, error)
+        if not isinstance(error, Exception):
+            raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _is_wandb(logger: Any) -> bool:
+    return logger is not None and logger.__class__.__name__ == "WandbLogger"
+
+
+def _resume_path(members: Sequence[FusedMember], modules: Sequence[DenoisingModule],
+                 workdir: Path) -> tuple[str | None, int]:
+    """A group checkpoint built from the members' last.ckpt (one bucket: one step)."""
+    checkpoints: list[dict[str, Any] | None] = []
+    for member in members:
+        path = member.output_dir / "checkpoints" / "last.ckpt"
+        resumable = member.cfg.trainer.checkpoint and member.cfg.trainer.resume
+        checkpoints.append(torch.load(path, map_location="cpu", weights_only=False)
+                           if resumable and path.exists() else None)
+    if all(c is None for c in checkpoints):
+        return None, 0
+    group = group_resume_checkpoint(checkpoints, modules)
+    path = workdir / "group-resume.ckpt"
+    torch.save(group, path)
+    log.info("Resuming a fused group of %d from step %d", len(members), group["global_step"])
+    return str(path), int(group["global_step"])
