@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from tmgg.config import validate_job_config
-from tmgg.task.metrics import logit_metrics, masked_bce_with_logits
+from tmgg.task.metrics import logit_metrics, masked_bce_with_logits, target_eigenpairs
 from tmgg.task.module import (
     DenoisingModule,
     GraphDenoisingData,
@@ -48,31 +48,10 @@ from tmgg.task.spectral import select_top_k, symmetric_eigh
 
 log = logging.getLogger(__name__)
 
-#: Separates a member's index from the metric name in the group's logged keys.
-MEMBER_SEPARATOR = "|"
 
 
 class MemberFailure(RuntimeError):
     """Why one member of a fused group stopped (the others go on)."""
-
-
-def member_key(index: int, name: str) -> str:
-    return f"{index}{MEMBER_SEPARATOR}{name}"
-
-
-def split_member_key(key: str) -> tuple[int, str] | None:
-    head, sep, name = key.partition(MEMBER_SEPARATOR)
-    return (int(head), name) if sep and head.isdigit() else None
-
-
-def member_metrics(metrics: dict[str, Any], index: int) -> dict[str, Any]:
-    """The metrics one member logged, under the names the solo job gives them."""
-    out = {}
-    for key, value in metrics.items():
-        split = split_member_key(key)
-        if split is not None and split[0] == index:
-            out[split[1]] = value
-    return out
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -160,7 +139,11 @@ class FusedDenoisingModule(L.LightningModule):
         self.on_member_failed = on_member_failed
         self.failures: dict[int, BaseException] = {}
         self.references: dict[str, float] = {}
+        self.val_metrics: dict[int, dict[str, float]] = {}
+        self.test_metrics: dict[int, dict[str, float]] = {}
         self._eval_outputs: dict[int, list[dict[str, Tensor]]] = {}
+        self._eval_levels: dict[int, dict[str, Tensor]] = {}
+        self._pending_train_logs: dict[int, dict[str, Any]] = {}
 
     # -- membership
     def fail(self, index: int, error: BaseException) -> None:
@@ -220,69 +203,85 @@ class FusedDenoisingModule(L.LightningModule):
                         f"{self.global_step}: the job diverged (its learning rate, schedule "
                         "or clipping); the other members of its fused group went on"))
         if (self.global_step + 1) % self.log_every_n_steps == 0:
-            self._log_training(order, logits, losses, batch, optimizer)
+            self._pending_train_logs = self._training_logs(order, logits, losses, batch,
+                                                           optimizer.optimizer)
         optimizer.zero_grad()
         # Members share no parameter: d(sum)/d(member) is each member's own gradient.
         self.manual_backward(losses.sum())
         optimizer.step()
         return losses.detach().mean()
 
-    def _log_training(self, order: list[int], logits: dict[int, Tensor], losses: Tensor,
-                      batch: dict[str, Tensor], optimizer: Any) -> None:
-        members = optimizer.optimizer.members if hasattr(optimizer, "optimizer") else []
-        values: dict[str, Any] = {}
+    # Metrics go straight to each member's logger, not through self.log: Lightning's
+    # result collection moves every logged value on each log call, which costs
+    # quadratically in the keys of 36 members. Steps and names are the solo job's.
+    def _training_logs(self, order: list[int], logits: dict[int, Tensor], losses: Tensor,
+                       batch: dict[str, Tensor], optimizer: MemberOptimizers
+                       ) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
         for position, i in enumerate(order):
-            if i not in self.active:
-                continue
-            values[member_key(i, "train/loss")] = losses[position].detach()
-            values[member_key(i, "train/accuracy")] = edge_accuracy(logits[i].detach(),
-                                                                    batch["clean"])
-            values[member_key(i, "train/noise_level")] = float(batch["eps"])
-            if members:
-                values[member_key(i, "lr")] = members[i].param_groups[0]["lr"]
-        self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch["noisy"].shape[0])
+            if i in self.active:
+                out[i] = {"train/loss": losses[position].detach(),
+                          "train/accuracy": edge_accuracy(logits[i].detach(), batch["clean"]),
+                          "train/noise_level": float(batch["eps"]),
+                          "lr": optimizer.members[i].param_groups[0]["lr"]}
+        return out
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pending, self._pending_train_logs = self._pending_train_logs, {}
+        for i, values in pending.items():
+            self.log_member(i, values)
+
+    def log_member(self, index: int, values: dict[str, Any]) -> None:
+        logger = self.logger
+        if isinstance(logger, MemberLoggers) and index in self.active:
+            logger.log_member(index, {name: float(value) for name, value in values.items()},
+                              step=int(self.trainer.fit_loop.epoch_loop._batches_that_stepped),
+                              epoch=int(self.current_epoch))
 
     # -- evaluation (what DenoisingModule logs, per member)
     def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
         tag = level_tag(float(batch["eps"]))
-        values = {}
+        target = target_eigenpairs(batch["clean"])
         for i, logits in self.all_logits(batch["noisy"]).items():
-            metrics = logit_metrics(logits, batch["clean"])
-            values.update({member_key(i, f"{prefix}_eps{tag}/{name}"): value
-                           for name, value in metrics.items()})
+            metrics = logit_metrics(logits, batch["clean"], target_pairs=target)
             self._eval_outputs.setdefault(i, []).append(metrics)
-        self.log_dict(values, on_epoch=True, batch_size=1)
+            self._eval_levels.setdefault(i, {}).update(
+                {f"{prefix}_eps{tag}/{name}": value for name, value in metrics.items()})
 
-    def _log_average(self, prefix: str) -> None:
-        values = {}
+    def _finish_evaluation(self, prefix: str, extra: dict[str, float] | None = None
+                           ) -> dict[int, dict[str, float]]:
+        out: dict[int, dict[str, float]] = {}
         for i, outputs in self._eval_outputs.items():
+            values = dict(self._eval_levels.get(i, {}))
             for name in outputs[0]:
-                values[member_key(i, f"{prefix}/{name}")] = torch.stack(
-                    [o[name] for o in outputs]).mean()
+                values[f"{prefix}/{name}"] = torch.stack([o[name] for o in outputs]).mean()
+            values = {name: float(value) for name, value in values.items()}
+            values.update(extra or {})
+            out[i] = values
+            self.log_member(i, values)
         self._eval_outputs.clear()
-        if values:
-            self.log_dict(values, on_epoch=True, batch_size=1)
+        self._eval_levels.clear()
+        return out
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
     def on_validation_epoch_start(self) -> None:
         self._eval_outputs.clear()
+        self._eval_levels.clear()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_average("val")
+        self.val_metrics = self._finish_evaluation("val")
 
     def on_test_epoch_start(self) -> None:
         self._eval_outputs.clear()
+        self._eval_levels.clear()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        self._log_average("test")
-        self.log_dict({member_key(i, name): torch.tensor(value)
-                       for i in sorted(self.active) for name, value in self.references.items()},
-                      batch_size=1)
+        self.test_metrics = self._finish_evaluation("test", self.references)
 
     def configure_optimizers(self) -> Any:
         optimizers, schedulers = [], []
@@ -325,17 +324,15 @@ class MemberLoggers(Logger):
                 logger.log_hyperparams(member.hparams)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        per_member: dict[int, dict[str, float]] = {}
-        for key, value in metrics.items():
-            split = split_member_key(key)
-            if split is not None:
-                per_member.setdefault(split[0], {})[split[1]] = value
-            elif key == "epoch":
-                for i in range(len(self.loggers)):
-                    per_member.setdefault(i, {})[key] = value
-        for i, values in per_member.items():
-            if self.loggers[i] is not None and values:
-                self.loggers[i].log_metrics(values, step=step)
+        """The group module logs nothing through Lightning (see ``log_member``)."""
+
+    def log_member(self, index: int, metrics: dict[str, float], step: int, epoch: int) -> None:
+        """One member's metrics (solo names) to its own logger, at the step and with the
+        epoch Lightning's logger connector gives a solo job's."""
+        logger = self.loggers[index]
+        if logger is not None:
+            logger.log_metrics({**metrics, "epoch": epoch}, step=step)
+            logger.save()
 
     def save(self) -> None:
         for logger in self.loggers:
@@ -388,7 +385,8 @@ class MemberCheckpoints(Callback):
             cb = self.callbacks[i]
             if cb is None:
                 continue
-            score = trainer.callback_metrics.get(member_key(i, "val/loss"))
+            value = pl_module.val_metrics.get(i, {}).get("val/loss")
+            score = None if value is None else torch.tensor(value)
             directory = Path(str(cb.dirpath))
             directory.mkdir(parents=True, exist_ok=True)
             best = str(directory / "best.ckpt")
@@ -538,7 +536,6 @@ def _run_bucket(members: Sequence[FusedMember],
         CHECKPOINT_DIR,
         METRICS_FILE,
         _atomic_write_json,
-        _floats,
         set_threads,
     )
     from tmgg.task.wandb_guard import WandbDestinationGuard
@@ -640,21 +637,19 @@ def _run_bucket(members: Sequence[FusedMember],
                 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that "
                                         "ended before the epoch ended")
                 trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        validated = dict(trainer.callback_metrics)
         # Test each member at its best checkpoint, as the solo job does.
         for i in sorted(module.active):
             cb = checkpoints.callbacks[i]
             if cb is not None and cb.best_model_path:
                 state = torch.load(cb.best_model_path, map_location="cpu", weights_only=False)
                 modules[i].load_state_dict(state["state_dict"])
-        tested = trainer.test(module, datamodule=data, verbose=False) if module.active else []
-        test_metrics = tested[0] if tested else {}
+        validated = dict(module.val_metrics)  # the last validation's, as solo reports
+        if module.active:
+            trainer.test(module, datamodule=data, verbose=False)
         for i in sorted(module.active):
             member = members[i]
-            metrics = _floats(member_metrics(test_metrics, i))
-            metrics.update({name: value for name, value in
-                            _floats(member_metrics(validated, i)).items()
-                            if name.startswith(("val/", "val_eps"))})
+            metrics = dict(module.test_metrics.get(i, {}))
+            metrics.update(validated.get(i, {}))
             metrics.update(val_references)
             result: dict[str, Any] = {
                 "job_id": str(member.cfg.job.id),
