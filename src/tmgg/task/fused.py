@@ -69,7 +69,8 @@ class MemberOptimizers(torch.optim.Optimizer):
 
     def __init__(self, optimizers: Sequence[torch.optim.Optimizer],
                  schedulers: Sequence[Any | None], clip_values: Sequence[float],
-                 active: set[int]) -> None:
+                 active: set[int],
+                 on_failure: Callable[[int, BaseException], None] | None = None) -> None:
         groups = [{"params": [p for g in opt.param_groups for p in g["params"]]}
                   for opt in optimizers]
         super().__init__(groups, defaults={})
@@ -77,6 +78,7 @@ class MemberOptimizers(torch.optim.Optimizer):
         self.schedulers = list(schedulers)
         self.clip_values = [float(v) for v in clip_values]
         self.active = active
+        self.on_failure = on_failure
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -85,14 +87,22 @@ class MemberOptimizers(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index in sorted(self.active):
-            optimizer = self.members[index]
-            if self.clip_values[index] > 0:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.clip_values[index])
-            optimizer.step()
-            if self.schedulers[index] is not None:
-                self.schedulers[index].step()
+            try:
+                self._member_step(index)
+            except Exception as error:  # noqa: BLE001 - this member fails alone
+                if self.on_failure is None:
+                    raise
+                self.on_failure(index, MemberFailure(f"optimiser step failed: {error}"))
         return loss
+
+    def _member_step(self, index: int) -> None:
+        optimizer = self.members[index]
+        if self.clip_values[index] > 0:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_values[index])
+        optimizer.step()
+        if self.schedulers[index] is not None:
+            self.schedulers[index].step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for index in self.active:
@@ -294,7 +304,8 @@ class FusedDenoisingModule(L.LightningModule):
                 optimizers.append(configured)
                 schedulers.append(None)
         return MemberOptimizers(optimizers, schedulers,
-                                [m.gradient_clip_val for m in self.members], self.active)
+                                [m.gradient_clip_val for m in self.members], self.active,
+                                on_failure=self.fail)
 
 
 # --------------------------------------------------------------------------- loggers
