@@ -60,6 +60,7 @@ bench:  ## training, sweep and planning benchmarks (ratios against baselines mea
 	$(PYTHON) benchmarks/bench_training.py --json $(BENCH_OUT)/training.json
 	$(PYTHON) benchmarks/bench_sweep.py --json $(BENCH_OUT)/sweep.json
 	$(PYTHON) benchmarks/bench_planning.py --json $(BENCH_OUT)/planning.json
+	$(PYTHON) benchmarks/bench_fused.py --json $(BENCH_OUT)/fused.json
 
 clean:  ## remove outputs/ and caches (never experiments/)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
