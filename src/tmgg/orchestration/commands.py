@@ -63,7 +63,7 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
             row["resources"] = resources
         rows.append(row)
     facts = {"stage": sweep.stage, "launcher": sweep.launcher, "jobs": len(rows),
-             "resources": resources}
+             "resources": resources, "fused_groups": fused_groups(sweep)}
     totals = [r.get("est_cost_usd") for r in rows if r.get("est_cost_usd") is not None]
     if totals:
         facts["est_cost_usd"] = round(sum(totals), 4)
@@ -74,6 +74,16 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
     if check_limit is not None:
         check_limit(sweep.master_config, estimates)
     return sweep, rows, facts
+
+
+def fused_groups(sweep: Any) -> list[dict[str, Any]]:
+    """The tasks the launcher will dispatch when it fuses (none when it does not)."""
+    from tmgg.orchestration.fusion import describe_groups, fusion_settings, group_jobs
+
+    mode, cap = fusion_settings(sweep.master_config)
+    if mode == "off":
+        return []
+    return describe_groups(sweep.jobs, group_jobs(sweep.jobs, mode, cap))
 
 
 def plan_main(argv: list[str]) -> int:
@@ -118,6 +128,16 @@ def plan_main(argv: list[str]) -> int:
     if "est_cost_cpu_usd" in facts and facts["launcher"] == "modal":
         cost_text += (f" (on CPU-only containers, hydra.launcher.gpu=null: "
                       f"${facts['est_cost_cpu_usd']:.2f})")
+    groups = facts.get("fused_groups") or []
+    if groups:
+        fused = Table(title="fused groups (hydra.launcher.fuse=auto): one task each")
+        for column in ("group", "members", "seed", "batch", "steps", "stacked models"):
+            fused.add_column(column)
+        for group in groups:
+            fused.add_row(str(group["group"]), str(group["members"]), str(group["seed"]),
+                          str(group["batch_size"]), str(group["max_steps"]),
+                          group["stacked_models"])
+        console.print(fused)
     console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched")
     return 0
 
