@@ -71,6 +71,36 @@ def test_failed_job_does_not_stop_the_others(sweep_dirs: SweepDirs) -> None:
     assert "FAILED" in result.stderr
 
 
+def test_sigkilled_worker_fails_its_own_job_only(sweep_dirs: SweepDirs) -> None:
+    """A worker killed by the kernel (OOM killer, SIGKILL) fails its own job, named as such.
+
+    The first of four jobs kills its own worker mid-training, with no clean-up and no
+    reply; the other worker's job in flight and the two queued jobs finish. The
+    crashed job's record and ledger outcome say FAILED with the signal, not the RUNNING
+    its dead process wrote last; the sweep exits non-zero and its table counts 1 failed.
+    """
+    victim = "smoke_linear_pe_lr1e-3_wd1e-2_k8_s1"
+    result = run_cli([str(REPO / "tests/apps/killed_train.py"), "-m", "stage=smoke",
+                      "logger=csv", "model=linear_pe,filter_bank", *LOCAL,
+                      *sweep_dirs.overrides],
+                     env={"TMGG_TEST_KILL_RUN": victim, "TMGG_TEST_KILL_STEP": "40"})
+    assert result.returncode != 0
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    states = {s.run_name: s for s in ledger.states().values()}
+    assert len(states) == 4
+    assert {name: s.status for name, s in states.items() if s.status != FINISHED} == {
+        victim: FAILED}, result.stderr[-3000:]
+    crashed = states[victim]
+    assert "WorkerCrashed" in crashed.error and "SIGKILL (signal 9)" in crashed.error
+    record = sweep_dirs.job_records("smoke")[crashed.job_id]
+    assert record["status"] == FAILED and "SIGKILL" in record["error"]
+    assert record["started_at"] and record["attempts"] == 1  # the job's own start, kept
+    (outcome,) = [e for e in ledger.events()
+                  if e["event"] == "outcome" and e["job_id"] == crashed.job_id]
+    assert outcome["status"] == FAILED and "SIGKILL (signal 9)" in outcome["error"]
+    assert "3 finished, 0 skipped (already finished), 1 failed" in result.stderr
+
+
 def test_override_holding_an_interpolation_is_planned_as_hydra_runs_it(
         sweep_dirs: SweepDirs) -> None:
     """``${...}`` in a command-line override is text to Hydra's sweeper; the plan (and the

@@ -29,8 +29,10 @@ class LocalLauncherConf:
     start_method: str = "forkserver"
     # Show a live progress bar and the outcome table at the end.
     progress: bool = True
-    # Times a job whose worker process died is run again in a fresh worker.
-    worker_crash_retries: int = 1
+    # Times a job whose worker process died (OOM killer, SIGKILL) is run again in a
+    # fresh worker, from its last checkpoint. 0: the job is FAILED with the signal
+    # named (`tmgg-sweep resume` re-runs it); the other workers' jobs go on either way.
+    worker_crash_retries: int = 0
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="local", node=LocalLauncherConf,

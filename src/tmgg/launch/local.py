@@ -5,8 +5,9 @@ their first job, so a job costs its training time plus a few milliseconds. With 
 default ``forkserver`` start method the heavy imports happen once, in the fork
 server (``tmgg.launch.warm``), started at multirun start while Hydra is still
 composing the sweep (``LocalWorkersCallback``); every worker is a fork of it.
-Results are recorded in the ledger as they arrive; a crashed worker fails only its
-own job.
+Results are recorded in the ledger as they arrive. Each worker has its own pipe
+(``tmgg.launch.worker_pool``), so a worker killed by the kernel (OOM, SIGKILL) fails
+its own job only, FAILED with the signal named; a fresh worker takes the next job.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from tmgg.launch.common import build_payload, prepare_sweep_dir, print_outcome_table
-from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload
+from tmgg.launch.worker_pool import Died, WorkerPool
+from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload, serialize
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.sweep import (
     planned_jobs,
     record_dispatched,
+    record_lost_job,
     record_outcome,
     split_finished,
 )
@@ -110,13 +112,39 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="tmgg-parent-watch", daemon=True).start()
 
 
-def _crashed_return(job: PlannedJob, error: BaseException) -> Any:
+def _worker_main(conn: Any, threads: int, modules: Sequence[str]) -> None:
+    """A worker: warm up once, then run payload after payload until the pipe closes.
+
+    Replies ``("ok", pickled JobReturn)``, or ``("error", pickled JobFailure)`` when the
+    payload itself could not be run (a failing job is an ok reply with a FAILED return).
+    """
+    _init_worker(threads, modules)
+    while True:
+        try:
+            payload = conn.recv()
+        except (EOFError, OSError):
+            return
+        if payload is None:
+            return
+        try:
+            reply = ("ok", execute_payload(payload))
+        except Exception as error:  # noqa: BLE001 - becomes this job's FAILED return
+            reply = ("error", serialize(JobFailure.from_exception(error)))
+        conn.send(reply)
+
+
+def _failed_return(job: PlannedJob, failure: JobFailure) -> Any:
     from hydra.core.utils import JobReturn, JobStatus
 
     ret = JobReturn(overrides=job.overrides, status=JobStatus.FAILED)
-    ret.return_value = JobFailure("WorkerCrashed", f"the worker process running job "
-                                  f"{job.run_name} died: {error!r}", "")
+    ret.return_value = failure
     return ret
+
+
+def worker_crash(job: PlannedJob, died: Died) -> JobFailure:
+    """The error of a job whose worker process died under it (OOM killer, SIGKILL, ...)."""
+    return JobFailure("WorkerCrashed", f"{died.describe()} while running job "
+                      f"{job.run_name}; its other jobs went on in the remaining workers", "")
 
 
 def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
@@ -132,47 +160,62 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     threads = int(params.get("threads_per_worker") or 1)
     modules = preload_modules(config)
     context = worker_context(str(params.get("start_method") or "forkserver"), modules)
-    retries_left = {position: int(params.get("worker_crash_retries", 1)) for position in pending}
+    crash_retries = {position: int(params.get("worker_crash_retries") or 0)
+                     for position in pending}
     log.info("Launching %d jobs (%d already finished) on %d local workers", len(pending),
              len(jobs) - len(pending), n_workers)
 
-    with _Progress(bool(params.get("progress", True)), len(jobs),
-                   len(jobs) - len(pending)) as bar:
-        while pending:
-            pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context,
-                                       initializer=_init_worker,
-                                       initargs=(threads, modules))
-            futures: dict[Future[bytes], int] = {}
-            for position in pending:
-                job = jobs[position]
-                payload = build_payload(job, launcher.task_function)
-                record_dispatched(job, LAUNCHER)
-                futures[pool.submit(execute_payload, payload)] = position
-            pending = []
-            remaining = set(futures)
-            while remaining:
-                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                for future in done:
-                    position = futures[future]
-                    job = jobs[position]
-                    try:
-                        result = deserialize(future.result())
-                    except BrokenProcessPool as error:
-                        if retries_left[position] > 0:
-                            retries_left[position] -= 1
-                            pending.append(position)
-                            continue
-                        result = _crashed_return(job, error)
-                    except Exception as error:  # noqa: BLE001 - becomes a FAILED job
-                        from hydra.core.utils import JobReturn, JobStatus
+    queue = deque(pending)
+    progress = bool(params.get("progress", True))
+    with _Progress(progress, len(jobs), len(jobs) - len(pending)) as bar, \
+            WorkerPool(context, _worker_main, (threads, modules), n_workers,
+                       "tmgg-local-worker") as pool:
 
-                        result = JobReturn(overrides=job.overrides, status=JobStatus.FAILED)
-                        result.return_value = JobFailure.from_exception(error)
-                    results[position] = result
-                    record_outcome(job, result, LAUNCHER)
-                    bar.advance(job, result)
-            pool.shutdown(wait=True, cancel_futures=True)
-    if bool(params.get("progress", True)):
+        def finish(position: int, result: Any) -> None:
+            """Every job's outcome is recorded here, once."""
+            results[position] = result
+            record_outcome(jobs[position], result, LAUNCHER)
+            bar.advance(jobs[position], result)
+
+        def crashed(position: int, died: Died) -> None:
+            """The job's worker is dead: run it again, or record it FAILED by the launcher."""
+            job = jobs[position]
+            if crash_retries[position] > 0:
+                crash_retries[position] -= 1
+                log.warning("%s; running it again in a fresh worker",
+                            worker_crash(job, died).message)
+                queue.append(position)
+                return
+            failed = _failed_return(job, worker_crash(job, died))
+            finish(position, record_lost_job(job, failed, LAUNCHER))
+
+        while queue or pool.busy():
+            while queue and (worker := pool.idle_worker()) is not None:
+                position = queue.popleft()
+                job = jobs[position]
+                # The one place a job is handed to a worker.
+                record_dispatched(job, LAUNCHER)
+                try:
+                    worker.send(position, build_payload(job, launcher.task_function))
+                except OSError:  # the worker died before it took the job
+                    pool.discard(worker)
+                    crashed(position, Died(worker.process.pid, worker.process.exitcode))
+            for worker, reply in pool.wait():
+                position, worker.task = worker.task, None
+                job = jobs[position]
+                if isinstance(reply, Died):
+                    crashed(position, reply)
+                    continue
+                status, value = reply
+                if status == "ok":
+                    try:
+                        result = deserialize(value)
+                    except Exception as error:  # noqa: BLE001 - becomes a FAILED job
+                        result = _failed_return(job, JobFailure.from_exception(error))
+                else:
+                    result = _failed_return(job, deserialize(value))
+                finish(position, result)
+    if progress:
         print_outcome_table(jobs, results, title=f"local launcher: {len(jobs)} jobs")
     return results
 

@@ -205,6 +205,30 @@ def record_outcome(job: PlannedJob, result: Any, launcher: str,
         ledger.write_job_record(job.job_id, record)
 
 
+def record_lost_job(job: PlannedJob, result: Any, launcher: str) -> Any:
+    """The launcher's outcome for a job whose process died before recording its own.
+
+    Call it only once that process is dead: then nothing writes the job's record after
+    the launcher, and the job's last RUNNING record cannot hide the crash. That record
+    (start time, attempts, output dir) becomes FAILED with the launcher's error. A job
+    that recorded FINISHED just before dying stays finished. Returns the JobReturn to
+    report (``result``, or the finished one).
+    """
+    if not job.is_tmgg_job:
+        return result
+    ledger = ledger_for(job.task_config)
+    record = ledger.job_record(job.job_id)
+    if record and record.get("status") == FINISHED:
+        finished = skipped_return(job, record)
+        finished.skipped = False  # type: ignore[attr-defined]
+        return finished
+    record = record or base_record(job.task_config, job.overrides, launcher)
+    record.update(status=FAILED, finished_at=utc_now(), metrics=None,
+                  error=str(result._return_value))
+    ledger.write_job_record(job.job_id, record)
+    return result
+
+
 def _first_lines(text: str | None, limit: int = 2000) -> str | None:
     if text is None:
         return None

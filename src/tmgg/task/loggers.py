@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tmgg.identity import wandb_run_id
+from tmgg.launch.volume_files import off_volume
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,10 @@ def build_logger(cfg: DictConfig, output_dir: Path) -> Any:
     entity, project = str(logger_cfg.entity), str(logger_cfg.project)
     run_name = str(cfg.job.run_name)
     finish_leftover_run()
+    # wandb keeps its files open while the run lives: off a Modal Volume, which cannot
+    # commit with open files (tmgg.launch.volume_files); output_dir everywhere else.
+    save_dir = off_volume(output_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
     with pinned_wandb_environment(entity, project, job=run_name):
         logger = WandbLogger(
             entity=entity,
@@ -146,7 +151,7 @@ def build_logger(cfg: DictConfig, output_dir: Path) -> Any:
             id=wandb_run_id(str(cfg.job.id)),
             resume="allow",
             mode=resolve_wandb_mode(str(logger_cfg.mode)),
-            save_dir=str(output_dir),
+            save_dir=str(save_dir),
             tags=list(logger_cfg.get("tags") or []),
             config=OmegaConf.to_container(cfg, resolve=True),
             log_model=False,
