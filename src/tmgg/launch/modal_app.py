@@ -2,9 +2,10 @@
 
 ``run_job`` is the body of the remote function. It runs a job's payload through
 ``tmgg.orchestration.executor.execute_payload`` — the function the local launcher's
-workers run — and commits the volume after every checkpoint and at the end, so a
-retried or preempted job finds its last checkpoint on the volume and resumes from
-it (its output directory is derived from the job id, its W&B run id too).
+workers run — reloading the volume first and committing it after every checkpoint
+and at the end (``VolumeSync``), so a retried or preempted job finds its last
+checkpoint on the volume and resumes from it (its output directory is derived from
+the job id, its W&B run id too).
 
 ``build_app`` attaches ``run_job`` to a ``modal.App`` configured per sweep (app,
 volume and secret names come from ``hydra.launcher``). ``run_job`` stays a module
@@ -40,7 +41,7 @@ PINNED_PACKAGES = ("hydra-core", "omegaconf", "cloudpickle")
 # train.py reads this variable to add a launcher's Lightning callbacks (a
 # "module:function" factory called with (cfg, output_dir)).
 CALLBACK_FACTORY_ENV = "TMGG_CALLBACK_FACTORY"
-# transport=local: where the stand-in volume logs its commits (JSON lines).
+# transport=local: where the stand-in volume logs its commits and reloads (JSON lines).
 LOCAL_COMMIT_LOG_ENV = "TMGG_LOCAL_VOLUME_COMMIT_LOG"
 FUNCTION_NAME = "run_job"
 
@@ -189,7 +190,10 @@ def run_job(payload: bytes, volume_name: str | None) -> bytes:
         return execute_payload(payload)
     finally:
         if scratch is not None and volume.root is not None:
-            copy_back(scratch, volume.root)  # the W&B run's files, closed by now
+            try:  # the W&B run's files, closed by now; never worth a retry of the job
+                copy_back(scratch, volume.root)
+            except OSError as error:
+                log.warning("could not copy %s onto the volume: %s", scratch, error)
         commit_volume("job end")
         _VOLUME.pop("volume", None)
 
