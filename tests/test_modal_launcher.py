@@ -366,6 +366,35 @@ def test_local_containers_follow_modal_semantics() -> None:
     assert time.monotonic() - started < 40
 
 
+class _SpawnedCall:
+    """A FunctionCall's contract as the Modal runner uses it: get() waits, then returns
+    the output or raises the input's failure (Modal's servers are out of reach)."""
+
+    def __init__(self, seconds: float, output: object) -> None:
+        self.seconds, self.output = seconds, output
+
+    def get(self) -> object:
+        time.sleep(self.seconds)
+        if isinstance(self.output, BaseException):
+            raise self.output
+        return self.output
+
+
+class _SpawningFunction:
+    def spawn(self, payload: tuple[float, object], volume: str | None) -> _SpawnedCall:
+        return _SpawnedCall(*payload)
+
+
+def test_modal_runner_yields_each_output_as_its_call_finishes() -> None:
+    """One slow job holds back no finished one, and a failure stays pinned on its input."""
+    from tmgg.launch.modal_transport import _ModalRunner
+
+    lost = RuntimeError("container lost")
+    inputs = [((1.0, b"slow"), "vol"), ((0.0, lost), "vol"), ((0.3, b"fast"), "vol")]
+    arrived = list(_ModalRunner(_SpawningFunction()).map(inputs))
+    assert arrived == [(1, lost), (2, b"fast"), (0, b"slow")]
+
+
 def test_detached_sweep_is_polled_and_cancelled(sweep_dirs: SweepDirs) -> None:
     result = tmgg_train("-m", "stage=smoke", "logger=csv", "model=linear_pe", *LOCAL,
                         "hydra.launcher.detach=true", "hydra.launcher.local_containers=1",
