@@ -200,8 +200,7 @@ def record_outcome(job: PlannedJob, result: Any, launcher: str,
         record = base_record(job.task_config, job.overrides, launcher)
         record.update(status=status, finished_at=utc_now(), duration_s=duration, error=error,
                       metrics=metrics if isinstance(metrics, dict) else None)
-        if isinstance(metrics, dict) and metrics.get("wandb_path"):
-            record["wandb"]["path"] = metrics["wandb_path"]
+        _record_live_run(record, metrics)
         ledger.write_job_record(job.job_id, record)
 
 
@@ -254,6 +253,10 @@ def base_record(task_config: dict[str, Any], overrides: Sequence[str], launcher:
             "project": logger.get("project"),
             "group": logger.get("group"),
             "run_id": _wandb_run_id(task_config),
+            "base_url": _pinned_base_url(logger),
+            # The mode this job uses where it runs (auto resolved); the live run's mode
+            # replaces it when the job ends.
+            "mode": _job_wandb_mode(task_config),
             "path": None,
         } if logger.get("name") == "wandb" else None,
         "config": task_config,
@@ -261,9 +264,31 @@ def base_record(task_config: dict[str, Any], overrides: Sequence[str], launcher:
 
 
 def _wandb_run_id(task_config: dict[str, Any]) -> str:
-    from tmgg.identity import wandb_run_id
+    from tmgg.identity import job_wandb_run_id
 
-    return wandb_run_id(str(task_config["job"]["id"]))
+    return job_wandb_run_id(task_config)
+
+
+def _pinned_base_url(logger: dict[str, Any]) -> str:
+    from tmgg.task.loggers import pinned_base_url
+
+    return pinned_base_url(logger)
+
+
+def _job_wandb_mode(task_config: dict[str, Any]) -> str | None:
+    from tmgg.task.loggers import job_wandb_mode
+
+    return job_wandb_mode(task_config)
+
+
+def _record_live_run(record: dict[str, Any], metrics: Any) -> None:
+    """The W&B path and mode the job's live run actually had (from its metrics)."""
+    if not isinstance(metrics, dict) or not record.get("wandb"):
+        return
+    if metrics.get("wandb_path"):
+        record["wandb"]["path"] = metrics["wandb_path"]
+    if metrics.get("wandb_mode"):
+        record["wandb"]["mode"] = metrics["wandb_mode"]
 
 
 def _task_dict(config: DictConfig) -> dict[str, Any]:
@@ -312,8 +337,8 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
 
         delta = datetime.fromisoformat(record["finished_at"]) - datetime.fromisoformat(started)
         record["duration_s"] = round(delta.total_seconds(), 3)
-    if completed and isinstance(value, dict) and value.get("wandb_path") and record.get("wandb"):
-        record["wandb"]["path"] = value["wandb_path"]
+    if completed:
+        _record_live_run(record, value)
     ledger.write_job_record(job_id, record)
 
 
