@@ -243,11 +243,12 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
     from tmgg.orchestration.reconcile import main as reconcile_main
 
     host = f"logger.base_url={wandb_server.base_url}"
-    args = [*ONE_JOB, "logger.mode=online", host]
+    project = "deleted_case"  # this test's own project on the module's server
+    args = [*ONE_JOB, "logger.mode=online", host, f"logger.project={project}"]
     (job,) = compose_sweep([*args, *dirs(tmp_path)]).jobs
     old_id = wandb_run_id(job.job_id)
-    wandb_server.plant_run(TEAM, PROJECT, old_id, display_name=job.run_name, group="smoke")
-    wandb_server.delete_run(TEAM, PROJECT, old_id)  # someone deleted it in the UI
+    wandb_server.plant_run(TEAM, project, old_id, display_name=job.run_name, group="smoke")
+    wandb_server.delete_run(TEAM, project, old_id)  # someone deleted it in the UI
     alice = user(wandb_server, "alice").api_key
     # The service answers 409 and wandb retries until init_timeout: keep the wait short.
     env = online_env(tmp_path, alice, WANDB_INIT_TIMEOUT="20")
@@ -255,7 +256,7 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
     assert refused.returncode != 0
     record = job_records(tmp_path)[job.job_id]
     assert record["status"] == "FAILED"
-    assert f"refuses run id {TEAM}/{PROJECT}/{old_id}" in record["error"]
+    assert f"refuses run id {TEAM}/{project}/{old_id}" in record["error"]
     assert "was deleted there" in record["error"]
     assert "relaunch it with logger.run_generation=1" in record["error"]
     (job_dir,) = (tmp_path / "out" / "smoke").iterdir()
@@ -272,6 +273,47 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
     new_id = wandb_run_id(job.job_id, 1)
     assert new_id != old_id and record["status"] == "FINISHED"
     assert record["wandb"]["run_id"] == new_id
-    run = wandb_server.run(TEAM, PROJECT, new_id)
+    run = wandb_server.run(TEAM, project, new_id)
     assert run is not None and (run.state, run.display_name) == ("finished", job.run_name)
     assert reconcile_main(["--online", *args, "logger.run_generation=1", *dirs(tmp_path)]) == 0
+
+
+# -- sync: offline runs uploaded to the pinned destination --------------------------------
+@pytest.mark.slow
+def test_sync_uploads_offline_runs_to_the_pinned_destination_once(
+        wandb_server: FakeWandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    from tmgg.orchestration.reconcile import main as reconcile_main
+
+    project = "synced_project"  # this test's own project on the module's server
+    args = ["stage=smoke", "model=linear_pe", *TINY, f"logger.project={project}",
+            f"logger.base_url={wandb_server.base_url}"]
+    ran = run_module(tmp_path, "tmgg.app", ["-m", *args, "hydra.launcher.n_workers=2"],
+                     online_env(tmp_path, None))  # no key: auto runs offline
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    records = job_records(tmp_path)
+    assert len(records) == 2 and {r["wandb"]["mode"] for r in records.values()} == {"offline"}
+    assert not wandb_server.runs_in(project=project)
+
+    alice = user(wandb_server, "alice").api_key
+    # The key's default entity is alice; the environment points elsewhere too.
+    env = online_env(tmp_path, alice, WANDB_ENTITY="someone_personal",
+                     WANDB_PROJECT="elsewhere", WANDB_BASE_URL="http://127.0.0.1:9",
+                     WANDB_MODE="offline")
+    synced = run_module(tmp_path, "tmgg.orchestration.cli", ["sync", *args], env)
+    assert synced.returncode == 0, synced.stdout[-2000:] + synced.stderr[-3000:]
+    assert f"-> {TEAM}/{project} on {wandb_server.base_url}" in synced.stdout
+    runs = {run.name: run for run in wandb_server.runs_in(project=project)}
+    assert sorted(runs) == sorted(r["wandb"]["run_id"] for r in records.values())
+    for record in records.values():
+        run = runs[record["wandb"]["run_id"]]
+        assert (run.entity, run.display_name, run.group) == (TEAM, record["run_name"], "smoke")
+        assert (run.state, run.exit_code) == ("finished", 0) and run.history_rows
+    history = {name: list(run.history) for name, run in runs.items()}
+
+    again = run_module(tmp_path, "tmgg.orchestration.cli", ["sync", *args], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {run.name: run.history for run in wandb_server.runs_in(project=project)} == history
+
+    monkeypatch.setenv("WANDB_API_KEY", alice)
+    assert reconcile_main(["--online", *args, *dirs(tmp_path)]) == 0

@@ -447,7 +447,8 @@ def print_table(rows: Sequence[Row], title: str, mode: str,
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"{len(rows)} expected jobs ({mode} evidence): {summary or 'none'}")
+    console.print(f"{len(rows)} expected jobs ({mode} evidence): {summary or 'none'}",
+                  soft_wrap=True)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -19,7 +19,7 @@ the standard library are imported at module level (Hydra start-up path).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,11 +156,6 @@ def key_access(api: Any) -> KeyAccess:
     return KeyAccess(str(user), frozenset(name for name in names if name))
 
 
-def writable_entities(api: Any) -> frozenset[str]:
-    """Entities the API key can write to: its own and its teams'."""
-    return key_access(api).writable
-
-
 def _default_access(base_url: str) -> KeyAccess:
     import os
 
@@ -172,8 +167,7 @@ def _default_access(base_url: str) -> KeyAccess:
     return _ACCESS_CACHE[key]
 
 
-def check_online_access(jobs: Sequence[PlannedJob],
-                        api_factory: Callable[[], Any] | None = None) -> None:
+def check_online_access(jobs: Sequence[PlannedJob]) -> None:
     """Online jobs only: the API key can write to each entity on the pinned host
     (one viewer lookup per host)."""
     online: dict[tuple[str, str], PlannedJob] = {}
@@ -182,8 +176,7 @@ def check_online_access(jobs: Sequence[PlannedJob],
             online.setdefault((str(job.wandb["base_url"]), str(job.wandb["entity"])), job)
     for (base_url, entity), job in online.items():
         try:
-            access = (key_access(api_factory()) if api_factory is not None
-                      else _default_access(base_url))
+            access = _default_access(base_url)
         except Exception as error:  # noqa: BLE001 - any failure means we cannot prove access
             raise PlanError(f"job {job.run_name}: logger.entity: cannot check that the W&B "
                             f"API key may write to {entity!r} on {base_url} (online mode): "
@@ -196,10 +189,9 @@ def check_online_access(jobs: Sequence[PlannedJob],
 
 
 def check_wandb_destinations(jobs: Sequence[PlannedJob], master_config: DictConfig,
-                             api_factory: Callable[[], Any] | None = None,
                              conf_dir: Path = CONF_DIR) -> None:
     """Every W&B job's destination is present, the stage's, and (online) writable."""
     if not any(job.is_tmgg_job and job.wandb is not None for job in jobs):
         return
     check_job_destinations(jobs, expected_destination(master_config, conf_dir))
-    check_online_access(jobs, api_factory)
+    check_online_access(jobs)
