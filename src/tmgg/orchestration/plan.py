@@ -52,7 +52,9 @@ class PlannedJob:
         config_mode = str(logger.get("mode") or "auto")
         # mode: what the job will use, resolved here (auto: offline or online).
         summary.update(base_url=base_url, mode=resolve_wandb_mode(config_mode, base_url),
-                       config_mode=config_mode, run_id=job_wandb_run_id(self.task_config))
+                       config_mode=config_mode,
+                       run_id=job_wandb_run_id(self.task_config)
+                       if "job" in self.task_config else None)
         return summary
 
     def summary(self) -> dict[str, Any]:

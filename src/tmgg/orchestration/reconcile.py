@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tmgg.identity import job_suffix, job_wandb_run_id
+from tmgg.identity import job_suffix, job_wandb_run_id, run_generation, wandb_run_id
 from tmgg.orchestration.ledger import DISPATCHED, FAILED, FINISHED, RUNNING, JobState
 from tmgg.orchestration.plan import PlannedJob
 
@@ -266,6 +266,12 @@ def job_run_id(job: PlannedJob) -> str:
     return job_wandb_run_id(job.task_config)
 
 
+def earlier_run_ids(job: PlannedJob) -> set[str]:
+    """Run ids of the job's earlier ``logger.run_generation``s (replaced, not duplicates)."""
+    return {wandb_run_id(job.job_id, generation)
+            for generation in range(run_generation(job.task_config))}
+
+
 def _belongs(run: RunEvidence, job: PlannedJob) -> bool:
     """Evidence about the job: its run id, or its run name under another id."""
     return run.id == job_run_id(job) or (bool(run.name) and run.name == job.run_name)
@@ -420,8 +426,10 @@ def reconcile_jobs(jobs: Sequence[PlannedJob], states: dict[str, JobState], stag
             runs: list[RunEvidence] = []
         elif mode == "online":
             runs = [run for run in online_runs if _belongs(run, job)]
-        else:  # every run logged from the job's own output dir is the job's
-            runs = local_evidence(job_output_dirs(job, state))
+        else:  # every run logged from the job's own output dir is the job's ...
+            superseded = earlier_run_ids(job)  # ... but runs of earlier generations
+            runs = [run for run in local_evidence(job_output_dirs(job, state))
+                    if run.id not in superseded]
         rows.append(judge(job, state, runs))
     return rows
 
