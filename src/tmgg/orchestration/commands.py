@@ -106,13 +106,13 @@ def plan_main(argv: list[str]) -> int:
     from rich.table import Table
 
     table = Table(title=f"plan: stage {facts['stage']} on {facts['launcher']}")
-    for column in ("#", "job id", "run name", "W&B entity/project/group", "launcher", "GPU",
+    for column in ("#", "job id", "run name", "W&B entity/project/group (mode)", "launcher", "GPU",
                    "est. s", "est. USD"):
         table.add_column(column)
     for row in rows:
         wandb = row.get("wandb")
-        destination = (f"{wandb['entity']}/{wandb['project']}/{wandb['group']}"
-                       if wandb else "(csv, no W&B)")
+        destination = (f"{wandb['entity']}/{wandb['project']}/{wandb['group']} "
+                       f"({wandb['mode']})" if wandb else "(csv, no W&B)")
         cost = row.get("est_cost_usd")
         seconds = row.get("est_gpu_seconds")
         table.add_row(str(row["index"]), row["job_id"], row["run_name"], destination,
