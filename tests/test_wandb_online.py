@@ -130,8 +130,11 @@ def test_online_smoke_sweep_lands_every_run_in_the_pinned_destination(
         assert record["wandb"]["mode"] == "online"
         assert record["wandb"]["base_url"] == server.base_url
         assert record["wandb"]["path"] == f"{TEAM}/{PROJECT}/{run.name}"
-    assert len(server.runs_in()) == 6 + len(server.runs_in(entity="alice"))
+    names = {record["run_name"] for record in records.values()}
+    named = [run for run in server.runs_in() if run.display_name in names]
+    assert len(named) == 6 and {(r.entity, r.project) for r in named} == {(TEAM, PROJECT)}
     assert not server.runs_in(entity="someone_personal")
+    assert not server.runs_in(project="elsewhere")
     # The other host never heard from a job.
     assert online_sweep.decoy.operations == [] and not online_sweep.decoy.runs_in()
     plan = json.loads((online_sweep.root / "exp" / "smoke" / "plan.json").read_text())
@@ -233,6 +236,23 @@ def test_mode_rules() -> None:
     offline = decide_wandb_mode("offline", url, {"WANDB_MODE": "disabled"})
     assert (offline.mode, offline.ignored) == ("offline", ("WANDB_MODE=disabled",))
     assert decide_wandb_mode("disabled", url, {"WANDB_MODE": "online"}).mode == "disabled"
+
+
+def test_guard_refuses_a_run_whose_mode_is_not_the_jobs(tmp_path: Path) -> None:
+    import wandb
+
+    from tmgg.task.wandb_guard import live_run_mode, mode_problem
+
+    run = wandb.init(mode="disabled", dir=str(tmp_path))  # what WANDB_MODE=disabled made
+    try:
+        assert live_run_mode(run) == "disabled"
+    finally:
+        run.finish()
+    assert mode_problem("online", "online") is None
+    assert mode_problem("disabled", "online") == (
+        "W&B run is disabled, job's mode is online (logger.mode; the environment cannot "
+        "change it)")
+    assert mode_problem("offline", "online") is not None
 
 
 # -- a deleted run's id ------------------------------------------------------------------
