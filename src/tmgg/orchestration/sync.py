@@ -100,10 +100,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     """``tmgg-sweep sync stage=... [--dry-run]``: non-zero if an upload failed."""
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.orchestration.compose import recorded_or_composed_sweep
 
     args = parse_args(argv)
-    sweep = compose_sweep(args.overrides)
+    sweep = recorded_or_composed_sweep(args.overrides)
     uploads = plan_uploads(sweep.jobs, sweep.ledger.states())
     if not uploads:
         print(f"stage {sweep.stage}: no offline W&B runs in the jobs' output dirs")
