@@ -13,7 +13,7 @@ else
 LAUNCH_ARGS = hydra/launcher=$(LAUNCHER)
 endif
 
-.PHONY: help install test test-fast lint smoke plan status resume reconcile report stage1 stage2 bench clean
+.PHONY: help install test test-fast lint smoke plan status resume reconcile sync report stage1 stage2 bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ resume:  ## launch only the missing and failed jobs of STAGE
 
 reconcile:  ## expected jobs of STAGE versus W&B and the outputs
 	$(SWEEP) reconcile stage=$(STAGE) $(OVERRIDES)
+
+sync:  ## upload STAGE's offline W&B runs to its pinned entity, project and host
+	$(SWEEP) sync stage=$(STAGE) $(OVERRIDES)
 
 report:  ## write experiments/STAGE/REPORT.md and plots
 	$(SWEEP) report stage=$(STAGE) $(OVERRIDES)

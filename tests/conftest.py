@@ -13,6 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The fake W&B server (tests/wandb_server/) and its fixtures, for online tests.
+pytest_plugins = ["wandb_server.fixtures"]
+
 
 @pytest.fixture(autouse=True)
 def _offline_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SweepDirs, run_cli, tmgg_sweep, tmgg_train
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
-from tmgg.orchestration.ledger import FAILED, FINISHED, Ledger
+from tmgg.launch.local import worker_crash
+from tmgg.launch.worker_pool import Died
+from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger
+from tmgg.orchestration.plan import PlannedJob
+from tmgg.orchestration.sweep import record_lost_job
 
 LOCAL = ["hydra/launcher=local", "hydra.launcher.n_workers=2"]
 
@@ -69,6 +74,75 @@ def test_failed_job_does_not_stop_the_others(sweep_dirs: SweepDirs) -> None:
         assert "injected failure in smoke_filter_bank" in state.error
         assert "RuntimeError" in state.error
     assert "FAILED" in result.stderr
+
+
+def test_sigkilled_worker_fails_its_own_job_only(sweep_dirs: SweepDirs) -> None:
+    """A worker killed by the kernel (OOM killer, SIGKILL) fails its own job, named as such.
+
+    The first of four jobs kills its own worker mid-training, with no clean-up and no
+    reply; the other worker's job in flight and the two queued jobs finish. The
+    crashed job's record and ledger outcome say FAILED with the signal, not the RUNNING
+    its dead process wrote last; the sweep exits non-zero and its table counts 1 failed.
+    """
+    victim = "smoke_linear_pe_lr1e-3_wd1e-2_k8_s1"
+    result = run_cli([str(REPO / "tests/apps/killed_train.py"), "-m", "stage=smoke",
+                      "logger=csv", "model=linear_pe,filter_bank", *LOCAL,
+                      *sweep_dirs.overrides],
+                     env={"TMGG_TEST_KILL_RUN": victim, "TMGG_TEST_KILL_STEP": "40"})
+    assert result.returncode != 0
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    states = {s.run_name: s for s in ledger.states().values()}
+    assert len(states) == 4
+    assert {name: s.status for name, s in states.items() if s.status != FINISHED} == {
+        victim: FAILED}, result.stderr[-3000:]
+    crashed = states[victim]
+    assert "WorkerCrashed" in crashed.error and "SIGKILL (signal 9)" in crashed.error
+    record = sweep_dirs.job_records("smoke")[crashed.job_id]
+    assert record["status"] == FAILED and "SIGKILL" in record["error"]
+    assert record["started_at"] and record["attempts"] == 1  # the job's own start, kept
+    (outcome,) = [e for e in ledger.events()
+                  if e["event"] == "outcome" and e["job_id"] == crashed.job_id]
+    assert outcome["status"] == FAILED and "SIGKILL (signal 9)" in outcome["error"]
+    assert "3 finished, 0 skipped (already finished), 1 failed" in result.stderr
+
+
+def _job_and_ledger(root: Path) -> tuple[PlannedJob, Ledger]:
+    task = {"experiments_dir": str(root), "stage": {"name": "smoke"},
+            "job": {"id": "smoke-0123456789", "run_name": "smoke_x"}, "logger": {"name": "csv"}}
+    job = PlannedJob(index=0, job_id="smoke-0123456789", run_name="smoke_x", stage="smoke",
+                     overrides=[], sweep_config=None, task_config=task)  # type: ignore[arg-type]
+    return job, Ledger(root, "smoke")
+
+
+def _crashed(job: PlannedJob) -> JobReturn:
+    failed = JobReturn(overrides=[], status=JobStatus.FAILED)
+    failed.return_value = worker_crash(job, Died(pid=4242, exitcode=-9))
+    return failed
+
+
+def test_launcher_records_a_dead_workers_job_failed_over_its_running_record(
+        tmp_path: Path) -> None:
+    job, ledger = _job_and_ledger(tmp_path)
+    ledger.write_job_record(job.job_id, {"job_id": job.job_id, "status": RUNNING,
+                                         "started_at": "2026-01-01T00:00:00+00:00",
+                                         "attempts": 1, "output_dir": "/out/smoke_x"})
+    record_lost_job(job, _crashed(job), "local")
+    record = ledger.job_record(job.job_id)
+    assert record["status"] == FAILED and record["attempts"] == 1
+    assert record["started_at"] == "2026-01-01T00:00:00+00:00"  # the job's own, kept
+    assert record["output_dir"] == "/out/smoke_x"
+    assert record["error"].startswith("WorkerCrashed: the worker process (pid 4242) was "
+                                      "killed by SIGKILL (signal 9) (out of memory?")
+
+
+def test_a_job_that_recorded_finished_before_its_worker_died_stays_finished(
+        tmp_path: Path) -> None:
+    job, ledger = _job_and_ledger(tmp_path)
+    finished = {"job_id": job.job_id, "status": FINISHED, "metrics": {"test/mse": 0.25}}
+    ledger.write_job_record(job.job_id, finished)
+    result = record_lost_job(job, _crashed(job), "local")
+    assert result.status == JobStatus.COMPLETED and result.return_value == {"test/mse": 0.25}
+    assert ledger.job_record(job.job_id) == finished
 
 
 def test_override_holding_an_interpolation_is_planned_as_hydra_runs_it(

@@ -161,16 +161,73 @@ def test_killed_job_resumes_from_its_checkpoint_with_the_same_wandb_run(
     assert state.record["modal"]["volume_path"] == f"outputs/smoke/{job_dir.name}"
     # Both attempts logged to one W&B run: offline run folders carry the run id.
     run_id = wandb_run_id(state.job_id)
-    runs = sorted(p.name for p in (job_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs
+    assert _wandb_runs(volume, job_dir) == [run_id, run_id]
     assert metrics["wandb_path"].endswith(f"/{run_id}")
     # The volume was committed after checkpoints and at the end of the job.
-    commits = [json.loads(line)["reason"] for line in
-               (volume / ".volume-commits.jsonl").read_text().splitlines()]
+    commits = [op["reason"] for op in _volume_log(volume) if op["op"] == "commit"]
     assert any(r.startswith("checkpoint") and r.endswith("last.ckpt") for r in commits)
     assert commits[-1] == "job end"
     # The job's own record landed on the (stand-in) volume too.
     assert (volume / "experiments/smoke/jobs" / f"{state.job_id}.json").exists()
+
+
+def _volume_log(volume: Path) -> list[dict]:
+    """The stand-in volume's commits and reloads, in order."""
+    return [json.loads(line) for line in
+            (volume / ".volume-commits.jsonl").read_text().splitlines()]
+
+
+def _wandb_runs(volume: Path, job_dir: Path) -> list[str]:
+    """Run ids of the job's W&B run folders: the finished attempt's, copied onto the
+    volume, and a lost attempt's, left on its container's own disk."""
+    disks = volume.parent / f".{volume.name}-container-disks"
+    folders = [*job_dir.glob("wandb/offline-run-*"),
+               *disks.glob(f"*/outputs/smoke/{job_dir.name}/wandb/offline-run-*")]
+    return [folder.name.rsplit("-", 1)[1] for folder in folders]
+
+
+def test_container_lost_once_resumes_from_its_committed_checkpoint(
+        sweep_dirs: SweepDirs, tmp_path: Path) -> None:
+    """A container that dies mid-training (SIGKILL, no clean-up) after a checkpoint commit
+    is retried, as Modal retries a lost input, and the retry reloads the volume and
+    continues from that checkpoint's step under the same W&B run, not from step 0.
+
+    The stand-in volume refuses a commit while files under it are open in the
+    container, as Modal's does, so every commit succeeding shows the job kept its open
+    files (W&B's, Hydra's log) off the volume or closed them.
+    """
+    volume, marker = tmp_path / "volume", tmp_path / "killed.json"
+    victim = "smoke_linear_pe_lr1e-3_wd1e-2_k8_s1"
+    result = run_cli([str(REPO / "tests/apps/killed_train.py"), "-m", "stage=smoke",
+                      "model=linear_pe", "seed=1", "logger=wandb", "trainer.max_steps=80",
+                      "trainer.val_check_interval=20", *LOCAL,
+                      "hydra.launcher.retries.initial_delay=0",
+                      f"hydra.launcher.local_volume_dir={volume}", *sweep_dirs.overrides],
+                     env={"WANDB_MODE": "offline", "TMGG_TEST_KILL_RUN": victim,
+                          "TMGG_TEST_KILL_STEP": "50", "TMGG_TEST_KILL_ONCE": str(marker)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = json.loads(marker.read_text())
+    assert killed == {"killed_at": 50, "checkpoint_step": 40}
+    (job_dir,) = list(volume.glob("outputs/smoke/*"))
+    metrics = json.loads((job_dir / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == killed["checkpoint_step"]
+    assert metrics["global_step"] == 80
+    (state,) = Ledger(sweep_dirs.experiments, "smoke").states().values()
+    assert state.status == FINISHED
+    own = json.loads((volume / "experiments/smoke/jobs" / f"{state.job_id}.json").read_text())
+    assert own["status"] == FINISHED and own["attempts"] == 2  # the job's record on the volume
+    run_id = wandb_run_id(state.job_id)
+    assert _wandb_runs(volume, job_dir) == [run_id, run_id]
+    assert metrics["wandb_path"].endswith(f"/{run_id}")
+    operations = _volume_log(volume)
+    assert [op for op in operations if op["error"]] == []
+    first, retry = operations[0]["pid"], operations[-1]["pid"]
+    assert first != retry  # the lost container's inputs went to a fresh one
+    assert any(op["op"] == "commit" and op["reason"].endswith("last.ckpt")
+               for op in operations if op["pid"] == first)
+    retried = [op for op in operations if op["pid"] == retry]
+    assert retried[0] == {**retried[0], "op": "reload", "reason": "job start"}
+    assert retried[-1]["reason"] == "job end"
 
 
 def test_unknown_gpu_is_refused_before_dispatch(sweep_dirs: SweepDirs) -> None:
@@ -233,6 +290,49 @@ def test_modal_transport_without_credentials_fails_fast(sweep_dirs: SweepDirs,
     assert not list(Ledger(sweep_dirs.experiments, "smoke").events())  # not even planned
 
 
+MISSING_SECRET_APP = """
+import modal
+
+from tmgg.app import main
+
+
+class MissingSecret:
+    \"\"\"What Modal's server answers for a Secret that does not exist (unreachable here).\"\"\"
+
+    def __init__(self, name, **kwargs):
+        self.name = name
+
+    def hydrate(self):
+        raise modal.exception.NotFoundError(f"Secret '{self.name}' not found in environment 'main'")
+
+
+modal.Secret.from_name = MissingSecret
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_missing_wandb_secret_is_refused_before_the_plan_is_recorded(
+        sweep_dirs: SweepDirs, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = _no_modal_env(home)
+    (home / ".modal.toml").write_text('[default]\ntoken_id = "ak-test"\n'
+                                      'token_secret = "as-test"\n')
+    app = tmp_path / "missing_secret_app.py"
+    app.write_text(MISSING_SECRET_APP)
+    result = subprocess.run(
+        [sys.executable, str(app), "-m", "stage=smoke", "logger=csv", "hydra/launcher=modal",
+         *sweep_dirs.overrides], cwd=REPO, env=env, text=True, capture_output=True,
+        timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "sweep refused, nothing dispatched" in result.stderr
+    assert "hydra.launcher.wandb_secret" in result.stderr
+    assert "`modal secret create wandb WANDB_API_KEY=...`" in result.stderr
+    assert "not found in environment 'main'" in result.stderr
+    assert not list(Ledger(sweep_dirs.experiments, "smoke").events())  # not even planned
+
+
 class _Exit:
     """Unpickling this kills the process: a container lost mid-input."""
 
@@ -246,17 +346,53 @@ class _Sleep:
 
 
 def test_local_containers_follow_modal_semantics() -> None:
-    """Ordered outputs, failures returned as exceptions, lost containers and timeouts retried."""
+    """Outputs as they finish, failures returned as exceptions, lost containers and
+    timeouts retried."""
     settings = ModalSettings(transport="local", timeout_s=1, max_retries=1, initial_delay=0.0,
                              max_delay=1.0, wandb_secret=None)
     inputs = [(serialize(_Sleep()), None), (serialize(_Exit()), None), (b"not a pickle", None)]
     started = time.monotonic()
-    outputs = list(LocalContainers(settings, size=3).map(inputs))
-    assert all(isinstance(o, JobFailure) for o in outputs)
-    assert [o.error_type for o in outputs] == ["FunctionTimeoutError", "ContainerCrashed",
-                                               "UnpicklingError"]
+    arrived = list(LocalContainers(settings, size=3).map(inputs))
+    outputs = dict(arrived)
+    assert sorted(outputs) == [0, 1, 2] and len(arrived) == 3
+    assert all(isinstance(o, JobFailure) for o in outputs.values())
+    assert [outputs[i].error_type for i in range(3)] == ["FunctionTimeoutError",
+                                                         "ContainerCrashed", "UnpicklingError"]
+    assert "exited with code 3" in outputs[1].message
     assert "Traceback" in outputs[2].remote_traceback  # raised in the container's body
+    # As they finish, not in input order: the bad pickle's retry runs at once in its
+    # warm container, while input 0 runs into its time-out twice.
+    assert arrived[0][0] == 2
     assert time.monotonic() - started < 40
+
+
+class _SpawnedCall:
+    """A FunctionCall's contract as the Modal runner uses it: get() waits, then returns
+    the output or raises the input's failure (Modal's servers are out of reach)."""
+
+    def __init__(self, seconds: float, output: object) -> None:
+        self.seconds, self.output = seconds, output
+
+    def get(self) -> object:
+        time.sleep(self.seconds)
+        if isinstance(self.output, BaseException):
+            raise self.output
+        return self.output
+
+
+class _SpawningFunction:
+    def spawn(self, payload: tuple[float, object], volume: str | None) -> _SpawnedCall:
+        return _SpawnedCall(*payload)
+
+
+def test_modal_runner_yields_each_output_as_its_call_finishes() -> None:
+    """One slow job holds back no finished one, and a failure stays pinned on its input."""
+    from tmgg.launch.modal_transport import _ModalRunner
+
+    lost = RuntimeError("container lost")
+    inputs = [((1.0, b"slow"), "vol"), ((0.0, lost), "vol"), ((0.3, b"fast"), "vol")]
+    arrived = list(_ModalRunner(_SpawningFunction()).map(inputs))
+    assert arrived == [(1, lost), (2, b"fast"), (0, b"slow")]
 
 
 def test_detached_sweep_is_polled_and_cancelled(sweep_dirs: SweepDirs) -> None:

@@ -123,3 +123,18 @@ def test_plan_cli_json_lists_jobs_and_dispatches_nothing(sweep_dirs: SweepDirs) 
     refused = tmgg_sweep("plan", "stage=smoke", "noise.levels=[1.5]", *sweep_dirs.overrides)
     assert refused.returncode == 2
     assert "noise.levels" in refused.stderr and "smoke_linear_pe" in refused.stderr
+
+
+@pytest.mark.parametrize("module", ["tmgg.launch.cost", "tmgg.orchestration.wandb_check"])
+def test_plan_refuses_when_a_check_cannot_run(module: str, sweep_dirs: SweepDirs,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A destination or cost check that cannot be imported is not skipped silently."""
+    import sys
+
+    from tmgg.orchestration.commands import plan_main
+
+    monkeypatch.setitem(sys.modules, module, None)  # what a broken import looks like
+    assert plan_main(["stage=smoke", *sweep_dirs.overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"plan refused: the plan check {module}." in err and "cannot run" in err

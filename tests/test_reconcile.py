@@ -6,19 +6,20 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+from wandb_server import FakeWandbServer
+from wandb_server.fixtures import user
 
 from tmgg.identity import wandb_run_id
 from tmgg.orchestration import cli
 from tmgg.orchestration.compose import compose_sweep
+from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.reconcile import (
     iter_records,
-    main,
     parse_args,
+    print_table,
     read_run_file,
     reconcile_jobs,
     search_paths,
@@ -105,89 +106,68 @@ def test_offline_reconcile_of_a_partly_failed_sweep(tmp_path: Path,
     assert row.status == "missing" and "ledger says finished" in row.detail
 
 
-# -- online, against a stand-in with the shape of wandb.Api ---------------------------
-@dataclass
-class StandInRun:
-    """The attributes reconcile reads from a wandb.apis.public.Run."""
-
-    entity: str
-    project: str
-    id: str
-    name: str
-    group: str
-    state: str
-
-
-def _matches(run: StandInRun, filters: dict[str, Any]) -> bool:
-    """W&B's filter semantics for the fields reconcile uses (name is the run id)."""
-    fields = {"name": run.id, "displayName": run.name, "group": run.group, "state": run.state}
-    for key, condition in filters.items():
-        if key == "$or":
-            if not any(_matches(run, sub) for sub in condition):
-                return False
-        elif isinstance(condition, dict) and "$in" in condition:
-            if fields[key] not in condition["$in"]:
-                return False
-        elif fields[key] != condition:
-            return False
-    return True
-
-
-class StandInApi:
-    def __init__(self, runs: list[StandInRun]) -> None:
-        self._runs = runs
-        self.paths: list[str] = []
-
-    def runs(self, path: str, filters: dict[str, Any] | None = None) -> list[StandInRun]:
-        self.paths.append(path)
-        entity, project = path.split("/")
-        if entity == "nobody":
-            raise ValueError(f"Could not find project {project}")  # as wandb.Api does
-        return [run for run in self._runs if (run.entity, run.project) == (entity, project)
-                and _matches(run, filters or {})]
-
-
-def test_online_reconcile_against_a_stand_in_api(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    overrides = [*TINY, "seed=1,2,3,4,5", *dirs(tmp_path)]
-    sweep = compose_sweep(overrides)
-    jobs = {job.run_name[-2:]: job for job in sweep.jobs}
+# -- online: the real wandb.Api against the test suite's W&B server --------------------
+@pytest.mark.slow
+def test_online_reconcile_of_stage1_with_planted_runs(
+        wandb_server: FakeWandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The seed incident's shape: 108 jobs (three pages of wandb's 50), 19 runs in the key's
+    personal entity, a duplicate, a crashed run, a run with a job's name under a foreign
+    id, and a job that never ran. The server applies reconcile's real filters."""
+    overrides = ["stage=stage1", f"logger.base_url={wandb_server.base_url}", *dirs(tmp_path)]
+    jobs = compose_sweep(overrides).jobs
+    assert len(jobs) == 108
     team, project = PINNED.split("/")
+    misrouted, (duplicated, crashed, foreign, never), ok = jobs[:19], jobs[19:23], jobs[23:]
 
-    def run(seed: str, entity: str = team, state: str = "finished", run_id: str | None = None
-            ) -> StandInRun:
-        job = jobs[seed]
-        return StandInRun(entity, project, run_id or wandb_run_id(job.job_id), job.run_name,
-                          "smoke", state)
+    def plant(job: PlannedJob, entity: str = team, run_id: str | None = None,
+              state: str = "finished") -> None:
+        wandb_server.plant_run(entity, project, run_id or wandb_run_id(job.job_id),
+                               display_name=job.run_name, group="stage1", state=state,
+                               exit_code=0 if state == "finished" else None)
 
-    api = StandInApi([
-        run("s1"),
-        run("s2", state="failed"),
-        run("s3", entity="someone_personal", run_id="x7rand0m"),  # the incident's runs
-        run("s4"), run("s4", run_id="dup1d"),
-        # s5 ran nowhere; a run of another job of the stage is not ours.
-        StandInRun(team, project, "other", "smoke_filter_bank_x", "smoke", "finished"),
-    ])
-    assert main(["--online", *overrides], api=api) == 1
-    out = capsys.readouterr().out
-    assert "2 missing" in out  # s3 is not found without searching its entity
+    for index, job in enumerate(misrouted):  # wandb.init without an entity: the key's own
+        plant(job, entity="alice", run_id=None if index % 2 else f"incident{index:02d}")
+    for job in [duplicated, *ok]:
+        plant(job)
+    plant(duplicated, run_id="dup00001")
+    plant(crashed, state="crashed")
+    plant(foreign, run_id="foreign01")  # its name, someone else's run
+    wandb_server.plant_run(team, project, "otherstage", display_name="stage2_x", group="stage2")
 
+    monkeypatch.setenv("WANDB_API_KEY", user(wandb_server, "alice").api_key)
     notes: list[str] = []
-    rows = {row.run_name[-2:]: row for row in reconcile_jobs(
-        sweep.jobs, {}, "smoke", mode="online", search_entities=["nobody", "someone_personal"],
-        api=api, notes=notes)}
-    assert notes == [f"could not read runs of nobody/{project}: ValueError: Could not find "
+    # No api given: reconcile opens wandb.Api on the pinned host, as the command does.
+    rows = {row.job_id: row for row in reconcile_jobs(
+        jobs, {}, "stage1", mode="online", search_entities=["mallory"], notes=notes)}
+    print_table(list(rows.values()), title="reconcile", mode="online", notes=notes)
+    out = capsys.readouterr().out
+    assert ("108 expected jobs (online evidence): 1 duplicated, 1 failed, 1 foreign, "
+            "19 misrouted, 1 missing, 85 ok") in out
+    # alice's own entity was searched unasked; mallory's is not alice's to read.
+    assert notes == [f"could not read runs of mallory/{project}: ValueError: Could not find "
                      f"project {project}"]
-    assert {k: r.status for k, r in rows.items()} == {
-        "s1": "ok", "s2": "failed", "s3": "misrouted", "s4": "duplicated", "s5": "missing"}
-    assert f"someone_personal/{project}" in api.paths
-    assert f"someone_personal/{project}/x7rand0m" in rows["s3"].detail
-    assert rows["s4"].run_ids == sorted([wandb_run_id(jobs["s4"].job_id), "dup1d"])
+    for index, job in enumerate(misrouted):
+        row = rows[job.job_id]
+        run_id = wandb_run_id(job.job_id) if index % 2 else f"incident{index:02d}"
+        assert row.status == "misrouted"
+        assert row.detail == f"found at alice/{project}/{run_id} (finished)"
+    assert rows[duplicated.job_id].status == "duplicated"
+    assert rows[duplicated.job_id].run_ids == sorted(["dup00001",
+                                                      wandb_run_id(duplicated.job_id)])
+    assert (rows[crashed.job_id].status, rows[crashed.job_id].detail) == (
+        "failed", f"run {wandb_run_id(crashed.job_id)} crashed")
+    assert rows[foreign.job_id].status == "foreign"
+    assert "has this job's name but not its run id" in rows[foreign.job_id].detail
+    assert (rows[never.job_id].status, rows[never.job_id].run_ids) == ("missing", [])
+    assert {rows[job.job_id].status for job in ok} == {"ok"}
+    # The pinned project's 88 stage-1 runs came in two pages of 50.
+    assert wandb_server.operations.count("Runs") >= 4
 
-    only_s1 = [*TINY, "seed=1", *dirs(tmp_path)]
-    assert main(["--online", *only_s1], api=api) == 0
+
+def test_reconcile_arguments() -> None:
     args = parse_args(["stage=smoke", "--search-entity", "alice", "seed=1", "--search-entity",
                        "bob/proj"])
     assert args.search_entity == ["alice", "bob/proj"]
     assert args.overrides == ["stage=smoke", "seed=1"] and args.mode == "auto"
-    assert search_paths(args.search_entity, [project]) == [f"alice/{project}", "bob/proj"]
+    assert search_paths(args.search_entity, ["p"]) == ["alice/p", "bob/proj"]

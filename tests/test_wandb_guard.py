@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -223,32 +222,6 @@ def test_plan_check_refuses_a_destination_that_varies_per_job(tmp_path: Path) ->
         check_wandb_destinations(sweep.jobs, sweep.master_config)
 
 
-class StandInApi:
-    """The shape of wandb.Api().viewer: entity, username, teams."""
-
-    def __init__(self, entity: str, teams: list[str]) -> None:
-        self.viewer = SimpleNamespace(entity=entity, username=entity, teams=teams)
-
-
-def test_online_plan_check_needs_a_key_that_can_write_to_the_entity(tmp_path: Path) -> None:
-    sweep = compose_sweep([*TINY, "logger.mode=online", *dirs(tmp_path)])
-    check_wandb_destinations(sweep.jobs, sweep.master_config,
-                             api_factory=lambda: StandInApi("alice", ["graph_denoise_team"]))
-    with pytest.raises(PlanError, match="logger.entity: the W&B API key cannot write to "
-                                        "entity 'graph_denoise_team'; it can write to alice"):
-        check_wandb_destinations(sweep.jobs, sweep.master_config,
-                                 api_factory=lambda: StandInApi("alice", []))
-
-    def unreachable() -> StandInApi:
-        raise ConnectionError("api.wandb.ai unreachable")
-
-    with pytest.raises(PlanError, match="cannot check .* ConnectionError"):
-        check_wandb_destinations(sweep.jobs, sweep.master_config, api_factory=unreachable)
-    # Offline jobs never ask the API.
-    offline = compose_sweep([*TINY, "logger.mode=offline", *dirs(tmp_path)])
-    check_wandb_destinations(offline.jobs, offline.master_config, api_factory=unreachable)
-
-
 def test_guard_names_the_live_and_pinned_destinations() -> None:
     from tmgg.task.wandb_guard import destination_problem
 
@@ -262,3 +235,12 @@ def test_guard_names_the_live_and_pinned_destinations() -> None:
     # The right place but another run (a W&B sweep context, or an earlier job's run).
     problem = destination_problem(team, project, "a32xip9w", team, project, run_id)
     assert problem is not None and f"is not this job's run {team}/{project}/{run_id}" in problem
+    # The right place on another W&B host (WANDB_BASE_URL followed after all).
+    assert destination_problem(team, project, run_id, team, project, run_id,
+                               live_base_url="https://wandb.example.org",
+                               base_url="https://api.wandb.ai") == (
+        f"W&B run {team}/{project} logs to host https://wandb.example.org, job is pinned to "
+        "https://api.wandb.ai (logger.base_url)")
+    assert destination_problem(team, project, run_id, team, project, run_id,
+                               live_base_url="https://api.wandb.ai/",
+                               base_url="https://api.wandb.ai") is None

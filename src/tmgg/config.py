@@ -65,6 +65,18 @@ def positive_int(value: Any) -> str | None:
     return None
 
 
+def non_negative_int(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return f"expected an integer >= 0, got {value!r}"
+    return None
+
+
+def http_url(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        return f"expected an http(s) URL of a W&B server, got {value!r}"
+    return None
+
+
 def one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
     def rule(value: Any) -> str | None:
         if value not in options:
@@ -167,6 +179,8 @@ def validate_job_config(cfg: DictConfig, job: str | None = None) -> None:
             ("logger.entity", non_empty_string),
             ("logger.project", non_empty_string),
             ("logger.mode", one_of(WANDB_MODES)),
+            ("logger.base_url", http_url),
+            ("logger.run_generation", non_negative_int),
         ]
     for field, rule in checks:
         _check_field(cfg, job, field, rule)

@@ -25,6 +25,8 @@ NON_IDENTITY_KEYS = frozenset(
         "logger.mode",
         "trainer.num_threads",
         "trainer.resume",
+        "logger.base_url",
+        "logger.run_generation",
     }
 )
 
@@ -91,9 +93,27 @@ def job_suffix(job_id_value: str) -> str:
     return job_id_value.rsplit("-", 1)[-1]
 
 
-def wandb_run_id(job_id_value: str) -> str:
-    """The W&B run id of a job: derived from the job id, so a relaunch resumes it."""
-    return hashlib.sha1(f"wandb:{job_id_value}".encode()).hexdigest()[:16]
+def wandb_run_id(job_id_value: str, generation: int = 0) -> str:
+    """The W&B run id of a job: derived from the job id, so a relaunch resumes it.
+
+    ``generation`` (``logger.run_generation``, default 0: the ids runs always had)
+    starts a fresh run for the same job, e.g. after its run was deleted on the server,
+    which never lets a deleted run's id be used again.
+    """
+    seed = f"wandb:{job_id_value}" if not generation else f"wandb:{job_id_value}:{generation}"
+    return hashlib.sha1(seed.encode()).hexdigest()[:16]
+
+
+def run_generation(config: Any) -> int:
+    """A composed job config's ``logger.run_generation`` (0 when absent)."""
+    logger = config.get("logger") if hasattr(config, "get") else None
+    value = logger.get("run_generation") if logger is not None else None
+    return int(value or 0)
+
+
+def job_wandb_run_id(config: Any) -> str:
+    """The W&B run id of a composed job config (dict or DictConfig)."""
+    return wandb_run_id(str(config["job"]["id"]), run_generation(config))
 
 
 def override_lines(node: Any) -> list[str]:

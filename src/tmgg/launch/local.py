@@ -5,8 +5,9 @@ their first job, so a job costs its training time plus a few milliseconds. With 
 default ``forkserver`` start method the heavy imports happen once, in the fork
 server (``tmgg.launch.warm``), started at multirun start while Hydra is still
 composing the sweep (``LocalWorkersCallback``); every worker is a fork of it.
-Results are recorded in the ledger as they arrive; a crashed worker fails only its
-own job.
+Results are recorded in the ledger as they arrive. Each worker has its own pipe
+(``tmgg.launch.worker_pool``), so a worker killed by the kernel (OOM, SIGKILL) fails
+its own job only, FAILED with the signal named; a fresh worker takes the next job.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from tmgg.launch.common import (
@@ -26,11 +26,13 @@ from tmgg.launch.common import (
     task_payload,
     task_results,
 )
-from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload
+from tmgg.launch.worker_pool import Died, WorkerPool
+from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload, serialize
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.sweep import (
     planned_jobs,
     record_dispatched,
+    record_lost_job,
     record_outcome,
     split_finished,
 )
@@ -116,13 +118,39 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="tmgg-parent-watch", daemon=True).start()
 
 
-def _crashed_return(job: PlannedJob, error: BaseException) -> Any:
+def _worker_main(conn: Any, threads: int, modules: Sequence[str]) -> None:
+    """A worker: warm up once, then run payload after payload until the pipe closes.
+
+    Replies ``("ok", pickled JobReturn)``, or ``("error", pickled JobFailure)`` when the
+    payload itself could not be run (a failing job is an ok reply with a FAILED return).
+    """
+    _init_worker(threads, modules)
+    while True:
+        try:
+            payload = conn.recv()
+        except (EOFError, OSError):
+            return
+        if payload is None:
+            return
+        try:
+            reply = ("ok", execute_payload(payload))
+        except Exception as error:  # noqa: BLE001 - becomes this job's FAILED return
+            reply = ("error", serialize(JobFailure.from_exception(error)))
+        conn.send(reply)
+
+
+def _failed_return(job: PlannedJob, failure: JobFailure) -> Any:
     from hydra.core.utils import JobReturn, JobStatus
 
     ret = JobReturn(overrides=job.overrides, status=JobStatus.FAILED)
-    ret.return_value = JobFailure("WorkerCrashed", f"the worker process running job "
-                                  f"{job.run_name} died: {error!r}", "")
+    ret.return_value = failure
     return ret
+
+
+def worker_crash(job: PlannedJob, died: Died) -> JobFailure:
+    """The error of a job whose worker process died under it (OOM killer, SIGKILL, ...)."""
+    return JobFailure("WorkerCrashed", f"{died.describe()} while running job "
+                      f"{job.run_name}; its other jobs went on in the remaining workers", "")
 
 
 def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
@@ -138,57 +166,67 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     threads = int(params.get("threads_per_worker") or 1)
     modules = preload_modules(config)
     context = worker_context(str(params.get("start_method") or "forkserver"), modules)
-    retries_left = {position: int(params.get("worker_crash_retries", 1)) for position in pending}
+    crash_retries = {position: int(params.get("worker_crash_retries") or 0)
+                     for position in pending}
     log.info("Launching %d jobs (%d already finished) on %d local workers", len(pending),
              len(jobs) - len(pending), n_workers)
 
-    with _Progress(bool(params.get("progress", True)), len(jobs),
-                   len(jobs) - len(pending)) as bar:
-        while pending:
-            pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context,
-                                       initializer=_init_worker,
-                                       initargs=(threads, modules))
-            futures: dict[Future[bytes], list[int]] = {}
-            # A fused group (jobs of one batch stream) is one task; its results fan out.
-            for task in dispatch_tasks(jobs, pending, config, launcher.task_function):
-                payload = task_payload([jobs[p] for p in task], launcher.task_function)
-                for position in task:
-                    record_dispatched(jobs[position], LAUNCHER)
-                futures[pool.submit(execute_payload, payload)] = task
-            pending = []
-            remaining = set(futures)
-            while remaining:
-                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                for future in done:
-                    task = futures[future]
-                    try:
-                        returned = task_results(deserialize(future.result()))
-                    except BrokenProcessPool as error:
-                        returned = []
-                        for position in task:
-                            if retries_left[position] > 0:
-                                retries_left[position] -= 1
-                                pending.append(position)
-                                returned.append(None)
-                            else:
-                                returned.append(_crashed_return(jobs[position], error))
-                    except Exception as error:  # noqa: BLE001 - becomes a FAILED job
-                        from hydra.core.utils import JobReturn, JobStatus
+    # A fused group (jobs of one batch stream) is one task; its results fan out.
+    queue: deque[tuple[int, ...]] = deque(
+        tuple(task) for task in dispatch_tasks(jobs, pending, config, launcher.task_function))
+    progress = bool(params.get("progress", True))
+    with _Progress(progress, len(jobs), len(jobs) - len(pending)) as bar, \
+            WorkerPool(context, _worker_main, (threads, modules), n_workers,
+                       "tmgg-local-worker") as pool:
 
-                        returned = []
-                        for position in task:
-                            failed = JobReturn(overrides=jobs[position].overrides,
-                                               status=JobStatus.FAILED)
-                            failed.return_value = JobFailure.from_exception(error)
-                            returned.append(failed)
-                    for position, result in zip(task, returned, strict=True):
-                        if result is None:
-                            continue  # retried in a fresh worker
-                        results[position] = result
-                        record_outcome(jobs[position], result, LAUNCHER)
-                        bar.advance(jobs[position], result)
-            pool.shutdown(wait=True, cancel_futures=True)
-    if bool(params.get("progress", True)):
+        def finish(position: int, result: Any) -> None:
+            """Every job's outcome is recorded here, once."""
+            results[position] = result
+            record_outcome(jobs[position], result, LAUNCHER)
+            bar.advance(jobs[position], result)
+
+        def crashed(task: tuple[int, ...], died: Died) -> None:
+            """The task's worker is dead: run it again, or record its jobs FAILED."""
+            if all(crash_retries[position] > 0 for position in task):
+                for position in task:
+                    crash_retries[position] -= 1
+                log.warning("%s; running it again in a fresh worker",
+                            worker_crash(jobs[task[0]], died).message)
+                queue.append(task)
+                return
+            for position in task:
+                job = jobs[position]
+                failed = _failed_return(job, worker_crash(job, died))
+                finish(position, record_lost_job(job, failed, LAUNCHER))
+
+        while queue or pool.busy():
+            while queue and (worker := pool.idle_worker()) is not None:
+                task = queue.popleft()
+                task_jobs = [jobs[position] for position in task]
+                # The one place a task (a job, or a fused group) is handed to a worker.
+                for job in task_jobs:
+                    record_dispatched(job, LAUNCHER)
+                try:
+                    worker.send(task, task_payload(task_jobs, launcher.task_function))
+                except OSError:  # the worker died before it took the task
+                    pool.discard(worker)
+                    crashed(task, Died(worker.process.pid, worker.process.exitcode))
+            for worker, reply in pool.wait():
+                task, worker.task = worker.task, None
+                if isinstance(reply, Died):
+                    crashed(task, reply)
+                    continue
+                status, value = reply
+                try:
+                    if status != "ok":
+                        raise deserialize(value)
+                    returned = task_results(deserialize(value))
+                except Exception as error:  # noqa: BLE001 - becomes FAILED jobs
+                    failure = JobFailure.from_exception(error)
+                    returned = [_failed_return(jobs[position], failure) for position in task]
+                for position, result in zip(task, returned, strict=True):
+                    finish(position, result)
+    if progress:
         print_outcome_table(jobs, results, title=f"local launcher: {len(jobs)} jobs")
     return results
 

@@ -2,9 +2,10 @@
 
 ``run_job`` is the body of the remote function. It runs a job's payload through
 ``tmgg.orchestration.executor.execute_payload`` — the function the local launcher's
-workers run — and commits the volume after every checkpoint and at the end, so a
-retried or preempted job finds its last checkpoint on the volume and resumes from
-it (its output directory is derived from the job id, its W&B run id too).
+workers run — reloading the volume first and committing it after every checkpoint
+and at the end (``VolumeSync``), so a retried or preempted job finds its last
+checkpoint on the volume and resumes from it (its output directory is derived from
+the job id, its W&B run id too).
 
 ``build_app`` attaches ``run_job`` to a ``modal.App`` configured per sweep (app,
 volume and secret names come from ``hydra.launcher``). ``run_job`` stays a module
@@ -21,7 +22,6 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -41,41 +41,99 @@ PINNED_PACKAGES = ("hydra-core", "omegaconf", "cloudpickle")
 # train.py reads this variable to add a launcher's Lightning callbacks (a
 # "module:function" factory called with (cfg, output_dir)).
 CALLBACK_FACTORY_ENV = "TMGG_CALLBACK_FACTORY"
-# transport=local: where the stand-in volume logs its commits (JSON lines).
+# transport=local: where the stand-in volume logs its commits and reloads (JSON lines).
 LOCAL_COMMIT_LOG_ENV = "TMGG_LOCAL_VOLUME_COMMIT_LOG"
 FUNCTION_NAME = "run_job"
 
-# The committer of the job running in this process (one job at a time per container).
-_COMMIT: dict[str, Callable[[str], None]] = {}
+# transport=local: where the stand-in volume is (its commits check for open files),
+# and the container-local disk its containers keep their scratch folders on.
+LOCAL_VOLUME_DIR_ENV = "TMGG_LOCAL_VOLUME_DIR"
+LOCAL_SCRATCH_ENV = "TMGG_LOCAL_SCRATCH_DIR"
+# Where a job's files that stay open while it runs go instead of the volume (W&B's):
+# the container's own disk, lost with the container as on Modal.
+SCRATCH_DIR = "/tmp/tmgg-volume-scratch"
 
 
-def _noop_commit(reason: str) -> None:
-    """transport=local: a volume commit is a no-op, logged when a log path is set."""
-    path = os.environ.get(LOCAL_COMMIT_LOG_ENV)
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
-            handle.write(json.dumps({"time": time.time(), "pid": os.getpid(),
-                                     "reason": reason}) + "\n")
+class VolumeSync:
+    """Commit and reload of the outputs volume from inside a container, never fatal.
 
+    modal 1.6.4: ``commit()`` persists the container's changes and then reloads, and
+    ``reload()`` makes commits of other containers visible here (a warm container sees
+    the volume as it was when mounted); both raise ``RuntimeError`` while files on the
+    volume are open (``tmgg.launch.volume_files``), and commit raises on a conflict.
+    So log files are closed first, and a failure is logged, not raised: a checkpoint
+    commit that failed is tried again at the next checkpoint and at the job's end, and
+    a failed final commit cannot make Modal retry a finished job (Modal also commits a
+    container's volumes when the container exits).
 
-def volume_committer(volume_name: str | None) -> Callable[[str], None]:
-    """``volume.commit()`` inside a Modal container; a (logged) no-op elsewhere."""
-    if not volume_name or modal.is_local():
-        return _noop_commit
-    volume = modal.Volume.from_name(volume_name)
+    transport=local: the volume is a directory written in place (``local_volume_dir``,
+    or none); a commit fails, as on Modal, while files under it are open in the
+    container, and every operation is logged (JSON lines) when a log path is set.
+    """
 
-    def commit(reason: str) -> None:
+    def __init__(self, volume_name: str | None) -> None:
+        self.name = volume_name
+        on_modal = bool(volume_name) and not modal.is_local()
+        self.volume = modal.Volume.from_name(volume_name) if on_modal else None
+        local_dir = os.environ.get(LOCAL_VOLUME_DIR_ENV)
+        self.root: Path | None = Path(VOLUME_MOUNT) if on_modal else (
+            Path(local_dir) if local_dir else None)
+        self.uncommitted: str | None = None  # why the last failed commit was made
+
+    def commit(self, reason: str) -> bool:
+        ok = self._run("commit", reason)
+        self.uncommitted = None if ok else reason
+        return ok
+
+    def reload(self, reason: str) -> bool:
+        return self._run("reload", reason)
+
+    def _run(self, operation: str, reason: str) -> bool:
+        from tmgg.launch.volume_files import close_log_files_under, open_files_under
+
         started = time.perf_counter()
-        volume.commit()
-        log.info("volume %s committed (%s) in %.1fs", volume_name, reason,
-                 time.perf_counter() - started)
+        error: str | None = None
+        try:
+            if self.root is not None:
+                close_log_files_under(self.root)
+            if self.volume is not None:
+                getattr(self.volume, operation)()
+            elif self.root is not None and operation == "commit":
+                still_open = open_files_under(self.root)
+                if still_open:  # what Modal answers, for the stand-in to be honest
+                    raise RuntimeError("there are open files preventing the operation: "
+                                       + ", ".join(still_open[:3]))
+        except Exception as exc:  # noqa: BLE001 - logged; retried or left to Modal
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("volume %s %s (%s) failed: %s", self.name, operation, reason, error)
+        else:
+            log.info("volume %s %s (%s) in %.1fs", self.name, operation, reason,
+                     time.perf_counter() - started)
+        self._log(operation, reason, error)
+        return error is None
 
-    return commit
+    @staticmethod
+    def _log(operation: str, reason: str, error: str | None) -> None:
+        path = os.environ.get(LOCAL_COMMIT_LOG_ENV)
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as handle:
+                handle.write(json.dumps({"time": time.time(), "pid": os.getpid(),
+                                         "op": operation, "reason": reason,
+                                         "error": error}) + "\n")
+
+
+# The volume of the job running in this process (one job at a time per container).
+_VOLUME: dict[str, VolumeSync] = {}
 
 
 def commit_volume(reason: str) -> None:
-    _COMMIT.get("commit", _noop_commit)(reason)
+    volume = _VOLUME.get("volume")
+    if volume is None:
+        return
+    if volume.uncommitted:
+        reason = f"{reason} (and the failed commit at {volume.uncommitted})"
+    volume.commit(reason)
 
 
 def checkpoint_callbacks(cfg: Any, output_dir: Any) -> list[Any]:
@@ -112,18 +170,32 @@ def run_job(payload: bytes, volume_name: str | None) -> bytes:
 
     Never raises for a failing job (the executor turns it into a FAILED JobReturn
     carrying the traceback), so Modal's retries apply to lost containers, timeouts
-    and preemptions only.
+    and preemptions only. Before the job looks for its ``last.ckpt``, the volume is
+    reloaded: a retry on a warm container must see what the lost attempt committed.
     """
+    from tmgg.launch.volume_files import SCRATCH_ROOT_ENV, VOLUME_ROOT_ENV, copy_back
     from tmgg.orchestration.executor import execute_payload
 
-    commit = volume_committer(volume_name)
-    _COMMIT["commit"] = commit
+    volume = VolumeSync(volume_name)
+    _VOLUME["volume"] = volume
     os.environ[CALLBACK_FACTORY_ENV] = f"{__name__}:checkpoint_callbacks"
+    scratch: Path | None = None
+    if volume.root is not None:
+        base = Path(os.environ.get(LOCAL_SCRATCH_ENV) or SCRATCH_DIR)
+        scratch = base / f"container-{os.getpid()}"
+        os.environ[VOLUME_ROOT_ENV] = str(volume.root)
+        os.environ[SCRATCH_ROOT_ENV] = str(scratch)
+    volume.reload("job start")
     try:
         return execute_payload(payload)
     finally:
-        commit("job end")
-        _COMMIT.pop("commit", None)
+        if scratch is not None and volume.root is not None:
+            try:  # the W&B run's files, closed by now; never worth a retry of the job
+                copy_back(scratch, volume.root)
+            except OSError as error:
+                log.warning("could not copy %s onto the volume: %s", scratch, error)
+        commit_volume("job end")
+        _VOLUME.pop("volume", None)
 
 
 @dataclass

@@ -32,7 +32,12 @@ from tmgg.launch.modal_results import (
     to_job_return,
     volume_root,
 )
-from tmgg.launch.modal_settings import ModalSettings, check_settings, check_wandb_secret
+from tmgg.launch.modal_settings import (
+    ModalSettings,
+    check_settings,
+    check_wandb_secret,
+    require_wandb_secret,
+)
 from tmgg.launch.modal_transport import open_runner
 from tmgg.orchestration.ledger import DISPATCHED
 from tmgg.orchestration.plan import PlannedJob
@@ -98,7 +103,8 @@ def _calls_dir(jobs: Sequence[PlannedJob], config: DictConfig) -> Path:
 def preflight(config: DictConfig, pending: Sequence[PlannedJob]) -> ModalSettings:
     """Every refusal this launcher makes before dispatch, for the jobs still to run.
 
-    Settings, credentials, the cost limit and the W&B secret. The ledger runs it before
+    Settings, credentials, the cost limit and the W&B secret (that it is set when jobs
+    log to W&B online, and, on Modal, that it exists: one lookup). The ledger runs it before
     it records the plan (``tmgg.launch.common.launcher_preflight``), so a refused sweep
     leaves no trace; ``launch_modal`` runs it again for apps without the ledger (and
     for the jobs still unfinished when the launch begins).
@@ -106,6 +112,8 @@ def preflight(config: DictConfig, pending: Sequence[PlannedJob]) -> ModalSetting
     settings = check_settings(config.hydra.launcher)
     check_cost_limit(config, plan_estimates(config, pending))
     check_wandb_secret(settings, pending)
+    if pending:
+        require_wandb_secret(settings)
     return settings
 
 
@@ -144,8 +152,9 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
             for position in pending:
                 record_dispatched(jobs[position], LAUNCHER)
             with _progress(settings, len(jobs), len(jobs) - len(pending)) as bar:
-                outputs = runner.map(inputs)
-                for position, output in zip(pending, outputs, strict=False):
+                # Recorded as each finishes: a killed launcher loses no finished result.
+                for index, output in runner.map(inputs):
+                    position = pending[index]
                     job = jobs[position]
                     result = to_job_return(job, output)
                     results[position] = result

@@ -167,10 +167,17 @@ class ModalSettings:
         """What a local container needs to build the same Modal function."""
         env = {}
         if self.local_volume_dir:
-            from tmgg.launch.modal_app import LOCAL_COMMIT_LOG_ENV
+            from tmgg.launch.modal_app import (
+                LOCAL_COMMIT_LOG_ENV,
+                LOCAL_SCRATCH_ENV,
+                LOCAL_VOLUME_DIR_ENV,
+            )
 
-            env[LOCAL_COMMIT_LOG_ENV] = str(Path(self.local_volume_dir).resolve()
-                                            / ".volume-commits.jsonl")
+            volume = Path(self.local_volume_dir).resolve()
+            env[LOCAL_COMMIT_LOG_ENV] = str(volume / ".volume-commits.jsonl")
+            env[LOCAL_VOLUME_DIR_ENV] = str(volume)
+            # Off the volume, as a container's own disk is on Modal.
+            env[LOCAL_SCRATCH_ENV] = str(volume.parent / f".{volume.name}-container-disks")
         return {"app_name": self.app_name, "volume": self.volume,
                 "wandb_secret": self.wandb_secret, "timeout_s": self.timeout_s, "env": env}
 
@@ -238,3 +245,26 @@ def check_wandb_secret(settings: ModalSettings, jobs: Sequence[PlannedJob]) -> N
                 "Modal Secret is set, so its container has no WANDB_API_KEY; create one with "
                 "`modal secret create wandb WANDB_API_KEY=...` and name it here, or use "
                 "logger=csv or logger.mode=offline")
+
+
+def require_wandb_secret(settings: ModalSettings) -> None:
+    """transport=modal: the named Secret exists and holds WANDB_API_KEY (one lookup).
+
+    Every container mounts it, so without this check a missing Secret surfaces as
+    Modal's NotFoundError when the app starts, after the plan was recorded.
+    """
+    if settings.transport != "modal" or not settings.wandb_secret:
+        return
+    import modal
+
+    name = settings.wandb_secret
+    try:
+        modal.Secret.from_name(name, required_keys=["WANDB_API_KEY"]).hydrate()
+    except (modal.exception.NotFoundError, modal.exception.InvalidError) as error:
+        raise LauncherSettingError(
+            "hydra.launcher.wandb_secret",
+            f"Modal could not give the containers Secret {name!r} with WANDB_API_KEY "
+            f"({error}). Create it with `modal secret create {name} WANDB_API_KEY=...` "
+            "(your key: https://wandb.ai/authorize), name another one here, or set "
+            "hydra.launcher.wandb_secret=null if no job logs to W&B online. Nothing was "
+            "dispatched") from error

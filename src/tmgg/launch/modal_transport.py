@@ -1,14 +1,14 @@
 """The Modal launcher's transports: Modal itself, or local processes standing in for it.
 
-The boundary is small — a ``Runner`` with ``map`` (Modal's ``starmap`` with ordered
-outputs and ``return_exceptions=True``) and ``spawn`` (returns a call id):
+The boundary is small — a ``Runner`` with ``map`` (every input's output or exception,
+with its index, as each finishes) and ``spawn`` (returns a call id):
 
 - ``modal``: an ephemeral ``app.run()``, ``Function.with_options(...)`` with this
   sweep's GPU, CPU, memory, timeout, retries and max_containers.
 - ``local``: worker processes standing in for containers (``LocalContainers``). Each
   imports the Modal app module and runs the remote function's own body with
   ``Function.local()``; a pool bounded by ``max_containers`` keeps containers warm
-  between inputs, keeps outputs in input order, retries lost containers and timeouts
+  between inputs, returns outputs as they finish, retries lost containers and timeouts
   with ``modal.Retries``' backoff, and returns failures as exceptions. A detached
   local call is a session-leader process (``python -m tmgg.launch.modal_transport
   local-call``) whose result is a file under the stage's ledger directory.
@@ -26,11 +26,11 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
 from typing import Any, Protocol
 
 from tmgg.launch.modal_settings import ModalSettings
+from tmgg.launch.worker_pool import Died, WorkerPool
 from tmgg.orchestration.executor import JobFailure, deserialize, serialize
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ _LOCAL_VOLUME_WARNING = ".*executing locally and will not have access to the mou
 
 
 class Runner(Protocol):
-    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[Any]:
-        """One output per input, in input order; a failed input yields its exception."""
+    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[tuple[int, Any]]:
+        """``(index, output)`` per input as each finishes; a failed input's output is
+        its exception. Completion order: one slow job holds back no finished result."""
 
     def spawn(self, args: tuple[bytes, str | None]) -> str:
         """Start one call without waiting; its call id."""
@@ -54,12 +55,35 @@ class _ModalRunner:
     def __init__(self, function: Any) -> None:
         self.function = function
 
-    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[Any]:
-        yield from self.function.starmap(list(inputs), order_outputs=True,
-                                         return_exceptions=True)
+    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[tuple[int, Any]]:
+        """Spawned calls, each awaited in its own thread.
+
+        ``starmap(order_outputs=False)`` would yield in completion order too, but
+        without telling which input an exception belongs to (modal 1.6.4 drops the
+        index), so a lost container could not be pinned on its job.
+        """
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        calls = [self.function.spawn(*args) for args in inputs]
+        pool = ThreadPoolExecutor(max_workers=max(1, min(len(calls), 256)),
+                                  thread_name_prefix="tmgg-modal-result")
+        try:
+            futures = {pool.submit(_output_of, call): index for index, call in enumerate(calls)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def spawn(self, args: tuple[bytes, str | None]) -> str:
         return str(self.function.spawn(*args).object_id)
+
+
+def _output_of(call: Any) -> Any:
+    """A FunctionCall's return value, or the exception it ended with."""
+    try:
+        return call.get()
+    except Exception as error:  # noqa: BLE001 - the input's failure is its output
+        return error
 
 
 @contextlib.contextmanager
@@ -100,39 +124,14 @@ def _container_main(conn: Any, spec: dict[str, Any]) -> None:
         conn.send(reply)
 
 
-class _Container:
-    def __init__(self, context: Any, spec: dict[str, Any]) -> None:
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_container_main, args=(child, spec),
-                                       name="tmgg-local-container")
-        self.process.start()
-        child.close()
-        self.position: int | None = None
-        self.started: float | None = None  # when the current input began to run
-
-    def submit(self, position: int, args: tuple[bytes, str | None]) -> None:
-        self.position = position
-        self.started = None
-        self.conn.send(args)
-
-    def stop(self, kill: bool = False) -> None:
-        if not kill:
-            with contextlib.suppress(OSError, ValueError):
-                self.conn.send(None)
-            self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
-
-
 class LocalContainers:
-    """Warm worker processes with the semantics of Modal's ``starmap`` on one function.
+    """Warm worker processes with the semantics of Modal's ``map`` on one function.
 
-    Outputs come in input order; at most ``size`` containers run at once and each
-    takes input after input; an input whose container dies, runs past the timeout
-    or raises is retried with modal.Retries' backoff, and after the last retry its
-    failure is the output (``return_exceptions=True``).
+    Outputs come as inputs finish, with their index; at most ``size`` containers run
+    at once and each takes input after input; an input whose container dies, runs
+    past the timeout or raises is retried with modal.Retries' backoff in a fresh or
+    another warm container, and after the last retry its failure is the output
+    (``return_exceptions=True``).
     """
 
     def __init__(self, settings: ModalSettings, size: int) -> None:
@@ -141,91 +140,75 @@ class LocalContainers:
         self.spec = settings.container_spec()
         self.context = multiprocessing.get_context("spawn")
 
-    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[Any]:
+    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[tuple[int, Any]]:
         n = len(inputs)
-        results: dict[int, Any] = {}
         attempts = [0] * n
         ready_at = [0.0] * n
         queue = list(range(n))
-        containers: list[_Container] = []
-        next_out = 0
+        started: dict[int, float] = {}  # when each running input began, as Modal counts
+        failed: list[tuple[int, Any]] = []  # inputs out of retries, to yield
         timeout = float(self.settings.timeout_s)
+        done = 0
 
         def lost(position: int, failure: JobFailure) -> None:
+            started.pop(position, None)
             attempts[position] += 1
             if attempts[position] <= self.settings.max_retries:
                 delay = self.settings.retry_delay(attempts[position])
-                log.warning("input %d: %s; retry %d of %d in %.1fs", position,
-                            failure.error_type, attempts[position],
+                log.warning("input %d: %s: %s; retry %d of %d in %.1fs", position,
+                            failure.error_type, failure.message, attempts[position],
                             self.settings.max_retries, delay)
                 ready_at[position] = time.monotonic() + delay
                 queue.append(position)
             else:
-                results[position] = failure
+                failed.append((position, failure))
 
-        try:
-            while next_out < n:
+        with WorkerPool(self.context, _container_main, (self.spec,), self.size,
+                        "tmgg-local-container") as pool:
+            while done < n:
                 now = time.monotonic()
-                for container in [c for c in containers if c.position is None
-                                  and not c.process.is_alive()]:
-                    containers.remove(container)  # an idle container that went away
-                    container.stop(kill=True)
                 for position in [p for p in queue if ready_at[p] <= now]:
-                    idle = next((c for c in containers if c.position is None), None)
-                    if idle is None and len(containers) < self.size:
-                        idle = _Container(self.context, self.spec)
-                        containers.append(idle)
-                    if idle is None:
+                    container = pool.idle_worker()
+                    if container is None:
                         break
                     queue.remove(position)
                     try:
-                        idle.submit(position, inputs[position])
+                        container.send(position, inputs[position])
                     except OSError:  # the container died while starting
-                        containers.remove(idle)
-                        idle.stop(kill=True)
+                        pool.discard(container)
                         lost(position, JobFailure("ContainerCrashed", "the container for "
                                                   f"input {position} died while starting", ""))
-                busy = [c for c in containers if c.position is not None]
-                waits = [c.started + timeout - now for c in busy if c.started is not None]
+                busy = pool.busy()
+                waits = [started[c.task] + timeout - now for c in busy if c.task in started]
                 waits += [ready_at[p] - now for p in queue if ready_at[p] > now]
-                ready = wait_connections([c.conn for c in busy],
-                                         timeout=max(0.0, min([1.0, *waits])))
-                for container in busy:
-                    position = container.position
-                    assert position is not None
-                    if container.conn in ready:
-                        try:
-                            status, value = container.conn.recv()
-                        except (EOFError, OSError):
-                            container.process.join(timeout=5)
-                            code = container.process.exitcode
-                            containers.remove(container)
-                            container.stop(kill=True)
-                            lost(position, JobFailure(
-                                "ContainerCrashed", f"the container running input {position} "
-                                f"exited (exit code {code}) before returning a result", ""))
-                            continue
-                        if status == "started":
-                            container.started = time.monotonic()
-                            continue
-                        container.position = None
-                        if status == "ok":
-                            results[position] = value
-                        else:
-                            lost(position, deserialize(value))
-                    elif (container.started is not None
-                          and time.monotonic() - container.started > timeout):
-                        containers.remove(container)
-                        container.stop(kill=True)
+                for container, reply in pool.wait(timeout=max(0.0, min([1.0, *waits]))):
+                    position = container.task
+                    if isinstance(reply, Died):
+                        lost(position, JobFailure("ContainerCrashed", reply.describe(
+                            f"container running input {position}") + " before returning a "
+                            "result", ""))
+                        continue
+                    status, value = reply
+                    if status == "started":
+                        started[position] = time.monotonic()
+                        continue
+                    container.task = None
+                    started.pop(position, None)
+                    if status == "ok":
+                        done += 1
+                        yield position, value
+                    else:
+                        lost(position, deserialize(value))
+                for container in pool.busy():
+                    position = container.task
+                    if position in started and time.monotonic() - started[position] > timeout:
+                        pool.discard(container)
                         lost(position, JobFailure(
                             "FunctionTimeoutError", f"input {position} ran longer than "
                             f"hydra.launcher.timeout_s={self.settings.timeout_s}s", ""))
-                while next_out in results:
-                    yield results.pop(next_out)
-                    next_out += 1
-        finally:
-            for container in containers:
-                container.stop(kill=container.position is not None)
+                while failed:
+                    done += 1
+                    yield failed.pop(0)
 
 
 class _LocalRunner:
@@ -234,7 +217,7 @@ class _LocalRunner:
         self.size = size
         self.calls_dir = calls_dir
 
-    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[Any]:
+    def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[tuple[int, Any]]:
         yield from LocalContainers(self.settings, self.size).map(inputs)
 
     def spawn(self, args: tuple[bytes, str | None]) -> str:
@@ -285,7 +268,7 @@ def _local_call_main(calls_dir: Path, call_id: str) -> int:
                 candidate.close()
         if handle is None:
             time.sleep(0.5)
-    output = next(iter(LocalContainers(settings, 1).map([tuple(spec["args"])])))
+    _, output = next(iter(LocalContainers(settings, 1).map([tuple(spec["args"])])))
     reply = ("ok", output) if isinstance(output, bytes) else ("error", serialize(output))
     out = calls_dir / f"{call_id}.out"
     tmp = out.with_suffix(".tmp")

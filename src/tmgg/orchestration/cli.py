@@ -1,4 +1,4 @@
-"""``tmgg-sweep``: plan, status, resume, reconcile, report and cancel a stage.
+"""``tmgg-sweep``: plan, status, resume, reconcile, sync, report and cancel a stage.
 
 Every command takes the overrides ``tmgg-train -m`` takes (``stage=stage1 ...``).
 Each command lives in its own module exposing ``main(argv) -> int``; this file
@@ -19,6 +19,8 @@ COMMANDS = {
                "launch only the stage's missing and failed jobs"),
     "reconcile": ("tmgg.orchestration.reconcile", "main",
                   "expected jobs versus W&B and outputs: missing, failed, misrouted, duplicated"),
+    "sync": ("tmgg.orchestration.sync", "main",
+             "upload the stage's offline W&B runs to its pinned entity, project and host"),
     "report": ("tmgg.reporting.report", "main",
                "write experiments/<stage>/REPORT.md and plots"),
     "cancel": ("tmgg.launch.modal_calls", "cancel_main",

@@ -40,18 +40,31 @@ def _optional(module: str, name: str) -> Any:
         return None
 
 
+def required_check(module: str, name: str) -> Any:
+    """A check the plan cannot go without; one that cannot be loaded refuses the plan."""
+    import importlib
+
+    from tmgg.orchestration.plan import PlanError
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise PlanError(f"the plan check {module}.{name} cannot run ({type(error).__name__}: "
+                        f"{error}); nothing is planned without it") from error
+
+
 def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
     """Compose and check every job; rows for the plan table plus sweep-level facts."""
     from tmgg.orchestration.compose import compose_sweep
 
     sweep = compose_sweep(overrides)
-    check_wandb = _optional("tmgg.orchestration.wandb_check", "check_wandb_destinations")
-    if check_wandb is not None:
-        check_wandb(sweep.jobs, sweep.master_config)
-    estimates: list[dict[str, Any]] = [{} for _ in sweep.jobs]
-    plan_estimates = _optional("tmgg.launch.cost", "plan_estimates")
-    if plan_estimates is not None:
-        estimates = plan_estimates(sweep.master_config, sweep.jobs)
+    # The destination and cost checks are part of the plan, not optional extras: one
+    # that cannot be imported refuses the plan (required_check raises PlanError).
+    check_wandb = required_check("tmgg.orchestration.wandb_check", "check_wandb_destinations")
+    plan_estimates = required_check("tmgg.launch.cost", "plan_estimates")
+    check_limit = required_check("tmgg.launch.cost", "check_cost_limit")
+    check_wandb(sweep.jobs, sweep.master_config)
+    estimates: list[dict[str, Any]] = plan_estimates(sweep.master_config, sweep.jobs)
     resources = None
     describe = _optional("tmgg.launch.slurm_resources", "describe_launcher")
     if describe is not None:
@@ -70,9 +83,7 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
     cpu_totals = [r.get("est_cost_cpu_usd") for r in rows if r.get("est_cost_cpu_usd") is not None]
     if cpu_totals:
         facts["est_cost_cpu_usd"] = round(sum(cpu_totals), 4)
-    check_limit = _optional("tmgg.launch.cost", "check_cost_limit")
-    if check_limit is not None:
-        check_limit(sweep.master_config, estimates)
+    check_limit(sweep.master_config, estimates)
     return sweep, rows, facts
 
 
@@ -105,13 +116,13 @@ def plan_main(argv: list[str]) -> int:
     from rich.table import Table
 
     table = Table(title=f"plan: stage {facts['stage']} on {facts['launcher']}")
-    for column in ("#", "job id", "run name", "W&B entity/project/group", "launcher", "GPU",
+    for column in ("#", "job id", "run name", "W&B entity/project/group (mode)", "launcher", "GPU",
                    "est. s", "est. USD"):
         table.add_column(column)
     for row in rows:
         wandb = row.get("wandb")
-        destination = (f"{wandb['entity']}/{wandb['project']}/{wandb['group']}"
-                       if wandb else "(csv, no W&B)")
+        destination = (f"{wandb['entity']}/{wandb['project']}/{wandb['group']} "
+                       f"({wandb['mode']})" if wandb else "(csv, no W&B)")
         cost = row.get("est_cost_usd")
         seconds = row.get("est_gpu_seconds")
         table.add_row(str(row["index"]), row["job_id"], row["run_name"], destination,

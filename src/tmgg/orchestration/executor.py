@@ -28,6 +28,8 @@ class JobFailure(Exception):
         self.remote_traceback = remote_traceback
 
     def __str__(self) -> str:
+        if not self.remote_traceback:  # e.g. a process that died without a word
+            return f"{self.error_type}: {self.message}"
         return f"{self.error_type}: {self.message}\n\nRemote traceback:\n{self.remote_traceback}"
 
     @classmethod

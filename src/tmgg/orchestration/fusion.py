@@ -3,8 +3,8 @@
 Two jobs see the very same training batches and evaluation sets when their data,
 noise, seed and trainer settings agree (the stream depends on nothing else); they
 may differ in the model, k, optimiser, schedule, weight decay and clipping. The
-launcher groups such jobs (``hydra.launcher.fuse=auto``, the default) and runs each
-group as one task (``tmgg.task.fused``); ``fuse=off`` runs every job alone.
+launcher groups such jobs when ``hydra.launcher.fuse=auto`` and runs each group as
+one task (``tmgg.task.fused``); ``fuse=off`` (the default for now) runs every job alone.
 ``fuse_max_members`` caps a group; a larger set is split into near-equal groups.
 
 Imports nothing heavy: the plan command and the launchers call it at start-up.

@@ -44,7 +44,18 @@ class PlannedJob:
         logger = self.task_config.get("logger") or {}
         if logger.get("name") != "wandb":
             return None
-        return {k: logger.get(k) for k in ("entity", "project", "group", "mode")}
+        from tmgg.identity import job_wandb_run_id
+        from tmgg.task.loggers import pinned_base_url, resolve_wandb_mode
+
+        summary = {k: logger.get(k) for k in ("entity", "project", "group")}
+        base_url = pinned_base_url(logger)
+        config_mode = str(logger.get("mode") or "auto")
+        # mode: what the job will use, resolved here (auto: offline or online).
+        summary.update(base_url=base_url, mode=resolve_wandb_mode(config_mode, base_url),
+                       config_mode=config_mode,
+                       run_id=job_wandb_run_id(self.task_config)
+                       if "job" in self.task_config else None)
+        return summary
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -8,13 +8,17 @@ what ran comes from the stage's ledger; the evidence of where each run logged is
   (wandb 0.31 writes no metadata or config files offline, and ships no Python reader
   for these logs, so ``read_run_file`` reads the record log and parses its protobuf
   records with ``wandb.proto``);
-- online: the W&B API, the runs of each pinned ``entity/project`` in the stage's
-  group or with a job's run id or run name, and the same in every
-  ``--search-entity`` (how the stage-1 incident's runs were finally found).
+- online: the W&B API on the pinned host (``logger.base_url``), the runs of each
+  pinned ``entity/project`` in the stage's group or with a job's run id or run name,
+  and the same in the API key's own default entity (where a run created without an
+  entity lands: the stage-1 incident) and in every ``--search-entity``.
 
-Each job gets one status: ok, missing, failed, misrouted (and where), duplicated
-(or running while it still runs). The command prints a table and exits non-zero
-unless every job is ok. ``tmgg-sweep resume`` then relaunches missing/failed jobs.
+A run is a job's when it has the job's W&B run id; a run that only has the job's
+name is someone else's run under that name (``foreign`` when it is all there is at
+the pinned destination). Each job gets one status: ok, missing, failed, misrouted
+(and where), duplicated, foreign (or running while it still runs). The command
+prints a table and exits non-zero unless every job is ok. ``tmgg-sweep resume``
+then relaunches missing/failed jobs.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tmgg.identity import job_suffix, wandb_run_id
+from tmgg.identity import job_suffix, job_wandb_run_id, run_generation, wandb_run_id
 from tmgg.orchestration.ledger import DISPATCHED, FAILED, FINISHED, RUNNING, JobState
 from tmgg.orchestration.plan import PlannedJob
 
@@ -37,6 +41,7 @@ MISSING = "missing"
 FAILED_STATUS = "failed"
 MISROUTED = "misrouted"
 DUPLICATED = "duplicated"
+FOREIGN = "foreign"
 RUNNING_STATUS = "running"
 
 # wandb's exit-code convention (as the server maps it): 0 finished, 254 crashed.
@@ -231,7 +236,7 @@ def api_evidence(api: RunsApi, paths: Iterable[str], stage: str, jobs: Sequence[
     A path that cannot be read (no such entity or project, no access) is noted and
     contributes no runs.
     """
-    ids = [wandb_run_id(job.job_id) for job in jobs]
+    ids = [job_run_id(job) for job in jobs]
     names = [job.run_name for job in jobs]
     filters = {"$or": [{"group": stage}, {"name": {"$in": ids}},
                        {"displayName": {"$in": names}}]}
@@ -256,15 +261,37 @@ def api_evidence(api: RunsApi, paths: Iterable[str], stage: str, jobs: Sequence[
 
 
 # -- verdicts ----------------------------------------------------------------------
+def job_run_id(job: PlannedJob) -> str:
+    """The W&B run id the job logs under (job id and ``logger.run_generation``)."""
+    return job_wandb_run_id(job.task_config)
+
+
+def earlier_run_ids(job: PlannedJob) -> set[str]:
+    """Run ids of the job's earlier ``logger.run_generation``s (replaced, not duplicates)."""
+    return {wandb_run_id(job.job_id, generation)
+            for generation in range(run_generation(job.task_config))}
+
+
 def _belongs(run: RunEvidence, job: PlannedJob) -> bool:
-    return run.id == wandb_run_id(job.job_id) or (bool(run.name) and run.name == job.run_name)
+    """Evidence about the job: its run id, or its run name under another id."""
+    return run.id == job_run_id(job) or (bool(run.name) and run.name == job.run_name)
+
+
+def _listing(runs: Sequence[RunEvidence]) -> str:
+    return ", ".join(f"{r.destination}/{r.id} ({r.state})" for r in runs)
+
+
+def error_detail(error: str) -> str:
+    """The line of a recorded error that says what happened (and what to do)."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    explained = [line for line in lines if "refuses run id" in line]
+    return (explained or lines or [""])[-1]
 
 
 def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence]) -> Row:
     """One job's status from its ledger state and the runs attributed to it."""
     ledger_status = state.status if state else "-"
-    error = ((state.error or "") if state else "").strip().splitlines()
-    error_line = error[-1] if error else ""
+    error_line = error_detail((state.error or "") if state else "")
     wandb = job.wandb
     if wandb is None:  # a csv job: the ledger is the only evidence
         destination = "(no W&B)"
@@ -278,21 +305,28 @@ def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence]) 
             row.detail = _missing_detail(ledger_status)
         return row
     pinned = f"{wandb['entity']}/{wandb['project']}"
+    run_id = job_run_id(job)
     mine = list(runs)
     at_pin = [run for run in mine if run.destination == pinned]
+    own = [run for run in at_pin if run.id == run_id]
+    foreign = [run for run in at_pin if run.id != run_id]
     elsewhere = [run for run in mine if run.destination != pinned]
     row = Row(job.job_id, job.run_name, OK, pinned, run_ids=sorted({r.id for r in mine}),
               ledger_status=ledger_status)
-    where = ", ".join(f"{r.destination}/{r.id} ({r.state})" for r in elsewhere)
     if elsewhere and not at_pin:
-        row.status, row.detail = MISROUTED, f"found at {where}"
+        row.status, row.detail = MISROUTED, f"found at {_listing(elsewhere)}"
         return row
-    if elsewhere or len({r.id for r in at_pin}) > 1:
+    if own and (elsewhere or foreign):
         row.status = DUPLICATED
-        row.detail = "runs: " + ", ".join(f"{r.destination}/{r.id} ({r.state})"
-                                          for r in at_pin + elsewhere)
+        row.detail = "runs: " + _listing(own + foreign + elsewhere)
         return row
-    if not at_pin:
+    if foreign:
+        row.status = FOREIGN
+        row.detail = (f"{_listing(foreign)} has this job's name but not its run id {run_id}: "
+                      "not this job's run" + (f"; also at {_listing(elsewhere)}"
+                                              if elsewhere else ""))
+        return row
+    if not own:
         row.status = _ledger_only_status(ledger_status)
         if ledger_status == FINISHED:
             row.status = MISSING
@@ -302,7 +336,7 @@ def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence]) 
         elif row.status == MISSING:
             row.detail = _missing_detail(ledger_status)
         return row
-    run = at_pin[0]
+    run = own[0]
     if ledger_status == FAILED or run.state in ("failed", "crashed", "killed"):
         row.status = FAILED_STATUS
         row.detail = error_line or f"run {run.id} {run.state}"
@@ -330,13 +364,24 @@ def _ledger_only_status(ledger_status: str) -> str:
     return MISSING
 
 
-def resolve_mode(mode: str) -> str:
-    """``auto``: online when a W&B key is available, else offline."""
+def resolve_mode(mode: str, base_url: str | None = None) -> str:
+    """``auto``: online when a W&B key for the host is available, else offline."""
     if mode != "auto":
         return mode
-    from tmgg.task.loggers import resolve_wandb_mode
+    from tmgg.task.loggers import DEFAULT_BASE_URL, has_wandb_credentials
 
-    return "online" if resolve_wandb_mode("auto") == "online" else "offline"
+    return "online" if has_wandb_credentials(base_url or DEFAULT_BASE_URL) else "offline"
+
+
+def default_entity(api: RunsApi, notes: list[str] | None) -> str | None:
+    """The API key's own default entity: where a run created without an entity lands."""
+    try:
+        return getattr(api, "default_entity", None)
+    except Exception as error:  # noqa: BLE001 - reconcile still reads the pinned paths
+        if notes is not None:
+            notes.append(f"could not look up the API key's default entity: "
+                         f"{type(error).__name__}: {error}")
+        return None
 
 
 def search_paths(entities: Sequence[str], projects: Sequence[str]) -> list[str]:
@@ -358,14 +403,22 @@ def reconcile_jobs(jobs: Sequence[PlannedJob], states: dict[str, JobState], stag
     wandb_jobs = [job for job in expected if job.wandb is not None]
     online_runs: list[RunEvidence] = []
     if mode == "online" and wandb_jobs:
-        if api is None:
-            import wandb
+        hosts = sorted({str(j.wandb["base_url"]) for j in wandb_jobs})
+        for host in hosts:
+            jobs_here = [j for j in wandb_jobs if j.wandb["base_url"] == host]
+            host_api = api
+            if host_api is None:
+                import wandb
 
-            api = wandb.Api()
-        pinned = sorted({f"{j.wandb['entity']}/{j.wandb['project']}" for j in wandb_jobs})
-        projects = sorted({str(j.wandb["project"]) for j in wandb_jobs})
-        paths = pinned + [p for p in search_paths(search_entities, projects) if p not in pinned]
-        online_runs = api_evidence(api, paths, stage, wandb_jobs, notes)
+                host_api = wandb.Api(overrides={"base_url": host})
+            pinned = sorted({f"{j.wandb['entity']}/{j.wandb['project']}" for j in jobs_here})
+            projects = sorted({str(j.wandb["project"]) for j in jobs_here})
+            entities = list(search_entities)
+            own = default_entity(host_api, notes)
+            if own and own not in entities:
+                entities.insert(0, own)
+            paths = pinned + [p for p in search_paths(entities, projects) if p not in pinned]
+            online_runs += api_evidence(host_api, paths, stage, jobs_here, notes)
     rows = []
     for job in expected:
         state = states.get(job.job_id)
@@ -373,8 +426,10 @@ def reconcile_jobs(jobs: Sequence[PlannedJob], states: dict[str, JobState], stag
             runs: list[RunEvidence] = []
         elif mode == "online":
             runs = [run for run in online_runs if _belongs(run, job)]
-        else:  # every run logged from the job's own output dir is the job's
-            runs = local_evidence(job_output_dirs(job, state))
+        else:  # every run logged from the job's own output dir is the job's ...
+            superseded = earlier_run_ids(job)  # ... but runs of earlier generations
+            runs = [run for run in local_evidence(job_output_dirs(job, state))
+                    if run.id not in superseded]
         rows.append(judge(job, state, runs))
     return rows
 
@@ -400,7 +455,8 @@ def print_table(rows: Sequence[Row], title: str, mode: str,
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"{len(rows)} expected jobs ({mode} evidence): {summary or 'none'}")
+    console.print(f"{len(rows)} expected jobs ({mode} evidence): {summary or 'none'}",
+                  soft_wrap=True)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -410,7 +466,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     "unless every job is ok.")
     parser.add_argument("--search-entity", action="append", default=[], metavar="E",
                         help="also look for the stage's runs in entity E (or E/PROJECT); "
-                             "repeatable; online only")
+                             "repeatable; online only (the API key's own default entity "
+                             "is always searched)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--online", dest="mode", action="store_const", const="online",
                        help="evidence from the W&B API")
@@ -430,7 +487,9 @@ def main(argv: Sequence[str], api: RunsApi | None = None) -> int:
 
     args = parse_args(argv)
     sweep = recorded_or_composed_sweep(args.overrides)
-    mode = resolve_mode(args.mode)
+    hosts = {str(job.wandb["base_url"]) for job in sweep.jobs
+             if job.is_tmgg_job and job.wandb is not None}
+    mode = resolve_mode(args.mode, next(iter(sorted(hosts)), None))
     notes: list[str] = []
     if sweep.from_plan:
         notes.append("expected jobs read from the stage's plan.json (recorded for the same "

@@ -200,9 +200,32 @@ def record_outcome(job: PlannedJob, result: Any, launcher: str,
         record = base_record(job.task_config, job.overrides, launcher)
         record.update(status=status, finished_at=utc_now(), duration_s=duration, error=error,
                       metrics=metrics if isinstance(metrics, dict) else None)
-        if isinstance(metrics, dict) and metrics.get("wandb_path"):
-            record["wandb"]["path"] = metrics["wandb_path"]
+        _record_live_run(record, metrics)
         ledger.write_job_record(job.job_id, record)
+
+
+def record_lost_job(job: PlannedJob, result: Any, launcher: str) -> Any:
+    """The launcher's outcome for a job whose process died before recording its own.
+
+    Call it only once that process is dead: then nothing writes the job's record after
+    the launcher, and the job's last RUNNING record cannot hide the crash. That record
+    (start time, attempts, output dir) becomes FAILED with the launcher's error. A job
+    that recorded FINISHED just before dying stays finished. Returns the JobReturn to
+    report (``result``, or the finished one).
+    """
+    if not job.is_tmgg_job:
+        return result
+    ledger = ledger_for(job.task_config)
+    record = ledger.job_record(job.job_id)
+    if record and record.get("status") == FINISHED:
+        finished = skipped_return(job, record)
+        finished.skipped = False  # type: ignore[attr-defined]
+        return finished
+    record = record or base_record(job.task_config, job.overrides, launcher)
+    record.update(status=FAILED, finished_at=utc_now(), metrics=None,
+                  error=str(result._return_value))
+    ledger.write_job_record(job.job_id, record)
+    return result
 
 
 def _first_lines(text: str | None, limit: int = 2000) -> str | None:
@@ -230,6 +253,10 @@ def base_record(task_config: dict[str, Any], overrides: Sequence[str], launcher:
             "project": logger.get("project"),
             "group": logger.get("group"),
             "run_id": _wandb_run_id(task_config),
+            "base_url": _pinned_base_url(logger),
+            # The mode this job uses where it runs (auto resolved); the live run's mode
+            # replaces it when the job ends.
+            "mode": _job_wandb_mode(task_config),
             "path": None,
         } if logger.get("name") == "wandb" else None,
         "config": task_config,
@@ -237,9 +264,31 @@ def base_record(task_config: dict[str, Any], overrides: Sequence[str], launcher:
 
 
 def _wandb_run_id(task_config: dict[str, Any]) -> str:
-    from tmgg.identity import wandb_run_id
+    from tmgg.identity import job_wandb_run_id
 
-    return wandb_run_id(str(task_config["job"]["id"]))
+    return job_wandb_run_id(task_config)
+
+
+def _pinned_base_url(logger: dict[str, Any]) -> str:
+    from tmgg.task.loggers import pinned_base_url
+
+    return pinned_base_url(logger)
+
+
+def _job_wandb_mode(task_config: dict[str, Any]) -> str | None:
+    from tmgg.task.loggers import job_wandb_mode
+
+    return job_wandb_mode(task_config)
+
+
+def _record_live_run(record: dict[str, Any], metrics: Any) -> None:
+    """The W&B path and mode the job's live run actually had (from its metrics)."""
+    if not isinstance(metrics, dict) or not record.get("wandb"):
+        return
+    if metrics.get("wandb_path"):
+        record["wandb"]["path"] = metrics["wandb_path"]
+    if metrics.get("wandb_mode"):
+        record["wandb"]["mode"] = metrics["wandb_mode"]
 
 
 def _task_dict(config: DictConfig) -> dict[str, Any]:
@@ -288,8 +337,8 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
 
         delta = datetime.fromisoformat(record["finished_at"]) - datetime.fromisoformat(started)
         record["duration_s"] = round(delta.total_seconds(), 3)
-    if completed and isinstance(value, dict) and value.get("wandb_path") and record.get("wandb"):
-        record["wandb"]["path"] = value["wandb_path"]
+    if completed:
+        _record_live_run(record, value)
     ledger.write_job_record(job_id, record)
 
 

@@ -8,8 +8,10 @@ Runs on the launching machine before anything is dispatched:
    none) — unless the user overrode a field for the *whole sweep* on the command line
    (``logger.entity=other``), which then applies to every job alike. A destination
    that differs between jobs of one sweep is refused;
-3. when a job will log online, the API key can write to the entity: the key's own
-   entity or one of its teams (``wandb.Api().viewer``), asked once per process.
+3. when a job will log online, the API key can write to the entity on the pinned
+   host (``logger.base_url``): the key's own entity or one of its teams
+   (``wandb.Api().viewer``), asked once per host and process; a refusal names the
+   entity, the host and the key's user.
 
 Any failure raises ``PlanError`` naming the job and the field. Only omegaconf and
 the standard library are imported at module level (Hydra start-up path).
@@ -17,7 +19,7 @@ the standard library are imported at module level (Hydra start-up path).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,8 @@ from tmgg.orchestration.plan import PlanError, PlannedJob
 
 FIELDS = ("entity", "project")
 
-# Writable entities of the default API key, looked up once per process.
-_WRITABLE_CACHE: dict[str, frozenset[str]] = {}
+# What the default API key may write to, per host, looked up once per process.
+_ACCESS_CACHE: dict[str, KeyAccess] = {}
 
 
 @dataclass(frozen=True)
@@ -135,59 +137,61 @@ def check_job_destinations(jobs: Sequence[PlannedJob], expected: Expected) -> No
                     "per job")
 
 
-def writable_entities(api: Any) -> frozenset[str]:
-    """Entities the API key can write to: its own and its teams'."""
+@dataclass(frozen=True)
+class KeyAccess:
+    """Who an API key belongs to on a W&B host, and the entities it can write to."""
+
+    user: str
+    writable: frozenset[str]
+
+
+def key_access(api: Any) -> KeyAccess:
+    """The key's user and its writable entities: its own and its teams'."""
     viewer = api.viewer
     if viewer is None:
         raise ValueError("the API key has no W&B user")
     names = {getattr(viewer, "entity", None), getattr(viewer, "username", None)}
     names.update(getattr(viewer, "teams", None) or [])
-    return frozenset(name for name in names if name)
+    user = getattr(viewer, "username", None) or getattr(viewer, "entity", None) or "?"
+    return KeyAccess(str(user), frozenset(name for name in names if name))
 
 
-def _default_writable() -> frozenset[str]:
+def _default_access(base_url: str) -> KeyAccess:
     import os
 
-    key = os.environ.get("WANDB_BASE_URL", "") + "|" + os.environ.get("WANDB_API_KEY", "")
-    if key not in _WRITABLE_CACHE:
+    key = base_url + "|" + os.environ.get("WANDB_API_KEY", "")
+    if key not in _ACCESS_CACHE:
         import wandb
 
-        _WRITABLE_CACHE[key] = writable_entities(wandb.Api())
-    return _WRITABLE_CACHE[key]
+        _ACCESS_CACHE[key] = key_access(wandb.Api(overrides={"base_url": base_url}))
+    return _ACCESS_CACHE[key]
 
 
-def check_online_access(jobs: Sequence[PlannedJob],
-                        api_factory: Callable[[], Any] | None = None) -> None:
-    """Online jobs only: the API key can write to each entity (one viewer lookup)."""
-    from tmgg.task.loggers import resolve_wandb_mode
-
-    online: dict[str, PlannedJob] = {}
+def check_online_access(jobs: Sequence[PlannedJob]) -> None:
+    """Online jobs only: the API key can write to each entity on the pinned host
+    (one viewer lookup per host)."""
+    online: dict[tuple[str, str], PlannedJob] = {}
     for job in jobs:
-        if (job.is_tmgg_job and job.wandb is not None
-                and resolve_wandb_mode(str(job.wandb.get("mode") or "auto")) == "online"):
-            online.setdefault(str(job.wandb["entity"]), job)
-    if not online:
-        return
-    try:
-        writable = (writable_entities(api_factory()) if api_factory is not None
-                    else _default_writable())
-    except Exception as error:  # noqa: BLE001 - any failure means we cannot prove access
-        job = next(iter(online.values()))
-        raise PlanError(f"job {job.run_name}: logger.entity: cannot check that the W&B API "
-                        f"key may write to {job.wandb['entity']!r} (online mode): "
-                        f"{type(error).__name__}: {error}") from error
-    for entity, job in online.items():
-        if entity not in writable:
+        if job.is_tmgg_job and job.wandb is not None and job.wandb["mode"] == "online":
+            online.setdefault((str(job.wandb["base_url"]), str(job.wandb["entity"])), job)
+    for (base_url, entity), job in online.items():
+        try:
+            access = _default_access(base_url)
+        except Exception as error:  # noqa: BLE001 - any failure means we cannot prove access
+            raise PlanError(f"job {job.run_name}: logger.entity: cannot check that the W&B "
+                            f"API key may write to {entity!r} on {base_url} (online mode): "
+                            f"{type(error).__name__}: {error}") from error
+        if entity not in access.writable:
             raise PlanError(
-                f"job {job.run_name}: logger.entity: the W&B API key cannot write to entity "
-                f"{entity!r}; it can write to {', '.join(sorted(writable)) or 'nothing'}")
+                f"job {job.run_name}: logger.entity: the W&B API key of user "
+                f"{access.user!r} cannot write to entity {entity!r} on {base_url}; it can "
+                f"write to {', '.join(sorted(access.writable)) or 'nothing'}")
 
 
 def check_wandb_destinations(jobs: Sequence[PlannedJob], master_config: DictConfig,
-                             api_factory: Callable[[], Any] | None = None,
                              conf_dir: Path = CONF_DIR) -> None:
     """Every W&B job's destination is present, the stage's, and (online) writable."""
     if not any(job.is_tmgg_job and job.wandb is not None for job in jobs):
         return
     check_job_destinations(jobs, expected_destination(master_config, conf_dir))
-    check_online_access(jobs, api_factory)
+    check_online_access(jobs)

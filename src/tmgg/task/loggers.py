@@ -1,17 +1,26 @@
 """Experiment loggers: W&B with a pinned destination, or CSV with no W&B at all.
 
-The W&B destination (entity, project) comes from the job's composed config and
-nowhere else (DESIGN.md contract 3). What wandb 0.31 does with the other sources:
+The W&B destination (entity, project), host (``logger.base_url``) and mode come from
+the job's composed config and nowhere else (DESIGN.md contract 3). What wandb 0.31
+does with the other sources:
 
-- ``wandb.init(entity=..., project=...)`` arguments beat ``WANDB_ENTITY`` /
-  ``WANDB_PROJECT`` and the settings files (``~/.config/wandb/settings``,
+- ``wandb.init(entity=..., project=..., mode=..., settings=Settings(base_url=...))``
+  beats ``WANDB_ENTITY`` / ``WANDB_PROJECT`` / ``WANDB_MODE`` / ``WANDB_BASE_URL`` and
+  the settings files (``$WANDB_CONFIG_DIR/settings`` or ``~/.config/wandb/settings``,
   ``./wandb/settings``), *except* in a W&B sweep or launch context
   (``WANDB_SWEEP_ID``, ``WANDB_LAUNCH``), where wandb drops the given entity, project
   and run id and falls back to the environment. So for the moment the run starts,
   the environment is made to agree with the pinned values and the sweep/launch
-  variables are removed; disagreeing variables are named in a warning.
+  variables are removed; disagreeing variables and settings-file entries are named
+  in a warning.
+- The mode: ``disabled`` only when the config says so. ``auto`` follows an
+  environment asking for ``offline`` (the run files can be synced later), else is
+  online when a key for the pinned host exists; an environment mode contradicting an
+  explicit ``online``/``offline`` (or asking ``auto`` to disable) is named and ignored.
 - Online, the server may answer with another entity than requested; the in-job
   guard (``tmgg.task.wandb_guard``) compares the live run with the pinned values.
+  A run that cannot be created (no access, a deleted run's id) stops the job before
+  training with ``WandbRunError``: it never trains unlogged.
 - wandb reads the environment once per process (at ``wandb.setup``); a warm worker
   that set it up in a sweep context is torn down first so the pinned environment
   takes effect.
@@ -19,71 +28,187 @@ nowhere else (DESIGN.md contract 3). What wandb 0.31 does with the other sources
 
 from __future__ import annotations
 
+import configparser
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from tmgg.identity import wandb_run_id
+from tmgg.identity import job_wandb_run_id, run_generation
+from tmgg.launch.volume_files import off_volume
 
 log = logging.getLogger(__name__)
 
+# The public W&B service: the host a stage logs to unless it declares another.
+DEFAULT_BASE_URL = "https://api.wandb.ai"
 # Variables that would name the destination if the pinned values were missing.
-DESTINATION_VARIABLES = ("WANDB_ENTITY", "WANDB_PROJECT")
-# Variables that make wandb.init ignore the entity, project and run id it is given.
+DESTINATION_VARIABLES = ("WANDB_ENTITY", "WANDB_PROJECT", "WANDB_BASE_URL")
+# Variables that make wandb.init ignore the entity, project and run id it is given
+# (a W&B sweep or launch context), or that name another run, group or resume rule.
+# All are removed while the run starts.
 CONTEXT_VARIABLES = ("WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_LAUNCH",
-                     "WANDB_LAUNCH_CONFIG_PATH")
+                     "WANDB_LAUNCH_CONFIG_PATH", "WANDB_RUN_ID", "WANDB_RUN_GROUP",
+                     "WANDB_NAME", "WANDB_RESUME")
+# Settings-file keys that would redirect or silence a run.
+SETTINGS_FILE_KEYS = ("base_url", "entity", "project", "mode")
+# wandb's spellings of the modes (``dryrun`` is old offline, ``run`` old online).
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 
 
-def has_wandb_credentials() -> bool:
-    """An API key in the environment or a netrc entry for the W&B host."""
+class WandbRunError(RuntimeError):
+    """The job's W&B run could not be started where and how the job is pinned."""
+
+
+def normalize_base_url(url: str) -> str:
+    return str(url).strip().rstrip("/")
+
+
+def pinned_base_url(logger_cfg: Mapping[str, Any] | DictConfig) -> str:
+    """The W&B host a job logs to: the config's ``logger.base_url``, else the public one."""
+    value = logger_cfg.get("base_url") if logger_cfg is not None else None
+    return normalize_base_url(str(value)) if value else DEFAULT_BASE_URL
+
+
+def has_wandb_credentials(base_url: str = DEFAULT_BASE_URL) -> bool:
+    """An API key in the environment or a netrc entry for the pinned W&B host."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    host = urlparse(base_url).hostname or "api.wandb.ai"
     try:
-        return "api.wandb.ai" in netrc.read_text()
+        return host in netrc.read_text()
     except OSError:
         return False
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    """``auto`` is online only when a key exists: a fresh machine never fails on it."""
+@dataclass(frozen=True)
+class ModeDecision:
+    """The mode a job's run uses, and the environment settings that were ignored."""
+
+    mode: str
+    ignored: tuple[str, ...] = ()
+
+
+def decide_wandb_mode(mode: str, base_url: str = DEFAULT_BASE_URL,
+                      environ: Mapping[str, str] | None = None) -> ModeDecision:
+    """The config's mode; ``auto`` may follow an environment asking for offline/online.
+
+    Nothing in the environment silences a run: ``WANDB_MODE=disabled`` is ignored
+    unless the config itself says ``disabled``.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get("WANDB_MODE") or ""
+    asked = _MODE_ALIASES.get(raw, raw)
     if mode != "auto":
-        return mode
-    env_mode = os.environ.get("WANDB_MODE")
-    if env_mode:
-        return "offline" if env_mode == "dryrun" else env_mode
-    return "online" if has_wandb_credentials() else "offline"
+        ignored = () if not raw or asked == mode else (f"WANDB_MODE={raw}",)
+        return ModeDecision(mode, ignored)
+    if asked in ("offline", "online"):
+        return ModeDecision(asked)
+    resolved = "online" if has_wandb_credentials(base_url) else "offline"
+    return ModeDecision(resolved, (f"WANDB_MODE={raw}",) if raw else ())
+
+
+def resolve_wandb_mode(mode: str, base_url: str = DEFAULT_BASE_URL) -> str:
+    """The mode a job with config mode ``mode`` uses in this environment."""
+    return decide_wandb_mode(mode, base_url).mode
+
+
+def job_wandb_mode(cfg: Mapping[str, Any] | DictConfig) -> str | None:
+    """The W&B mode a composed job uses here (None for a job without W&B)."""
+    logger_cfg = cfg.get("logger") or {}
+    if logger_cfg.get("name") != "wandb":
+        return None
+    return resolve_wandb_mode(str(logger_cfg.get("mode") or "auto"),
+                              pinned_base_url(logger_cfg))
+
+
+def settings_files(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The settings files wandb reads at set-up: the user's and the workspace's."""
+    environ = os.environ if environ is None else environ
+    config_dir = environ.get("WANDB_CONFIG_DIR")
+    system = (Path(config_dir).expanduser() if config_dir
+              else Path.home() / ".config" / "wandb") / "settings"
+    workspace = Path(environ.get("WANDB_DIR") or os.getcwd()) / "wandb" / "settings"
+    return [system, workspace]
+
+
+def settings_file_conflicts(pinned: Mapping[str, str],
+                            environ: Mapping[str, str] | None = None) -> list[str]:
+    """``<file>: key=value`` of every settings-file entry that disagrees with the pin."""
+    conflicts = []
+    for path in settings_files(environ):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+        except configparser.Error:
+            continue
+        if not parser.has_section("default"):
+            continue
+        for key in SETTINGS_FILE_KEYS:
+            value = parser.get("default", key, fallback=None)
+            want = pinned.get(key)
+            if value is None or want is None:
+                continue
+            if key == "base_url":
+                value, want = normalize_base_url(value), normalize_base_url(want)
+            if value != want:
+                conflicts.append(f"{path}: {key}={value}")
+    return conflicts
 
 
 def environment_conflicts(entity: str, project: str,
-                          environ: dict[str, str] | None = None) -> list[str]:
+                          environ: Mapping[str, str] | None = None,
+                          base_url: str | None = None) -> list[str]:
     """``NAME=value`` of every W&B variable that would point a run elsewhere."""
     environ = dict(os.environ if environ is None else environ)
     conflicts = []
-    for variable, pinned in zip(DESTINATION_VARIABLES, (entity, project), strict=True):
+    pins = (entity, project, base_url)
+    for variable, pinned in zip(DESTINATION_VARIABLES, pins, strict=True):
         value = environ.get(variable)
-        if value and value != pinned:
-            conflicts.append(f"{variable}={value}")
+        if pinned is None or not value:
+            continue
+        if variable == "WANDB_BASE_URL":
+            value, pinned = normalize_base_url(value), normalize_base_url(pinned)
+        if value != pinned:
+            conflicts.append(f"{variable}={environ[variable]}")
     conflicts += [f"{variable}={environ[variable]}" for variable in CONTEXT_VARIABLES
                   if environ.get(variable)]
     return conflicts
 
 
 @contextmanager
-def pinned_wandb_environment(entity: str, project: str, job: str = "") -> Iterator[None]:
-    """While the W&B run starts, the environment can only name the pinned destination."""
-    conflicts = environment_conflicts(entity, project)
+def pinned_wandb_environment(entity: str, project: str, job: str = "",
+                             base_url: str | None = None,
+                             mode: ModeDecision | None = None) -> Iterator[None]:
+    """While the W&B run starts, the environment can only name the pinned destination,
+    host and mode."""
+    conflicts = environment_conflicts(entity, project, base_url=base_url)
+    conflicts += list(mode.ignored) if mode is not None else []
+    pinned = {"entity": entity, "project": project}
+    if base_url is not None:
+        pinned["base_url"] = base_url
+    if mode is not None:
+        pinned["mode"] = mode.mode
+    conflicts += settings_file_conflicts(pinned)
     if conflicts:
-        log.warning("W&B environment ignored for job %s, pinned to %s/%s: %s", job or "?",
-                    entity, project, ", ".join(conflicts))
-    saved = {name: os.environ.get(name) for name in DESTINATION_VARIABLES + CONTEXT_VARIABLES}
+        where = f"{entity}/{project}" + (f" on {base_url}" if base_url else "")
+        how = f" (mode {mode.mode})" if mode is not None else ""
+        log.warning("W&B environment ignored for job %s, pinned to %s%s: %s", job or "?",
+                    where, how, ", ".join(conflicts))
+    names = DESTINATION_VARIABLES + CONTEXT_VARIABLES + ("WANDB_MODE",)
+    saved = {name: os.environ.get(name) for name in names}
     os.environ["WANDB_ENTITY"] = entity
     os.environ["WANDB_PROJECT"] = project
+    if base_url is not None:
+        os.environ["WANDB_BASE_URL"] = base_url
+    if mode is not None:
+        os.environ["WANDB_MODE"] = mode.mode
     for name in CONTEXT_VARIABLES:
         os.environ.pop(name, None)
     _drop_wandb_context_singleton()
@@ -124,37 +249,72 @@ def finish_leftover_run() -> None:
 def build_logger(cfg: DictConfig, output_dir: Path, concurrent: bool = False) -> Any:
     """The job's logger; for W&B the run is started here, under the pinned environment.
 
-    Run id from the job id with ``resume="allow"`` (a relaunch continues the run),
-    name = run name, group = stage, config = the composed job config. ``concurrent``:
-    one of several runs alive in this process at once (the members of a fused group,
-    wandb's ``reinit="create_new"``); the caller finishes each run itself.
+    Run id from the job id and ``logger.run_generation`` with ``resume="allow"`` (a
+    relaunch continues the run), name = run name, group = stage, config = the
+    composed job config, host = ``logger.base_url``, mode as ``decide_wandb_mode``.
+    ``concurrent``: one of several runs alive in this process at once (the members of
+    a fused group, wandb's ``reinit="create_new"``); the caller finishes each run itself.
     """
     logger_cfg = cfg.logger
     if logger_cfg.name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
         return CSVLogger(save_dir=str(output_dir), name="csv", version="")
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     entity, project = str(logger_cfg.entity), str(logger_cfg.project)
+    base_url = pinned_base_url(logger_cfg)
     run_name = str(cfg.job.run_name)
+    run_id = job_wandb_run_id(cfg)
+    mode = decide_wandb_mode(str(logger_cfg.mode), base_url)
     if not concurrent:
         finish_leftover_run()
     extra = {"reinit": "create_new"} if concurrent else {}
-    with pinned_wandb_environment(entity, project, job=run_name):
+    # wandb keeps its files open while the run lives: off a Modal Volume, which cannot
+    # commit with open files (tmgg.launch.volume_files); output_dir everywhere else.
+    save_dir = off_volume(output_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    with pinned_wandb_environment(entity, project, job=run_name, base_url=base_url,
+                                  mode=mode):
         logger = WandbLogger(
             entity=entity,
             project=project,
             group=str(logger_cfg.get("group") or cfg.stage.name),
             name=run_name,
-            id=wandb_run_id(str(cfg.job.id)),
+            id=run_id,
             resume="allow",
-            mode=resolve_wandb_mode(str(logger_cfg.mode)),
-            save_dir=str(output_dir),
+            mode=mode.mode,
+            settings=wandb.Settings(base_url=base_url),
+            save_dir=str(save_dir),
             tags=list(logger_cfg.get("tags") or []),
             config=OmegaConf.to_container(cfg, resolve=True),
             log_model=False,
             **extra,
         )
-        _ = logger.experiment  # start the run now, while the environment is pinned
+        try:
+            _ = logger.experiment  # start the run now, while the environment is pinned
+        except Exception as error:
+            raise WandbRunError(run_start_failure(
+                error, job=run_name, path=f"{entity}/{project}/{run_id}", base_url=base_url,
+                mode=mode.mode, generation=run_generation(cfg))) from error
     return logger
+
+
+DELETED_RUN_MESSAGE = "was previously created and deleted"
+
+
+def run_start_failure(error: BaseException, job: str, path: str, base_url: str, mode: str,
+                      generation: int) -> str:
+    """Why a job's W&B run could not start, and what to do about it."""
+    text = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    if DELETED_RUN_MESSAGE in str(error):
+        return (f"job {job}: the W&B server {base_url} refuses run id {path}: a run with "
+                "this id was deleted there, and W&B never reuses a deleted run's id. To "
+                "start a fresh run for this job, relaunch it with "
+                f"logger.run_generation={generation + 1} (folded into the W&B run id; the "
+                f"job id and its outputs stay the same). The job stopped before training. "
+                f"({text})")
+    return (f"job {job}: the W&B run {path} could not be started on {base_url} "
+            f"(mode {mode}); the job stopped before training rather than run unlogged. "
+            f"{text}")

@@ -151,8 +151,11 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
             "train_seconds": round(time.perf_counter() - started, 3),
         }
         if logger.__class__.__name__ == "WandbLogger":
+            from tmgg.task.wandb_guard import live_run_mode
+
             run = logger.experiment
             result["wandb_path"] = f"{run.entity}/{run.project}/{run.id}"
+            result["wandb_mode"] = live_run_mode(run)
         _atomic_write_json(output_dir / METRICS_FILE, result)
         failed = False
         return result

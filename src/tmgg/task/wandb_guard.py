@@ -6,8 +6,11 @@ created the W&B run (``_call_setup_hook`` touches ``logger.experiment``) and bef
 the checkpoint is restored and any optimizer step runs. A run that resolved
 anywhere else — a logger built without the pinned values (the stage-1 incident:
 the API key's personal entity), a W&B sweep context, a run left over from an
-earlier job in a warm worker — is finished as failed and the job aborts with
-``WandbDestinationError``; the ledger records the job FAILED with that message.
+earlier job in a warm worker, another W&B host (``WANDB_BASE_URL``) — is finished
+as failed and the job aborts with ``WandbDestinationError``; the ledger records the
+job FAILED with that message. A run whose mode is not the job's (disabled although
+the config does not say so, offline although it must be online) aborts the same way:
+nothing in the environment may silence a run.
 """
 
 from __future__ import annotations
@@ -32,11 +35,15 @@ class WandbDestinationError(RuntimeError):
 
 def destination_problem(live_entity: str | None, live_project: str | None,
                         live_id: str | None, entity: str, project: str,
-                        run_id: str | None = None) -> str | None:
-    """What is wrong with a live run's destination and id, or None (pure, for tests)."""
+                        run_id: str | None = None, live_base_url: str | None = None,
+                        base_url: str | None = None) -> str | None:
+    """What is wrong with a live run's destination, host and id, or None (pure)."""
     live = f"{live_entity or '<no entity>'}/{live_project or '<no project>'}"
     if (live_entity or "") != entity or (live_project or "") != project:
         return f"W&B run resolved to {live}, job is pinned to {entity}/{project}"
+    if base_url is not None and (live_base_url or "").rstrip("/") != base_url.rstrip("/"):
+        return (f"W&B run {live} logs to host {live_base_url or '<no host>'}, job is pinned "
+                f"to {base_url} (logger.base_url)")
     if run_id is not None and live_id != run_id:
         return (f"W&B run {live}/{live_id} is not this job's run {entity}/{project}/{run_id} "
                 "(wandb chose another id: a W&B sweep or launch context, or a run of another "
@@ -47,19 +54,24 @@ def destination_problem(live_entity: str | None, live_project: str | None,
 class WandbDestinationGuard(Callback):
     """Abort before the first training step unless the W&B run is at entity/project."""
 
-    def __init__(self, entity: str, project: str, run_id: str | None = None) -> None:
+    def __init__(self, entity: str, project: str, run_id: str | None = None,
+                 base_url: str | None = None, mode: str | None = None) -> None:
         self.entity = entity
         self.project = project
         self.run_id = run_id
+        self.base_url = base_url
+        self.mode = mode
         self.checked_run: str | None = None
 
     @classmethod
     def for_job(cls, cfg: DictConfig) -> WandbDestinationGuard:
-        """The guard pinned to a composed job config's logger and run id."""
-        from tmgg.identity import wandb_run_id
+        """The guard pinned to a composed job config's logger, host, mode and run id."""
+        from tmgg.identity import job_wandb_run_id
+        from tmgg.task.loggers import job_wandb_mode, pinned_base_url
 
         return cls(str(cfg.logger.entity), str(cfg.logger.project),
-                   run_id=wandb_run_id(str(cfg.job.id)))
+                   run_id=job_wandb_run_id(cfg), base_url=pinned_base_url(cfg.logger),
+                   mode=job_wandb_mode(cfg))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.check(trainer)
@@ -76,14 +88,24 @@ class WandbDestinationGuard(Callback):
         self._check_run(run, global_step)
 
     def _check_run(self, run: Any, global_step: int) -> None:
-        if getattr(run, "disabled", False):
-            return  # mode=disabled: nothing is logged anywhere
-        problem = destination_problem(run.entity, run.project, run.id, self.entity,
-                                      self.project, self.run_id)
+        live_mode = live_run_mode(run)
+        if live_mode == "disabled" and self.mode in (None, "disabled"):
+            return  # the config says disabled: nothing is logged anywhere
+        problem = mode_problem(live_mode, self.mode)
+        if problem is None:
+            problem = destination_problem(run.entity, run.project, run.id, self.entity,
+                                          self.project, self.run_id,
+                                          live_base_url=_live_base_url(run),
+                                          base_url=self.base_url)
         if problem is None:
             self.checked_run = f"{run.entity}/{run.project}/{run.id}"
             log.info("W&B run %s is at its pinned destination", self.checked_run)
             return
+        if live_mode == "disabled":
+            message = f"{problem}; aborted at global step {global_step}, before training"
+            log.error(message)
+            raise WandbDestinationError(message, live="disabled",
+                                        pinned=f"{self.entity}/{self.project}")
         message = (f"{problem}; aborted at global step {global_step}, before the first "
                    f"training step; the stray run {run.id} was finished as failed")
         log.error(message)
@@ -93,3 +115,25 @@ class WandbDestinationGuard(Callback):
             log.exception("could not finish the stray W&B run %s", run.id)
         raise WandbDestinationError(message, live=f"{run.entity}/{run.project}",
                                     pinned=f"{self.entity}/{self.project}")
+
+
+def live_run_mode(run: Any) -> str:
+    """``online``, ``offline`` or ``disabled``: what a live wandb run really does."""
+    if getattr(run, "disabled", False):
+        return "disabled"
+    return "offline" if getattr(run, "offline", False) else "online"
+
+
+def mode_problem(live_mode: str, mode: str | None) -> str | None:
+    """A live run whose mode is not the one the job resolved to (None when they agree)."""
+    if mode is None or live_mode == mode:
+        return None
+    return (f"W&B run is {live_mode}, job's mode is {mode} (logger.mode; the environment "
+            "cannot change it)")
+
+
+def _live_base_url(run: Any) -> str | None:
+    try:
+        return str(run.settings.base_url)
+    except Exception:  # noqa: BLE001 - a run without settings has no host to compare
+        return None

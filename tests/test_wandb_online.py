@@ -1,0 +1,339 @@
+"""W&B online, end to end: the real wandb client against the test suite's W&B server.
+
+Nothing inside wandb is replaced. Jobs run as subprocesses (the real app) with the
+server reached through ``logger.base_url``; the server (``tests/wandb_server``)
+resolves entities as the real service does and records every run for the asserts.
+A second server, the decoy, stands for any other W&B host the environment or a
+settings file names: it must never hear from a job.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from wandb_server import FakeWandbServer
+from wandb_server.fixtures import PROJECT, TEAM, online_env, user
+
+from tmgg.identity import wandb_run_id
+from tmgg.orchestration.compose import compose_sweep
+
+TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2"]
+ONE_JOB = ["stage=smoke", "model=linear_pe", "seed=1", *TINY]
+
+
+def dirs(root: Path) -> list[str]:
+    return [f"experiments_dir={root / 'exp'}", f"outputs_dir={root / 'out'}"]
+
+
+def run_module(root: Path, module: str, args: list[str], env: dict[str, str],
+               timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", module, *args, *dirs(root)], cwd=root,
+                          text=True, capture_output=True, env=env, timeout=timeout)
+
+
+def job_records(root: Path, stage: str = "smoke") -> dict[str, dict]:
+    jobs = root / "exp" / stage / "jobs"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(jobs.glob("*.json"))}
+
+
+def app_logs(root: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((root / "out").rglob("app.log")))
+
+
+# -- the incident, reproduced by the fake --------------------------------------------
+def test_incident_replay_wandb_init_without_entity_lands_in_the_personal_entity(
+        wandb_server: FakeWandbServer, tmp_path: Path) -> None:
+    """The earlier system's call: no entity. The server picks the key's own entity."""
+    alice = user(wandb_server, "alice")
+    code = ("import wandb\n"
+            f"run = wandb.init(project={PROJECT!r}, name='stage1_linear_pe_lr1e-3_wd1e-2_k8_s1',"
+            " group='stage1')\n"
+            "run.log({'train/loss': 0.5})\n"
+            "print('LIVE', run.entity, run.project, run.id)\n"
+            "run.finish()\n")
+    env = online_env(tmp_path, alice.api_key, WANDB_BASE_URL=wandb_server.base_url,
+                     WANDB_MODE="online", WANDB_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, text=True,
+                            capture_output=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = [r for r in wandb_server.runs_in(project=PROJECT)
+              if r.display_name == "stage1_linear_pe_lr1e-3_wd1e-2_k8_s1"]
+    assert run.entity == "alice"  # the key's personal entity, not graph_denoise_team
+    assert f"LIVE alice {PROJECT} {run.name}" in result.stdout
+    assert (run.state, run.exit_code, run.group) == ("finished", 0, "stage1")
+    assert run.history_rows[0]["train/loss"] == 0.5
+    assert not wandb_server.runs_in(entity=TEAM)
+
+
+# -- the smoke sweep online, with every other source pointing elsewhere ----------------
+@dataclass
+class OnlineSweep:
+    root: Path
+    result: subprocess.CompletedProcess[str]
+    server: FakeWandbServer
+    decoy: FakeWandbServer
+
+
+@pytest.fixture(scope="module")
+def decoy_server() -> Iterator[FakeWandbServer]:
+    """Another W&B host, where the environment and settings files point."""
+    decoy = FakeWandbServer().start()
+    decoy.add_user("alice", teams=[TEAM])
+    decoy.add_user("someone_personal")
+    yield decoy
+    decoy.stop()
+
+
+@pytest.fixture(scope="module")
+def online_sweep(wandb_server: FakeWandbServer, decoy_server: FakeWandbServer,
+                 tmp_path_factory: pytest.TempPathFactory) -> OnlineSweep:
+    root = tmp_path_factory.mktemp("online-sweep")
+    stray = (f"[default]\nbase_url = {decoy_server.base_url}\nentity = someone_personal\n"
+             "project = elsewhere\nmode = disabled\n")
+    for settings in (root / "wandb-config" / "settings", root / "wandb" / "settings"):
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(stray)
+    env = online_env(root, user(wandb_server, "alice").api_key,
+                     WANDB_BASE_URL=decoy_server.base_url, WANDB_MODE="offline",
+                     WANDB_ENTITY="someone_personal", WANDB_PROJECT="elsewhere",
+                     WANDB_RUN_ID="strayrun1", WANDB_RUN_GROUP="stray_group")
+    result = run_module(root, "tmgg.app", ["-m", "stage=smoke", "logger.mode=online",
+                                           f"logger.base_url={wandb_server.base_url}",
+                                           "hydra.launcher.n_workers=2", *TINY], env)
+    return OnlineSweep(root, result, wandb_server, decoy_server)
+
+
+@pytest.mark.slow
+def test_online_smoke_sweep_lands_every_run_in_the_pinned_destination(
+        online_sweep: OnlineSweep) -> None:
+    result, server = online_sweep.result, online_sweep.server
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = job_records(online_sweep.root)
+    assert len(records) == 6 and all(r["status"] == "FINISHED" for r in records.values())
+    runs = server.runs_in(entity=TEAM, project=PROJECT)
+    # One run per job, each under the job's own id, name and the stage's group.
+    assert sorted(run.name for run in runs) == sorted(r["wandb"]["run_id"] for r in
+                                                      records.values())
+    for record in records.values():
+        run = server.run(TEAM, PROJECT, record["wandb"]["run_id"])
+        assert run.name == wandb_run_id(record["job_id"])
+        assert (run.display_name, run.group) == (record["run_name"], "smoke")
+        assert (run.state, run.exit_code) == ("finished", 0)
+        assert run.history_rows and "wandb-summary.json" in run.files
+        assert record["wandb"]["mode"] == "online"
+        assert record["wandb"]["base_url"] == server.base_url
+        assert record["wandb"]["path"] == f"{TEAM}/{PROJECT}/{run.name}"
+    names = {record["run_name"] for record in records.values()}
+    named = [run for run in server.runs_in() if run.display_name in names]
+    assert len(named) == 6 and {(r.entity, r.project) for r in named} == {(TEAM, PROJECT)}
+    assert not server.runs_in(entity="someone_personal")
+    assert not server.runs_in(project="elsewhere")
+    # The other host never heard from a job.
+    assert online_sweep.decoy.operations == [] and not online_sweep.decoy.runs_in()
+    plan = json.loads((online_sweep.root / "exp" / "smoke" / "plan.json").read_text())
+    assert {job["wandb"]["mode"] for job in plan["jobs"]} == {"online"}
+    assert {job["wandb"]["base_url"] for job in plan["jobs"]} == {server.base_url}
+    # Each overridden source is named in the job's warning.
+    logs = app_logs(online_sweep.root)
+    for named in ("WANDB_ENTITY=someone_personal", "WANDB_PROJECT=elsewhere",
+                  f"WANDB_BASE_URL={online_sweep.decoy.base_url}", "WANDB_MODE=offline",
+                  "WANDB_RUN_ID=strayrun1", "WANDB_RUN_GROUP=stray_group",
+                  f"settings: base_url={online_sweep.decoy.base_url}",
+                  "settings: mode=disabled"):
+        assert named in logs, named
+
+
+# -- plan-time access check, against the server's real viewer -------------------------
+def test_key_without_access_to_the_entity_is_refused_before_dispatch(
+        wandb_server: FakeWandbServer, tmp_path: Path) -> None:
+    env = online_env(tmp_path, user(wandb_server, "mallory").api_key)
+    result = run_module(tmp_path, "tmgg.app",
+                        ["-m", "stage=smoke", "model=linear_pe", "logger.mode=online",
+                         f"logger.base_url={wandb_server.base_url}", *TINY], env)
+    assert result.returncode != 0
+    assert (f"the W&B API key of user 'mallory' cannot write to entity '{TEAM}' on "
+            f"{wandb_server.base_url}; it can write to mallory") in result.stderr
+    assert not (tmp_path / "exp" / "smoke").exists()  # nothing planned, nothing dispatched
+    assert not list((tmp_path / "out").rglob("app.log"))
+    assert not wandb_server.runs_in(entity="mallory")
+
+
+def test_plan_check_asks_the_pinned_host_for_the_keys_access(
+        wandb_server: FakeWandbServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+        ) -> None:
+    from tmgg.orchestration.plan import PlanError
+    from tmgg.orchestration.wandb_check import check_wandb_destinations
+
+    online = ["stage=smoke", "model=linear_pe", "logger.mode=online", *dirs(tmp_path)]
+    sweep = compose_sweep([*online, f"logger.base_url={wandb_server.base_url}"])
+    monkeypatch.setenv("WANDB_API_KEY", user(wandb_server, "alice").api_key)
+    check_wandb_destinations(sweep.jobs, sweep.master_config)  # alice is a team member
+    monkeypatch.setenv("WANDB_API_KEY", user(wandb_server, "mallory").api_key)
+    with pytest.raises(PlanError, match=f"user 'mallory' cannot write to entity '{TEAM}'"):
+        check_wandb_destinations(sweep.jobs, sweep.master_config)
+    # A host that does not answer cannot prove access: refused too.
+    closed = compose_sweep([*online, "logger.base_url=http://127.0.0.1:9"])
+    with pytest.raises(PlanError, match="cannot check that the W&B API key may write"):
+        check_wandb_destinations(closed.jobs, closed.master_config)
+    # Offline jobs never ask.
+    offline = compose_sweep([*online, "logger.mode=offline",
+                             "logger.base_url=http://127.0.0.1:9"])
+    check_wandb_destinations(offline.jobs, offline.master_config)
+
+
+# -- a run that cannot be created stops the job before training ------------------------
+def test_online_run_that_cannot_be_created_fails_the_job_before_training(
+        wandb_server: FakeWandbServer, tmp_path: Path) -> None:
+    env = online_env(tmp_path, user(wandb_server, "mallory").api_key)
+    result = run_module(tmp_path, "tmgg.app", [*ONE_JOB, "logger.mode=online",
+                                               f"logger.base_url={wandb_server.base_url}"],
+                        env)
+    assert result.returncode != 0
+    (record,) = job_records(tmp_path).values()
+    assert record["status"] == "FAILED"
+    assert "WandbRunError" in record["error"] and "could not be started" in record["error"]
+    assert f"user mallory is not a member of entity {TEAM}" in record["error"]
+    (job_dir,) = (tmp_path / "out" / "smoke").iterdir()
+    assert not (job_dir / "checkpoints").exists() and not (job_dir / "metrics.json").exists()
+    assert not wandb_server.runs_in(entity="mallory")
+
+
+# -- the mode is the config's -----------------------------------------------------------
+def test_environment_cannot_disable_a_run(tmp_path: Path) -> None:
+    """WANDB_MODE=disabled with logger.mode=auto and no key: the run is offline, not off."""
+    from tmgg.orchestration.reconcile import read_run_file, run_files
+
+    env = online_env(tmp_path, None, WANDB_MODE="disabled")
+    result = run_module(tmp_path, "tmgg.app", ONE_JOB, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = job_records(tmp_path).values()
+    assert record["status"] == "FINISHED" and record["wandb"]["mode"] == "offline"
+    (job_dir,) = (tmp_path / "out" / "smoke").iterdir()
+    (run_file,) = run_files(job_dir)
+    run = read_run_file(run_file)
+    assert (run.entity, run.project, run.exit_code) == (TEAM, PROJECT, 0)
+    assert run.history_rows > 0
+    assert "WANDB_MODE=disabled" in app_logs(tmp_path)
+
+
+def test_mode_rules() -> None:
+    from tmgg.task.loggers import decide_wandb_mode
+
+    url = "http://127.0.0.1:9"
+    no_key: dict[str, str] = {}
+    assert decide_wandb_mode("auto", url, {"WANDB_MODE": "disabled"}).mode == "offline"
+    assert decide_wandb_mode("auto", url, {"WANDB_MODE": "dryrun"}).mode == "offline"
+    assert decide_wandb_mode("auto", url, no_key).mode in ("online", "offline")
+    online = decide_wandb_mode("online", url, {"WANDB_MODE": "offline"})
+    assert (online.mode, online.ignored) == ("online", ("WANDB_MODE=offline",))
+    offline = decide_wandb_mode("offline", url, {"WANDB_MODE": "disabled"})
+    assert (offline.mode, offline.ignored) == ("offline", ("WANDB_MODE=disabled",))
+    assert decide_wandb_mode("disabled", url, {"WANDB_MODE": "online"}).mode == "disabled"
+
+
+def test_guard_refuses_a_run_whose_mode_is_not_the_jobs(tmp_path: Path) -> None:
+    import wandb
+
+    from tmgg.task.wandb_guard import live_run_mode, mode_problem
+
+    run = wandb.init(mode="disabled", dir=str(tmp_path))  # what WANDB_MODE=disabled made
+    try:
+        assert live_run_mode(run) == "disabled"
+    finally:
+        run.finish()
+    assert mode_problem("online", "online") is None
+    assert mode_problem("disabled", "online") == (
+        "W&B run is disabled, job's mode is online (logger.mode; the environment cannot "
+        "change it)")
+    assert mode_problem("offline", "online") is not None
+
+
+# -- a deleted run's id ------------------------------------------------------------------
+@pytest.mark.slow
+def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
+        wandb_server: FakeWandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tmgg.orchestration.reconcile import main as reconcile_main
+
+    host = f"logger.base_url={wandb_server.base_url}"
+    project = "deleted_case"  # this test's own project on the module's server
+    args = [*ONE_JOB, "logger.mode=online", host, f"logger.project={project}"]
+    (job,) = compose_sweep([*args, *dirs(tmp_path)]).jobs
+    old_id = wandb_run_id(job.job_id)
+    wandb_server.plant_run(TEAM, project, old_id, display_name=job.run_name, group="smoke")
+    wandb_server.delete_run(TEAM, project, old_id)  # someone deleted it in the UI
+    alice = user(wandb_server, "alice").api_key
+    # The service answers 409 and wandb retries until init_timeout: keep the wait short.
+    env = online_env(tmp_path, alice, WANDB_INIT_TIMEOUT="20")
+    refused = run_module(tmp_path, "tmgg.app", args, env)
+    assert refused.returncode != 0
+    record = job_records(tmp_path)[job.job_id]
+    assert record["status"] == "FAILED"
+    assert f"refuses run id {TEAM}/{project}/{old_id}" in record["error"]
+    assert "was deleted there" in record["error"]
+    assert "relaunch it with logger.run_generation=1" in record["error"]
+    (job_dir,) = (tmp_path / "out" / "smoke").iterdir()
+    assert not (job_dir / "checkpoints").exists()
+
+    monkeypatch.setenv("WANDB_API_KEY", alice)
+    assert reconcile_main(["--online", *args, *dirs(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "failed" in out and "refuses run id" in out
+
+    relaunched = run_module(tmp_path, "tmgg.app", [*args, "logger.run_generation=1"], env)
+    assert relaunched.returncode == 0, relaunched.stderr[-3000:]
+    record = job_records(tmp_path)[job.job_id]  # the same job, now finished
+    new_id = wandb_run_id(job.job_id, 1)
+    assert new_id != old_id and record["status"] == "FINISHED"
+    assert record["wandb"]["run_id"] == new_id
+    run = wandb_server.run(TEAM, project, new_id)
+    assert run is not None and (run.state, run.display_name) == ("finished", job.run_name)
+    assert reconcile_main(["--online", *args, "logger.run_generation=1", *dirs(tmp_path)]) == 0
+
+
+# -- sync: offline runs uploaded to the pinned destination --------------------------------
+@pytest.mark.slow
+def test_sync_uploads_offline_runs_to_the_pinned_destination_once(
+        wandb_server: FakeWandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    from tmgg.orchestration.reconcile import main as reconcile_main
+
+    project = "synced_project"  # this test's own project on the module's server
+    args = ["stage=smoke", "model=linear_pe", *TINY, f"logger.project={project}",
+            f"logger.base_url={wandb_server.base_url}"]
+    ran = run_module(tmp_path, "tmgg.app", ["-m", *args, "hydra.launcher.n_workers=2"],
+                     online_env(tmp_path, None))  # no key: auto runs offline
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    records = job_records(tmp_path)
+    assert len(records) == 2 and {r["wandb"]["mode"] for r in records.values()} == {"offline"}
+    assert not wandb_server.runs_in(project=project)
+
+    alice = user(wandb_server, "alice").api_key
+    # The key's default entity is alice; the environment points elsewhere too.
+    env = online_env(tmp_path, alice, WANDB_ENTITY="someone_personal",
+                     WANDB_PROJECT="elsewhere", WANDB_BASE_URL="http://127.0.0.1:9",
+                     WANDB_MODE="offline")
+    synced = run_module(tmp_path, "tmgg.orchestration.cli", ["sync", *args], env)
+    assert synced.returncode == 0, synced.stdout[-2000:] + synced.stderr[-3000:]
+    assert f"-> {TEAM}/{project} on {wandb_server.base_url}" in synced.stdout
+    runs = {run.name: run for run in wandb_server.runs_in(project=project)}
+    assert sorted(runs) == sorted(r["wandb"]["run_id"] for r in records.values())
+    for record in records.values():
+        run = runs[record["wandb"]["run_id"]]
+        assert (run.entity, run.display_name, run.group) == (TEAM, record["run_name"], "smoke")
+        assert (run.state, run.exit_code) == ("finished", 0) and run.history_rows
+    history = {name: list(run.history) for name, run in runs.items()}
+
+    again = run_module(tmp_path, "tmgg.orchestration.cli", ["sync", *args], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {run.name: run.history for run in wandb_server.runs_in(project=project)} == history
+
+    monkeypatch.setenv("WANDB_API_KEY", alice)
+    assert reconcile_main(["--online", *args, *dirs(tmp_path)]) == 0
