@@ -13,6 +13,8 @@ EDITABLE_STAMP = $(VENV)/.tmgg-editable
 TORCH_FIND_LINKS ?= $(shell $(BOOTSTRAP_PYTHON) -m pip config list 2>/dev/null \
 	| sed -n "s/^[^=]*find-links='\(.*\)'$$/\1/p" | tr ' ' '\n' | sort -u)
 PYTEST_ARGS ?=
+# Recipes (and the tests' subprocesses) find .venv's tools first, as if it were active.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAGE ?= stage1
 LAUNCHER ?= local
 GPU ?= T4

@@ -1,7 +1,7 @@
 """tmgg's locked environment: ``make lock`` writes it, ``make lock-check`` (CI) checks it.
 
-Three files under ``src/tmgg/lock/`` (package data, so a Modal image can be built
-from a non-editable install too):
+Three files under ``src/tmgg/lock/`` (package data, ``tmgg.lockfile``, so a Modal
+image can be built from a non-editable install too):
 
 - ``requirements.lock``: every dependency of ``tmgg[dev]`` except torch, pinned with
   hashes, resolved by uv for every platform (``--universal``) from pyproject's lowest
@@ -28,36 +28,26 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from tmgg.lockfile import (
+    LOCK_DIR,
+    REQUIREMENTS_LOCK,
+    TORCH_LOCK,
+    UV_LOCK,
+    LockError,
+    Pin,
+    canonical,
+    parse_pins,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
-LOCK_DIR = ROOT / "src" / "tmgg" / "lock"
-LOCK_NAME = "requirements.lock"
-TORCH_NAME = "torch.txt"
-UV_NAME = "uv.txt"
+LOCK_NAME, TORCH_NAME, UV_NAME = REQUIREMENTS_LOCK.name, TORCH_LOCK.name, UV_LOCK.name
 EXTRAS = ("dev",)
 DIGEST_PREFIX = "# pyproject-dependencies-sha256: "
 # torch's GPU runtime: packages its Linux wheel pulls in that the CPU build does not.
 CUDA_RUNTIME = re.compile(r"^(nvidia-.+|cuda-.+|triton)$")
-_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
-
-
-class LockError(RuntimeError):
-    """The lock and pyproject.toml disagree (or the lock is damaged)."""
-
-
-@dataclass
-class Pin:
-    name: str
-    version: str
-    marker: str | None
-    hashes: list[str] = field(default_factory=list)
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _load_pyproject(path: Path = PYPROJECT) -> dict:
@@ -76,26 +66,6 @@ def dependency_digest(pyproject: dict) -> str:
                                   sorted(project.get("optional-dependencies", {}).items())},
     }
     return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
-
-
-def parse_pins(text: str) -> list[Pin]:
-    """The ``name==version ; marker`` entries of a uv-compiled file, with their hashes."""
-    pins: list[Pin] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("--hash="):
-            if not pins:
-                raise LockError(f"a hash before any requirement: {line!r}")
-            pins[-1].hashes.append(line.removeprefix("--hash=").rstrip(" \\"))
-            continue
-        match = _PIN.match(line)
-        if not match:
-            raise LockError(f"not an exact pin: {line!r}")
-        name, version, marker = match.groups()
-        pins.append(Pin(canonical(name), version, marker.strip() if marker else None))
-    return pins
 
 
 def _lowest_python(requires_python: str) -> str:

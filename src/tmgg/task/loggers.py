@@ -32,6 +32,9 @@ from tmgg.identity import wandb_run_id
 from tmgg.launch.volume_files import off_volume
 
 log = logging.getLogger(__name__)
+# Checked against wandb 0.31.0 (how init weighs arguments, environment, sweep/launch
+# context and settings files); tests/test_lock.py fails when the lock moves wandb off it.
+WANDB_CHECKED_VERSION = "0.31.0"
 
 # Variables that would name the destination if the pinned values were missing.
 DESTINATION_VARIABLES = ("WANDB_ENTITY", "WANDB_PROJECT")
