@@ -28,7 +28,7 @@ else
 LAUNCH_ARGS = hydra/launcher=$(LAUNCHER)
 endif
 
-.PHONY: help install lock lock-check test test-fast lint smoke plan status resume reconcile report stage1 stage2 bench clean
+.PHONY: help install lock lock-check test test-fast lint smoke plan status resume reconcile report stage1 stage2 bench bench-install clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -91,6 +91,10 @@ bench:  ## training, sweep and planning benchmarks (ratios against baselines mea
 	$(PYTHON) benchmarks/bench_training.py --json $(BENCH_OUT)/training.json
 	$(PYTHON) benchmarks/bench_sweep.py --json $(BENCH_OUT)/sweep.json
 	$(PYTHON) benchmarks/bench_planning.py --json $(BENCH_OUT)/planning.json
+
+bench-install:  ## make install (uv, lock) against the old pip path, fresh clones, same run
+	mkdir -p $(BENCH_OUT)
+	$(PYTHON) benchmarks/bench_install.py --warmup --json $(BENCH_OUT)/install.json
 
 clean:  ## remove outputs/ and caches (never experiments/)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

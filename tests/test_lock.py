@@ -204,9 +204,12 @@ def test_readme_setup_in_a_fresh_clone_with_a_refusing_python(tmp_path: Path) ->
            if key not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "MAKEFLAGS", "MFLAGS")}
     env.update(PATH=f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", PIP_REQUIRE_VIRTUALENV="1",
                WANDB_MODE="offline", PYTEST_ARGS="tests/test_noise.py -p no:cacheprovider")
-    refused = subprocess.run(["python3", "-m", "pip", "install", "--dry-run", "six"],
-                             env=env, capture_output=True, text=True)
-    assert refused.returncode != 0 and "externally-managed" in refused.stderr + refused.stdout
+    # Both refusals hold on their own: the PEP 668 marker, and pip's own switch.
+    marker_only = {k: v for k, v in env.items() if k != "PIP_REQUIRE_VIRTUALENV"}
+    for probe_env, refusal in ((marker_only, "externally-managed"), (env, "virtualenv")):
+        refused = subprocess.run(["python3", "-m", "pip", "install", "--dry-run", "six"],
+                                 env=probe_env, capture_output=True, text=True)
+        assert refused.returncode != 0 and refusal in refused.stderr + refused.stdout
     checkout = _checkout_copy(tmp_path / "checkout")
 
     def run(command: str) -> str:
