@@ -51,7 +51,10 @@ CUDA_RUNTIME = re.compile(r"^(nvidia-.+|cuda-.+|triton)$")
 
 
 def _load_pyproject(path: Path = PYPROJECT) -> dict:
-    import tomllib
+    try:
+        import tomllib
+    except ImportError as error:  # Python 3.10: the lock tools need 3.11's tomllib
+        raise LockError("tools/envlock.py needs Python 3.11 or newer (tomllib)") from error
 
     return tomllib.loads(path.read_text())
 
