@@ -98,6 +98,23 @@ def test_checked_versions_are_the_locked_ones() -> None:
     assert [m.MODAL_CHECKED_VERSION for m in (modal_app, modal_transport)] == [modal] * 2
 
 
+def test_image_build_warns_when_local_pickle_packages_are_not_the_locked_ones(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from importlib import metadata
+
+    from tmgg.launch import modal_app
+
+    local = metadata.version("omegaconf")
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(re.sub(r"(?m)^omegaconf==\S+", "omegaconf==0.0.1",
+                           REQUIREMENTS_LOCK.read_text()))
+    with caplog.at_level("WARNING", logger=modal_app.__name__):
+        modal_app._warn_if_not_locked(lock)
+    assert f"omegaconf {local} is installed here but the Modal image has the lock's 0.0.1" \
+        in caplog.text
+    assert "make install" in caplog.text
+
+
 def _checkout_copy(destination: Path) -> Path:
     """The files a fresh clone of this working tree would have (tracked and new)."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MODAL_CHECKED_VERSION = "1.6.4"
 # Where the outputs volume is mounted in every container.
 VOLUME_MOUNT = "/vol"
+# Packages whose pickles cross the wire (payloads out, results back).
+PICKLE_CRITICAL = ("hydra-core", "omegaconf", "cloudpickle")
 # Where the image puts tmgg's packages (on the containers' PYTHONPATH) and conf/.
 CONTAINER_ROOT = "/root"
 CONTAINER_CONF_DIR = "/conf"
@@ -235,9 +237,27 @@ class ImageSources:
             raise RuntimeError(
                 f"cannot build the Modal image: no conf/ at {CONF_DIR} (set TMGG_CONF_DIR "
                 "or run from the checkout)")
+        _warn_if_not_locked(REQUIREMENTS_LOCK)
         return cls(requirements_lock=REQUIREMENTS_LOCK, torch_lock=TORCH_LOCK,
                    uv_version=locked_version("uv", UV_LOCK), packages=packages,
                    conf_dir=CONF_DIR)
+
+
+def _warn_if_not_locked(lock: Path) -> None:
+    """Payloads are pickled here and unpickled in a container that has the lock's
+    versions: say so when this machine's pickle-critical packages differ from them."""
+    from importlib import metadata
+
+    from tmgg.lockfile import LockError, locked_version
+
+    for name in PICKLE_CRITICAL:
+        try:
+            local, locked = metadata.version(name), locked_version(name, lock)
+        except (metadata.PackageNotFoundError, LockError):
+            continue
+        if local != locked:
+            log.warning("%s %s is installed here but the Modal image has the lock's %s: "
+                        "run `make install` so payloads unpickle alike", name, local, locked)
 
 
 def build_image(sources: ImageSources | None = None) -> Any:
