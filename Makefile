@@ -1,5 +1,20 @@
 # tmgg: declarative Hydra sweeps of spectral graph denoising. `make help` lists targets.
-PYTHON ?= python3
+# Every target runs in the project's own environment, .venv, made by `make install`.
+BOOTSTRAP_PYTHON ?= python3
+VENV ?= .venv
+PYTHON = $(VENV)/bin/python
+UV_INSTALL = $(VENV)/bin/uv pip install --python $(PYTHON)
+# The lock (`make lock` writes it from pyproject.toml; tools/envlock.py says how).
+LOCK_DIR = src/tmgg/lock
+EDITABLE_STAMP = $(VENV)/.tmgg-editable
+# torch's wheel: from the folders pip is configured with (find-links), where there are
+# any (a CPU build on a machine that keeps one on disk), else from the index (on Linux
+# x86_64 a CUDA build). `make install TORCH_FIND_LINKS=` ignores pip's folders.
+TORCH_FIND_LINKS ?= $(shell $(BOOTSTRAP_PYTHON) -m pip config list 2>/dev/null \
+	| sed -n "s/^[^=]*find-links='\(.*\)'$$/\1/p" | tr ' ' '\n' | sort -u)
+PYTEST_ARGS ?=
+# Recipes (and the tests' subprocesses) find .venv's tools first, as if it were active.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAGE ?= stage1
 LAUNCHER ?= local
 GPU ?= T4
@@ -13,23 +28,39 @@ else
 LAUNCH_ARGS = hydra/launcher=$(LAUNCHER)
 endif
 
-.PHONY: help install test test-fast lint smoke plan status resume reconcile sync report stage1 stage2 bench clean
+.PHONY: help install lock lock-check test test-fast lint smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install:  ## install torch (CPU wheel), then tmgg and its dev tools, editable
-	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[dev]"
+install:  ## make .venv: the locked versions of src/tmgg/lock/, torch, tmgg editable
+	test -x $(PYTHON) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --require-hashes --no-deps -r $(LOCK_DIR)/uv.txt
+	$(UV_INSTALL) --require-hashes --no-deps -r $(LOCK_DIR)/requirements.lock
+	$(UV_INSTALL) $(addprefix --find-links ,$(TORCH_FIND_LINKS)) -r $(LOCK_DIR)/torch.txt
+	$(MAKE) --no-print-directory $(EDITABLE_STAMP)
+	$(VENV)/bin/uv pip check --python $(PYTHON)
+
+# tmgg itself, editable: rebuilt only when pyproject.toml changes (uv would rebuild a
+# named source tree on every call, and `make install` twice must change nothing).
+$(EDITABLE_STAMP): pyproject.toml
+	$(UV_INSTALL) --no-deps --no-build-isolation -e .
+	touch $@
+
+lock:  ## re-resolve src/tmgg/lock/ from pyproject.toml (uv; needs the package index)
+	$(PYTHON) tools/envlock.py lock
+
+lock-check:  ## fail unless src/tmgg/lock/ was written from this pyproject.toml
+	$(PYTHON) tools/envlock.py check
 
 test:  ## run the whole test suite (unit tests, real sweeps on CPU)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test-fast:  ## run the tests that train nothing for long (no slow marker)
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint:  ## ruff
-	$(PYTHON) -m ruff check src tests benchmarks
+	$(PYTHON) -m ruff check src tests benchmarks tools
 
 smoke:  ## the CPU smoke sweep: 3 models x 2 seeds, a few steps (W&B offline if no key)
 	$(TRAIN) -m stage=smoke $(LAUNCH_ARGS) $(OVERRIDES)
@@ -64,6 +95,10 @@ bench:  ## training, sweep and planning benchmarks (ratios against baselines mea
 	$(PYTHON) benchmarks/bench_sweep.py --json $(BENCH_OUT)/sweep.json
 	$(PYTHON) benchmarks/bench_planning.py --json $(BENCH_OUT)/planning.json
 	$(PYTHON) benchmarks/bench_fused.py --json $(BENCH_OUT)/fused.json
+
+bench-install:  ## make install (uv, lock) against the old pip path, fresh clones, same run
+	mkdir -p $(BENCH_OUT)
+	$(PYTHON) benchmarks/bench_install.py --warmup --json $(BENCH_OUT)/install.json
 
 clean:  ## remove outputs/ and caches (never experiments/)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from tmgg.project_files import locate_conf_dir
+
+CONF_DIR = locate_conf_dir()
 
 KNOWN_MODELS = ("linear_pe", "filter_bank", "self_attention")
 KNOWN_OPTIMIZERS = ("adamw", "adam", "sgd")

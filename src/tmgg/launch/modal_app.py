@@ -16,14 +16,13 @@ with ``Function.with_options`` by the dispatcher.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,16 @@ import modal
 
 log = logging.getLogger(__name__)
 
+# Checked against modal 1.6.4 (Image.uv_pip_install, add_local_dir, Volume.commit,
+# Function.local); tests/test_lock.py fails when the lock moves modal off it.
+MODAL_CHECKED_VERSION = "1.6.4"
 # Where the outputs volume is mounted in every container.
 VOLUME_MOUNT = "/vol"
-# The project on this machine: src/ (tmgg, hydra_plugins) and conf/ next to it.
-SRC_DIR = Path(__file__).resolve().parents[2]
-PROJECT_DIR = SRC_DIR.parent
-# Packages whose pickles must match between this machine and the containers.
-PINNED_PACKAGES = ("hydra-core", "omegaconf", "cloudpickle")
+# Packages whose pickles cross the wire (payloads out, results back).
+PICKLE_CRITICAL = ("hydra-core", "omegaconf", "cloudpickle")
+# Where the image puts tmgg's packages (on the containers' PYTHONPATH) and conf/.
+CONTAINER_ROOT = "/root"
+CONTAINER_CONF_DIR = "/conf"
 # train.py reads this variable to add a launcher's Lightning callbacks (a
 # "module:function" factory called with (cfg, output_dir)).
 CALLBACK_FACTORY_ENV = "TMGG_CALLBACK_FACTORY"
@@ -205,39 +207,82 @@ class ModalApp:
     volume: Any  # modal.Volume
 
 
-def _pins() -> list[str]:
-    """``name==version`` of this machine's pickle-critical packages (plain releases only:
-    a local or development build cannot be installed from PyPI, the range then applies)."""
-    pins = []
-    for name in PINNED_PACKAGES:
+@dataclass(frozen=True)
+class ImageSources:
+    """What a container image is built from, found through the installed packages.
+
+    Nothing here assumes a checkout: the lock is package data, tmgg and its Hydra
+    plugins are wherever this interpreter imports them from (``src/`` when editable,
+    ``site-packages`` when not), conf/ is ``tmgg.config.CONF_DIR``.
+    """
+
+    requirements_lock: Path  # every dependency but torch, with hashes
+    torch_lock: Path  # torch's version; the container takes PyPI's (CUDA) wheel
+    uv_version: str  # the uv that installs the lock on this machine
+    packages: dict[str, Path]  # container path under /root -> local package directory
+    conf_dir: Path
+
+    @classmethod
+    def installed(cls) -> ImageSources:
+        from tmgg.config import CONF_DIR
+        from tmgg.lockfile import REQUIREMENTS_LOCK, TORCH_LOCK, UV_LOCK, locked_version
+
+        packages = {}
+        for module in ("tmgg", "hydra_plugins.tmgg_launchers"):
+            spec = importlib.util.find_spec(module)
+            if spec is None or not spec.submodule_search_locations:
+                raise RuntimeError(f"cannot build the Modal image: {module} is not importable")
+            packages[module.replace(".", "/")] = Path(list(spec.submodule_search_locations)[0])
+        if not (CONF_DIR / "train.yaml").is_file():
+            raise RuntimeError(
+                f"cannot build the Modal image: no conf/ at {CONF_DIR} (set TMGG_CONF_DIR "
+                "or run from the checkout)")
+        _warn_if_not_locked(REQUIREMENTS_LOCK)
+        return cls(requirements_lock=REQUIREMENTS_LOCK, torch_lock=TORCH_LOCK,
+                   uv_version=locked_version("uv", UV_LOCK), packages=packages,
+                   conf_dir=CONF_DIR)
+
+
+def _warn_if_not_locked(lock: Path) -> None:
+    """Payloads are pickled here and unpickled in a container that has the lock's
+    versions: say so when this machine's pickle-critical packages differ from them."""
+    from importlib import metadata
+
+    from tmgg.lockfile import LockError, locked_version
+
+    for name in PICKLE_CRITICAL:
         try:
-            version = metadata.version(name)
-        except metadata.PackageNotFoundError:
+            local, locked = metadata.version(name), locked_version(name, lock)
+        except (metadata.PackageNotFoundError, LockError):
             continue
-        if re.fullmatch(r"\d+(\.\d+)*", version):
-            pins.append(f"{name}=={version}")
-    return pins
+        if local != locked:
+            log.warning("%s %s is installed here but the Modal image has the lock's %s: "
+                        "run `make install` so payloads unpickle alike", name, local, locked)
 
 
-def build_image() -> Any:
-    """Debian slim with this project's dependencies (from pyproject.toml) and source.
+def build_image(sources: ImageSources | None = None) -> Any:
+    """Debian slim with the locked environment and tmgg's source and conf/.
 
-    The Python minor version matches this machine's, and the packages whose pickles
-    cross the wire are pinned to this machine's versions. tmgg and hydra_plugins go
-    to /root (on the containers' PYTHONPATH) and conf/ to /conf, where
+    The same lock as ``make install`` (``--require-hashes``), so a job runs the same
+    versions here and on Modal (the pickles crossing the wire included); torch
+    from its own pin, taking the index's CUDA build. The Python minor version matches
+    this machine's. tmgg and hydra_plugins go to /root, conf/ to /conf, where
     ``tmgg.config.CONF_DIR`` points from there.
     """
+    sources = sources or ImageSources.installed()
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     ignore = ["**/__pycache__", "**/*.pyc", "**/.*"]
-    return (
+    image = (
         modal.Image.debian_slim(python_version=python)
-        .pip_install_from_pyproject(str(PROJECT_DIR / "pyproject.toml"))
-        .pip_install(*_pins())
+        .uv_pip_install(requirements=[str(sources.requirements_lock)],
+                        extra_options="--require-hashes --no-deps",
+                        uv_version=sources.uv_version)
+        .uv_pip_install(requirements=[str(sources.torch_lock)], uv_version=sources.uv_version)
         .env({"PYTHONUNBUFFERED": "1"})
-        .add_local_dir(SRC_DIR / "tmgg", "/root/tmgg", ignore=ignore)
-        .add_local_dir(SRC_DIR / "hydra_plugins", "/root/hydra_plugins", ignore=ignore)
-        .add_local_dir(PROJECT_DIR / "conf", "/conf", ignore=ignore)
     )
+    for remote, local in sources.packages.items():
+        image = image.add_local_dir(local, f"{CONTAINER_ROOT}/{remote}", ignore=ignore)
+    return image.add_local_dir(sources.conf_dir, CONTAINER_CONF_DIR, ignore=ignore)
 
 
 def build_app(app_name: str, volume_name: str, wandb_secret: str | None,

@@ -34,6 +34,10 @@ from tmgg.launch.worker_pool import Died, WorkerPool
 from tmgg.orchestration.executor import JobFailure, deserialize, serialize
 
 log = logging.getLogger(__name__)
+# Checked against modal 1.6.4 (Function.with_options, starmap's ordering and
+# return_exceptions, spawn, Retries' backoff); tests/test_lock.py fails when the lock
+# moves modal off it.
+MODAL_CHECKED_VERSION = "1.6.4"
 
 LOCAL_CALL_PREFIX = "local-fc-"
 _LOCAL_VOLUME_WARNING = ".*executing locally and will not have access to the mounted Volume.*"

@@ -36,6 +36,10 @@ from tmgg.identity import job_suffix, job_wandb_run_id, run_generation, wandb_ru
 from tmgg.orchestration.ledger import DISPATCHED, FAILED, FINISHED, RUNNING, JobState
 from tmgg.orchestration.plan import PlannedJob
 
+# Checked against wandb 0.31.0 (the run-<id>.wandb record log format and wandb.proto
+# read by read_run_file); tests/test_lock.py fails when the lock moves wandb off it.
+WANDB_CHECKED_VERSION = "0.31.0"
+
 OK = "ok"
 MISSING = "missing"
 FAILED_STATUS = "failed"

@@ -44,6 +44,9 @@ from tmgg.identity import job_wandb_run_id, run_generation
 from tmgg.launch.volume_files import off_volume
 
 log = logging.getLogger(__name__)
+# Checked against wandb 0.31.0 (how init weighs arguments, environment, sweep/launch
+# context and settings files); tests/test_lock.py fails when the lock moves wandb off it.
+WANDB_CHECKED_VERSION = "0.31.0"
 
 # The public W&B service: the host a stage logs to unless it declares another.
 DEFAULT_BASE_URL = "https://api.wandb.ai"

@@ -22,6 +22,9 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+# Checked against wandb 0.31.0 (when the run exists in on_fit_start, its entity/project/
+# id attributes); tests/test_lock.py fails when the lock moves wandb off it.
+WANDB_CHECKED_VERSION = "0.31.0"
 
 
 class WandbDestinationError(RuntimeError):
