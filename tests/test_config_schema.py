@@ -11,7 +11,7 @@ from __future__ import annotations
 import typing
 
 import pytest
-from conftest import SweepDirs, tmgg_train
+from conftest import SweepDirs, tmgg_sweep, tmgg_train
 from omegaconf import OmegaConf
 
 from tmgg.config import CONF_DIR
@@ -189,3 +189,21 @@ def test_output_dir_interpolation_resolves_per_job(sweep_dirs: SweepDirs, launch
         assert record["output_dir"].startswith(str(sweep_dirs.outputs))
         assert record["config"]["extra"]["dir"] == f"{record['output_dir']}/x"
     assert len({record["output_dir"] for record in records.values()}) == 2
+
+
+@pytest.mark.parametrize(("launcher", "setting", "field"), [
+    ("submitit_local_tmgg", "hydra.launcher.timeout_min=0", "hydra.launcher.timeout_min"),
+    ("slurm", "hydra.launcher.mem_gb=0", "hydra.launcher.mem_gb"),
+    ("slurm", "hydra.launcher.gpus_per_node=-1", "hydra.launcher.gpus_per_node"),
+])
+def test_slurm_resources_sbatch_would_reject_are_refused(
+        sweep_dirs: SweepDirs, launcher: str, setting: str, field: str) -> None:
+    plan = tmgg_sweep("plan", *ONE_JOB, f"hydra/launcher={launcher}", setting,
+                      *sweep_dirs.overrides)
+    assert plan.returncode == 2 and f"plan refused: {field}: " in plan.stderr, plan.stderr
+    if launcher == "submitit_local_tmgg":  # runnable here: refused before the plan is recorded
+        run = tmgg_train("-m", *ONE_JOB, f"hydra/launcher={launcher}", setting,
+                         *sweep_dirs.overrides, cwd=sweep_dirs.root)
+        assert run.returncode == 2
+        assert f"sweep refused, nothing dispatched: {field}: " in run.stderr, run.stderr[-2000:]
+        assert list(sweep_dirs.root.iterdir()) == []
