@@ -179,6 +179,12 @@ def wandb_tag(value: Any) -> str | None:
     return None
 
 
+def http_url(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        return f"expected an http(s) URL of a W&B server, got {value!r}"
+    return None
+
+
 # Lightning's own spellings (lightning.fabric.plugins.precision.precision); the
 # transformer-engine ones need a package tmgg does not install.
 PRECISIONS = ("32-true", "32", 32, "16-mixed", "16", 16, "bf16-mixed", "bf16",
@@ -287,7 +293,11 @@ SCHEMA: dict[str, Node] = {
         "wandb": {"entity": non_empty_string, "project": non_empty_string,
                   "group": optional(non_empty_string),
                   "mode": one_of(("auto", "online", "offline", "disabled")),
-                  "tags": list_of(wandb_tag)},
+                  "tags": list_of(wandb_tag),
+                  # The pinned W&B host and the run-id generation (branch wandb12):
+                  # omittable until conf/logger/wandb.yaml declares them everywhere.
+                  "base_url": Omittable(http_url),
+                  "run_generation": Omittable(non_negative_int)},
     }),
     # Values of the user's own (say ``+extra.notes_dir=${hydra:runtime.output_dir}/n``):
     # part of the job's config and identity, read by no tmgg code.
