@@ -21,6 +21,9 @@ RULES = {
     "start_method": one_of(("forkserver", "spawn", "fork")),
     "progress": boolean,
     "worker_crash_retries": integer_at_least(0),
+    # Fused training (branch fused13; tmgg.orchestration.fusion checks them too).
+    "fuse": one_of(("auto", "off")),
+    "fuse_max_members": positive_int,
 }
 
 
