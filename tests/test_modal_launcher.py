@@ -24,9 +24,10 @@ from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, Launche
 
 from tmgg.identity import wandb_run_id
 from tmgg.launch.cost import LauncherSettingError, normalize_gpu, plan_estimates
-from tmgg.launch.modal_calls import pid_alive, poll_detached
+from tmgg.launch.modal_calls import poll_detached
 from tmgg.launch.modal_settings import ModalSettings
 from tmgg.launch.modal_transport import LocalContainers
+from tmgg.launch.process_identity import ProcessIdentity
 from tmgg.orchestration.executor import JobFailure, serialize
 from tmgg.orchestration.ledger import CANCELLED, FAILED, FINISHED, Ledger
 
@@ -419,11 +420,13 @@ def test_detached_sweep_is_polled_and_cancelled(sweep_dirs: SweepDirs) -> None:
     assert [s.status for s in states] == [CANCELLED, FINISHED]
     assert states[1].metrics["test/mse"] >= 0
     cancelled = states[0]
-    pid = int((ledger.root / "modal_calls/local" / f"{cancelled.call_id}.pid").read_text())
+    process = ProcessIdentity.read(
+        ledger.root / "modal_calls/local" / f"{cancelled.call_id}.proc.json")
+    assert process is not None and process.argv[-1] == cancelled.call_id
     deadline = time.time() + 10
-    while time.time() < deadline and pid_alive(pid):
+    while time.time() < deadline and process.is_live():
         time.sleep(0.2)
-    assert not pid_alive(pid)  # its process is gone
+    assert not process.is_live()  # its process is gone
     assert poll_detached(ledger) == 0  # nothing left to fold
 
 

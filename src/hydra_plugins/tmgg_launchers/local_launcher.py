@@ -49,6 +49,9 @@ ConfigStore.instance().store(group="hydra/launcher", name="local", node=LocalLau
 class TmggLocalLauncher(TmggLauncher):
     @classmethod
     def before_plan(cls, config: DictConfig) -> None:
+        from tmgg.launch.local_settings import check_local_settings
+
+        check_local_settings(OmegaConf.to_container(config.hydra.launcher, resolve=True))
         # Start the fork server (torch and lightning imports) beside Hydra's composition.
         from tmgg.launch.local import preload_modules, prestart
 

@@ -22,7 +22,9 @@ def launcher_preflight(config: DictConfig, jobs: Sequence[PlannedJob]) -> None:
     leave a refused sweep's jobs in the ledger as planned.
     """
     from tmgg.launch.plugin_base import configured_launcher
+    from tmgg.launch.slurm_resources import check_submitit_settings
 
+    check_submitit_settings(config)
     launcher = configured_launcher(config)
     if launcher is not None:
         launcher.preflight(config, jobs)

@@ -21,15 +21,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from tmgg.launch.modal_results import LAUNCHER, record_result, to_job_return
+from tmgg.launch.modal_results import LAUNCHER, read_result_data, record_result, to_job_return
 from tmgg.launch.modal_settings import (
     MODAL_TOKEN_HELP,
     ModalSettings,
     modal_config_path,
     modal_credentials_available,
 )
-from tmgg.launch.modal_transport import LOCAL_CALL_PREFIX
-from tmgg.orchestration.executor import JobFailure, deserialize
+from tmgg.launch.modal_transport import LOCAL_CALL_PREFIX, local_call_arguments
+from tmgg.launch.process_identity import ProcessIdentity, why_not_ours
+from tmgg.orchestration.executor import JobFailure
 from tmgg.orchestration.ledger import DISPATCHED, RUNNING, Ledger, atomic_write_json
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.records import utc_now
@@ -45,42 +46,26 @@ def local_calls_dir(ledger_root: Path) -> Path:
     return ledger_root / CALLS_DIR / "local"
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie child of this process is not alive
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return False
-    return not is_zombie(pid)
-
-
-def is_zombie(pid: int) -> bool:
-    """An exited process not yet reaped by its parent (Linux /proc; False elsewhere)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+def local_call_process(call_id: str, ledger_root: Path) -> ProcessIdentity | None:
+    """The live process of a detached local call, proved to be it; None otherwise."""
+    calls_dir = local_calls_dir(ledger_root)
+    identity = ProcessIdentity.read(calls_dir / f"{call_id}.proc.json")
+    if why_not_ours(identity, local_call_arguments(calls_dir, call_id)) is None:
+        return identity
+    return None
 
 
 def poll_call(call_id: str, ledger_root: Path) -> Any:
-    """The call's output (pickled JobReturn or exception), or PENDING."""
+    """The call's output (result data, pickled JobReturn or exception), or PENDING."""
     if call_id.startswith(LOCAL_CALL_PREFIX):
         calls_dir = local_calls_dir(ledger_root)
         out = calls_dir / f"{call_id}.out"
         if out.exists():
-            status, value = deserialize(out.read_bytes())
-            return value if status == "ok" else deserialize(value)
-        pid_file = calls_dir / f"{call_id}.pid"
-        if pid_file.exists() and pid_alive(int(pid_file.read_text())):
+            return read_result_data(out)
+        if local_call_process(call_id, ledger_root) is not None:
             return PENDING
         if out.exists():  # finished between the two checks
-            return poll_call(call_id, ledger_root)
+            return read_result_data(out)
         return JobFailure("ContainerCrashed", f"local call {call_id} ended without a result "
                           f"(see {calls_dir / (call_id + '.log')})", "")
     import modal
@@ -95,12 +80,23 @@ def poll_call(call_id: str, ledger_root: Path) -> Any:
         return error
 
 
+class CancelRefused(RuntimeError):
+    """A call whose process cannot be proved to be the one tmgg started: not signalled."""
+
+
 def cancel_call(call_id: str, ledger_root: Path) -> None:
+    """Stop a call. A local call's process group is signalled only when the recorded
+    process is proved to be the call (host, boot, start time and command line)."""
     if call_id.startswith(LOCAL_CALL_PREFIX):
-        pid_file = local_calls_dir(ledger_root) / f"{call_id}.pid"
-        if pid_file.exists():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        calls_dir = local_calls_dir(ledger_root)
+        identity = ProcessIdentity.read(calls_dir / f"{call_id}.proc.json")
+        reason = why_not_ours(identity, local_call_arguments(calls_dir, call_id))
+        if reason is not None:
+            raise CancelRefused(f"not signalled: {reason}")
+        assert identity is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(identity.pid) == identity.pid:  # the call leads its own group
+                os.killpg(identity.pid, signal.SIGTERM)
         return
     import modal
 
@@ -177,7 +173,7 @@ def cancel_main(argv: list[str]) -> int:
             "Nothing was dispatched.", "Nothing was cancelled."), file=sys.stderr)
         return 1
     poll_detached(ledger)
-    cancelled = 0
+    cancelled = refused = 0
     for state in ledger.states().values():
         if state.status not in (DISPATCHED, RUNNING) or not state.call_id:
             continue
@@ -186,14 +182,16 @@ def cancel_main(argv: list[str]) -> int:
         except Exception as error:  # noqa: BLE001 - report and go on with the others
             print(f"could not cancel {state.run_name} ({state.call_id}): {error}",
                   file=sys.stderr)
+            refused += 1
             continue
         ledger.append({"event": "cancelled", "time": utc_now(), "job_id": state.job_id,
                        "run_name": state.run_name, "launcher": LAUNCHER,
                        "call_id": state.call_id})
         cancelled += 1
         print(f"cancelled {state.run_name} ({state.call_id})")
-    print(f"{cancelled} call(s) cancelled in stage {ledger.stage}")
-    return 0
+    print(f"{cancelled} call(s) cancelled in stage {ledger.stage}"
+          + (f", {refused} could not be" if refused else ""))
+    return 1 if refused else 0
 
 
 def write_call_record(job: PlannedJob, call_id: str, settings: ModalSettings,

@@ -3,13 +3,16 @@
 Shared by the blocking launcher (``modal_dispatch``) and by the folding of detached
 calls (``modal_calls``): the job as sent (outputs, checkpoints and records under the
 volume), and what comes back (a pickled JobReturn or an exception) recorded here,
-since the job wrote its own record remotely.
+since the job wrote its own record remotely. A result kept on disk (a detached local
+call's ``.out``) is plain JSON data (``result_data``), never a pickle: files under
+``experiments/`` are shared, and reading one must not run code (DESIGN.md contract 7).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +88,11 @@ def record_result(job: PlannedJob, result: Any, settings: ModalSettings, root: s
 
 
 def to_job_return(job: PlannedJob, output: Any) -> Any:
-    """A transport's output (pickled JobReturn, or an exception) as a JobReturn."""
+    """A transport's output (pickled JobReturn, result data, or an exception) as a JobReturn."""
     from hydra.core.utils import JobReturn, JobStatus
 
+    if isinstance(output, dict):
+        return job_return_from_data(job, output)
     if isinstance(output, bytes | bytearray):
         try:
             return deserialize(bytes(output))
@@ -98,3 +103,93 @@ def to_job_return(job: PlannedJob, output: Any) -> Any:
     failed = JobReturn(overrides=list(job.overrides), status=JobStatus.FAILED)
     failed.return_value = JobFailure.from_exception(output)
     return failed
+
+
+# -- results as data ---------------------------------------------------------------
+
+RESULT_FORMAT = "tmgg-call-result/1"
+
+
+def result_data(output: Any) -> dict[str, Any]:
+    """A transport's output (pickled JobReturn from our own container, or an exception)
+    as JSON data: status, metrics, error text, duration and output directory."""
+    if isinstance(output, bytes | bytearray):
+        try:
+            output = deserialize(bytes(output))
+        except Exception as error:  # noqa: BLE001 - becomes a FAILED result
+            output = error
+    data: dict[str, Any] = {"format": RESULT_FORMAT, "status": "FAILED", "metrics": None,
+                            "error": None, "duration_s": None, "output_dir": None}
+    if isinstance(output, BaseException):
+        failure = JobFailure.from_exception(output)
+    elif getattr(output, "status", None) is not None:
+        value = output._return_value
+        data["duration_s"] = getattr(output, "duration_s", None)
+        data["output_dir"] = _output_dir(output)
+        if output.status.name == "COMPLETED":
+            data["status"] = "COMPLETED"
+            data["metrics"] = json.loads(json.dumps(value, default=str)) \
+                if isinstance(value, dict) else None
+            return data
+        failure = JobFailure.from_exception(value if isinstance(value, BaseException)
+                                            else RuntimeError(str(value)))
+    else:
+        failure = JobFailure("UnexpectedResult", f"the remote function returned {output!r}", "")
+    data["error"] = {"type": failure.error_type, "message": failure.message,
+                     "traceback": failure.remote_traceback}
+    return data
+
+
+def read_result_data(path: Path) -> dict[str, Any] | JobFailure:
+    """A result file read strictly as data; anything else is a failure naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return JobFailure("UnreadableResult", f"{path} is not a tmgg call result (JSON): "
+                          f"{type(error).__name__}: {error}; the call's outcome is unknown", "")
+    problem = _result_problem(data)
+    if problem:
+        return JobFailure("UnreadableResult", f"{path} is not a tmgg call result: {problem}; "
+                          "the call's outcome is unknown", "")
+    return data
+
+
+def _result_problem(data: Any) -> str | None:
+    if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT:
+        return f"expected an object with format {RESULT_FORMAT!r}"
+    if data.get("status") not in ("COMPLETED", "FAILED"):
+        return f"unknown status {data.get('status')!r}"
+    if data.get("metrics") is not None and not isinstance(data["metrics"], dict):
+        return "metrics is not an object"
+    error = data.get("error")
+    if data["status"] == "FAILED" and not (
+            isinstance(error, dict)
+            and all(isinstance(error.get(k), str) for k in ("type", "message", "traceback"))):
+        return "a failed result needs error.type, error.message and error.traceback (text)"
+    duration = data.get("duration_s")
+    if duration is not None and (isinstance(duration, bool)
+                                 or not isinstance(duration, int | float)):
+        return "duration_s is not a number"
+    if data.get("output_dir") is not None and not isinstance(data["output_dir"], str):
+        return "output_dir is not text"
+    return None
+
+
+def job_return_from_data(job: PlannedJob, data: dict[str, Any]) -> Any:
+    """The JobReturn that ``record_result`` folds, rebuilt from result data."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    completed = data["status"] == "COMPLETED"
+    result = JobReturn(overrides=list(job.overrides),
+                       status=JobStatus.COMPLETED if completed else JobStatus.FAILED)
+    if data.get("output_dir"):
+        result.hydra_cfg = OmegaConf.create(
+            {"hydra": {"runtime": {"output_dir": data["output_dir"]}}})
+    result.duration_s = data.get("duration_s")  # type: ignore[attr-defined]
+    if completed:
+        result.return_value = data.get("metrics")
+    else:
+        error = data["error"]
+        result.return_value = JobFailure(error["type"], error["message"], error["traceback"])
+    return result

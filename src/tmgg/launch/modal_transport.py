@@ -11,13 +11,16 @@ with its index, as each finishes) and ``spawn`` (returns a call id):
   between inputs, returns outputs as they finish, retries lost containers and timeouts
   with ``modal.Retries``' backoff, and returns failures as exceptions. A detached
   local call is a session-leader process (``python -m tmgg.launch.modal_transport
-  local-call``) whose result is a file under the stage's ledger directory.
+  local-call``) that reads its input from a pipe and writes its result as JSON data
+  (``<call id>.out``) under the stage's ledger directory, beside a record of the
+  process (``<call id>.proc.json``) that lets ``cancel`` prove which process it is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -225,21 +228,36 @@ class _LocalRunner:
         yield from LocalContainers(self.settings, self.size).map(inputs)
 
     def spawn(self, args: tuple[bytes, str | None]) -> str:
-        """A detached local call: a session-leader process that outlives the launcher."""
+        """A detached local call: a session-leader process that outlives the launcher.
+
+        Its input goes through a pipe (no pickle is left on disk to be read back)."""
+        from tmgg.launch.process_identity import ProcessIdentity
+        from tmgg.orchestration.ledger import atomic_write_json
+
         assert self.calls_dir is not None
         self.calls_dir.mkdir(parents=True, exist_ok=True)
         call_id = f"{LOCAL_CALL_PREFIX}{uuid.uuid4().hex[:20]}"
         spec = {"settings": dataclasses.asdict(self.settings), "args": args,
                 "slots": self.size}
-        (self.calls_dir / f"{call_id}.in").write_bytes(serialize(spec))
         with open(self.calls_dir / f"{call_id}.log", "ab") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tmgg.launch.modal_transport", "local-call",
-                 str(self.calls_dir), call_id],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                [sys.executable, *local_call_arguments(self.calls_dir, call_id)],
+                stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True)
-        (self.calls_dir / f"{call_id}.pid").write_text(str(process.pid))
+        identity = ProcessIdentity.of(process.pid)
+        atomic_write_json(self.calls_dir / f"{call_id}.proc.json",
+                          identity.to_json() if identity else {"pid": process.pid})
+        assert process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # it died at start: polled as crashed
+            process.stdin.write(serialize(spec))
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.close()
         return call_id
+
+
+def local_call_arguments(calls_dir: Path, call_id: str) -> tuple[str, ...]:
+    """The command line of a detached local call after the interpreter (names the call)."""
+    return ("-m", "tmgg.launch.modal_transport", "local-call", str(calls_dir), call_id)
 
 
 @contextlib.contextmanager
@@ -256,7 +274,9 @@ def _local_call_main(calls_dir: Path, call_id: str) -> int:
     """Body of a detached local call: wait for a container slot, run, write the result."""
     import fcntl
 
-    spec = deserialize((calls_dir / f"{call_id}.in").read_bytes())
+    from tmgg.launch.modal_results import result_data
+
+    spec = deserialize(sys.stdin.buffer.read())  # from the launcher that started us
     settings = ModalSettings(**spec["settings"])
     slots = calls_dir / "slots"
     slots.mkdir(exist_ok=True)
@@ -273,12 +293,10 @@ def _local_call_main(calls_dir: Path, call_id: str) -> int:
         if handle is None:
             time.sleep(0.5)
     _, output = next(iter(LocalContainers(settings, 1).map([tuple(spec["args"])])))
-    reply = ("ok", output) if isinstance(output, bytes) else ("error", serialize(output))
     out = calls_dir / f"{call_id}.out"
     tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(serialize(reply))
+    tmp.write_text(json.dumps(result_data(output), default=str))
     os.replace(tmp, out)
-    (calls_dir / f"{call_id}.in").unlink(missing_ok=True)
     return 0
 
 

@@ -61,6 +61,43 @@ def is_submitit_launcher(master_config: DictConfig) -> bool:
     return isinstance(target, str) and target.startswith(SUBMITIT_TARGET_PREFIX)
 
 
+def _resource_rules() -> dict[str, Any]:
+    from tmgg.config_schema import (
+        integer_at_least,
+        non_negative_int,
+        optional,
+        positive_int,
+        positive_number,
+    )
+
+    return {"timeout_min": positive_int, "nodes": positive_int, "tasks_per_node": positive_int,
+            "gpus_per_node": optional(non_negative_int), "cpus_per_task": optional(positive_int),
+            "mem_gb": optional(positive_number), "max_num_timeout": non_negative_int,
+            "signal_delay_s": non_negative_int,
+            "array_parallelism": optional(integer_at_least(1))}
+
+
+def check_submitit_settings(master_config: DictConfig) -> None:
+    """Refuse resources sbatch (or submitit's local executor) would only reject after the
+    plan is recorded: a zero time limit, no nodes, negative GPUs, zero memory."""
+    if not is_submitit_launcher(master_config):
+        return
+    from tmgg.launch.cost import LauncherSettingError
+
+    launcher = master_config.hydra.launcher
+    for key, rule in _resource_rules().items():
+        if key not in launcher:
+            continue
+        try:
+            value = OmegaConf.select(launcher, key, throw_on_resolution_failure=True)
+        except Exception as error:
+            raise LauncherSettingError(f"hydra.launcher.{key}", f"cannot resolve: {error}") \
+                from error
+        problem = rule(value)
+        if problem:
+            raise LauncherSettingError(f"hydra.launcher.{key}", problem)
+
+
 def describe_launcher(master_config: DictConfig) -> dict[str, Any]:
     """Resources each job of the sweep requests, or {} for a launcher that is not submitit.
 
@@ -71,6 +108,7 @@ def describe_launcher(master_config: DictConfig) -> dict[str, Any]:
     """
     if not is_submitit_launcher(master_config):
         return {}
+    check_submitit_settings(master_config)
     launcher = master_config.hydra.launcher
     target = str(launcher._target_)
     executor = "slurm" if target.endswith("SlurmLauncher") else "local"

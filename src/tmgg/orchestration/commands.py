@@ -187,9 +187,10 @@ def status_main(argv: list[str]) -> int:
             poll(ledger)
     rows = status_rows(ledger)
     counts = Counter(row["status"] for row in rows)
+    damaged = damaged_line_notes(ledger)
     if args.json:
-        print(json.dumps({"stage": ledger.stage, "counts": dict(counts), "jobs": rows},
-                         indent=2, default=str))
+        print(json.dumps({"stage": ledger.stage, "counts": dict(counts), "jobs": rows,
+                          "damaged_lines": damaged}, indent=2, default=str))
         return 0
     from rich.table import Table
 
@@ -208,7 +209,17 @@ def status_main(argv: list[str]) -> int:
     console.print(table)
     console.print(", ".join(f"{count} {status.lower()}" for status, count in
                             sorted(counts.items())) or "no jobs recorded")
+    for note in damaged:
+        console.print(note["text"], style="red", markup=False, highlight=False)
     return 0
+
+
+def damaged_line_notes(ledger: Ledger) -> list[dict[str, Any]]:
+    """Damaged ledger lines (a write cut short by a full disk or a kill), by number."""
+    return [{"line": number, "excerpt": excerpt,
+             "text": f"{ledger.events_path} line {number} is damaged (a write cut short?) "
+                     f"and was skipped; every other line was read: {excerpt!r}"}
+            for number, excerpt in ledger.damaged_lines()]
 
 
 def resume_main(argv: list[str]) -> int:

@@ -5,6 +5,8 @@ Hydra runs it whichever launcher dispatches the jobs — ours, ``basic`` or subm
 
 - ``on_multirun_start`` (launching machine): compose and validate every job of the
   sweep, record the plan; an invalid job stops the sweep before any dispatch.
+- ``on_run_start`` (a single run): the same checks, before Hydra creates its output
+  directory.
 - ``on_job_start`` / ``on_job_end`` (where the job runs): the job writes its own
   record — RUNNING, then FINISHED or FAILED with metrics or error — by atomic rename.
 
@@ -32,10 +34,10 @@ def callbacks_for(config: DictConfig) -> Any:
     return Callbacks(config)
 
 
-def _refuse(error: Exception) -> None:
+def _refuse(error: Exception, what: str = "sweep refused, nothing dispatched") -> None:
     """Stop the sweep before any dispatch: Hydra turns a callback's exception into a
     warning and launches anyway, but SystemExit is not an Exception."""
-    print(f"sweep refused, nothing dispatched: {error}", file=sys.stderr)
+    print(f"{what}: {error}", file=sys.stderr)
     raise SystemExit(2) from error
 
 
@@ -53,6 +55,17 @@ class LedgerCallback(Callback):
             record_plan_for_multirun(config)
         except PlanError as error:
             _refuse(error)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run is checked like a sweep's jobs, before its output dir exists."""
+        if not self.enabled:
+            return
+        from tmgg.orchestration.plan import PlanError, check_run
+
+        try:
+            check_run(config)
+        except PlanError as error:
+            _refuse(error, "run refused, nothing ran")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:

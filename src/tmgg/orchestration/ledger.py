@@ -4,7 +4,9 @@ Layout under ``experiments/<stage>/``:
 
 - ``ledger.jsonl`` — append-only events from launching machines (``planned``,
   ``dispatched``, ``outcome``, ``cancelled``), one JSON object a line, written with
-  O_APPEND and fsync, so a SIGKILLed launcher leaves every complete line intact.
+  O_APPEND and fsync, so a SIGKILLed launcher leaves every complete line intact. A
+  torn line (disk full, writer killed mid-write) stays on a line of its own: the next
+  append starts on a fresh line, readers skip it and ``damaged_lines`` names it.
 - ``jobs/<job_id>.json`` — the latest state of one job, written by the job itself
   (or by the launcher for remote jobs) through an atomic rename: one writer a file,
   safe on shared file systems, readable at any moment.
@@ -15,6 +17,8 @@ Folding the two gives each expected job one state (``JobState``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -88,27 +92,32 @@ class Ledger:
 
     # -- writing ---------------------------------------------------------------
     def append(self, event: dict[str, Any]) -> None:
-        """Append one event line durably (O_APPEND keeps concurrent lines whole)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(event, default=str, sort_keys=True) + "\n").encode()
-        fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Append one event line durably (see ``append_many``)."""
+        self.append_many([event])
 
     def append_many(self, events: Iterable[dict[str, Any]]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Append event lines durably, whole, and never glued to a torn line.
+
+        O_APPEND keeps concurrent writers' lines apart; an advisory lock makes "does the
+        file end mid-line?" and the write one step between tmgg's writers; the write is
+        repeated until every byte is down (``os.write`` may write less than asked).
+        """
         payload = b"".join(
             (json.dumps(e, default=str, sort_keys=True) + "\n").encode() for e in events
         )
-        fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if not payload:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, payload)
+            with contextlib.suppress(OSError):  # a file system without flock still appends
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _ends_mid_line(fd):
+                payload = b"\n" + payload  # close a torn line left by a killed writer
+            _write_all(fd, payload)
             os.fsync(fd)
         finally:
-            os.close(fd)
+            os.close(fd)  # releases the lock
 
     def write_plan(self, plan: dict[str, Any]) -> None:
         atomic_write_json(self.plan_path, plan)
@@ -118,18 +127,27 @@ class Ledger:
 
     # -- reading ---------------------------------------------------------------
     def events(self) -> Iterator[dict[str, Any]]:
-        """Every complete event line; a torn last line (killed writer) is skipped."""
-        if not self.events_path.exists():
+        """Every complete event; damaged lines (torn writes) are skipped, see ``damaged_lines``."""
+        for _, event, _, _ in self._lines():
+            if event is not None:
+                yield event
+
+    def damaged_lines(self) -> list[tuple[int, str]]:
+        """``(line number, start of its text)`` of every line that is not one whole event."""
+        return [(number, raw[:80]) for number, _, raw, damaged in self._lines() if damaged]
+
+    def _lines(self) -> Iterator[tuple[int, dict[str, Any] | None, str, bool]]:
+        """(number, its event or None, its text, damaged?) for every non-blank line."""
+        try:
+            handle = self.events_path.open("rb")
+        except FileNotFoundError:
             return
-        with self.events_path.open() as handle:
-            for line in handle:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+        with handle:
+            for number, data in enumerate(handle, start=1):
+                raw = data.decode("utf-8", errors="replace").strip()
+                if raw:
+                    event, start = _parse_event(raw)
+                    yield number, event, raw, event is None or start > 0
 
     def job_record(self, job_id: str) -> dict[str, Any] | None:
         path = self.jobs_dir / f"{job_id}.json"
@@ -200,3 +218,31 @@ class Ledger:
             elif recorded == RUNNING and state.status == DISPATCHED:
                 state.status = RUNNING
         return states
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written; an error (ENOSPC, EIO) propagates."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(f"os.write wrote {written} bytes of {len(view)}")
+        view = view[written:]
+
+
+def _ends_mid_line(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
+def _parse_event(raw: str) -> tuple[dict[str, Any] | None, int]:
+    """The event on a line and where it starts; (None, -1) for a damaged line. A whole
+    event glued behind a torn one (in a ledger written before appends closed torn
+    lines) is recovered, starting after the torn text."""
+    start = 0
+    while start != -1:
+        with contextlib.suppress(json.JSONDecodeError):
+            event = json.loads(raw[start:])
+            return (event, start) if isinstance(event, dict) else (None, -1)
+        start = raw.find("{", start + 1)
+    return None, -1

@@ -4,14 +4,18 @@
 overrides, a later key replacing an earlier one), and ``compose_job`` uses Hydra's
 own ``load_sweep_config`` (DESIGN.md contract 1). A job's task config is resolved
 on the launching machine and frozen into the plan: the entity and project a job
-logs to are decided here, not where it runs (contract 3).
+logs to are decided here, not where it runs (contract 3). Only what depends on the
+job's output directory (``${hydra:runtime.output_dir}``, known where the job runs)
+stays an interpolation, resolved per job as under Hydra's basic launcher.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
@@ -86,13 +90,25 @@ def expand_grid(config: DictConfig, arguments: Sequence[str]) -> list[list[str]]
     return [list(job) for job in batches[0]]
 
 
-def freeze_task_config(sweep_config: DictConfig) -> DictConfig:
-    """Resolve every task key now (the hydra node stays lazy: it needs job runtime)."""
-    from hydra.core.hydra_config import HydraConfig
+# What ${hydra:runtime.output_dir} resolves to while a plan is frozen: values holding it
+# are found afterwards and kept as interpolations.
+_OUTPUT_DIR_PLACEHOLDER = "<tmgg:hydra.runtime.output_dir>"
 
-    HydraConfig.instance().set_config(sweep_config)
+
+def freeze_task_config(sweep_config: DictConfig) -> DictConfig:
+    """Resolve every task key now (the hydra node stays lazy: it needs job runtime).
+
+    A value that depends on ``hydra.runtime.output_dir`` stays an interpolation: the
+    job's output directory is only known where it runs (a Modal volume, a SLURM node).
+    """
+    return _freeze(sweep_config)[0]
+
+
+def _freeze(sweep_config: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """The frozen sweep config and its task part as plain data."""
     frozen = copy.deepcopy(sweep_config)
-    with read_write(frozen), open_dict(frozen):
+    with _hydra_runtime(frozen, _OUTPUT_DIR_PLACEHOLDER), read_write(frozen), \
+            open_dict(frozen):
         for key in list(frozen.keys()):
             if key == "hydra":
                 continue
@@ -100,8 +116,101 @@ def freeze_task_config(sweep_config: DictConfig) -> DictConfig:
             if OmegaConf.is_config(node):
                 OmegaConf.resolve(node)
             else:
-                frozen[key] = OmegaConf.select(sweep_config, str(key))
-    return frozen
+                frozen[key] = OmegaConf.select(frozen, str(key))
+    task = {k: v for k, v in OmegaConf.to_container(frozen, resolve=False).items()
+            if k != "hydra"}
+    _keep_output_dir_interpolations(frozen, sweep_config, task)
+    return frozen, task
+
+
+@contextmanager
+def _hydra_runtime(config: DictConfig, output_dir: str | None) -> Iterator[None]:
+    """HydraConfig (what ${hydra:...} reads) set to ``config`` with this output dir.
+
+    ``config`` gets its own value back afterwards; HydraConfig keeps its copy (the
+    next plan step or Hydra's run_job sets it again)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    runtime = config.hydra.runtime
+    original = runtime._get_node("output_dir")._value()  # type: ignore[union-attr]
+    if output_dir is not None:
+        with read_write(runtime):
+            runtime.output_dir = output_dir
+    HydraConfig.instance().set_config(config)
+    try:
+        yield
+    finally:
+        if output_dir is not None:
+            with read_write(runtime):
+                runtime.output_dir = original
+
+
+def _keep_output_dir_interpolations(frozen: DictConfig, original: DictConfig,
+                                    task: dict[str, Any]) -> None:
+    """Put back the unresolved text of every value that resolved through the output dir
+    (in ``frozen`` and in its plain ``task`` part)."""
+
+    def walk(node: Any, path: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(value, dict | list):
+                yield from walk(value, (*path, key))
+            elif isinstance(value, str) and _OUTPUT_DIR_PLACEHOLDER in value:
+                yield (*path, key)
+
+    for path in list(walk(task, ())):
+        for depth in range(len(path), 0, -1):  # the nearest interpolation holding it
+            parent_path = ".".join(map(str, path[:depth - 1]))
+            parent = OmegaConf.select(original, parent_path) if parent_path else original
+            key = path[depth - 1]
+            if OmegaConf.is_config(parent) and OmegaConf.is_interpolation(parent, key):
+                raw = parent._get_node(key)._value()
+                target = OmegaConf.select(frozen, parent_path) if parent_path else frozen
+                with read_write(target), open_dict(target):
+                    target[key] = raw
+                plain = task
+                for step in path[:depth - 1]:
+                    plain = plain[step]
+                plain[key] = raw
+                break
+        else:
+            raise PlanError(f"{'.'.join(map(str, path))}: uses ${{hydra:runtime.output_dir}} "
+                            "in a way tmgg cannot keep for the job to resolve")
+
+
+def check_paths(config: DictConfig, job: str, output_dir: str | None,
+                output_dir_field: str = "hydra.sweep.dir") -> None:
+    """Nothing of a job is written outside experiments_dir and outputs_dir (paths resolved,
+    symbolic links followed): neither its ledger directory nor its output directory."""
+    experiments = Path(str(config.experiments_dir)).resolve()
+    outputs = Path(str(config.outputs_dir)).resolve()
+    ledger = (experiments / str(config.stage.name)).resolve()
+    if not ledger.is_relative_to(experiments) or ledger == experiments:
+        raise JobConfigError(job, "stage.name", f"its ledger directory {ledger} is not "
+                             f"inside experiments_dir={experiments}")
+    if output_dir is None:
+        return  # not resolvable at plan time: Hydra reports it
+    where = Path(output_dir).resolve()
+    if not where.is_relative_to(outputs) or where == outputs:
+        raise JobConfigError(job, output_dir_field, f"the job's output directory {where} is "
+                             f"not inside outputs_dir={outputs}")
+
+
+def check_run(config: DictConfig) -> None:
+    """A single run (``tmgg-train`` without -m): the plan's checks, before Hydra creates
+    the job's output directory."""
+    if not is_tmgg_config(config):
+        return
+    from tmgg.config import job_label
+
+    job = job_label(config)
+    output_dir = _output_dir(config, "hydra.run.dir")
+    try:
+        with _hydra_runtime(config, output_dir):
+            validate_job_config(config, job=job)
+            check_paths(config, job, output_dir, "hydra.run.dir")
+    except JobConfigError as error:
+        raise PlanError(str(error)) from error
 
 
 def compose_job(config_loader: Any, master_config: DictConfig, overrides: Sequence[str],
@@ -120,19 +229,34 @@ def compose_job(config_loader: Any, master_config: DictConfig, overrides: Sequen
                           task_config={}, is_tmgg_job=False)
     label = f"#{index} ({' '.join(overrides)})"
     try:
-        frozen = freeze_task_config(sweep_config)
+        frozen, task = _freeze(sweep_config)
+    except PlanError as error:
+        raise PlanError(f"job {label}: {error}") from error
     except Exception as error:
         raise PlanError(f"job {label}: cannot resolve its config: {error}") from error
-    task = {k: v for k, v in OmegaConf.to_container(frozen, resolve=False).items()
-            if k != "hydra"}
     run_name = str(task["job"]["run_name"])
+    output_dir = _output_dir(frozen, "hydra.sweep.dir", "hydra.sweep.subdir")
     try:
-        validate_job_config(OmegaConf.create(task), job=run_name)
+        with _hydra_runtime(frozen, output_dir):
+            validate_job_config(OmegaConf.create(task), job=run_name)
+            check_paths(frozen, run_name, output_dir)
     except JobConfigError as error:
         raise PlanError(str(error)) from error
     return PlannedJob(index=index, job_id=str(task["job"]["id"]), run_name=run_name,
                       stage=str(task["stage"]["name"]), overrides=list(overrides),
                       sweep_config=frozen, task_config=task)
+
+
+def _output_dir(config: DictConfig, *keys: str) -> str | None:
+    """Where Hydra's run_job will put the job (these keys joined, absolute), for checks
+    at plan time; None when they do not resolve here (Hydra reports that itself)."""
+    try:
+        parts = [OmegaConf.select(config, key) for key in keys]
+    except Exception:  # noqa: BLE001
+        return None
+    if any(part is None for part in parts):
+        return None
+    return str(Path(*map(str, parts)).absolute())
 
 
 def compose_plan(config_loader: Any, master_config: DictConfig,

@@ -186,7 +186,9 @@ def _checkpoint_step(ckpt_path: str | None) -> int:
         return 0
     import torch
 
-    return int(torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"])
+    # weights_only: a checkpoint is data; unpickling it must not run code (as Lightning
+    # itself loads it to resume).
+    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"])
 
 
 def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
