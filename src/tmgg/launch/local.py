@@ -24,10 +24,12 @@ from tmgg.launch.worker_pool import Died, WorkerPool
 from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload, serialize
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.sweep import (
+    claim_for_dispatch,
     planned_jobs,
     record_dispatched,
     record_lost_job,
     record_outcome,
+    release_dispatch,
     split_finished,
 )
 
@@ -162,6 +164,8 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     context = worker_context(str(params.get("start_method") or "forkserver"), modules)
     crash_retries = {position: int(params.get("worker_crash_retries") or 0)
                      for position in pending}
+    held: dict[int, Any] = {}  # position -> the job's claim, until its outcome
+    tickets: dict[int, str | None] = {}  # a job run again keeps its dispatch's ticket
     log.info("Launching %d jobs (%d already finished) on %d local workers", len(pending),
              len(jobs) - len(pending), n_workers)
 
@@ -175,6 +179,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
             """Every job's outcome is recorded here, once."""
             results[position] = result
             record_outcome(jobs[position], result, LAUNCHER)
+            release_dispatch(jobs[position], held.pop(position, None), result)
             bar.advance(jobs[position], result)
 
         def crashed(position: int, died: Died) -> None:
@@ -193,10 +198,20 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
             while queue and (worker := pool.idle_worker()) is not None:
                 position = queue.popleft()
                 job = jobs[position]
+                # Claimed when a worker is free for it, not before: a second sweep of the
+                # stage meanwhile takes the jobs this one has not reached.
+                claim, skipped = claim_for_dispatch(job, LAUNCHER, ticket=tickets.get(position))
+                if skipped is not None:
+                    results[position] = skipped
+                    bar.advance(job, skipped)
+                    continue
+                held[position] = claim
+                tickets[position] = claim.ticket if claim else None
                 # The one place a job is handed to a worker.
                 record_dispatched(job, LAUNCHER)
                 try:
-                    worker.send(position, build_payload(job, launcher.task_function))
+                    worker.send(position, build_payload(job, launcher.task_function,
+                                                        claim_ticket=tickets[position]))
                 except OSError:  # the worker died before it took the job
                     pool.discard(worker)
                     crashed(position, Died(worker.process.pid, worker.process.exitcode))

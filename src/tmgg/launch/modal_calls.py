@@ -95,6 +95,19 @@ def poll_call(call_id: str, ledger_root: Path) -> Any:
         return error
 
 
+def call_in_flight(ledger: Ledger, call_id: str) -> bool:
+    """Whether a detached call holding a job's claim still runs (then it is polled, never
+    sent again). An ended call's result is folded into the ledger first, so the caller
+    sees the job FINISHED or FAILED. Without Modal credentials a Modal call cannot be
+    asked, and counts as running."""
+    if not call_id.startswith(LOCAL_CALL_PREFIX) and not modal_credentials_available():
+        return True
+    if poll_call(call_id, ledger.root) is PENDING:
+        return True
+    poll_detached(ledger)
+    return False
+
+
 def cancel_call(call_id: str, ledger_root: Path) -> None:
     if call_id.startswith(LOCAL_CALL_PREFIX):
         pid_file = local_calls_dir(ledger_root) / f"{call_id}.pid"
