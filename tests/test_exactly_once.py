@@ -4,11 +4,15 @@ a job whose process died is LOST and resumed, and a chaos run proves it end to e
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
 
 from tmgg.orchestration import claims
@@ -121,4 +125,156 @@ def test_a_detached_call_in_flight_is_polled_not_sent_again(sweep_dirs: SweepDir
             break
         time.sleep(0.5)
     assert {s.status for s in ledger.states().values()} == {FINISHED}
-    assert len([e for e in ledger.events() if e["event"] == "outcome"]) == 2
+    assert [ledger.job_record(job_id)["attempts"] for job_id in calls] == [1, 1]
+
+
+# -- chaos: two sweeps at once, a worker and a launcher killed, then resume ----------
+
+CHAOS_STEPS, CHAOS_CHECKPOINT = 200, 40
+
+
+def _checkpointed_jobs(ledger: Ledger, launcher_pid: int) -> list[tuple[str, int]]:
+    """(job id, worker pid) of jobs this launcher dispatched that run past a checkpoint."""
+    found = []
+    for job_id, record in ledger.job_records().items():
+        claim = claims.current(ledger.root, job_id)
+        if record.get("status") != RUNNING or claim is None or claim.released:
+            continue
+        if (claim.data.get("dispatcher") or {}).get("pid") != launcher_pid:
+            continue
+        worker = int(claim.owner["pid"])
+        output_dir = record.get("output_dir")
+        if worker != launcher_pid and output_dir \
+                and (Path(output_dir) / "checkpoints" / "last.ckpt").exists():
+            found.append((job_id, worker))
+    return found
+
+
+def _running_jobs(ledger: Ledger, launcher_pid: int) -> set[str]:
+    """Jobs RUNNING under a claim this launcher dispatched."""
+    running = set()
+    for job_id, record in ledger.job_records().items():
+        claim = claims.current(ledger.root, job_id)
+        if record.get("status") == RUNNING and claim is not None \
+                and (claim.data.get("dispatcher") or {}).get("pid") == launcher_pid:
+            running.add(job_id)
+    return running
+
+
+def _training_starts(output_dir: Path, run_name: str) -> list[int]:
+    """The step each training attempt of the job started from, from the job's own log."""
+    starts = []
+    for log_file in output_dir.glob("*.log"):
+        for line in log_file.read_text().splitlines():
+            marker = f"Training {run_name} from step "
+            if marker in line:
+                starts.append(int(line.split(marker, 1)[1].split()[0]))
+    return starts
+
+
+def _history_span(run_file: Path) -> tuple[float, float] | None:
+    """First and last ``_timestamp`` of the history rows in a wandb run file."""
+    from wandb.proto import wandb_internal_pb2
+
+    from tmgg.orchestration.reconcile import iter_records
+
+    stamps = []
+    for payload in iter_records(run_file.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            stamps += [float(json.loads(item.value_json)) for item in record.history.item
+                       if item.key == "_timestamp"]
+    return (min(stamps), max(stamps)) if stamps else None
+
+
+@pytest.mark.slow
+def test_chaos_two_sweeps_kills_and_resume_run_every_job_exactly_once(
+        sweep_dirs: SweepDirs) -> None:
+    from tmgg.identity import wandb_run_id
+    from tmgg.orchestration.reconcile import read_run_file, run_files
+
+    overrides = ["stage=smoke", "logger.mode=offline", f"trainer.max_steps={CHAOS_STEPS}",
+                 f"trainer.val_check_interval={CHAOS_CHECKPOINT}", *sweep_dirs.overrides]
+    command = [sys.executable, "-m", "tmgg.app", "-m", *overrides, *LOCAL]
+    logs = [sweep_dirs.root / f"sweep{n}.log" for n in (1, 2)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    sweeps = [subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True, env=env) for log in logs]
+    first, second = sweeps
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+
+    def output() -> str:
+        return "\n".join(log.read_text()[-3000:] for log in logs)
+
+    try:
+        # Wait for an observable state, not for a time: each sweep runs a job of its
+        # own past its first checkpoint.
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            of_first = _checkpointed_jobs(ledger, first.pid)
+            of_second = _checkpointed_jobs(ledger, second.pid)
+            if of_first and of_second:
+                break
+            if first.poll() is not None or second.poll() is not None:
+                pytest.fail(f"a sweep ended before both ran a job past a checkpoint:\n"
+                            f"{output()}")
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the two sweeps never both ran a job past a checkpoint:\n{output()}")
+        killed_job, worker = of_first[0]
+        # Jobs that may legitimately train again: those the kills interrupt (a job of
+        # the first sweep can be cut short beside the killed one until crash isolation
+        # of the local launcher lands: its pool breaks).
+        interrupted = _running_jobs(ledger, first.pid) | _running_jobs(ledger, second.pid)
+        os.kill(worker, signal.SIGKILL)  # one worker of the first sweep, mid-job
+        os.kill(second.pid, signal.SIGKILL)  # the second sweep's launcher
+        second.wait()
+        first.wait(timeout=900)
+    finally:
+        for sweep in sweeps:
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+                sweep.wait()
+    # The second launcher's workers exit with it; then nothing is in flight any more.
+    deadline = time.time() + 60
+    while time.time() < deadline and any(
+            s.status == RUNNING for s in ledger.states().values()):
+        time.sleep(0.5)
+
+    resumed = tmgg_sweep("resume", *overrides)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    status = json.loads(tmgg_sweep("status", "--json", *overrides).stdout)
+    assert status["counts"] == {FINISHED: 6}, (status, output())
+
+    outcomes = [e for e in ledger.events() if e["event"] == "outcome"
+                and e["status"] == FINISHED]
+    records = ledger.job_records()
+    assert len(records) == 6
+    job_dirs = {p for p in (sweep_dirs.outputs / "smoke").iterdir() if p.is_dir()}
+    assert len(job_dirs) == 6  # one output directory per job
+    for job_id, record in records.items():
+        assert record["status"] == FINISHED
+        # Never two FINISHED outcomes (none when the job finished as its launcher died:
+        # then its own record, FINISHED, is the outcome).
+        assert [e["job_id"] for e in outcomes].count(job_id) <= 1
+        output_dir = Path(record["output_dir"])
+        assert output_dir in job_dirs
+        # One W&B run: every attempt's run file, read from wandb's own log, has its id.
+        run_ids = {read_run_file(path).run_id for path in run_files(output_dir)}
+        assert run_ids == {wandb_run_id(job_id)}, (record["run_name"], run_ids)
+        # Trained once: one attempt, or an interrupted one and its continuation, which
+        # began after the interrupted attempt's last step (never two copies at once).
+        starts = _training_starts(output_dir, record["run_name"])
+        assert record["metrics"]["global_step"] == CHAOS_STEPS
+        if job_id in interrupted:
+            assert 1 <= len(starts) <= 2, (record["run_name"], starts)
+        else:
+            assert starts == [0], (record["run_name"], starts)
+        spans = sorted(span for span in map(_history_span, run_files(output_dir)) if span)
+        for earlier, later in zip(spans, spans[1:], strict=False):
+            assert earlier[1] <= later[0], (record["run_name"], spans)
+    # The killed worker's job resumed from its checkpoint, after the kill, not beside it.
+    assert len(_training_starts(Path(records[killed_job]["output_dir"]),
+                                records[killed_job]["run_name"])) == 2
+    assert records[killed_job]["metrics"]["resumed_from_step"] >= CHAOS_CHECKPOINT
