@@ -30,7 +30,7 @@ from tmgg.launch.modal_settings import (
 )
 from tmgg.launch.modal_transport import LOCAL_CALL_PREFIX
 from tmgg.orchestration.executor import JobFailure, deserialize
-from tmgg.orchestration.ledger import DISPATCHED, RUNNING, Ledger, atomic_write_json
+from tmgg.orchestration.ledger import DISPATCHED, LOST, RUNNING, Ledger, atomic_write_json
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.records import utc_now
 from tmgg.orchestration.sweep import ledger_for
@@ -141,7 +141,7 @@ def poll_detached(ledger: Ledger) -> int:
     folded = 0
     warned = False
     for state in ledger.states().values():
-        if state.status not in (DISPATCHED, RUNNING) or not state.call_id:
+        if state.status not in (DISPATCHED, RUNNING, LOST) or not state.call_id:
             continue
         path = call_record_path(ledger.root, state.job_id)
         try:

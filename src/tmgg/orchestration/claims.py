@@ -20,8 +20,9 @@ call) takes the next generation under the same ticket, whether or not the previo
 holder still looks alive (it is the same dispatch: a worker that replaces a crashed
 one, a retried Modal input) and renews it from a thread while it trains. A job
 started by a launcher that knows nothing of claims (Hydra's ``basic``, submitit)
-claims itself in ``on_job_start``; under SLURM the job id is its ticket, so a
-requeued job takes over its own earlier claim.
+claims itself in ``on_job_start``; under SLURM the job id is its ticket (under
+submitit's local executor, its controller), so a requeued job takes over its own
+earlier claim.
 
 **Liveness.** A claim is alive while it is not released and
 - its owner runs on this host and is the very process (pid and start time, this
@@ -86,6 +87,9 @@ def dispatch_ticket() -> str | None:
     if slurm_job:
         task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
         return f"slurm-{slurm_job}-{task}" if task else f"slurm-{slurm_job}"
+    local_job = os.environ.get("SUBMITIT_LOCAL_JOB_ID")  # submitit's local rehearsal
+    if local_job:
+        return f"submitit-local-{host()}-{local_job}"
     return None
 
 
