@@ -104,22 +104,24 @@ def test_renew_and_release(tmp_path: Path) -> None:
     assert taken and again.generation == 3 and again.data["took_over"] is None
 
 
-def _race(root: str, barrier: object, results: object) -> None:
+def _race(root: str, barrier: object, results: object, done: object) -> None:
     barrier.wait()  # type: ignore[attr-defined]
     taken, claim = claims.take(Path(root), JOB, ticket=f"t{os.getpid()}", transport={})
     results.put((taken, claim.generation))  # type: ignore[attr-defined]
+    done.wait(60)  # type: ignore[attr-defined]  # a winner that exited would lose its claim
 
 
 def test_of_many_processes_taking_over_a_stale_claim_exactly_one_wins(tmp_path: Path) -> None:
     pid, start = _dead_pid()
     _write_claim(tmp_path, 1, owner=_owner(pid, start), lease_expires=0)
     context = multiprocessing.get_context("fork")
-    barrier, results = context.Barrier(6), context.Queue()
-    racers = [context.Process(target=_race, args=(str(tmp_path), barrier, results))
+    barrier, results, done = context.Barrier(6), context.Queue(), context.Event()
+    racers = [context.Process(target=_race, args=(str(tmp_path), barrier, results, done))
               for _ in range(6)]
     for racer in racers:
         racer.start()
     outcomes = [results.get(timeout=60) for _ in racers]
+    done.set()
     for racer in racers:
         racer.join()
     winners = [generation for taken, generation in outcomes if taken]

@@ -29,6 +29,7 @@ from tmgg.launch.modal_settings import (
     modal_credentials_available,
 )
 from tmgg.launch.modal_transport import LOCAL_CALL_PREFIX
+from tmgg.orchestration.claims import pid_alive
 from tmgg.orchestration.executor import JobFailure, deserialize
 from tmgg.orchestration.ledger import DISPATCHED, LOST, RUNNING, Ledger, atomic_write_json
 from tmgg.orchestration.plan import PlannedJob
@@ -43,29 +44,6 @@ PENDING = object()
 
 def local_calls_dir(ledger_root: Path) -> Path:
     return ledger_root / CALLS_DIR / "local"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie child of this process is not alive
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return False
-    return not is_zombie(pid)
-
-
-def is_zombie(pid: int) -> bool:
-    """An exited process not yet reaped by its parent (Linux /proc; False elsewhere)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def poll_call(call_id: str, ledger_root: Path) -> Any:

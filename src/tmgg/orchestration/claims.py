@@ -115,17 +115,35 @@ def process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def process_matches(pid: int, start: str | None) -> bool:
-    """Whether ``pid`` is still the process that started at ``start`` on this host."""
-    if start is not None and Path("/proc").is_dir():
-        return process_start(pid) == start
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (a zombie, even our own child, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    with contextlib.suppress(OSError):  # a zombie child of this process is not alive
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    return not is_zombie(pid)
+
+
+def is_zombie(pid: int) -> bool:
+    """An exited process not yet reaped by its parent (Linux /proc; False elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def process_matches(pid: int, start: str | None) -> bool:
+    """Whether ``pid`` is still the process that started at ``start`` on this host."""
+    if start is not None and Path("/proc").is_dir():
+        return process_start(pid) == start
+    return pid_alive(pid)
 
 
 def this_process() -> dict[str, Any]:
