@@ -76,6 +76,14 @@ def test_a_job_running_elsewhere_is_neither_dispatched_nor_resumed_until_lost(
         assert ledger.job_record(held["job_id"])["status"] == RUNNING  # untouched
         assert ledger.job_record(free["job_id"])["status"] == FINISHED
 
+        # Hydra's own launcher knows nothing of claims: the job's process sees the live
+        # claim in on_job_start and returns without training or touching the record.
+        basic = tmgg_train("-m", *overrides, "hydra/launcher=basic")
+        assert basic.returncode == 0, basic.stderr[-3000:]
+        assert f"not run: claimed by {host()}:{holder.pid}" in basic.stdout + basic.stderr
+        assert ledger.job_record(held["job_id"])["status"] == RUNNING
+        assert not list(sweep_dirs.outputs.glob(f"smoke/{held['run_name']}-*/metrics.json"))
+
         dry = tmgg_sweep("resume", "--dry-run", *overrides)
         assert dry.returncode == 0, dry.stderr[-3000:]
         assert "1 in flight elsewhere, 0 to run" in dry.stdout
