@@ -158,3 +158,15 @@ def test_a_released_claim_after_the_final_record_is_not_lost(tmp_path: Path) -> 
     _record(ledger, FINISHED)
     claims.release(claim, FINISHED)
     assert claims.mark_lost(ledger, first_fold)[JOB].status == FINISHED
+
+
+def test_a_running_record_without_a_claim_is_judged_by_its_process(tmp_path: Path) -> None:
+    """Records of a tmgg without claims: LOST only when provably dead (same host, no pid)."""
+    ledger = Ledger(tmp_path, "smoke")
+    pid, _ = _dead_pid()
+    ledger.write_job_record(JOB, {"job_id": JOB, "run_name": "smoke_x", "status": RUNNING,
+                                  "host": host(), "pid": pid})
+    assert ledger.states()[JOB].status == LOST
+    ledger.write_job_record(JOB, {"job_id": JOB, "run_name": "smoke_x", "status": RUNNING,
+                                  "host": "gpu-node-7", "pid": pid})
+    assert ledger.states()[JOB].status == RUNNING  # cannot tell from here

@@ -423,10 +423,11 @@ def mark_lost(ledger: Any, states: dict[str, Any], refolded: bool = False) -> di
         if state.status not in IN_FLIGHT:
             continue
         claim = current(ledger.root, job_id)
-        if claim is None:
-            if state.call_id:  # dispatched before claims existed: its call decides
-                continue
-            dead[job_id] = "never claimed (dispatched by a tmgg without claims)"
+        if claim is None:  # recorded by a tmgg without claims: judge by its record
+            record = state.record
+            if not state.call_id and record.get("host") == host() and record.get("pid") \
+                    and not pid_alive(int(record["pid"])):
+                dead[job_id] = f"its process {host()}:{record['pid']} is gone"
             continue
         alive, reason = assess(claim)
         if alive:
