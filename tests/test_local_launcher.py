@@ -17,7 +17,7 @@ from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, Launche
 
 from tmgg.launch.local import worker_crash
 from tmgg.launch.worker_pool import Died
-from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger
+from tmgg.orchestration.ledger import DISPATCHED, FAILED, FINISHED, LOST, RUNNING, Ledger
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.sweep import record_lost_job
 
@@ -200,6 +200,12 @@ def test_sigkill_then_resume_runs_exactly_the_unfinished_jobs(sweep_dirs: SweepD
     assert 0 < len(finished_before) < 6
     # The ledger survived the kill: every line parses, the plan is complete.
     assert len([e for e in ledger.events() if e["event"] == "planned"]) == 6
+    # Jobs that were running when their process died are LOST, none still "running".
+    states = ledger.states()
+    assert not {RUNNING, DISPATCHED} & {s.status for s in states.values()}
+    for job_id, record in before.items():
+        if record["status"] == RUNNING:
+            assert states[job_id].status == LOST, states[job_id]
 
     resumed = tmgg_sweep("resume", *[o for o in overrides if not o.startswith("hydra.")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

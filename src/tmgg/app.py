@@ -18,10 +18,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """The task function every launcher runs: train, test, return the metrics.
 
     A job the ledger already records as finished is not trained again: re-running a
-    stage (with any launcher) only runs what is missing or failed.
+    stage (with any launcher) only runs what is missing or failed. Nor is a job that
+    another dispatch holds the claim of (``tmgg.orchestration.claims``).
     """
-    from tmgg.orchestration.sweep import finished_metrics
+    from tmgg.orchestration.sweep import claimed_elsewhere, finished_metrics
 
+    holder = claimed_elsewhere(cfg)
+    if holder is not None:  # another sweep or shell runs this job right now
+        log.warning("Job %s skipped: %s", cfg.job.run_name, holder)
+        return {"claimed_by": holder}
     recorded = finished_metrics(cfg)
     if recorded is not None:
         log.info("Job %s already finished; skipped (its recorded metrics are returned)",

@@ -14,6 +14,8 @@ from tmgg.orchestration.plan import PlannedJob
 
 log = logging.getLogger(__name__)
 
+CLAIMED_ELSEWHERE = "SKIPPED (claimed)"
+
 
 def launcher_preflight(config: DictConfig, jobs: Sequence[PlannedJob]) -> None:
     """The configured launcher's own refusals, run by the ledger before it records the plan.
@@ -37,25 +39,28 @@ def prepare_sweep_dir(config: DictConfig) -> None:
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
 
 
-def build_payload(job: PlannedJob, task_function: Any, env: dict[str, str] | None = None
-                  ) -> bytes:
+def build_payload(job: PlannedJob, task_function: Any, env: dict[str, str] | None = None,
+                  claim_ticket: str | None = None) -> bytes:
     from hydra.core.singleton import Singleton
 
     return serialize(JobPayload(task_function=task_function, sweep_config=job.sweep_config,
-                                singleton_state=Singleton.get_state(), env=env))
+                                singleton_state=Singleton.get_state(), env=env,
+                                claim_ticket=claim_ticket))
 
 
 def outcome_rows(jobs: Sequence[PlannedJob], results: Sequence[Any]) -> list[dict[str, Any]]:
     rows = []
     for job, result in zip(jobs, results, strict=True):
         skipped = getattr(result, "skipped", False)
+        claimed_by = getattr(result, "claimed_by", None)
         ok = result.status.name == "COMPLETED"
         value = result._return_value
+        status = "SKIPPED (finished)" if skipped else ("FINISHED" if ok else "FAILED")
         rows.append({
             "job": job.run_name,
-            "status": "SKIPPED (finished)" if skipped else ("FINISHED" if ok else "FAILED"),
+            "status": CLAIMED_ELSEWHERE if claimed_by else status,
             "duration_s": getattr(result, "duration_s", None),
-            "detail": _detail(value) if ok else _error_line(value),
+            "detail": claimed_by or (_detail(value) if ok else _error_line(value)),
         })
     return rows
 
@@ -89,11 +94,16 @@ def print_outcome_table(jobs: Sequence[PlannedJob], results: Sequence[Any], titl
         table.add_row(row["job"], f"[{style}]{row['status']}[/{style}]", duration,
                       row["detail"])
     failed = sum(1 for r in rows if r["status"] == "FAILED")
-    skipped = sum(1 for r in rows if r["status"].startswith("SKIPPED"))
+    claimed = sum(1 for r in rows if r["status"] == CLAIMED_ELSEWHERE)
+    skipped = sum(1 for r in rows if r["status"].startswith("SKIPPED")) - claimed
     console = Console(stderr=True)
     console.print(table)
-    console.print(f"{len(rows) - failed - skipped} finished, {skipped} skipped (already "
-                  f"finished), {failed} failed")
+    console.print(f"{len(rows) - failed - skipped - claimed} finished, {skipped} skipped "
+                  f"(already finished), {claimed} left to the sweep that holds them, "
+                  f"{failed} failed")
+    if claimed:
+        console.print("Jobs held by another sweep are not failures (exit code 0 if nothing "
+                      "failed); follow them with `tmgg-sweep status`.")
 
 
 def dispatch_tasks(jobs: Sequence[PlannedJob], pending: Sequence[int],
@@ -114,13 +124,18 @@ def dispatch_tasks(jobs: Sequence[PlannedJob], pending: Sequence[int],
 
 
 def task_payload(task_jobs: Sequence[PlannedJob], task_function: Any,
-                 env: dict[str, str] | None = None) -> bytes:
-    """A solo job's payload, or a fused group's (one JobReturn per member comes back)."""
+                 env: dict[str, str] | None = None, claim_ticket: str | None = None) -> bytes:
+    """A solo job's payload, or a fused group's (one JobReturn per member comes back).
+
+    ``claim_ticket``: the ticket every job of the task was claimed with, so that the
+    jobs' own process takes their claims over (``tmgg.orchestration.claims``).
+    """
     if len(task_jobs) == 1:
-        return build_payload(task_jobs[0], task_function, env)
+        return build_payload(task_jobs[0], task_function, env, claim_ticket=claim_ticket)
     from tmgg.orchestration.fused_jobs import build_group_payload
 
-    return build_group_payload(list(task_jobs), task_function, env)
+    return build_group_payload(list(task_jobs), task_function, env,
+                               claim_ticket=claim_ticket)
 
 
 def task_results(returned: Any) -> list[Any]:

@@ -27,13 +27,16 @@ from tmgg.launch.common import (
     task_results,
 )
 from tmgg.launch.worker_pool import Died, WorkerPool
+from tmgg.orchestration.claims import new_ticket
 from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload, serialize
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.sweep import (
+    claim_for_dispatch,
     planned_jobs,
     record_dispatched,
     record_lost_job,
     record_outcome,
+    release_dispatch,
     split_finished,
 )
 
@@ -168,6 +171,8 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     context = worker_context(str(params.get("start_method") or "forkserver"), modules)
     crash_retries = {position: int(params.get("worker_crash_retries") or 0)
                      for position in pending}
+    held: dict[int, Any] = {}  # position -> the job's claim, until its outcome
+    tickets: dict[tuple[int, ...], str] = {}  # a task run again keeps its ticket
     log.info("Launching %d jobs (%d already finished) on %d local workers", len(pending),
              len(jobs) - len(pending), n_workers)
 
@@ -183,6 +188,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
             """Every job's outcome is recorded here, once."""
             results[position] = result
             record_outcome(jobs[position], result, LAUNCHER)
+            release_dispatch(jobs[position], held.pop(position, None), result)
             bar.advance(jobs[position], result)
 
         def crashed(task: tuple[int, ...], died: Died) -> None:
@@ -202,12 +208,30 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
         while queue or pool.busy():
             while queue and (worker := pool.idle_worker()) is not None:
                 task = queue.popleft()
+                # Claimed when a worker is free for it, not before: a second sweep of the
+                # stage meanwhile takes the jobs this one has not reached. One ticket
+                # for the task's jobs; a job claimed elsewhere leaves the task.
+                ticket = tickets.get(task) or new_ticket()
+                claimed: list[int] = []
+                for position in task:
+                    claim, skipped = claim_for_dispatch(jobs[position], LAUNCHER, ticket=ticket)
+                    if skipped is not None:
+                        results[position] = skipped
+                        bar.advance(jobs[position], skipped)
+                        continue
+                    held[position] = claim
+                    claimed.append(position)
+                if not claimed:
+                    continue
+                task = tuple(claimed)
+                tickets[task] = ticket
                 task_jobs = [jobs[position] for position in task]
                 # The one place a task (a job, or a fused group) is handed to a worker.
                 for job in task_jobs:
                     record_dispatched(job, LAUNCHER)
                 try:
-                    worker.send(task, task_payload(task_jobs, launcher.task_function))
+                    worker.send(task, task_payload(task_jobs, launcher.task_function,
+                                                   claim_ticket=ticket))
                 except OSError:  # the worker died before it took the task
                     pool.discard(worker)
                     crashed(task, Died(worker.process.pid, worker.process.exitcode))

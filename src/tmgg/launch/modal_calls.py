@@ -31,7 +31,7 @@ from tmgg.launch.modal_settings import (
 from tmgg.launch.modal_transport import LOCAL_CALL_PREFIX, local_call_arguments
 from tmgg.launch.process_identity import ProcessIdentity, why_not_ours
 from tmgg.orchestration.executor import JobFailure
-from tmgg.orchestration.ledger import DISPATCHED, RUNNING, Ledger, atomic_write_json
+from tmgg.orchestration.ledger import DISPATCHED, LOST, RUNNING, Ledger, atomic_write_json
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.records import utc_now
 from tmgg.orchestration.sweep import ledger_for
@@ -80,6 +80,19 @@ def poll_call(call_id: str, ledger_root: Path) -> Any:
         return error
 
 
+def call_in_flight(ledger: Ledger, call_id: str) -> bool:
+    """Whether a detached call holding a job's claim still runs (then it is polled, never
+    sent again). An ended call's result is folded into the ledger first, so the caller
+    sees the job FINISHED or FAILED. Without Modal credentials a Modal call cannot be
+    asked, and counts as running."""
+    if not call_id.startswith(LOCAL_CALL_PREFIX) and not modal_credentials_available():
+        return True
+    if poll_call(call_id, ledger.root) is PENDING:
+        return True
+    poll_detached(ledger)
+    return False
+
+
 class CancelRefused(RuntimeError):
     """A call whose process cannot be proved to be the one tmgg started: not signalled."""
 
@@ -124,7 +137,7 @@ def poll_detached(ledger: Ledger) -> int:
     folded = 0
     warned = False
     for state in ledger.states().values():
-        if state.status not in (DISPATCHED, RUNNING) or not state.call_id:
+        if state.status not in (DISPATCHED, RUNNING, LOST) or not state.call_id:
             continue
         path = call_record_path(ledger.root, state.job_id)
         try:

@@ -39,12 +39,15 @@ from tmgg.launch.modal_settings import (
     require_wandb_secret,
 )
 from tmgg.launch.modal_transport import open_runner
+from tmgg.orchestration import claims
 from tmgg.orchestration.ledger import DISPATCHED
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.sweep import (
+    claim_for_dispatch,
     ledger_for,
     planned_jobs,
     record_dispatched,
+    release_dispatch,
     split_finished,
 )
 
@@ -126,9 +129,18 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
     results, pending = split_finished(jobs)
     settings = preflight(config, [jobs[p] for p in pending])
     prepare_sweep_dir(config)
+    held: dict[int, Any] = {}  # position -> the job's claim, taken before it is sent
+    for position in list(pending):
+        claim, skipped = claim_for_dispatch(jobs[position], LAUNCHER)
+        if skipped is not None:  # held by another sweep (or a detached call still running)
+            results[position] = skipped
+            pending.remove(position)
+        else:
+            held[position] = claim
     root = volume_root(settings)
     env = {"TMGG_NUM_THREADS": str(settings.container_threads())}
-    inputs = [(build_payload(on_volume(jobs[p], root), launcher.task_function, env),
+    inputs = [(build_payload(on_volume(jobs[p], root), launcher.task_function, env,
+                             claim_ticket=held[p].ticket if held[p] else None),
                settings.volume) for p in pending]
     size = settings.local_size(len(pending))
     where = (f"Modal ({settings.gpu or 'CPU-only'}, app {settings.app_name})"
@@ -145,12 +157,18 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
             for position, args in zip(pending, inputs, strict=True):
                 job = jobs[position]
                 call_id = runner.spawn(args)
+                if held[position] is not None:  # from now on, the call answers for it
+                    claims.renew(held[position], transport={"kind": LAUNCHER,
+                                                            "call_id": call_id})
                 record_dispatched(job, LAUNCHER, call_id)
                 write_call_record(job, call_id, settings, root)
                 results[position] = _detached_return(job, call_id)
         else:
             for position in pending:
                 record_dispatched(jobs[position], LAUNCHER)
+            # Queued at Modal, the jobs' claims are this process's to renew until each
+            # job's container takes its own over (or, on Modal's volume, until it ends).
+            keeper = claims.Heartbeat(*[c for c in held.values() if c is not None])
             with _progress(settings, len(jobs), len(jobs) - len(pending)) as bar:
                 # Recorded as each finishes: a killed launcher loses no finished result.
                 for index, output in runner.map(inputs):
@@ -159,12 +177,17 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
                     result = to_job_return(job, output)
                     results[position] = result
                     record_result(job, result, settings, root)
+                    if held[position] is not None:
+                        keeper.discard(job.job_id)
+                    release_dispatch(job, held[position], result)
                     bar.advance(job, result)
+            keeper.stop()
     for position in pending:
         if results[position] is None:  # the transport returned fewer outputs than inputs
             results[position] = to_job_return(jobs[position], RuntimeError(
                 "the transport returned no result for this job"))
             record_result(jobs[position], results[position], settings, root)
+            release_dispatch(jobs[position], held[position], results[position])
     if settings.detach:
         _print_detached(jobs, pending, results, settings)
     elif settings.progress:

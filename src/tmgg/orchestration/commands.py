@@ -9,7 +9,16 @@ import sys
 from collections import Counter
 from typing import Any
 
-from tmgg.orchestration.ledger import FAILED, FINISHED, Ledger
+from tmgg.orchestration.ledger import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    IN_FLIGHT,
+    LOST,
+    MISSING,
+    PLANNED,
+    Ledger,
+)
 
 OVERRIDES_HELP = "Hydra overrides as for `tmgg-train -m`, e.g. stage=stage1 model=linear_pe"
 
@@ -170,6 +179,7 @@ def status_rows(ledger: Ledger) -> list[dict[str, Any]]:
             "duration_s": state.duration_s,
             "test_mse": metrics.get("test/mse"),
             "call_id": state.call_id,
+            "claim": state.claim,
             "error": (state.error or "").strip().splitlines()[-1:] or None,
         })
     return rows
@@ -195,22 +205,28 @@ def status_main(argv: list[str]) -> int:
     from rich.table import Table
 
     table = Table(title=f"status: stage {ledger.stage} ({ledger.root})")
-    for column in ("job id", "run name", "status", "duration s", "test mse", "error"):
+    for column in ("job id", "run name", "status", "duration s", "test mse", "error / claim"):
         table.add_column(column)
-    styles = {FINISHED: "green", FAILED: "red"}
+    styles = {FINISHED: "green", FAILED: "red", LOST: "red"}
     for row in rows:
         style = styles.get(row["status"], "yellow")
-        error = row["error"][0] if row["error"] else ""
+        detail = row["error"][0] if row["error"] else ""
+        if row["status"] in (*IN_FLIGHT, LOST) and row["claim"]:
+            detail = row["claim"] if row["status"] != LOST else f"lost: {row['claim']}"
         table.add_row(row["job_id"], row["run_name"], f"[{style}]{row['status']}[/{style}]",
                       "" if row["duration_s"] is None else f"{row['duration_s']:.1f}",
                       "" if row["test_mse"] is None else f"{row['test_mse']:.4f}",
-                      error[:100])
+                      detail[:100])
     console = _console()
     console.print(table)
     console.print(", ".join(f"{count} {status.lower()}" for status, count in
                             sorted(counts.items())) or "no jobs recorded")
     for note in damaged:
         console.print(note["text"], style="red", markup=False, highlight=False)
+    if counts.get(LOST):
+        console.print(f"{counts[LOST]} job(s) LOST: their process died without recording an "
+                      "outcome. `tmgg-sweep resume` runs them again (from their last "
+                      "checkpoint, into the same W&B run).")
     return 0
 
 
@@ -222,26 +238,42 @@ def damaged_line_notes(ledger: Ledger) -> list[dict[str, Any]]:
             for number, excerpt in ledger.damaged_lines()]
 
 
+# What `resume` runs: never a finished job, never one in flight under a live claim.
+RESUMABLE = frozenset({MISSING, PLANNED, FAILED, LOST, CANCELLED})
+
+
 def resume_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="tmgg-sweep resume",
-        description="Launch only the missing and failed jobs of a sweep (finished jobs are "
-                    "skipped by every launcher).")
+        description="Launch only the missing, failed and lost jobs of a sweep (finished "
+                    "jobs, and jobs in flight under a live claim, are skipped by every "
+                    "launcher).")
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     parser.add_argument("--dry-run", action="store_true", help="list what would run")
     args = parser.parse_args(argv)
     from tmgg.orchestration.compose import compose_sweep
 
     sweep = compose_sweep(args.overrides)
+    poll = _optional("tmgg.launch.modal_calls", "poll_detached")
+    if poll is not None and any(s.call_id for s in sweep.ledger.states().values()):
+        poll(sweep.ledger)  # ended detached calls count as finished or failed, not in flight
     states = sweep.ledger.states()
-    todo = [job for job in sweep.jobs
-            if states.get(job.job_id) is None or states[job.job_id].status != FINISHED]
-    failed = sum(1 for job in todo if job.job_id in states
-                 and states[job.job_id].status == FAILED)
-    print(f"stage {sweep.stage}: {len(sweep.jobs)} jobs, {len(sweep.jobs) - len(todo)} finished, "
-          f"{len(todo)} to run ({failed} failed, {len(todo) - failed} missing or unfinished)")
+
+    def status_of(job: Any) -> str:
+        return states[job.job_id].status if job.job_id in states else MISSING
+
+    todo = [job for job in sweep.jobs if status_of(job) in RESUMABLE]
+    in_flight = [job for job in sweep.jobs if status_of(job) in IN_FLIGHT]
+    finished = len(sweep.jobs) - len(todo) - len(in_flight)
+    by_status = Counter(status_of(job) for job in todo)
+    print(f"stage {sweep.stage}: {len(sweep.jobs)} jobs, {finished} finished, "
+          f"{len(in_flight)} in flight elsewhere, {len(todo)} to run ({by_status[FAILED]} "
+          f"failed, {by_status[LOST]} lost, {by_status[CANCELLED]} cancelled, "
+          f"{by_status[MISSING] + by_status[PLANNED]} missing)")
     for job in todo:
-        print(f"  {job.run_name} ({job.job_id})")
+        print(f"  {job.run_name} ({job.job_id}, {status_of(job).lower()})")
+    for job in in_flight:
+        print(f"  not run: {job.run_name} ({job.job_id}) {states[job.job_id].claim or ''}")
     if args.dry_run or not todo:
         return 0
     command = [sys.executable, "-m", "tmgg.app", "-m", *args.overrides]

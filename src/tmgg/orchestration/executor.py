@@ -50,6 +50,7 @@ class JobPayload:
     job_dir_key: str = "hydra.sweep.dir"
     job_subdir_key: str | None = "hydra.sweep.subdir"
     env: dict[str, str] | None = None
+    claim_ticket: str | None = None  # the job's process takes its claim over with it
 
 
 def serialize(obj: Any) -> bytes:
@@ -91,8 +92,15 @@ def run_payload(payload: JobPayload) -> Any:
     config = payload.sweep_config
     context = HydraContext(config_loader=None, callbacks=callbacks_for(config))  # type: ignore[arg-type]
     started = time.perf_counter()
-    result = run_job(hydra_context=context, task_function=payload.task_function, config=config,
-                     job_dir_key=payload.job_dir_key, job_subdir_key=payload.job_subdir_key)
+    from tmgg.orchestration.claims import set_dispatch_ticket
+
+    set_dispatch_ticket(payload.claim_ticket)
+    try:
+        result = run_job(hydra_context=context, task_function=payload.task_function,
+                         config=config, job_dir_key=payload.job_dir_key,
+                         job_subdir_key=payload.job_subdir_key)
+    finally:
+        set_dispatch_ticket(None)  # a warm worker's next job brings its own
     result.duration_s = time.perf_counter() - started  # type: ignore[attr-defined]
     if result.status.name == "FAILED":
         result.return_value = JobFailure.from_exception(result._return_value)

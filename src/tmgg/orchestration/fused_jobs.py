@@ -99,7 +99,21 @@ def _end_member(run: _MemberRun, value: Any, failed: bool) -> None:
 
 
 def run_group_payload(payload: GroupPayload) -> list[Any]:
-    """Train a fused group; one JobReturn per member, in the payload's order."""
+    """Train a fused group; one JobReturn per member, in the payload's order.
+
+    Every member was claimed with the group's one ticket: each member's own records
+    take its claim over with it, as a solo job does.
+    """
+    from tmgg.orchestration.claims import set_dispatch_ticket
+
+    set_dispatch_ticket(payload.members[0].claim_ticket)
+    try:
+        return _run_group(payload)
+    finally:
+        set_dispatch_ticket(None)  # a warm worker's next task brings its own
+
+
+def _run_group(payload: GroupPayload) -> list[Any]:
     from hydra.core.utils import setup_globals
 
     from tmgg.orchestration.sweep import finished_metrics
@@ -146,7 +160,8 @@ def run_group_payload(payload: GroupPayload) -> list[Any]:
 
 
 def build_group_payload(jobs: list[Any], task_function: Any,
-                        env: dict[str, str] | None = None) -> bytes:
+                        env: dict[str, str] | None = None,
+                        claim_ticket: str | None = None) -> bytes:
     """Bytes of a group's payload (members in the given order)."""
     from hydra.core.singleton import Singleton
 
@@ -155,4 +170,5 @@ def build_group_payload(jobs: list[Any], task_function: Any,
     state = Singleton.get_state()
     return serialize(GroupPayload(members=[
         JobPayload(task_function=task_function, sweep_config=job.sweep_config,
-                   singleton_state=state, env=env) for job in jobs]))
+                   singleton_state=state, env=env, claim_ticket=claim_ticket)
+        for job in jobs]))

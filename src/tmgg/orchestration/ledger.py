@@ -34,6 +34,10 @@ FINISHED = "FINISHED"
 FAILED = "FAILED"
 CANCELLED = "CANCELLED"
 MISSING = "MISSING"
+# Dispatched or running, but nothing holds its claim any more: its process died
+# (killed launcher or worker, lost node) without recording an outcome.
+LOST = "LOST"
+IN_FLIGHT = frozenset({DISPATCHED, RUNNING})
 
 TERMINAL = frozenset({FINISHED, FAILED, CANCELLED})
 
@@ -66,6 +70,7 @@ class JobState:
     record: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     call_id: str | None = None
+    claim: str | None = None  # who holds an in-flight job, or why a LOST one was lost
 
     @property
     def error(self) -> str | None:
@@ -178,7 +183,18 @@ class Ledger:
         return bool(record) and record.get("status") == FINISHED
 
     def states(self) -> dict[str, JobState]:
-        """Fold events and job records: one state per job ever planned, in plan order."""
+        """Fold events, job records and claims: one state per job ever planned, in plan
+        order. A job in flight whose claim is no longer alive is ``LOST``.
+
+        Consistent at any moment of a running sweep: a job writes its final record (and
+        a launcher its outcome event) before it releases the claim, so a claim found
+        released is checked against a second, fresh fold before its job is called LOST.
+        """
+        from tmgg.orchestration.claims import mark_lost
+
+        return mark_lost(self, self._fold())
+
+    def _fold(self) -> dict[str, JobState]:
         states: dict[str, JobState] = {}
         for event in self.events():
             job_id = event.get("job_id")

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from tmgg.identity import task_overrides
+from tmgg.orchestration import claims
 from tmgg.orchestration.composer import (
     composition_key,
     keep_compositions_for_the_sweeper,
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 _PLAN_CACHE: dict[tuple[str, ...], PlannedJob] = {}
 # Jobs this process found already finished and did not re-run.
 _SKIPPED_IN_PROCESS: set[str] = set()
+# Jobs this process was asked to run while another dispatch holds them: job id -> holder.
+_CLAIMED_ELSEWHERE: dict[str, str] = {}
+# The claims this process holds for the jobs it runs, renewed while they run.
+_HEARTBEATS: dict[str, claims.Heartbeat] = {}
 
 
 def finished_metrics(task_config: DictConfig) -> dict[str, Any] | None:
@@ -42,6 +48,13 @@ def finished_metrics(task_config: DictConfig) -> dict[str, Any] | None:
         _SKIPPED_IN_PROCESS.add(str(task_config.job.id))
         return record.get("metrics") or {}
     return None
+
+
+def claimed_elsewhere(task_config: DictConfig) -> str | None:
+    """For the task function: who holds this job, when another dispatch runs it."""
+    if not is_tmgg_config(task_config):
+        return None
+    return _CLAIMED_ELSEWHERE.get(str(task_config.job.id))
 
 
 def experiments_root(cfg: DictConfig | dict[str, Any]) -> Path:
@@ -172,6 +185,65 @@ def skipped_return(job: PlannedJob, record: dict[str, Any]) -> Any:
     ret.return_value = record.get("metrics") or {}
     ret.skipped = True  # type: ignore[attr-defined]
     return ret
+
+
+def call_alive_in(ledger: Ledger) -> Callable[[str], bool]:
+    """Polls a detached Modal call that holds a claim (and folds its result if it ended)."""
+
+    def alive(call_id: str) -> bool:
+        from tmgg.launch.modal_calls import call_in_flight
+
+        return call_in_flight(ledger, call_id)
+
+    return alive
+
+
+def claim_for_dispatch(job: PlannedJob, launcher: str, ticket: str | None = None
+                       ) -> tuple[claims.Claim | None, Any]:
+    """Claim a job right before dispatching it: ``(claim, None)`` to dispatch it, or
+    ``(None, JobReturn)`` for a job another dispatch holds or that finished meanwhile.
+
+    The claim's ticket travels with the job, whose own process takes the claim over;
+    a retry of the same dispatch (a worker that replaces a crashed one) passes the
+    ticket it had, and takes the claim back even from its dead predecessor.
+    """
+    if not job.is_tmgg_job:
+        return None, None
+    ledger = ledger_for(job.task_config)
+    taken, claim = claims.take(
+        ledger.root, job.job_id, ticket=ticket or claims.new_ticket(),
+        transport={"kind": launcher},
+        call_alive=call_alive_in(ledger),
+        extra={"run_name": job.run_name, "dispatcher": claims.this_process()})
+    if not taken:
+        print(f"{job.run_name}: not dispatched, {claim.describe()}", file=sys.stderr,
+              flush=True)
+        return None, claimed_return(job, claim)
+    record = is_finished(job)  # checked after claiming: it may have finished meanwhile
+    if record is not None:
+        claims.release(claim, FINISHED)
+        return None, skipped_return(job, record)
+    return claim, None
+
+
+def claimed_return(job: PlannedJob, claim: claims.Claim) -> Any:
+    """A JobReturn for a job left to the dispatch that holds it: not run, not failed."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    ret = JobReturn(overrides=job.overrides, cfg=OmegaConf.create(job.task_config),
+                    hydra_cfg=None, working_dir=os.getcwd(), task_name=None,
+                    status=JobStatus.COMPLETED)
+    ret.return_value = {"claimed_by": claim.describe()}
+    ret.claimed_by = claim.describe()  # type: ignore[attr-defined]
+    return ret
+
+
+def release_dispatch(job: PlannedJob, claim: claims.Claim | None, result: Any) -> None:
+    """After a job's outcome: release its claim if its own process could not (crashed)."""
+    if claim is None or not job.is_tmgg_job or claim.ticket is None:
+        return
+    status = FINISHED if result.status.name == "COMPLETED" else FAILED
+    claims.release_ticket(ledger_for(job.task_config).root, job.job_id, claim.ticket, status)
 
 
 def record_dispatched(job: PlannedJob, launcher: str, call_id: str | None = None) -> None:
@@ -307,12 +379,25 @@ def job_record_start(config: DictConfig) -> None:
     overrides = task_overrides(config)
     record = base_record(task, overrides, launcher_name(config),
                          output_dir=OmegaConf.select(config, "hydra.runtime.output_dir"))
-    previous = ledger.job_record(task["job"]["id"])
+    job_id = str(task["job"]["id"])
+    taken, claim = claims.take(ledger.root, job_id, ticket=claims.dispatch_ticket(),
+                               transport={"kind": launcher_name(config)},
+                               call_alive=call_alive_in(ledger),
+                               extra={"run_name": task["job"]["run_name"]})
+    if not taken:
+        _CLAIMED_ELSEWHERE[job_id] = claim.describe()
+        log.warning("Job %s not run: %s", task["job"]["run_name"], claim.describe())
+        return
+    previous = ledger.job_record(job_id)
     if previous and previous.get("status") == FINISHED:
+        claims.release(claim, FINISHED)
         return  # the task function will skip it; keep the finished record intact
+    _HEARTBEATS[job_id] = claims.Heartbeat(claim)
     record.update(status=RUNNING, started_at=utc_now(),
-                  attempts=(previous or {}).get("attempts", 0) + 1)
-    ledger.write_job_record(task["job"]["id"], record)
+                  attempts=(previous or {}).get("attempts", 0) + 1,
+                  claim={"generation": claim.generation, "ticket": claim.ticket,
+                         "pid_start": claim.owner.get("start")})
+    ledger.write_job_record(job_id, record)
 
 
 def job_record_end(config: DictConfig, job_return: Any) -> None:
@@ -325,6 +410,12 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
     if job_id in _SKIPPED_IN_PROCESS:
         _SKIPPED_IN_PROCESS.discard(job_id)
         return
+    if _CLAIMED_ELSEWHERE.pop(job_id, None) is not None:
+        return  # another dispatch runs it and keeps its record
+    heartbeat = _HEARTBEATS.pop(job_id, None)
+    claim = heartbeat.discard(job_id) if heartbeat is not None else None
+    if heartbeat is not None:
+        heartbeat.stop()
     record = ledger.job_record(job_id) or base_record(task, [], launcher_name(config))
     completed = job_return.status.name == "COMPLETED"
     value = job_return._return_value
@@ -340,6 +431,8 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
     if completed:
         _record_live_run(record, value)
     ledger.write_job_record(job_id, record)
+    if claim is not None:  # after the record: a released claim means the outcome is written
+        claims.release(claim, record["status"])
 
 
 def _error_text(error: Any) -> str:

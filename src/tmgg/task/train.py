@@ -125,6 +125,10 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
     resumed_from_step = _checkpoint_step(ckpt_path)  # before fit overwrites last.ckpt
     if ckpt_path:
         log.info("Resuming %s from %s", cfg.job.run_name, ckpt_path)
+    # One line per training attempt in the job's log: how often a job trained, and from
+    # where, can be read back (the exactly-once chaos test counts these).
+    log.info("Training %s from step %d (pid %d)", cfg.job.run_name, resumed_from_step,
+             os.getpid())
     failed = True
     try:
         with warnings.catch_warnings():

@@ -1,0 +1,293 @@
+"""One job, one execution: a second sweep or resume never dispatches a claimed job,
+a job whose process died is LOST and resumed, and a chaos run proves it end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
+
+from tmgg.orchestration import claims
+from tmgg.orchestration.ledger import FINISHED, LOST, RUNNING, Ledger
+from tmgg.orchestration.records import host
+
+LOCAL = ["hydra/launcher=local", "hydra.launcher.n_workers=2"]
+TWO_JOBS = ["stage=smoke", "logger=csv", "model=linear_pe"]
+
+# Stands in for another sweep's worker running a job: it claims the job, records it
+# dispatched and RUNNING as a worker does, and stays alive until killed.
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from tmgg.orchestration import claims
+from tmgg.orchestration.ledger import Ledger
+from tmgg.orchestration.records import utc_now
+
+ledger = Ledger(sys.argv[1], "smoke")
+job_id, run_name = sys.argv[2], sys.argv[3]
+taken, claim = claims.take(ledger.root, job_id, ticket="other-sweep",
+                           transport={"kind": "local"})
+assert taken, claim.describe()
+ledger.append({"event": "dispatched", "time": utc_now(), "job_id": job_id,
+               "run_name": run_name, "launcher": "local"})
+ledger.write_job_record(job_id, {"job_id": job_id, "run_name": run_name,
+                                 "status": "RUNNING", "started_at": utc_now()})
+claims.Heartbeat(claim, interval_s=1.0)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def _plan(overrides: list[str]) -> list[dict[str, Any]]:
+    result = tmgg_sweep("plan", "--json", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)["jobs"]
+
+
+def _events(ledger: Ledger, kind: str, job_id: str) -> list[dict[str, Any]]:
+    return [e for e in ledger.events() if e["event"] == kind and e["job_id"] == job_id]
+
+
+def test_a_job_running_elsewhere_is_neither_dispatched_nor_resumed_until_lost(
+        sweep_dirs: SweepDirs) -> None:
+    overrides = [*TWO_JOBS, *sweep_dirs.overrides]
+    held, free = _plan(overrides)
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(sweep_dirs.experiments),
+                               held["job_id"], held["run_name"]], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        sweep = tmgg_train("-m", *overrides, *LOCAL)
+        # Not a failure: the job is another sweep's, so the exit code is 0.
+        assert sweep.returncode == 0, sweep.stderr[-3000:]
+        assert f"{held['run_name']}: not dispatched, claimed by {host()}:{holder.pid} since" \
+            in sweep.stderr
+        assert "SKIPPED (claimed)" in sweep.stderr
+        assert len(_events(ledger, "dispatched", held["job_id"])) == 1  # the holder's
+        assert ledger.job_record(held["job_id"])["status"] == RUNNING  # untouched
+        assert ledger.job_record(free["job_id"])["status"] == FINISHED
+
+        # Hydra's own launcher knows nothing of claims: the job's process sees the live
+        # claim in on_job_start and returns without training or touching the record.
+        basic = tmgg_train("-m", *overrides, "hydra/launcher=basic")
+        assert basic.returncode == 0, basic.stderr[-3000:]
+        assert f"not run: claimed by {host()}:{holder.pid}" in basic.stdout + basic.stderr
+        assert ledger.job_record(held["job_id"])["status"] == RUNNING
+        assert not list(sweep_dirs.outputs.glob(f"smoke/{held['run_name']}-*/metrics.json"))
+
+        dry = tmgg_sweep("resume", "--dry-run", *overrides)
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        assert "1 in flight elsewhere, 0 to run" in dry.stdout
+        assert f"not run: {held['run_name']}" in dry.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+
+    status = json.loads(tmgg_sweep("status", "--json", *overrides).stdout)
+    lost = {row["job_id"]: row for row in status["jobs"]}[held["job_id"]]
+    assert lost["status"] == LOST and f"{holder.pid} is gone" in lost["claim"]
+    finished_at = ledger.job_record(free["job_id"])["finished_at"]
+    resumed = tmgg_sweep("resume", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 to run (0 failed, 1 lost" in resumed.stdout
+    assert ledger.job_record(held["job_id"])["status"] == FINISHED
+    assert ledger.job_record(free["job_id"])["finished_at"] == finished_at  # not re-run
+    released = claims.current(ledger.root, held["job_id"])
+    assert released is not None and released.released
+
+
+def test_a_detached_call_in_flight_is_polled_not_sent_again(sweep_dirs: SweepDirs) -> None:
+    modal = ["hydra/launcher=modal", "hydra.launcher.transport=local",
+             "hydra.launcher.detach=true", "hydra.launcher.local_containers=1"]
+    args = ("-m", *TWO_JOBS, "trainer.max_steps=200", *modal, *sweep_dirs.overrides)
+    first = tmgg_train(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    calls = {e["job_id"]: e["call_id"] for e in ledger.events() if e["event"] == "dispatched"}
+    assert len(calls) == 2
+    second = tmgg_train(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    dispatched = [e for e in ledger.events() if e["event"] == "dispatched"]
+    assert len(dispatched) == 2  # nothing sent again
+    # Each job was either still running (claimed by its call) or had finished and was
+    # folded from its call's result when the second sweep polled it.
+    for job_id, call_id in calls.items():
+        state = ledger.states()[job_id]
+        assert (f"call {call_id}" in second.stderr) or state.status == FINISHED, \
+            second.stderr[-3000:]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        from tmgg.launch.modal_calls import poll_detached
+
+        poll_detached(ledger)
+        if {s.status for s in ledger.states().values()} == {FINISHED}:
+            break
+        time.sleep(0.5)
+    assert {s.status for s in ledger.states().values()} == {FINISHED}
+    assert [ledger.job_record(job_id)["attempts"] for job_id in calls] == [1, 1]
+
+
+# -- chaos: two sweeps at once, a worker and a launcher killed, then resume ----------
+
+CHAOS_STEPS, CHAOS_CHECKPOINT = 200, 40
+
+
+def _checkpointed_jobs(ledger: Ledger, launcher_pid: int) -> list[tuple[str, int]]:
+    """(job id, worker pid) of jobs this launcher dispatched that run past a checkpoint."""
+    found = []
+    for job_id, record in ledger.job_records().items():
+        claim = claims.current(ledger.root, job_id)
+        if record.get("status") != RUNNING or claim is None or claim.released:
+            continue
+        if (claim.data.get("dispatcher") or {}).get("pid") != launcher_pid:
+            continue
+        worker = int(claim.owner["pid"])
+        output_dir = record.get("output_dir")
+        if worker != launcher_pid and output_dir \
+                and (Path(output_dir) / "checkpoints" / "last.ckpt").exists():
+            found.append((job_id, worker))
+    return found
+
+
+def _running_jobs(ledger: Ledger, launcher_pid: int) -> set[str]:
+    """Jobs RUNNING under a claim this launcher dispatched."""
+    running = set()
+    for job_id, record in ledger.job_records().items():
+        claim = claims.current(ledger.root, job_id)
+        if record.get("status") == RUNNING and claim is not None \
+                and (claim.data.get("dispatcher") or {}).get("pid") == launcher_pid:
+            running.add(job_id)
+    return running
+
+
+def _training_starts(output_dir: Path, run_name: str) -> list[int]:
+    """The step each training attempt of the job started from, from the job's own log."""
+    starts = []
+    for log_file in output_dir.glob("*.log"):
+        for line in log_file.read_text().splitlines():
+            marker = f"Training {run_name} from step "
+            if marker in line:
+                starts.append(int(line.split(marker, 1)[1].split()[0]))
+    return starts
+
+
+def _history_span(run_file: Path) -> tuple[float, float] | None:
+    """First and last ``_timestamp`` of the history rows in a wandb run file."""
+    from wandb.proto import wandb_internal_pb2
+
+    from tmgg.orchestration.reconcile import iter_records
+
+    stamps = []
+    for payload in iter_records(run_file.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            stamps += [float(json.loads(item.value_json)) for item in record.history.item
+                       if item.key == "_timestamp"]
+    return (min(stamps), max(stamps)) if stamps else None
+
+
+@pytest.mark.slow
+def test_chaos_two_sweeps_kills_and_resume_run_every_job_exactly_once(
+        sweep_dirs: SweepDirs) -> None:
+    from tmgg.identity import wandb_run_id
+    from tmgg.orchestration.reconcile import read_run_file, run_files
+
+    overrides = ["stage=smoke", "logger.mode=offline", f"trainer.max_steps={CHAOS_STEPS}",
+                 f"trainer.val_check_interval={CHAOS_CHECKPOINT}", *sweep_dirs.overrides]
+    command = [sys.executable, "-m", "tmgg.app", "-m", *overrides, *LOCAL]
+    logs = [sweep_dirs.root / f"sweep{n}.log" for n in (1, 2)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    sweeps = [subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True, env=env) for log in logs]
+    first, second = sweeps
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+
+    def output() -> str:
+        return "\n".join(log.read_text()[-3000:] for log in logs)
+
+    try:
+        # Wait for an observable state, not for a time: each sweep runs a job of its
+        # own past its first checkpoint.
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            of_first = _checkpointed_jobs(ledger, first.pid)
+            of_second = _checkpointed_jobs(ledger, second.pid)
+            if of_first and of_second:
+                break
+            if first.poll() is not None or second.poll() is not None:
+                pytest.fail(f"a sweep ended before both ran a job past a checkpoint:\n"
+                            f"{output()}")
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the two sweeps never both ran a job past a checkpoint:\n{output()}")
+        killed_job, worker = of_first[0]
+        # Jobs that may legitimately train again: those the kills interrupt (a job of
+        # the first sweep can be cut short beside the killed one until crash isolation
+        # of the local launcher lands: its pool breaks).
+        interrupted = _running_jobs(ledger, first.pid) | _running_jobs(ledger, second.pid)
+        os.kill(worker, signal.SIGKILL)  # one worker of the first sweep, mid-job
+        os.kill(second.pid, signal.SIGKILL)  # the second sweep's launcher
+        second.wait()
+        first.wait(timeout=900)
+    finally:
+        for sweep in sweeps:
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+                sweep.wait()
+    # A job the second launcher's workers were running ends under their claim (or is
+    # LOST when they die with the launcher); then nothing is in flight any more.
+    deadline = time.time() + 300
+    while time.time() < deadline and any(
+            s.status == RUNNING for s in ledger.states().values()):
+        time.sleep(0.5)
+    for sweep in sweeps:  # what is left of the killed launcher (fork server, idle workers)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)
+
+    resumed = tmgg_sweep("resume", *overrides)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    status = json.loads(tmgg_sweep("status", "--json", *overrides).stdout)
+    assert status["counts"] == {FINISHED: 6}, (status, output())
+
+    outcomes = [e for e in ledger.events() if e["event"] == "outcome"
+                and e["status"] == FINISHED]
+    records = ledger.job_records()
+    assert len(records) == 6
+    job_dirs = {p for p in (sweep_dirs.outputs / "smoke").iterdir() if p.is_dir()}
+    assert len(job_dirs) == 6  # one output directory per job
+    for job_id, record in records.items():
+        assert record["status"] == FINISHED
+        # Never two FINISHED outcomes (none when the job finished as its launcher died:
+        # then its own record, FINISHED, is the outcome).
+        assert [e["job_id"] for e in outcomes].count(job_id) <= 1
+        output_dir = Path(record["output_dir"])
+        assert output_dir in job_dirs
+        # One W&B run: every attempt's run file, read from wandb's own log, has its id.
+        run_ids = {read_run_file(path).run_id for path in run_files(output_dir)}
+        assert run_ids == {wandb_run_id(job_id)}, (record["run_name"], run_ids)
+        # Trained once: one attempt, or an interrupted one and its continuation, which
+        # began after the interrupted attempt's last step (never two copies at once).
+        starts = _training_starts(output_dir, record["run_name"])
+        assert record["metrics"]["global_step"] == CHAOS_STEPS
+        if job_id in interrupted:
+            assert 1 <= len(starts) <= 2, (record["run_name"], starts)
+        else:
+            assert starts == [0], (record["run_name"], starts)
+        spans = sorted(span for span in map(_history_span, run_files(output_dir)) if span)
+        for earlier, later in zip(spans, spans[1:], strict=False):
+            assert earlier[1] <= later[0], (record["run_name"], spans)
+    # The killed worker's job resumed from its checkpoint, after the kill, not beside it.
+    assert len(_training_starts(Path(records[killed_job]["output_dir"]),
+                                records[killed_job]["run_name"])) == 2
+    assert records[killed_job]["metrics"]["resumed_from_step"] >= CHAOS_CHECKPOINT
