@@ -3,7 +3,7 @@
 Layout under ``experiments/<stage>/``:
 
 - ``ledger.jsonl`` — append-only events from launching machines (``planned``,
-  ``dispatched``, ``outcome``, ``cancelled``), one JSON object a line, written with
+  ``dispatched``, ``outcome``, ``cancelled``, ``superseded``), one JSON object a line, written with
   O_APPEND and fsync, so a SIGKILLed launcher leaves every complete line intact.
 - ``jobs/<job_id>.json`` — the latest state of one job, written by the job itself
   (or by the launcher for remote jobs) through an atomic rename: one writer a file,
@@ -30,6 +30,8 @@ FINISHED = "FINISHED"
 FAILED = "FAILED"
 CANCELLED = "CANCELLED"
 MISSING = "MISSING"
+# Not a job status: how status shows a record of an earlier config (see supersede.py).
+SUPERSEDED = "SUPERSEDED"
 
 TERMINAL = frozenset({FINISHED, FAILED, CANCELLED})
 
@@ -62,6 +64,7 @@ class JobState:
     record: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     call_id: str | None = None
+    superseded_by: str | None = None  # the job of the current config at its grid point
 
     @property
     def error(self) -> str | None:
@@ -175,6 +178,7 @@ class Ledger:
             if kind == "planned":
                 state.plan = event
                 state.overrides = event.get("overrides", state.overrides)
+                state.superseded_by = None  # planned again: its config is current again
                 if state.status == MISSING:
                     state.status = PLANNED
             elif kind == "dispatched":
@@ -185,6 +189,8 @@ class Ledger:
                 state.record = {**state.record, **event}
             elif kind == "cancelled":
                 state.status = CANCELLED
+            elif kind == "superseded":
+                state.superseded_by = event.get("by") or "?"
         for job_id, record in self.job_records().items():
             state = states.get(job_id)
             if state is None:

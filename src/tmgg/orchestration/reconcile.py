@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from tmgg.identity import job_suffix, wandb_run_id
 from tmgg.orchestration.ledger import DISPATCHED, FAILED, FINISHED, RUNNING, JobState
 from tmgg.orchestration.plan import PlannedJob
+from tmgg.orchestration.supersede import stale_run_ids, superseded_ids
 
 OK = "ok"
 MISSING = "missing"
@@ -366,13 +367,17 @@ def reconcile_jobs(jobs: Sequence[PlannedJob], states: dict[str, JobState], stag
         projects = sorted({str(j.wandb["project"]) for j in wandb_jobs})
         paths = pinned + [p for p in search_paths(search_entities, projects) if p not in pinned]
         online_runs = api_evidence(api, paths, stage, wandb_jobs, notes)
+    # Runs of superseded records share their successors' run names: not theirs.
+    stale = superseded_ids(expected, states, stage)
+    stale_runs = stale_run_ids(states[job_id] for job_id in stale)
     rows = []
     for job in expected:
         state = states.get(job.job_id)
         if job.wandb is None:
             runs: list[RunEvidence] = []
         elif mode == "online":
-            runs = [run for run in online_runs if _belongs(run, job)]
+            runs = [run for run in online_runs
+                    if _belongs(run, job) and run.id not in stale_runs]
         else:  # every run logged from the job's own output dir is the job's
             runs = local_evidence(job_output_dirs(job, state))
         rows.append(judge(job, state, runs))
