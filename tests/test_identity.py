@@ -24,6 +24,7 @@ from tmgg.identity import (
 from tmgg.orchestration.commands import status_main
 from tmgg.orchestration.compose import compose_sweep
 from tmgg.orchestration.ledger import FAILED, FINISHED, Ledger
+from tmgg.orchestration.plan import PlanError
 from tmgg.orchestration.reconcile import main as reconcile_main
 from tmgg.reporting.report import REPORT_FILE
 from tmgg.reporting.report import main as report_main
@@ -84,6 +85,11 @@ def test_a_task_key_that_interpolates_the_job_id_does_not_recurse(tmp_path: Path
     job_id = config.job.id
     assert job_id.startswith("s-") and config.logger.group == f"{job_id}_g"
     assert job_id == job_id_for(config, "s")
+
+
+def test_two_spellings_of_one_config_are_one_job_and_refused_as_a_duplicate() -> None:
+    with pytest.raises(PlanError, match="compose to the same task config"):
+        compose_sweep(["stage=smoke", "model=linear_pe", "seed=1", "optimizer.lr=1e-3,0.001"])
 
 
 def _compose_one(*overrides: str) -> Any:
