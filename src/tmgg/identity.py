@@ -21,6 +21,7 @@ composed config; once the config changes the job gets its config id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -110,9 +111,21 @@ def identity_config(config: DictConfig | dict[str, Any]) -> dict[str, Any]:
     dict such as a record's ``config``. An interpolation that cannot be resolved
     while the id is computed (``${hydra:...}``, ``${job.id}``) stays as its text.
     """
-    plain = _plain_tree(config, "")
+    source: Any = config
+    if isinstance(config, DictConfig):
+        try:  # the common case, resolved in one go; the walk below prunes nested keys
+            source = {str(key): _resolved(config, key) for key in config
+                      if str(key) not in NON_IDENTITY_KEYS}
+        except Exception:  # noqa: BLE001 - some value resolves only later: walk key by key
+            source = config
+    plain = _plain_tree(source, "")
     assert isinstance(plain, dict)
     return plain
+
+
+def _resolved(config: DictConfig, key: Any) -> Any:
+    value = config[key]
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _plain_tree(node: Any, path: str) -> Any:
@@ -206,24 +219,32 @@ def _plain(value: object) -> object:
     return value  # floats stay floats: 1.0 is not the int 1, as in the config
 
 
+@functools.lru_cache(maxsize=4096)
+def _legacy_job_id(stage: str, overrides: tuple[str, ...]) -> str:
+    canonical = "\n".join(canonical_overrides(overrides))
+    digest = hashlib.sha1(f"{stage}\n{canonical}".encode()).hexdigest()[:DIGEST_LENGTH]
+    return f"{stage}-{digest}"
+
+
 def legacy_job_id(stage: str, overrides: Iterable[str]) -> str:
     """The earlier identity: ``<stage>-<digest of the canonical override set>``.
 
     Also the grid point of a job: jobs of one stage with the same override set are
     the same point of the grid, whatever configs they composed to.
     """
-    canonical = "\n".join(canonical_overrides(overrides))
-    digest = hashlib.sha1(f"{stage}\n{canonical}".encode()).hexdigest()[:DIGEST_LENGTH]
-    return f"{stage}-{digest}"
+    return _legacy_job_id(stage, tuple(overrides))
 
 
 def _legacy_record_id(config: Any, stage: str, identity: dict[str, Any]) -> str | None:
     """The legacy id of this job if its record there was made with this very config."""
-    overrides = _job_overrides(config)
-    if overrides is None or "/" in stage or stage.startswith("."):
+    if "/" in stage or stage.startswith("."):
         return None
-    candidate = legacy_job_id(stage, overrides)
-    path = _experiments_dir(config) / stage / "jobs" / f"{candidate}.json"
+    jobs_dir = _experiments_dir(config) / stage / "jobs"
+    overrides = _job_overrides(config) if jobs_dir.is_dir() else None
+    if overrides is None:
+        return None
+    candidate = legacy_job_id(stage, tuple(overrides))
+    path = jobs_dir / f"{candidate}.json"
     recorded = _recorded_identity(path)
     return candidate if recorded is not None and recorded == canonical_json(identity) else None
 
