@@ -3,8 +3,9 @@
 Layout under ``experiments/<stage>/``:
 
 - ``ledger.jsonl`` — append-only events from launching machines (``planned``,
-  ``dispatched``, ``outcome``, ``cancelled``, ``superseded``), one JSON object a line, written with
-  O_APPEND and fsync, so a SIGKILLed launcher leaves every complete line intact.
+  ``dispatched``, ``outcome``, ``cancelled``, ``superseded``), one JSON object a line,
+  written with O_APPEND and fsync, so a SIGKILLed launcher leaves every complete line
+  intact.
 - ``jobs/<job_id>.json`` — the latest state of one job, written by the job itself
   (or by the launcher for remote jobs) through an atomic rename: one writer a file,
   safe on shared file systems, readable at any moment.
