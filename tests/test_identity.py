@@ -7,6 +7,7 @@ are in test_plan.py, beside the composed stage-1 fixture.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,14 @@ from tmgg.identity import (
     job_id_for,
     job_suffix,
     legacy_job_id,
+    wandb_run_id,
 )
 from tmgg.orchestration.commands import status_main
 from tmgg.orchestration.compose import compose_sweep
-from tmgg.orchestration.ledger import FAILED, FINISHED, Ledger
+from tmgg.orchestration.ledger import FAILED, FINISHED, JobState, Ledger
 from tmgg.orchestration.plan import PlanError
 from tmgg.orchestration.reconcile import main as reconcile_main
+from tmgg.orchestration.reconcile import reconcile_jobs
 from tmgg.reporting.report import REPORT_FILE
 from tmgg.reporting.report import main as report_main
 
@@ -90,6 +93,44 @@ def test_a_task_key_that_interpolates_the_job_id_does_not_recurse(tmp_path: Path
 def test_two_spellings_of_one_config_are_one_job_and_refused_as_a_duplicate() -> None:
     with pytest.raises(PlanError, match="compose to the same task config"):
         compose_sweep(["stage=smoke", "model=linear_pe", "seed=1", "optimizer.lr=1e-3,0.001"])
+
+
+@dataclass
+class _Run:
+    """A W&B run as reconcile reads it from ``wandb.Api().runs``."""
+
+    id: str
+    name: str
+    entity: str = "graph_denoise_team"
+    project: str = "spectral_denoising"
+    group: str = "smoke"
+    state: str = "finished"
+
+
+class _Runs:
+    """The runs of one project, as the API lists them (filters aside)."""
+
+    def __init__(self, runs: list[_Run]) -> None:
+        self._runs = runs
+
+    def runs(self, path: str, filters: dict[str, Any] | None = None) -> list[_Run]:
+        return [run for run in self._runs if f"{run.entity}/{run.project}" == path]
+
+
+def test_reconcile_does_not_count_a_superseded_jobs_run_as_a_duplicate(
+        tmp_path: Path) -> None:
+    """The earlier config's run has the same name and group as the current job's."""
+    (job,) = compose_sweep(["stage=smoke", "model=linear_pe", "seed=1",
+                            f"experiments_dir={tmp_path}"]).jobs
+    old = JobState(job_id="smoke-0123456789", run_name=job.run_name, status=FINISHED,
+                   overrides=list(job.overrides),
+                   record={"wandb": {"run_id": wandb_run_id("smoke-0123456789")}})
+    current = JobState(job_id=job.job_id, run_name=job.run_name, status=FINISHED)
+    api = _Runs([_Run(wandb_run_id(old.job_id), job.run_name),
+                 _Run(wandb_run_id(job.job_id), job.run_name)])
+    (row,) = reconcile_jobs([job], {old.job_id: old, job.job_id: current}, "smoke",
+                            mode="online", api=api)
+    assert (row.status, row.run_ids) == ("ok", [wandb_run_id(job.job_id)])
 
 
 def _compose_one(*overrides: str) -> Any:
