@@ -90,6 +90,16 @@ def test_a_task_key_that_interpolates_the_job_id_does_not_recurse(tmp_path: Path
     assert job_id == job_id_for(config, "s")
 
 
+def test_hydra_runtime_values_count_as_written_not_as_resolved() -> None:
+    """``${hydra:runtime.output_dir}`` is where a job runs, and it resolves differently
+    in the plan and in the job's process: the id must not depend on it."""
+    config = OmegaConf.create({**TASK, "trainer": {**TASK["trainer"],
+                                                   "log_dir": "${hydra:runtime.output_dir}"}})
+    identity = identity_config(config)  # not resolved: HydraConfig holds another job now
+    assert identity["trainer"]["log_dir"] == "${hydra:runtime.output_dir}"
+    assert identity["optimizer"] == TASK["optimizer"]
+
+
 def test_two_spellings_of_one_config_are_one_job_and_refused_as_a_duplicate() -> None:
     with pytest.raises(PlanError, match="compose to the same task config"):
         compose_sweep(["stage=smoke", "model=linear_pe", "seed=1", "optimizer.lr=1e-3,0.001"])

@@ -60,6 +60,7 @@ LEGACY_NON_IDENTITY_KEYS = frozenset(
 )
 
 DIGEST_LENGTH = 10
+_HYDRA_RESOLVER = "${hydra:"
 
 
 class IdentityError(RuntimeError):
@@ -108,11 +109,13 @@ def identity_config(config: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """The part of a task config that says what the job computes, as plain values.
 
     ``config`` is a composed config (interpolations are resolved here) or a plain
-    dict such as a record's ``config``. An interpolation that cannot be resolved
-    while the id is computed (``${hydra:...}``, ``${job.id}``) stays as its text.
+    dict such as a record's ``config``. An interpolation of Hydra's runtime
+    (``${hydra:runtime.output_dir}``: where, not what; it differs between the plan and
+    the job's process) or one that cannot be resolved while the id is computed
+    (``${job.id}``) stays as its text.
     """
     source: Any = config
-    if isinstance(config, DictConfig):
+    if isinstance(config, DictConfig) and not _mentions_hydra(config):
         try:  # the common case, resolved in one go; the walk below prunes nested keys
             source = {str(key): _resolved(config, key) for key in config
                       if str(key) not in NON_IDENTITY_KEYS}
@@ -121,6 +124,19 @@ def identity_config(config: DictConfig | dict[str, Any]) -> dict[str, Any]:
     plain = _plain_tree(source, "")
     assert isinstance(plain, dict)
     return plain
+
+
+def _mentions_hydra(config: DictConfig) -> bool:
+    """Whether a task value, as written, interpolates Hydra's runtime."""
+    for key in config:
+        if str(key) in NON_IDENTITY_KEYS:
+            continue
+        node = config._get_node(key)
+        raw = (OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node)
+               else node._value())
+        if _HYDRA_RESOLVER in str(raw):
+            return True
+    return False
 
 
 def _resolved(config: DictConfig, key: Any) -> Any:
@@ -151,11 +167,13 @@ def _child(container: Any, key: Any) -> Any:
         return container[key]
     if OmegaConf.is_missing(container, key):
         return "???"
+    node = container._get_node(key)
     if not OmegaConf.is_interpolation(container, key):
-        node = container._get_node(key)
         if OmegaConf.is_config(node):
             return None if node._is_none() else node
         return container[key]
+    if _HYDRA_RESOLVER in str(node._value()):
+        return node._value()
     try:
         value = container[key]
     except Exception:  # noqa: BLE001 - unresolvable now (hydra runtime, job.id): its text
