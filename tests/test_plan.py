@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from conftest import SweepDirs, tmgg_sweep
+from conftest import REPO, SweepDirs, tmgg_sweep
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from tmgg.config import CONF_DIR
-from tmgg.identity import job_id, short_float, wandb_run_id
+from tmgg.identity import (
+    config_job_id,
+    identity_config,
+    job_suffix,
+    legacy_job_id,
+    short_float,
+    wandb_run_id,
+)
 from tmgg.orchestration.compose import compose_sweep, hydra_session
+from tmgg.orchestration.ledger import FINISHED, Ledger
 from tmgg.orchestration.plan import PlanError
+from tmgg.orchestration.sweep import split_finished
+from tmgg.reporting.report import REPORT_FILE, write_report
+
+COMMITTED = REPO / "experiments"
 
 GROUP_OPTIONS = {
     group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
@@ -23,7 +36,8 @@ GROUP_OPTIONS = {
 
 @pytest.fixture(scope="module")
 def stage1():
-    return compose_sweep(["stage=stage1"])
+    """Stage 1 as `tmgg-train -m stage=stage1` composes it beside the committed ledger."""
+    return compose_sweep(["stage=stage1", f"experiments_dir={COMMITTED}"])
 
 
 def test_stage1_plan_has_108_unique_jobs_pinned_to_the_team(stage1) -> None:
@@ -90,16 +104,17 @@ def test_every_stage_composes(stage: str) -> None:
     assert sweep.stage == stage and sweep.jobs
 
 
-def test_identity_is_deterministic_and_spelling_independent() -> None:
-    a = job_id("stage1", ["model=linear_pe", "optimizer.lr=1e-3", "seed=2"])
-    b = job_id("stage1", ["seed=2", "optimizer.lr=0.001", "model=linear_pe"])
+def test_legacy_identity_is_deterministic_and_spelling_independent() -> None:
+    """The override-set ids of records made before identity covered the config."""
+    a = legacy_job_id("stage1", ["model=linear_pe", "optimizer.lr=1e-3", "seed=2"])
+    b = legacy_job_id("stage1", ["seed=2", "optimizer.lr=0.001", "model=linear_pe"])
     assert a == b
-    assert job_id("stage1", ["model=linear_pe", "optimizer.lr=1e-3", "seed=3"]) != a
-    assert job_id("stage2", ["model=linear_pe", "optimizer.lr=1e-3", "seed=2"]) != a
+    assert legacy_job_id("stage1", ["model=linear_pe", "optimizer.lr=1e-3", "seed=3"]) != a
+    assert legacy_job_id("stage2", ["model=linear_pe", "optimizer.lr=1e-3", "seed=2"]) != a
     # Where the job's files go is not what the job is.
-    assert job_id("stage1", ["model=linear_pe", "optimizer.lr=1e-3", "seed=2",
-                             "experiments_dir=/x", "outputs_dir=/y"]) == a
-    assert wandb_run_id(a) == wandb_run_id(b) != wandb_run_id(job_id("s", []))
+    assert legacy_job_id("stage1", ["model=linear_pe", "optimizer.lr=1e-3", "seed=2",
+                                    "experiments_dir=/x", "outputs_dir=/y"]) == a
+    assert wandb_run_id(a) == wandb_run_id(b) != wandb_run_id(legacy_job_id("s", []))
     assert [short_float(v) for v in (1e-3, 5e-4, 1e-2, 1e-4, 0.0, 1.5e-3, 16)] == [
         "1e-3", "5e-4", "1e-2", "1e-4", "0", "1.5e-3", "16"]
 
@@ -138,3 +153,43 @@ def test_plan_refuses_when_a_check_cannot_run(module: str, sweep_dirs: SweepDirs
     assert plan_main(["stage=smoke", *sweep_dirs.overrides]) == 2
     err = capsys.readouterr().err
     assert f"plan refused: the plan check {module}." in err and "cannot run" in err
+
+
+# -- the committed stage 1 keeps its identity ------------------------------------------
+def test_stage1_job_ids_are_pinned_to_the_committed_records(stage1) -> None:
+    """Every stage-1 job composed today is one of the 108 committed FINISHED records,
+    under the same job id, W&B run id and output folder; a change of canonicalisation
+    or of the composed config that orphaned them fails here, not silently."""
+    ledger = Ledger(COMMITTED, "stage1")
+    records = ledger.job_records()
+    assert len(records) == 108 and {r["status"] for r in records.values()} == {FINISHED}
+    assert {job.job_id for job in stage1.jobs} == set(records)
+    planned = {event["job_id"] for event in ledger.events() if event["event"] == "planned"}
+    assert planned == set(records)
+    for job in stage1.jobs:
+        record = records[job.job_id]
+        assert record["run_name"] == job.run_name
+        assert record["wandb"]["run_id"] == wandb_run_id(job.job_id)
+        assert record["wandb"]["path"].endswith("/" + wandb_run_id(job.job_id))
+        assert Path(record["output_dir"]).name == f"{job.run_name}-{job_suffix(job.job_id)}"
+        assert identity_config(record["config"]) == identity_config(job.task_config)
+        # Recorded before identity covered the config: the id of their override set.
+        assert job.job_id == legacy_job_id("stage1", record["overrides"])
+    # The config digest itself is pinned too: records made under config ids would be
+    # orphaned by a change of it (stage1_linear_pe_lr1e-4_wd1e-2_k8_s1).
+    first = records["stage1-f55cff9dda"]
+    assert config_job_id("stage1", identity_config(first["config"])) == "stage1-f89055d663"
+
+
+def test_resuming_stage1_runs_nothing(stage1) -> None:
+    """Every launcher's skip check and resume's to-run list find all 108 jobs finished."""
+    results, pending = split_finished(stage1.jobs)
+    assert pending == [] and len(results) == 108
+    states = stage1.ledger.states()
+    assert [job for job in stage1.jobs if states[job.job_id].status != FINISHED] == []
+    assert not any(state.superseded_by for state in states.values())
+
+
+def test_stage1_report_regenerates_byte_for_byte(stage1, tmp_path: Path) -> None:
+    path = write_report(stage1, tmp_path)
+    assert path.read_bytes() == (COMMITTED / "stage1" / REPORT_FILE).read_bytes()

@@ -1,25 +1,43 @@
-"""Deterministic job identity (DESIGN.md contract 2).
+"""Deterministic job identity (DESIGN.md contract 2): a job is what it computes.
 
-A job id is the stage name plus a digest of the job's *task* overrides, parsed by
-Hydra and written canonically, so ``optimizer.lr=1e-3`` and ``optimizer.lr=0.001``
-are the same job and the order of overrides does not matter. Keys that only say
-where or how a job runs (output folders, W&B mode, thread count) are not part of
-the identity: the same training relaunched elsewhere is the same job.
+A job id is ``<stage>-<digest>`` of the job's composed task config: model, optimizer,
+scheduler, data, noise, trainer, logger, stage and seed, resolved and written as
+canonical JSON (sorted keys, floats as composed, so ``1e-3`` and ``0.001`` are one
+job). Keys that only say where or how a job runs (output folders, W&B mode, thread
+count, resume switch, launcher settings under ``hydra``, the run-name label, the
+cost estimate) are left out: the same training relaunched elsewhere is the same job.
+Editing a stage or a config group therefore gives new ids, new output folders and
+new W&B runs; the records of the earlier config stay in the ledger, superseded.
+
+Hydra resolves ``job.id`` wherever it composes a job (on the launching machine for
+tmgg's launchers, in the job's process for ``basic`` and submitit), so the id is
+computed from the composed config alone, by the ``tmgg.job_id`` resolver.
+
+Records made before identity covered the config carry the earlier id, a digest of
+the job's override set (``legacy_job_id``). Such a record still counts as its job,
+with its id, output folder and W&B run id, while its recorded config is the job's
+composed config; once the config changes the job gets its config id.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# Override keys that do not change what a job computes.
+# Config paths that do not change what a job computes (a path covers its subtree).
 NON_IDENTITY_KEYS = frozenset(
     {
+        "hydra",
+        "job",
         "experiments_dir",
         "outputs_dir",
         "logger.mode",
@@ -27,10 +45,28 @@ NON_IDENTITY_KEYS = frozenset(
         "trainer.resume",
         "logger.base_url",
         "logger.run_generation",
+        "stage.run_name",
+        "stage.gpu_seconds_per_job",
     }
 )
 
+# Keys added to the config after jobs were recorded, with the value that reproduces
+# the behaviour from before they existed: at that value a key is left out of the
+# identity, so a new option with a neutral default supersedes no recorded job.
+IDENTITY_DEFAULTS: dict[str, Any] = {}
+
+# What the override-set identity of earlier records ignored. Frozen: changing it
+# would change every legacy id and orphan the records that carry one.
+LEGACY_NON_IDENTITY_KEYS = frozenset(
+    {"experiments_dir", "outputs_dir", "logger.mode", "trainer.num_threads", "trainer.resume"}
+)
+
 DIGEST_LENGTH = 10
+_HYDRA_RESOLVER = "${hydra:"
+
+
+class IdentityError(RuntimeError):
+    """The identity of a job cannot be computed from its config."""
 
 
 def short_float(value: float | int | str) -> str:
@@ -54,6 +90,128 @@ def short_float(value: float | int | str) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+# -- identity of a composed config ---------------------------------------------------
+_COMPUTING = threading.local()
+
+
+@contextmanager
+def _guard() -> Iterator[None]:
+    """Refuse re-entry: a task key that interpolates ``job.id`` would recurse forever."""
+    if getattr(_COMPUTING, "active", False):
+        raise IdentityError("job.id depends on itself: a task key interpolates job.id "
+                            "or the job's output directory")
+    _COMPUTING.active = True
+    try:
+        yield
+    finally:
+        _COMPUTING.active = False
+
+
+def identity_config(config: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The part of a task config that says what the job computes, as plain values.
+
+    ``config`` is a composed config (interpolations are resolved here) or a plain
+    dict such as a record's ``config``. An interpolation of Hydra's runtime
+    (``${hydra:runtime.output_dir}``: where, not what; it differs between the plan and
+    the job's process) or one that cannot be resolved while the id is computed
+    (``${job.id}``) stays as its text.
+    """
+    source: Any = config
+    if isinstance(config, DictConfig) and not _mentions_hydra(config):
+        try:  # the common case, resolved in one go; the walk below prunes nested keys
+            source = {str(key): _resolved(config, key) for key in config
+                      if str(key) not in NON_IDENTITY_KEYS}
+        except Exception:  # noqa: BLE001 - some value resolves only later: walk key by key
+            source = config
+    plain = _plain_tree(source, "")
+    assert isinstance(plain, dict)
+    return plain
+
+
+def _mentions_hydra(config: DictConfig) -> bool:
+    """Whether a task value, as written, interpolates Hydra's runtime."""
+    for key in config:
+        if str(key) in NON_IDENTITY_KEYS:
+            continue
+        node = config._get_node(key)
+        raw = (OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node)
+               else node._value())
+        if _HYDRA_RESOLVER in str(raw):
+            return True
+    return False
+
+
+def _resolved(config: DictConfig, key: Any) -> Any:
+    value = config[key]
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _plain_tree(node: Any, path: str) -> Any:
+    if isinstance(node, DictConfig | dict):
+        tree = {}
+        for key in node:
+            child_path = f"{path}.{key}" if path else str(key)
+            if child_path in NON_IDENTITY_KEYS:
+                continue
+            value = _plain_tree(_child(node, key), child_path)
+            if child_path in IDENTITY_DEFAULTS and value == IDENTITY_DEFAULTS[child_path]:
+                continue
+            tree[str(key)] = value
+        return tree
+    if isinstance(node, ListConfig | list | tuple):
+        return [_plain_tree(_child(node, index), path) for index in range(len(node))]
+    return node
+
+
+def _child(container: Any, key: Any) -> Any:
+    """One child, resolved: a plain value, or a container to walk further."""
+    if not isinstance(container, DictConfig | ListConfig):
+        return container[key]
+    if OmegaConf.is_missing(container, key):
+        return "???"
+    node = container._get_node(key)
+    if not OmegaConf.is_interpolation(container, key):
+        if OmegaConf.is_config(node):
+            return None if node._is_none() else node
+        return container[key]
+    if _HYDRA_RESOLVER in str(node._value()):
+        return node._value()
+    try:
+        value = container[key]
+    except Exception:  # noqa: BLE001 - unresolvable now (hydra runtime, job.id): its text
+        return container._get_node(key)._value()
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """One spelling for one config: sorted keys, no spaces, floats as Python writes them."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str)
+
+
+def config_job_id(stage: str, identity: dict[str, Any]) -> str:
+    """``<stage>-<digest of the identity config>``."""
+    digest = hashlib.sha1(f"config:{stage}\n{canonical_json(identity)}".encode())
+    return f"{stage}-{digest.hexdigest()[:DIGEST_LENGTH]}"
+
+
+def job_id_for(config: DictConfig | dict[str, Any], stage: str | None = None) -> str:
+    """The id of the job a composed config describes (what ``job.id`` resolves to).
+
+    The config id, unless the stage's ledger holds a record under the job's legacy
+    (override-set) id whose recorded config is this one: that job keeps its id.
+    """
+    with _guard():
+        identity = identity_config(config)
+        if stage is None:
+            stage = str((identity.get("stage") or {}).get("name"))
+        legacy = _legacy_record_id(config, stage, identity)
+        return legacy or config_job_id(stage, identity)
+
+
+# -- records of the override-set identity --------------------------------------------
 def canonical_overrides(overrides: Iterable[str]) -> list[str]:
     """Parse overrides with Hydra's own parser and write each canonically, sorted."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -63,7 +221,7 @@ def canonical_overrides(overrides: Iterable[str]) -> list[str]:
     for override in parser.parse_overrides(list(overrides)):
         key = override.get_key_element()
         bare_key = key.lstrip("+~")
-        if bare_key in NON_IDENTITY_KEYS or bare_key.startswith("hydra"):
+        if bare_key in LEGACY_NON_IDENTITY_KEYS or bare_key.startswith("hydra"):
             continue
         if override.is_delete():
             lines.append(f"~{override.key_or_group}")
@@ -81,13 +239,77 @@ def _plain(value: object) -> object:
     return value  # floats stay floats: 1.0 is not the int 1, as in the config
 
 
-def job_id(stage: str, overrides: Iterable[str]) -> str:
-    """``<stage>-<digest>``: stable across machines, override order and float spelling."""
+@functools.lru_cache(maxsize=4096)
+def _legacy_job_id(stage: str, overrides: tuple[str, ...]) -> str:
     canonical = "\n".join(canonical_overrides(overrides))
     digest = hashlib.sha1(f"{stage}\n{canonical}".encode()).hexdigest()[:DIGEST_LENGTH]
     return f"{stage}-{digest}"
 
 
+def legacy_job_id(stage: str, overrides: Iterable[str]) -> str:
+    """The earlier identity: ``<stage>-<digest of the canonical override set>``.
+
+    Also the grid point of a job: jobs of one stage with the same override set are
+    the same point of the grid, whatever configs they composed to.
+    """
+    return _legacy_job_id(stage, tuple(overrides))
+
+
+def _legacy_record_id(config: Any, stage: str, identity: dict[str, Any]) -> str | None:
+    """The legacy id of this job if its record there was made with this very config."""
+    if "/" in stage or stage.startswith("."):
+        return None
+    jobs_dir = _experiments_dir(config) / stage / "jobs"
+    overrides = _job_overrides(config) if jobs_dir.is_dir() else None
+    if overrides is None:
+        return None
+    candidate = legacy_job_id(stage, tuple(overrides))
+    path = jobs_dir / f"{candidate}.json"
+    recorded = _recorded_identity(path)
+    return candidate if recorded is not None and recorded == canonical_json(identity) else None
+
+
+def _job_overrides(config: Any) -> list[str] | None:
+    """The job's ``hydra.overrides.task``: from its config, else from the running job."""
+    if isinstance(config, DictConfig) and "hydra" in config:
+        return task_overrides(config)
+    from hydra.core.hydra_config import HydraConfig
+
+    if isinstance(config, DictConfig) and HydraConfig.initialized():
+        return override_lines(HydraConfig.get().overrides.task)
+    return None
+
+
+def _experiments_dir(config: Any) -> Path:
+    value = (OmegaConf.select(config, "experiments_dir") if isinstance(config, DictConfig)
+             else config.get("experiments_dir"))
+    path = Path(str(value if value is not None else "experiments"))
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+_RECORD_CACHE: dict[Path, tuple[tuple[int, int], str | None]] = {}
+
+
+def _recorded_identity(path: Path) -> str | None:
+    """Canonical identity of the config a job record holds (cached by mtime and size)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _RECORD_CACHE.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        config = json.loads(path.read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = canonical_json(identity_config(config)) if isinstance(config, dict) else None
+    _RECORD_CACHE[path] = (stamp, value)
+    return value
+
+
+# -- names derived from the id -------------------------------------------------------
 def job_suffix(job_id_value: str) -> str:
     """The digest part of a job id, used to keep output directories unique."""
     return job_id_value.rsplit("-", 1)[-1]
@@ -133,22 +355,15 @@ def task_overrides(config: Any) -> list[str]:
     return override_lines(OmegaConf.select(config, "hydra.overrides.task"))
 
 
-def _job_id_from_hydra(stage: str) -> str:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        raise RuntimeError(
-            "job.id can only be resolved while Hydra composes a job "
-            "(HydraConfig is not set); compose through tmgg-train or tmgg-sweep"
-        )
-    return job_id(stage, override_lines(HydraConfig.get().overrides.task))
+def _job_id_resolver(stage: str, *, _root_: DictConfig) -> str:
+    return job_id_for(_root_, str(stage))
 
 
 def register_resolvers() -> None:
     """Register the ``tmgg.*`` resolvers (idempotent)."""
     resolvers = {
         "tmgg.short": short_float,
-        "tmgg.job_id": _job_id_from_hydra,
+        "tmgg.job_id": _job_id_resolver,
         "tmgg.suffix": job_suffix,
     }
     for name, function in resolvers.items():

@@ -17,6 +17,7 @@ from tmgg.orchestration.ledger import (
     LOST,
     MISSING,
     PLANNED,
+    SUPERSEDED,
     Ledger,
 )
 
@@ -85,7 +86,8 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
             row["resources"] = resources
         rows.append(row)
     facts = {"stage": sweep.stage, "launcher": sweep.launcher, "jobs": len(rows),
-             "resources": resources, "fused_groups": fused_groups(sweep)}
+             "resources": resources, "fused_groups": fused_groups(sweep),
+             **supersede_facts(sweep)}
     totals = [r.get("est_cost_usd") for r in rows if r.get("est_cost_usd") is not None]
     if totals:
         facts["est_cost_usd"] = round(sum(totals), 4)
@@ -104,6 +106,19 @@ def fused_groups(sweep: Any) -> list[dict[str, Any]]:
     if mode == "off":
         return []
     return describe_groups(sweep.jobs, group_jobs(sweep.jobs, mode, cap))
+
+
+def supersede_facts(sweep: Any) -> dict[str, Any]:
+    """What recording this plan would mark superseded (a stage or group was edited)."""
+    from tmgg.orchestration.supersede import describe, superseded_records
+
+    found = superseded_records(sweep.jobs, sweep.ledger.states(), sweep.stage)
+    return {
+        "superseded_finished": sum(1 for s in found if s.old.status == FINISHED),
+        "superseded": [{"job_id": s.old.job_id, "run_name": s.old.run_name,
+                        "status": s.old.status, "by": s.new.job_id} for s in found],
+        "superseded_note": describe(found),
+    }
 
 
 def plan_main(argv: list[str]) -> int:
@@ -140,6 +155,8 @@ def plan_main(argv: list[str]) -> int:
                       "" if cost is None else f"{cost:.4f}")
     console = _console()
     console.print(table)
+    if facts.get("superseded_note"):
+        console.print(f"[yellow]{facts['superseded_note']}[/yellow]")
     if facts.get("resources"):
         format_resources = _optional("tmgg.launch.slurm_resources", "format_resources")
         text = format_resources(facts["resources"]) if format_resources else facts["resources"]
@@ -175,7 +192,8 @@ def status_rows(ledger: Ledger) -> list[dict[str, Any]]:
         rows.append({
             "job_id": state.job_id,
             "run_name": state.run_name or state.record.get("run_name", ""),
-            "status": state.status,
+            "status": SUPERSEDED if state.superseded_by else state.status,
+            "superseded_by": state.superseded_by,
             "duration_s": state.duration_s,
             "test_mse": metrics.get("test/mse"),
             "call_id": state.call_id,
@@ -196,10 +214,13 @@ def status_main(argv: list[str]) -> int:
         if poll is not None and any(s.call_id for s in ledger.states().values()):
             poll(ledger)
     rows = status_rows(ledger)
-    counts = Counter(row["status"] for row in rows)
+    # Current jobs only: records of an earlier config are listed, counted apart.
+    counts = Counter(row["status"] for row in rows if row["status"] != SUPERSEDED)
+    superseded = sum(1 for row in rows if row["status"] == SUPERSEDED)
     damaged = damaged_line_notes(ledger)
     if args.json:
-        print(json.dumps({"stage": ledger.stage, "counts": dict(counts), "jobs": rows,
+        print(json.dumps({"stage": ledger.stage, "counts": dict(counts),
+                          "superseded": superseded, "jobs": rows,
                           "damaged_lines": damaged}, indent=2, default=str))
         return 0
     from rich.table import Table
@@ -213,6 +234,8 @@ def status_main(argv: list[str]) -> int:
         detail = row["error"][0] if row["error"] else ""
         if row["status"] in (*IN_FLIGHT, LOST) and row["claim"]:
             detail = row["claim"] if row["status"] != LOST else f"lost: {row['claim']}"
+        if row["superseded_by"]:
+            detail = f"earlier config; replaced by {row['superseded_by']}"
         table.add_row(row["job_id"], row["run_name"], f"[{style}]{row['status']}[/{style}]",
                       "" if row["duration_s"] is None else f"{row['duration_s']:.1f}",
                       "" if row["test_mse"] is None else f"{row['test_mse']:.4f}",
@@ -227,6 +250,8 @@ def status_main(argv: list[str]) -> int:
         console.print(f"{counts[LOST]} job(s) LOST: their process died without recording an "
                       "outcome. `tmgg-sweep resume` runs them again (from their last "
                       "checkpoint, into the same W&B run).")
+    if superseded:
+        console.print(f"{superseded} superseded records of earlier configs (not counted)")
     return 0
 
 

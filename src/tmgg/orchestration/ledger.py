@@ -3,10 +3,10 @@
 Layout under ``experiments/<stage>/``:
 
 - ``ledger.jsonl`` — append-only events from launching machines (``planned``,
-  ``dispatched``, ``outcome``, ``cancelled``), one JSON object a line, written with
-  O_APPEND and fsync, so a SIGKILLed launcher leaves every complete line intact. A
-  torn line (disk full, writer killed mid-write) stays on a line of its own: the next
-  append starts on a fresh line, readers skip it and ``damaged_lines`` names it.
+  ``dispatched``, ``outcome``, ``cancelled``, ``superseded``), one JSON object a line,
+  written with O_APPEND and fsync, so a SIGKILLed launcher leaves every complete line
+  intact. A torn line (disk full, writer killed mid-write) stays on a line of its own:
+  the next append starts on a fresh line, readers skip it and ``damaged_lines`` names it.
 - ``jobs/<job_id>.json`` — the latest state of one job, written by the job itself
   (or by the launcher for remote jobs) through an atomic rename: one writer a file,
   safe on shared file systems, readable at any moment.
@@ -38,6 +38,8 @@ MISSING = "MISSING"
 # (killed launcher or worker, lost node) without recording an outcome.
 LOST = "LOST"
 IN_FLIGHT = frozenset({DISPATCHED, RUNNING})
+# Not a job status: how status shows a record of an earlier config (see supersede.py).
+SUPERSEDED = "SUPERSEDED"
 
 TERMINAL = frozenset({FINISHED, FAILED, CANCELLED})
 
@@ -71,6 +73,7 @@ class JobState:
     plan: dict[str, Any] = field(default_factory=dict)
     call_id: str | None = None
     claim: str | None = None  # who holds an in-flight job, or why a LOST one was lost
+    superseded_by: str | None = None  # the job of the current config at its grid point
 
     @property
     def error(self) -> str | None:
@@ -209,6 +212,7 @@ class Ledger:
             if kind == "planned":
                 state.plan = event
                 state.overrides = event.get("overrides", state.overrides)
+                state.superseded_by = None  # planned again: its config is current again
                 if state.status == MISSING:
                     state.status = PLANNED
             elif kind == "dispatched":
@@ -219,6 +223,8 @@ class Ledger:
                 state.record = {**state.record, **event}
             elif kind == "cancelled":
                 state.status = CANCELLED
+            elif kind == "superseded":
+                state.superseded_by = event.get("by") or "?"
         for job_id, record in self.job_records().items():
             state = states.get(job_id)
             if state is None:

@@ -272,7 +272,8 @@ def compose_plan(config_loader: Any, master_config: DictConfig,
             continue
         if job.job_id in seen:
             raise PlanError(f"jobs #{seen[job.job_id].index} and #{job.index} have the same "
-                            f"job id {job.job_id}: the sweep lists one job twice")
+                            f"job id {job.job_id}: they compose to the same task config, "
+                            "so the sweep lists one job twice")
         if job.run_name in names:
             raise PlanError(f"jobs {names[job.run_name].job_id} and {job.job_id} share the run "
                             f"name {job.run_name}: the stage's run_name template must include "

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from tmgg.identity import job_suffix, job_wandb_run_id, run_generation, wandb_run_id
 from tmgg.orchestration.ledger import DISPATCHED, FAILED, FINISHED, RUNNING, JobState
 from tmgg.orchestration.plan import PlannedJob
+from tmgg.orchestration.supersede import stale_run_ids, superseded_ids
 
 # Checked against wandb 0.31.0 (the run-<id>.wandb record log format and wandb.proto
 # read by read_run_file); tests/test_lock.py fails when the lock moves wandb off it.
@@ -423,13 +424,17 @@ def reconcile_jobs(jobs: Sequence[PlannedJob], states: dict[str, JobState], stag
                 entities.insert(0, own)
             paths = pinned + [p for p in search_paths(entities, projects) if p not in pinned]
             online_runs += api_evidence(host_api, paths, stage, jobs_here, notes)
+    # Runs of superseded records share their successors' run names: not theirs.
+    stale = superseded_ids(expected, states, stage)
+    stale_runs = stale_run_ids(states[job_id] for job_id in stale)
     rows = []
     for job in expected:
         state = states.get(job.job_id)
         if job.wandb is None:
             runs: list[RunEvidence] = []
         elif mode == "online":
-            runs = [run for run in online_runs if _belongs(run, job)]
+            runs = [run for run in online_runs
+                    if _belongs(run, job) and run.id not in stale_runs]
         else:  # every run logged from the job's own output dir is the job's ...
             superseded = earlier_run_ids(job)  # ... but runs of earlier generations
             runs = [run for run in local_evidence(job_output_dirs(job, state))

@@ -25,6 +25,7 @@ from tmgg.orchestration.composer import (
 from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger
 from tmgg.orchestration.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
 from tmgg.orchestration.records import code_version, host, package_versions, utc_now
+from tmgg.orchestration.supersede import describe, superseded_records
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ def record_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
     now = utc_now()
     for jobs_of_stage in by_stage.values():
         ledger = ledger_for(jobs_of_stage[0].task_config)
+        superseded = superseded_records(jobs_of_stage, ledger.states(), ledger.stage)
+        if superseded:
+            log.warning("stage %s: %s", ledger.stage, describe(superseded))
         ledger.write_plan({
             "stage": ledger.stage,
             "created_at": now,
@@ -99,10 +103,10 @@ def record_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
             "sweep_jobs": len(tmgg_jobs),  # all stages' (a plan.json holds its stage's)
             "jobs": [{**job.summary(), "config": job.task_config} for job in jobs_of_stage],
         })
-        ledger.append_many({
+        ledger.append_many([*({
             "event": "planned", "time": now, "job_id": job.job_id, "run_name": job.run_name,
             "overrides": job.overrides, "wandb": job.wandb, "launcher": launcher,
-        } for job in jobs_of_stage)
+        } for job in jobs_of_stage), *(s.event(now) for s in superseded)])
 
 
 def record_plan_for_multirun(config: DictConfig) -> None:

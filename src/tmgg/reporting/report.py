@@ -38,6 +38,7 @@ from tmgg.orchestration.ledger import (
     JobState,
     Ledger,
 )
+from tmgg.orchestration.supersede import superseded_ids
 from tmgg.reporting.fields import (
     BASE_KEYS,
     F1,
@@ -80,8 +81,9 @@ class JobEntry:
     run_name: str
     status: str | None  # the ledger's status; None when the ledger never heard of it
     overrides: list[str]
-    config: dict[str, Any] | None
+    config: dict[str, Any] | None  # what the job ran: its record's config, else the plan's
     record: dict[str, Any] = field(default_factory=dict)
+    superseded_by: str | None = None
 
     @property
     def category(self) -> str:
@@ -162,6 +164,7 @@ class StageReport:
     jobs: list[JobEntry]
     outside_grid: list[JobEntry]
     notes: str | None = None
+    superseded: list[JobEntry] = field(default_factory=list)  # earlier configs' records
 
     def __post_init__(self) -> None:
         self.extra_keys = swept_keys(self.jobs)
@@ -435,6 +438,16 @@ class StageReport:
             lines += [_md_row([f"`{job.run_name}`", f"`{job.job_id}`", job.ledger_state])
                       for job in jobs]
             lines.append("")
+        if self.superseded:
+            lines += [f"## Superseded records of earlier configs (not in the table) "
+                      f"({len(self.superseded)})", "",
+                      "Their grid point now composes to another config; the job that "
+                      "replaces each one runs under a new job id.", "",
+                      "| run name | job id | ledger | replaced by |", "|---|---|---|---|"]
+            lines += [_md_row([f"`{job.run_name}`", f"`{job.job_id}`", job.ledger_state,
+                               f"`{job.superseded_by}`"])
+                      for job in sorted(self.superseded, key=lambda j: (j.run_name, j.job_id))]
+            lines.append("")
         return lines
 
 
@@ -483,11 +496,13 @@ def _plan_configs(ledger: Ledger) -> dict[str, dict[str, Any]]:
                                                                           dict)}
 
 
-def _entry_from_state(state: JobState, config: dict[str, Any] | None) -> JobEntry:
+def _entry_from_state(state: JobState, config: dict[str, Any] | None,
+                      superseded_by: str | None = None) -> JobEntry:
     return JobEntry(job_id=state.job_id,
                     run_name=state.run_name or str(state.record.get("run_name", "")),
                     status=state.status, overrides=list(state.overrides),
-                    config=config, record=dict(state.record))
+                    config=config, record=dict(state.record),
+                    superseded_by=superseded_by or state.superseded_by)
 
 
 def _read_notes(ledger: Ledger) -> str | None:
@@ -501,6 +516,8 @@ def build_report(source: Any) -> StageReport:
     With a composed sweep the expected jobs are the grid; jobs of the ledger outside
     it are listed apart. With a ledger alone they are every job it ever planned or
     recorded, configured from the job's own record or else from ``plan.json``.
+    Either way a result is labelled with the config its job ran (the record's), and
+    records of an earlier config (superseded) are listed apart, never counted.
     """
     if isinstance(source, str | Path):
         path = Path(source)
@@ -509,11 +526,13 @@ def build_report(source: Any) -> StageReport:
         ledger = source
         states = ledger.states()
         plan_configs = _plan_configs(ledger)
-        jobs = [_entry_from_state(state, state.record.get("config")
-                                  or plan_configs.get(state.job_id))
-                for state in states.values()]
-        return StageReport(stage=ledger.stage, jobs=jobs, outside_grid=[],
-                           notes=_read_notes(ledger))
+        entries = [_entry_from_state(state, state.record.get("config")
+                                     or plan_configs.get(state.job_id))
+                   for state in states.values()]
+        return StageReport(stage=ledger.stage,
+                           jobs=[entry for entry in entries if not entry.superseded_by],
+                           outside_grid=[], notes=_read_notes(ledger),
+                           superseded=[entry for entry in entries if entry.superseded_by])
     ledger = source.ledger
     states = ledger.states()
     jobs = []
@@ -523,15 +542,19 @@ def build_report(source: Any) -> StageReport:
             continue
         grid_ids.add(planned.job_id)
         state = states.get(planned.job_id)
+        record = dict(state.record) if state else {}
         jobs.append(JobEntry(job_id=planned.job_id, run_name=planned.run_name,
                              status=state.status if state else None,
                              overrides=list(planned.overrides),
-                             config=dict(planned.task_config),
-                             record=dict(state.record) if state else {}))
-    outside = [_entry_from_state(state, state.record.get("config"))
-               for job_id, state in states.items() if job_id not in grid_ids]
-    return StageReport(stage=ledger.stage, jobs=jobs, outside_grid=outside,
-                       notes=_read_notes(ledger))
+                             config=record.get("config") or dict(planned.task_config),
+                             record=record))
+    replaced_by = superseded_ids(source.jobs, states, ledger.stage)
+    others = [_entry_from_state(state, state.record.get("config"), replaced_by.get(job_id))
+              for job_id, state in states.items() if job_id not in grid_ids]
+    return StageReport(stage=ledger.stage, jobs=jobs,
+                       outside_grid=[job for job in others if not job.superseded_by],
+                       notes=_read_notes(ledger),
+                       superseded=[job for job in others if job.superseded_by])
 
 
 def write_report(source: Any, out_dir: str | Path | None = None) -> Path:
@@ -711,9 +734,14 @@ def _source(args: argparse.Namespace) -> Any:
 
 def _warn_on_identity_mismatch(source: Any, report: StageReport) -> None:
     """A grid none of whose jobs the ledger knows: the overrides differ from the sweep's."""
-    if isinstance(source, Ledger) or not report.outside_grid:
+    if isinstance(source, Ledger) or any(job.status is not None for job in report.jobs):
         return
-    if any(job.status is not None for job in report.jobs):
+    if report.superseded and not report.outside_grid:
+        print(f"tmgg-sweep report: the ledger's {len(report.superseded)} records are of an "
+              "earlier config of this grid (superseded); `tmgg-sweep resume` runs the "
+              "current one", file=sys.stderr)
+        return
+    if not report.outside_grid:
         return
     arguments = (source.ledger.plan() or {}).get("arguments")
     print("tmgg-sweep report: none of the grid's jobs is in the ledger, which holds "
