@@ -26,6 +26,21 @@ def _offline_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _hydra_global_state_kept() -> Any:
+    """Composing in a test's process sets Hydra's global version base (1.3: no chdir) and
+    may leave GlobalHydra initialised; put both back after each module, so the in-process
+    launcher conformance suites later in the run get Hydra as a fresh process has it."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.version import VersionBase
+
+    before = VersionBase.instance().getbase()
+    yield
+    VersionBase.instance().version_base = before
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+
+
 class SweepDirs:
     """experiments/ and outputs/ of one test, as Hydra overrides."""
 

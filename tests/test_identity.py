@@ -32,18 +32,6 @@ from tmgg.orchestration.reconcile import reconcile_jobs
 from tmgg.reporting.report import REPORT_FILE
 from tmgg.reporting.report import main as report_main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _hydra_version_base_kept() -> Any:
-    """Composing in this process sets Hydra's global version base (1.3: no chdir); put
-    it back, so later in-process Hydra apps (the launcher conformance suite) get theirs."""
-    from hydra.version import VersionBase
-
-    before = VersionBase.instance().getbase()
-    yield
-    VersionBase.instance().version_base = before
-
-
 TASK = {
     "model": {"name": "linear_pe", "k": 8},
     "optimizer": {"name": "adamw", "lr": 0.001, "weight_decay": 0.01},
