@@ -22,7 +22,9 @@ def _offline_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach W&B or Modal servers."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    for name in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "WANDB_API_KEY"):
+    # An in-process wandb run (an earlier test) leaves WANDB_SERVICE set: the jobs a test
+    # starts must not share that wandb-core service (a killed job's run id stays in use).
+    for name in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "WANDB_API_KEY", "WANDB_SERVICE"):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -127,6 +127,9 @@ def _worker_main(conn: Any, threads: int, modules: Sequence[str]) -> None:
     Replies ``("ok", pickled JobReturn)``, or ``("error", pickled JobFailure)`` when the
     payload itself could not be run (a failing job is an ok reply with a FAILED return).
     """
+    # Never share the launcher's wandb-core service: a job killed mid-run would leave its
+    # run id "in use" there, and its retry could not start the same run.
+    os.environ.pop("WANDB_SERVICE", None)
     _init_worker(threads, modules)
     while True:
         try:

@@ -111,6 +111,7 @@ def _container_main(conn: Any, spec: dict[str, Any]) -> None:
     import warnings
 
     os.environ.update(spec.get("env") or {})
+    os.environ.pop("WANDB_SERVICE", None)  # a container runs its own wandb-core, as on Modal
     warnings.filterwarnings("ignore", message=_LOCAL_VOLUME_WARNING)
     from tmgg.launch.modal_app import build_app
 
