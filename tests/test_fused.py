@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 from omegaconf import DictConfig, OmegaConf
 
-from tmgg.orchestration.fusion import fusion_settings, group_jobs
+from tmgg.orchestration.fusion import balance_groups, fusion_settings, group_jobs
 from tmgg.orchestration.plan import PlanError
 
 # A fused member's weights and losses differ from its solo run's by float32
@@ -87,6 +87,18 @@ def test_the_cap_splits_a_group_and_off_runs_every_job_alone(grid_jobs: list[Any
     capped = group_jobs(grid_jobs, "auto", 4)
     assert sorted(len(g) for g in capped) == [3] * 8  # 6 per stream -> two groups of 3
     assert all(len(g) == 1 for g in group_jobs(grid_jobs, "off", 64))
+
+
+def test_groups_are_split_so_that_the_workers_finish_together() -> None:
+    seeds = [list(range(0, 36)), list(range(36, 72)), list(range(72, 108))]
+    # 3 seed groups on 2 workers: each split in two (3 rounds of half a group, not 2 of one).
+    balanced = balance_groups(seeds, 2)
+    assert [len(g) for g in balanced] == [18] * 6
+    assert sorted(p for g in balanced for p in g) == list(range(108))
+    # Kept whole when the workers divide the groups, and solo jobs are never split.
+    assert balance_groups(seeds[:2], 2) == seeds[:2]
+    assert balance_groups([[0], [1], [2]], 2) == [[0], [1], [2]]
+    assert balance_groups(seeds, 1) == seeds
 
 
 def test_bad_fusion_settings_are_refused_naming_the_field() -> None:

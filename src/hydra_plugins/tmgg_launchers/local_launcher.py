@@ -33,11 +33,12 @@ class LocalLauncherConf:
     # fresh worker, from its last checkpoint. 0: the job is FAILED with the signal
     # named (`tmgg-sweep resume` re-runs it); the other workers' jobs go on either way.
     worker_crash_retries: int = 0
-    # auto: jobs that share a batch stream (data, noise, seed, trainer settings) train
-    # together as one task, each still its own job (tmgg.orchestration.fusion). off (the
-    # default for now): every job is its own task. A crash of a fused group's worker
-    # fails every member of the group, not one job.
-    fuse: str = "off"
+    # auto (default): jobs that share a batch stream (data, noise, seed, trainer
+    # settings) train together as one task, each still its own job
+    # (tmgg.orchestration.fusion). off: every job is its own task. A crash of a fused
+    # group's worker fails every member of the group (worker_crash_retries re-runs the
+    # group, each member from its checkpoint).
+    fuse: str = "auto"
     # The most jobs in one fused group; a larger set is split into near-equal groups.
     fuse_max_members: int = 64
 

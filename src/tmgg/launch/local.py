@@ -29,6 +29,7 @@ from tmgg.launch.common import (
 from tmgg.launch.worker_pool import Died, WorkerPool
 from tmgg.orchestration.claims import new_ticket
 from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload, serialize
+from tmgg.orchestration.fusion import balance_groups, local_workers
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.sweep import (
     claim_for_dispatch,
@@ -167,8 +168,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
                         initial_job_idx)
     prepare_sweep_dir(config)
     results, pending = split_finished(jobs)
-    n_workers = int(params.get("n_workers") or os.cpu_count() or 1)
-    n_workers = max(1, min(n_workers, len(pending) or 1))
+    n_workers = local_workers(params, len(pending))
     threads = int(params.get("threads_per_worker") or 1)
     modules = preload_modules(config)
     context = worker_context(str(params.get("start_method") or "forkserver"), modules)
@@ -180,8 +180,10 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
              len(jobs) - len(pending), n_workers)
 
     # A fused group (jobs of one batch stream) is one task; its results fan out.
-    queue: deque[tuple[int, ...]] = deque(
-        tuple(task) for task in dispatch_tasks(jobs, pending, config, launcher.task_function))
+    # Split so that the workers finish together (fusion.balance_groups).
+    tasks = balance_groups(dispatch_tasks(jobs, pending, config, launcher.task_function),
+                           n_workers)
+    queue: deque[tuple[int, ...]] = deque(tuple(task) for task in tasks)
     progress = bool(params.get("progress", True))
     with _Progress(progress, len(jobs), len(jobs) - len(pending)) as bar, \
             WorkerPool(context, _worker_main, (threads, modules), n_workers,

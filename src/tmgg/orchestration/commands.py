@@ -100,12 +100,24 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
 
 def fused_groups(sweep: Any) -> list[dict[str, Any]]:
     """The tasks the launcher will dispatch when it fuses (none when it does not)."""
-    from tmgg.orchestration.fusion import describe_groups, fusion_settings, group_jobs
+    from omegaconf import OmegaConf
+
+    from tmgg.orchestration.fusion import (
+        balance_groups,
+        describe_groups,
+        fusion_settings,
+        group_jobs,
+        local_workers,
+    )
 
     mode, cap = fusion_settings(sweep.master_config)
     if mode == "off":
         return []
-    return describe_groups(sweep.jobs, group_jobs(sweep.jobs, mode, cap))
+    groups = group_jobs(sweep.jobs, mode, cap)
+    launcher = OmegaConf.select(sweep.master_config, "hydra.launcher")
+    if launcher is not None and "LocalLauncher" in str(launcher.get("_target_", "")):
+        groups = balance_groups(groups, local_workers(launcher, len(sweep.jobs)))
+    return describe_groups(sweep.jobs, groups)
 
 
 def supersede_facts(sweep: Any) -> dict[str, Any]:

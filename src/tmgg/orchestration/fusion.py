@@ -4,7 +4,7 @@ Two jobs see the very same training batches and evaluation sets when their data,
 noise, seed and trainer settings agree (the stream depends on nothing else); they
 may differ in the model, k, optimiser, schedule, weight decay and clipping. The
 launcher groups such jobs when ``hydra.launcher.fuse=auto`` and runs each group as
-one task (``tmgg.task.fused``); ``fuse=off`` (the default for now) runs every job alone.
+one task (``tmgg.task.fused``); ``fuse=off`` runs every job alone.
 ``fuse_max_members`` caps a group; a larger set is split into near-equal groups.
 
 Imports nothing heavy: the plan command and the launchers call it at start-up.
@@ -96,6 +96,38 @@ def group_jobs(jobs: Sequence[PlannedJob], mode: str = "auto",
             out.append(members[start:end])
             start = end
     return out
+
+
+def balance_groups(groups: Sequence[Sequence[int]], workers: int) -> list[list[int]]:
+    """Groups split so that ``workers`` parallel workers finish together.
+
+    G equal groups on W workers take ceil(G / W) rounds; when W does not divide G the
+    last round leaves workers idle (stage 1 on 2 cores: 3 seed groups, 2 rounds of a
+    whole group each). Splitting every fused group into W near-equal parts makes it
+    G rounds of 1/W: the same work, no idle worker, at the price of sharing each batch
+    among fewer members. Groups are kept whole when W divides G already.
+    """
+    fused = [list(g) for g in groups if len(g) > 1]
+    if workers <= 1 or not fused or len(fused) % workers == 0:
+        return [list(g) for g in groups]
+    out: list[list[int]] = []
+    for group in groups:
+        parts = min(workers, len(group))
+        size, extra = divmod(len(group), parts)
+        start = 0
+        for part in range(parts):
+            end = start + size + (1 if part < extra else 0)
+            out.append(list(group[start:end]))
+            start = end
+    return out
+
+
+def local_workers(launcher: dict[str, Any] | DictConfig | None, pending: int) -> int:
+    """The local launcher's worker count for ``pending`` jobs (``n_workers`` or the CPUs)."""
+    import os
+
+    configured = (launcher or {}).get("n_workers") if launcher is not None else None
+    return max(1, min(int(configured or os.cpu_count() or 1), pending or 1))
 
 
 def describe_groups(jobs: Sequence[PlannedJob], groups: Sequence[Sequence[int]]

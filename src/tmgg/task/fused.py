@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from tmgg.config import validate_job_config
-from tmgg.task.metrics import logit_metrics, masked_bce_with_logits, target_eigenpairs
+from tmgg.task.metrics import logit_metrics, member_bce_with_logits, target_eigenpairs
 from tmgg.task.module import (
     DenoisingModule,
     GraphDenoisingData,
@@ -45,6 +45,7 @@ from tmgg.task.module import (
     reference_metrics,
 )
 from tmgg.task.spectral import select_top_k, symmetric_eigh
+from tmgg.task.stacked_optim import StackedBank, stackable_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ class MemberOptimizers(torch.optim.Optimizer):
     solo order: clip the member's gradient norm to its ``gradient_clip_val`` (0 = off),
     the member's optimiser step, then its per-step schedule. Per-member learning rate,
     weight decay, betas and clipping are therefore exactly the solo job's.
+
+    While training, members whose optimiser the stacked update reproduces (Adam/AdamW
+    with the cosine warm-up or no schedule) are trained as ``StackedBank``s: one update
+    per bank instead of one per member (``attach_banks``). Their own optimisers and
+    schedules get the banks' state back (``write_back``) before anything reads them.
     """
 
     def __init__(self, optimizers: Sequence[torch.optim.Optimizer],
@@ -79,6 +85,44 @@ class MemberOptimizers(torch.optim.Optimizer):
         self.clip_values = [float(v) for v in clip_values]
         self.active = active
         self.on_failure = on_failure
+        self.banks: list[StackedBank] = []
+        self._bank_of: dict[int, tuple[StackedBank, int]] = {}
+
+    def attach_banks(self, models: Sequence[nn.Module]) -> list[StackedBank]:
+        """Stack the active members that can be stacked, by architecture and k."""
+        self.write_back()
+        by_shape: dict[str, list[int]] = {}
+        for index in sorted(self.active):
+            if stackable_optimizer(self.members[index], self.schedulers[index]):
+                model = models[index]
+                by_shape.setdefault(f"{type(model).__name__}({model.extra_repr()})",
+                                    []).append(index)
+        self.banks = [StackedBank(indices, [models[i] for i in indices],
+                                  [self.members[i] for i in indices],
+                                  [self.schedulers[i] for i in indices],
+                                  [self.clip_values[i] for i in indices])
+                      for indices in by_shape.values()]
+        self._bank_of = {index: (bank, row) for bank in self.banks
+                         for row, index in enumerate(bank.indices)}
+        return self.banks
+
+    def detach_banks(self) -> None:
+        """Back to the members' own parameters and optimisers (after training)."""
+        self.write_back()
+        self.banks = []
+        self._bank_of = {}
+
+    def write_back(self) -> None:
+        """The banks' parameters and optimiser state into the active members' own."""
+        for bank in self.banks:
+            bank.write_back([row for row, i in enumerate(bank.indices) if i in self.active])
+
+    def current_lr(self, index: int) -> float:
+        """The learning rate member ``index`` uses at its next step."""
+        if index in self._bank_of:
+            bank, row = self._bank_of[index]
+            return bank.lr(row)
+        return float(self.members[index].param_groups[0]["lr"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -86,7 +130,12 @@ class MemberOptimizers(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index in sorted(self.active):
+        # A member that failed stays a row of its bank; rows never mix, and it is
+        # never written back or saved again.
+        for bank in self.banks:
+            bank.clip_gradients()
+            bank.optimizer_step()
+        for index in sorted(self.active - self._bank_of.keys()):
             try:
                 self._member_step(index)
             except Exception as error:  # noqa: BLE001 - this member fails alone
@@ -105,10 +154,13 @@ class MemberOptimizers(torch.optim.Optimizer):
             self.schedulers[index].step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for index in self.active:
+        for bank in self.banks:
+            bank.zero_grad()
+        for index in self.active - self._bank_of.keys():
             self.members[index].zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        self.write_back()
         return {"members": [self.member_state(i) for i in range(len(self.members))]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -167,59 +219,95 @@ class FusedDenoisingModule(L.LightningModule):
         if not self.active and self._trainer is not None:
             self.trainer.should_stop = True
 
-    def banks(self) -> list[list[int]]:
-        """Active members grouped by architecture, constructor arguments and k."""
+    def unstacked_banks(self) -> list[list[int]]:
+        """Active members outside the optimiser's stacked banks, grouped by architecture,
+        constructor arguments and k (all active members when no bank is attached)."""
+        stacked = {i for bank in self._stacked_banks() for i in bank.indices}
         banks: dict[str, list[int]] = {}
-        for index in sorted(self.active):
+        for index in sorted(self.active - stacked):
             model = self.members[index].model
             banks.setdefault(f"{type(model).__name__}({model.extra_repr()})", []).append(index)
         return list(banks.values())
 
-    def bank_logits(self, bank: list[int], eigenpairs: dict[int, tuple[Tensor, Tensor]]
-                    ) -> list[Tensor]:
-        """Each bank member's symmetric logits, computed as one batched model."""
-        lead = self.members[bank[0]].model
-        if len(bank) == 1:
-            params = dict(lead.named_parameters())
-        else:
-            per_member = [dict(self.members[i].model.named_parameters()) for i in bank]
+    def _stacked_banks(self) -> list[StackedBank]:
+        if self._trainer is None or not self.trainer.optimizers:
+            return []
+        optimizer = self.trainer.optimizers[0]
+        return optimizer.banks if isinstance(optimizer, MemberOptimizers) else []
+
+    def bank_outputs(self, noisy: Tensor) -> list[tuple[list[int], Tensor]]:
+        """(member indices, their logits (M, B, n, n)) per bank: one eigendecomposition of
+        the batch, the top-k selection once per k, one batched forward per bank. A
+        stacked bank's rows include members that failed since it was stacked."""
+        evals, evecs = symmetric_eigh(noisy)
+        eigenpairs: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def top_k(k: int) -> tuple[Tensor, Tensor]:
+            if k not in eigenpairs:
+                eigenpairs[k] = select_top_k(evals, evecs, k)
+            return eigenpairs[k]
+
+        out = []
+        for bank in self._stacked_banks():
+            lead = bank.models[0]
+            out.append((bank.indices, lead.symmetric_logits(bank.params, *top_k(lead.k))))
+        for indices in self.unstacked_banks():
+            lead = self.members[indices[0]].model
+            per_member = [dict(self.members[i].model.named_parameters()) for i in indices]
             params = {name: torch.stack([p[name] for p in per_member]) for name in per_member[0]}
-        logits = lead.symmetric_logits(params, *eigenpairs[lead.k])
-        return [logits] if len(bank) == 1 else list(logits.unbind(0))
+            out.append((indices, lead.symmetric_logits(params, *top_k(lead.k))))
+        return out
 
     def all_logits(self, noisy: Tensor) -> dict[int, Tensor]:
-        evals, evecs = symmetric_eigh(noisy)
-        ks = {self.members[i].model.k for i in self.active}
-        eigenpairs = {k: select_top_k(evals, evecs, k) for k in ks}
+        """Each active member's logits (B, n, n)."""
         out: dict[int, Tensor] = {}
-        for bank in self.banks():
-            out.update(zip(bank, self.bank_logits(bank, eigenpairs), strict=True))
+        for indices, logits in self.bank_outputs(noisy):
+            out.update((i, row) for i, row in zip(indices, logits.unbind(0), strict=True)
+                       if i in self.active)
         return out
+
+    def on_train_start(self) -> None:
+        # After Lightning restored the members' optimiser states (a resumed group).
+        self.optimizers().optimizer.attach_banks([m.model for m in self.members])
+
+    def on_train_end(self) -> None:
+        self.optimizers().optimizer.detach_banks()
 
     # -- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         if not self.active:
             return None
         optimizer = self.optimizers()
-        logits = self.all_logits(batch["noisy"])
-        order = sorted(logits)
-        losses = torch.stack([masked_bce_with_logits(logits[i], batch["clean"]) for i in order])
-        finite = torch.isfinite(losses.detach())
-        if not bool(finite.all()):
-            for i, ok in zip(order, finite.tolist(), strict=True):
-                if not ok:
+        outputs = self.bank_outputs(batch["noisy"])
+        clean = batch["clean"]
+        logits: dict[int, Tensor] = {}
+        member_losses: dict[int, Tensor] = {}
+        for indices, bank_logits in outputs:
+            losses = member_bce_with_logits(bank_logits, clean)  # (M,)
+            finite = torch.isfinite(losses.detach()).tolist()
+            for row, i in enumerate(indices):
+                if i not in self.active:
+                    continue  # failed earlier: its row is computed, never used
+                if not finite[row]:
                     self.fail(i, MemberFailure(
-                        f"training loss is {float(losses[order.index(i)])} at step "
+                        f"training loss is {float(losses[row])} at step "
                         f"{self.global_step}: the job diverged (its learning rate, schedule "
                         "or clipping); the other members of its fused group went on"))
+                    continue
+                member_losses[i] = losses[row]
+                logits[i] = bank_logits[row]
+        if not member_losses:
+            return None
+        order = sorted(member_losses)
+        total = torch.stack([member_losses[i] for i in order])
         if (self.global_step + 1) % self.log_every_n_steps == 0:
-            self._pending_train_logs = self._training_logs(order, logits, losses, batch,
+            self._pending_train_logs = self._training_logs(order, logits, total, batch,
                                                            optimizer.optimizer)
         optimizer.zero_grad()
         # Members share no parameter: d(sum)/d(member) is each member's own gradient.
-        self.manual_backward(losses.sum())
+        self.manual_backward(total.sum())
         optimizer.step()
-        return losses.detach().mean()
+        return total.detach().mean()
 
     # Metrics go straight to each member's logger, not through self.log: Lightning's
     # result collection moves every logged value on each log call, which costs
@@ -233,7 +321,7 @@ class FusedDenoisingModule(L.LightningModule):
                 out[i] = {"train/loss": losses[position].detach(),
                           "train/accuracy": edge_accuracy(logits[i].detach(), batch["clean"]),
                           "train/noise_level": float(batch["eps"]),
-                          "lr": optimizer.members[i].param_groups[0]["lr"]}
+                          "lr": optimizer.current_lr(i)}
         return out
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -390,8 +478,9 @@ class MemberCheckpoints(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking or not self.callbacks:
             return
-        group = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         optimizer = trainer.optimizers[0]
+        optimizer.write_back()  # the stacked banks' state into each member's own
+        group = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         for i in sorted(pl_module.active):
             cb = self.callbacks[i]
             if cb is None:

@@ -53,6 +53,17 @@ def masked_bce_with_logits(logits: Tensor, target: Tensor) -> Tensor:
     return total / (logits.numel() // n * (n - 1))
 
 
+def member_bce_with_logits(logits: Tensor, target: Tensor) -> Tensor:
+    """``masked_bce_with_logits`` of each of M models at once: logits (M, B, n, n), the
+    shared target (B, n, n); one loss per model (M,), summed in a different order only.
+    """
+    n = logits.shape[-1]
+    weight = off_diagonal_mask(n, logits.device).to(logits.dtype)
+    per_entry = F.binary_cross_entropy_with_logits(
+        logits, target.to(logits.dtype).expand_as(logits), weight=weight, reduction="none")
+    return per_entry.flatten(1).sum(1) / (logits[0].numel() // n * (n - 1))
+
+
 def predict(logits: Tensor) -> Tensor:
     """Binary prediction P = (L > 0) as float, diagonal 0 (no self-loops are predicted)."""
     pred = (logits > 0).to(logits.dtype if logits.is_floating_point() else torch.float32)
