@@ -1,8 +1,11 @@
 """Compare the fused stage-1 run with the committed unfused one, job by job.
 
 Reads both ledgers' job records (experiments/stage1 and experiments/fused/stage1),
-matches jobs by id, and writes COMPARISON.md beside the fused ledger: wall time both
-ways and, per job, the difference in final test mse and test loss, largest first.
+matches jobs by run name (the same grid cell: the committed stage-1 records keep the
+ids they were recorded with, from before identity covered the composed config, so a
+fresh ledger gives the same jobs new ids), and writes COMPARISON.md beside the fused
+ledger: wall time both ways and, per job, the difference in final test mse and test
+loss, largest first.
 Usage: python benchmarks/compare_fused_stage1.py [unfused_dir] [fused_dir]
 """
 
@@ -19,7 +22,7 @@ def _records(stage_dir: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for path in sorted((stage_dir / "jobs").glob("*.json")):
         record = json.loads(path.read_text())
-        out[record["job_id"]] = record
+        out[record["run_name"]] = record
     return out
 
 
@@ -37,10 +40,10 @@ def main(argv: list[str]) -> int:
     unfused_dir = Path(argv[0]) if argv else Path("experiments/stage1")
     fused_dir = Path(argv[1]) if len(argv) > 1 else Path("experiments/fused/stage1")
     unfused, fused = _records(unfused_dir), _records(fused_dir)
-    finished = {job_id: r for job_id, r in fused.items() if r.get("status") == "FINISHED"}
+    finished = {name: r for name, r in fused.items() if r.get("status") == "FINISHED"}
     rows = []
-    for job_id, record in finished.items():
-        base = unfused.get(job_id)
+    for name, record in finished.items():
+        base = unfused.get(name)
         if not base or base.get("status") != "FINISHED":
             continue
         m, b = record["metrics"], base["metrics"]

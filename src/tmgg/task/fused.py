@@ -592,7 +592,7 @@ class FusedMember:
 def _checkpoint_step(path: Path) -> int | None:
     if not path.exists():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
 def resume_buckets(members: Sequence[FusedMember]) -> list[list[int]]:
@@ -741,7 +741,7 @@ def _run_bucket(members: Sequence[FusedMember],
         for i in sorted(module.active):
             cb = checkpoints.callbacks[i]
             if cb is not None and cb.best_model_path:
-                state = torch.load(cb.best_model_path, map_location="cpu", weights_only=False)
+                state = torch.load(cb.best_model_path, map_location="cpu", weights_only=True)
                 modules[i].load_state_dict(state["state_dict"])
         validated = dict(module.val_metrics)  # the last validation's, as solo reports
         if module.active:
@@ -788,7 +788,7 @@ def _resume_path(members: Sequence[FusedMember], modules: Sequence[DenoisingModu
     for member in members:
         path = member.output_dir / "checkpoints" / "last.ckpt"
         resumable = member.cfg.trainer.checkpoint and member.cfg.trainer.resume
-        checkpoints.append(torch.load(path, map_location="cpu", weights_only=False)
+        checkpoints.append(torch.load(path, map_location="cpu", weights_only=True)
                            if resumable and path.exists() else None)
     if all(c is None for c in checkpoints):
         return None, 0
