@@ -279,3 +279,40 @@ def test_bad_values_are_refused_naming_the_field() -> None:
                             ("trainer.test_checkpoint=first", "trainer.test_checkpoint")):
         with pytest.raises(PlanError, match=field.replace(".", r"\.")):
             compose_sweep(["stage=smoke", "seed=1", "model=linear_pe", override])
+
+
+NEW_STAGES = {"stage1_legacy": 108, "stage1b": 144,
+              **{f"stage1_legacy_ablate_{option}": 18 for option in (
+                  "self_loops", "symmetrize", "loss_diagonal", "metrics_diagonal",
+                  "test_split", "test_checkpoint")}}
+
+
+@pytest.mark.slow
+def test_issue14_stages_plan_unique_jobs_at_the_team_destination(tmp_path: Any) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.reporting.compare import LEGACY_VALUES
+    from tmgg.reporting.report import select
+
+    for stage, count in NEW_STAGES.items():
+        jobs = compose_sweep([f"stage={stage}", f"experiments_dir={tmp_path}"]).jobs
+        HydraConfig.instance().cfg = None
+        assert len(jobs) == count, stage
+        assert len({job.job_id for job in jobs}) == len({job.run_name for job in jobs}) == count
+        for job in jobs:
+            logger = job.task_config["logger"]
+            assert (logger["entity"], logger["project"], logger["group"]) == (
+                "graph_denoise_team", "spectral_denoising", stage)
+        if stage.startswith("stage1_legacy"):
+            # Every legacy option at its legacy value, but the one an ablation sweeps.
+            swept = {path for path in LEGACY_VALUES
+                     if len({str(select(job.task_config, path)) for job in jobs}) > 1}
+            assert len(swept) == (0 if stage == "stage1_legacy" else 1), stage
+            for path, value in LEGACY_VALUES.items():
+                if path not in swept:
+                    assert {select(job.task_config, path) for job in jobs} == {value}, path
+        else:
+            assert {job.task_config["optimizer"]["lr"] for job in jobs} == {
+                1e-2, 5e-2, 1e-1, 2e-1}
+            assert not any(job.task_config["data"]["self_loops"] for job in jobs)
