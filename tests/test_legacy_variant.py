@@ -160,6 +160,20 @@ def test_diagonal_loss_takes_the_diagonal_logits_and_off_diagonal_loss_ignores_t
     assert torch.allclose(masked_bce_with_logits(logits, clean, True), expected)
 
 
+def test_a_stacked_bank_takes_each_members_loss_scope() -> None:
+    from tmgg.task.metrics import member_bce_with_logits
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 7, 7, generator=generator)
+    clean = (torch.rand(4, 7, 7, generator=generator) > 0.5).float()
+    flags = [False, True, False]
+    expected = torch.stack([masked_bce_with_logits(row, clean, flag)
+                            for row, flag in zip(logits, flags, strict=True)])
+    assert torch.allclose(member_bce_with_logits(logits, clean, flags), expected)
+    assert torch.allclose(member_bce_with_logits(logits, clean), torch.stack(
+        [masked_bce_with_logits(row, clean) for row in logits]))
+
+
 def test_diagonal_metrics_count_every_self_loop_as_a_missed_edge() -> None:
     clean = _data(self_loops=True).test_levels[0].clean
     n = clean.shape[-1]
