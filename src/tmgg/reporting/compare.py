@@ -53,7 +53,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "model.symmetrize": False,
     "objective.loss_diagonal": True,
     "objective.metrics_diagonal": True,
-    "trainer.test_checkpoint": "best",
+    "trainer.test_checkpoint": "last",
 }
 
 # (model, k, lr, wd) in one spelling: floats in short exponent form.
