@@ -141,6 +141,12 @@ def _fixed(value: float | None) -> str:
     return NONE_TEXT if value is None else f"{value:.4f}"
 
 
+def _signed(value: float | None, reference: Any) -> str:
+    if value is None or not isinstance(reference, float):
+        return NONE_TEXT
+    return f"{value - reference:+.4f}"
+
+
 def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -178,11 +184,14 @@ def side_by_side(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
         f"column is its 3-seed mean; its \"no edges\" was "
         f"{earlier_doc.get('no_edges_mse', NONE_TEXT)} over all compositions. "
         f"*legacy − earlier* is marked † where it exceeds the seed spread (the larger of "
-        f"the legacy cell's std and the earlier system's largest std for that model).", "",
+        f"the legacy cell's std and the earlier system's largest std for that model). "
+        f"Test sets differ between the systems (and between seeds), and \"no edges\" "
+        f"moves with them, so the last two columns compare each system with its own "
+        f"\"no edges\" (the earlier system's: its value over all compositions).", "",
         _md_row(["model", "k", "lr", "wd", "earlier system", f"legacy (`{legacy.name}`)",
                  "legacy no edges", f"today (`{today.name}`)", "today no edges",
-                 "legacy − earlier"]),
-        "|---|---:|---:|---:|---:|---|---:|---|---:|---:|",
+                 "legacy − earlier", "earlier − its no edges", "legacy − its no edges"]),
+        "|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for key in keys:
         old = earlier.get(key)  # type: ignore[arg-type]
@@ -192,10 +201,13 @@ def side_by_side(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
             difference = then.mean - old
             bound = max(then.std or 0.0, float(spread.get(key[0], 0.0)))
             gap = f"{difference:+.4f}" + (" †" if abs(difference) > bound else "")
+        old_no_edges = as_float(earlier_doc.get("no_edges_mse"))
         lines.append(_md_row([
             f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]), _fixed(old),
             then.text() if then else NONE_TEXT, _fixed(then.no_edges if then else None),
-            now.text() if now else NONE_TEXT, _fixed(now.no_edges if now else None), gap]))
+            now.text() if now else NONE_TEXT, _fixed(now.no_edges if now else None), gap,
+            _signed(old, old_no_edges), _signed(then.mean if then else None,
+                                                then.no_edges if then else None)]))
     return [*lines, ""]
 
 
