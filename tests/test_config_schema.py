@@ -129,7 +129,8 @@ def test_local_launcher_settings_are_checked(sweep_dirs: SweepDirs, setting: str
 def test_schema_declares_every_option_of_every_group() -> None:
     """A new option file in conf/<group>/ needs its entry in the schema (and back)."""
     groups = {group: node for group, node in SCHEMA.items() if isinstance(node, Options)}
-    assert set(groups) == {"model", "optimizer", "scheduler", "data", "noise", "logger"}
+    assert set(groups) == {"model", "optimizer", "scheduler", "data", "noise", "objective",
+                           "logger"}
     for group, node in groups.items():
         files = sorted((CONF_DIR / group).glob("*.yaml"))
         assert {OmegaConf.load(path).name for path in files} == set(node.options), group

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +115,16 @@ def test_bad_fusion_settings_are_refused_naming_the_field() -> None:
 
 
 class Sweep:
-    """Three smoke jobs of seed 1 (two linear_pe lrs stacked, one filter_bank)."""
+    """Three smoke jobs of seed 1 (two linear_pe lrs stacked, one filter_bank).
 
-    def __init__(self, root: Path) -> None:
+    ``extra`` overrides apply to all three; ``tweak`` edits the composed configs.
+    """
+
+    def __init__(self, root: Path, extra: tuple[str, ...] = (),
+                 tweak: Callable[[list[DictConfig]], None] | None = None) -> None:
         self.root = root
         sweep = _compose("stage=smoke", "seed=1", "model=linear_pe,filter_bank",
-                         "optimizer.lr=1e-3,5e-3", *STEPS, f"outputs_dir={root}/solo",
+                         "optimizer.lr=1e-3,5e-3", *STEPS, *extra, f"outputs_dir={root}/solo",
                          f"experiments_dir={root}/exp")
         jobs = {(j.task_config["model"]["name"], j.task_config["optimizer"]["lr"]): j
                 for j in sweep.jobs}
@@ -128,6 +133,8 @@ class Sweep:
                                     ("filter_bank", 1e-3))]
         for cfg in self.configs:
             cfg.logger.mode = "offline"
+        if tweak is not None:
+            tweak(self.configs)
         self.solo = [self.run_solo(cfg) for cfg in self.configs]
 
     def run_solo(self, cfg: DictConfig) -> dict[str, Any]:
@@ -191,6 +198,68 @@ def test_a_fused_member_trains_as_its_solo_run(sweep: Sweep, fused: list[Any]) -
             for key in fused_w:
                 assert (fused_w[key] - solo_w[key]).abs().max() <= FUSED_TOLERANCE
         assert json.loads((member.output_dir / "metrics.json").read_text()) == member.result
+
+
+# The earlier system's variant (issue 14), with per-member differences inside one group:
+# member 0 trains off the diagonal, stacked with member 1, which tests its last weights;
+# member 2 scores off the diagonal (its own references).
+LEGACY = ("data.self_loops=true", "data.test_split=outside_train", "model.symmetrize=false",
+          "objective.loss_diagonal=true", "objective.metrics_diagonal=true")
+
+
+def _mixed_legacy_members(configs: list[DictConfig]) -> None:
+    configs[1].trainer.test_checkpoint = "last"
+    configs[1].optimizer.lr = 0.5  # overshoots: its best val/loss is not its last
+    configs[0].objective.loss_diagonal = False
+    configs[2].objective.metrics_diagonal = False
+
+
+@pytest.fixture(scope="module")
+def legacy_sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    return Sweep(tmp_path_factory.mktemp("fused_legacy"), LEGACY, _mixed_legacy_members)
+
+
+def test_a_fused_member_trains_as_its_solo_run_under_the_legacy_options(
+        legacy_sweep: Sweep) -> None:
+    fused = legacy_sweep.run_group("fused", legacy_sweep.configs)
+    for member, solo in zip(fused, legacy_sweep.solo, strict=True):
+        assert member.error is None
+        _assert_same_numbers(member.result, solo)
+    # The legacy options took effect: self-loops score as missed edges under the
+    # diagonal metrics ("no edges" is worse there), and not off the diagonal.
+    legacy, off_diagonal = fused[0].result, fused[2].result
+    no_edges = "test_reference_no_edges/mse"
+    assert legacy[no_edges] > off_diagonal[no_edges]
+    assert fused[0].result["test/mse"] != fused[1].result["test/mse"]
+
+
+def test_test_checkpoint_last_tests_the_final_weights(legacy_sweep: Sweep) -> None:
+    import torch
+
+    from tmgg.task.module import DenoisingModule, GraphDenoisingData
+    from tmgg.task.train import objective_config
+
+    cfg = legacy_sweep.configs[1]  # test_checkpoint: last
+    out = legacy_sweep.root / "solo" / "smoke" / str(cfg.job.run_name) / "checkpoints"
+    data = GraphDenoisingData(OmegaConf.to_container(cfg.data, resolve=True),
+                              list(cfg.noise.levels), int(cfg.seed), 20)
+    data.setup()
+    module = DenoisingModule(model=OmegaConf.to_container(cfg.model),
+                             optimizer=OmegaConf.to_container(cfg.optimizer),
+                             scheduler=OmegaConf.to_container(cfg.scheduler),
+                             max_steps=20, objective=objective_config(cfg))
+    module.load_state_dict(_weights(out / "best.ckpt"))
+    assert int(_load(out / "best.ckpt")["global_step"]) < 20
+    with torch.no_grad():
+        best_mse = float(torch.stack([
+            module.compute_metrics(module.model(level.noisy), level.clean)["mse"]
+            for level in data.test_levels]).mean())
+    # The same job testing its best checkpoint scores exactly that; "last" does not.
+    as_best = OmegaConf.create(OmegaConf.to_container(cfg))
+    as_best.trainer.test_checkpoint = "best"
+    as_best.outputs_dir = str(legacy_sweep.root / "as_best")
+    assert legacy_sweep.run_solo(as_best)["test/mse"] == pytest.approx(best_mse, abs=1e-6)
+    assert legacy_sweep.solo[1]["test/mse"] != pytest.approx(best_mse, abs=1e-3)
 
 
 def test_each_member_has_its_own_wandb_run_at_the_pinned_destination(

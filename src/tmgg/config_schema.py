@@ -232,6 +232,10 @@ SPLITS = {"num_train_graphs": positive_int, "num_val_graphs": positive_int,
           "num_test_graphs": positive_int}
 SAMPLING = {"samples_per_epoch": positive_int, "val_samples": positive_int,
             "test_samples": positive_int, "batch_size": positive_int}
+# The earlier system's variant of the task (issue 14); the defaults are SPEC.md's.
+VARIANT = {"self_loops": boolean}
+SYMMETRIZE = {"symmetrize": boolean}
+TEST_SPLITS = ("disjoint", "outside_train")
 
 # Extension point: a new key in conf/ needs its rule here (and a new option its entry).
 SCHEMA: dict[str, Node] = {
@@ -243,9 +247,9 @@ SCHEMA: dict[str, Node] = {
               "gpu_seconds_per_job": optional(positive_number)},
     "job": {"id": safe_name, "run_name": safe_name},
     "model": Options({
-        "linear_pe": {"k": positive_int, "max_nodes": positive_int},
-        "filter_bank": {"k": positive_int, "degree": positive_int},
-        "self_attention": {"k": positive_int, "d_k": positive_int},
+        "linear_pe": {"k": positive_int, "max_nodes": positive_int, **SYMMETRIZE},
+        "filter_bank": {"k": positive_int, "degree": positive_int, **SYMMETRIZE},
+        "self_attention": {"k": positive_int, "d_k": positive_int, **SYMMETRIZE},
     }),
     "optimizer": Options({
         "adamw": ADAM,
@@ -260,18 +264,22 @@ SCHEMA: dict[str, Node] = {
     "data": Options({
         "sbm_partitions": {"num_nodes": positive_int, "min_blocks": positive_int,
                            "max_blocks": positive_int, "min_block_size": positive_int,
-                           "max_block_size": positive_int, **SPLITS, **SAMPLING},
+                           "max_block_size": positive_int, **SPLITS, **SAMPLING, **VARIANT,
+                           "test_split": one_of(TEST_SPLITS)},
         "sbm_single": {"num_nodes": positive_int,
                        "block_sizes": list_of(positive_int, min_length=1),
                        "p_in": fraction, "p_out": fraction, "graph_seed": non_negative_int,
-                       **SAMPLING},
-        "er": {"num_nodes": positive_int, "p": fraction, **SPLITS, **SAMPLING},
+                       **SAMPLING, **VARIANT},
+        "er": {"num_nodes": positive_int, "p": fraction, **SPLITS, **SAMPLING, **VARIANT},
         "regular": {"num_nodes": positive_int, "degree": non_negative_int, **SPLITS,
-                    **SAMPLING},
-        "tree": {"num_nodes": integer_at_least(2), **SPLITS, **SAMPLING},
+                    **SAMPLING, **VARIANT},
+        "tree": {"num_nodes": integer_at_least(2), **SPLITS, **SAMPLING, **VARIANT},
     }),
     "noise": Options({
         "edge_flip": {"levels": list_of(fraction, min_length=1)},
+    }),
+    "objective": Options({
+        "bce": {"loss_diagonal": boolean, "metrics_diagonal": boolean},
     }),
     "trainer": {
         "max_steps": positive_int,
@@ -283,6 +291,7 @@ SCHEMA: dict[str, Node] = {
         "log_every_n_steps": positive_int,
         "checkpoint": boolean,
         "resume": boolean,
+        "test_checkpoint": one_of(("best", "last")),
         "num_threads": optional(positive_int),
     },
     "logger": Options({
@@ -416,6 +425,9 @@ def _data_feasible(cfg: dict[str, Any]) -> tuple[str, str] | None:
         available = compositions_count(n, data["min_blocks"], data["max_blocks"],
                                        data["min_block_size"], data["max_block_size"])
         needed = sum(data[key] for key in SPLITS)
+        if data["test_split"] == "outside_train":  # test may share validation's
+            needed = data["num_train_graphs"] + max(data["num_val_graphs"],
+                                                    data["num_test_graphs"])
         if needed > available:
             return ("data.num_train_graphs",
                     f"train + val + test graphs = {needed}, but num_nodes={n} has only "

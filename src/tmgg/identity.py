@@ -53,7 +53,14 @@ NON_IDENTITY_KEYS = frozenset(
 # Keys added to the config after jobs were recorded, with the value that reproduces
 # the behaviour from before they existed: at that value a key is left out of the
 # identity, so a new option with a neutral default supersedes no recorded job.
-IDENTITY_DEFAULTS: dict[str, Any] = {}
+IDENTITY_DEFAULTS: dict[str, Any] = {
+    # The earlier system's variant of the task (issue 14), off by default.
+    "data.self_loops": False,
+    "data.test_split": "disjoint",
+    "model.symmetrize": True,
+    "objective": {"name": "bce", "loss_diagonal": False, "metrics_diagonal": False},
+    "trainer.test_checkpoint": "best",
+}
 
 # What the override-set identity of earlier records ignored. Frozen: changing it
 # would change every legacy id and orphan the records that carry one.

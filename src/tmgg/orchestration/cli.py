@@ -1,4 +1,4 @@
-"""``tmgg-sweep``: plan, status, resume, reconcile, sync, report and cancel a stage.
+"""``tmgg-sweep``: plan, status, resume, reconcile, sync, report, compare and cancel.
 
 Every command takes the overrides ``tmgg-train -m`` takes (``stage=stage1 ...``).
 Each command lives in its own module exposing ``main(argv) -> int``; this file
@@ -23,6 +23,9 @@ COMMANDS = {
              "upload the stage's offline W&B runs to its pinned entity, project and host"),
     "report": ("tmgg.reporting.report", "main",
                "write experiments/<stage>/REPORT.md and plots"),
+    "compare": ("tmgg.reporting.compare", "main",
+                "write experiments/COMPARISON.md: stage 1, its legacy variant and the "
+                "earlier system side by side (issue 14)"),
     "cancel": ("tmgg.launch.modal_calls", "cancel_main",
                "cancel a detached Modal sweep's running calls"),
 }

@@ -23,7 +23,7 @@ from tmgg.orchestration.plan import PlanError, PlannedJob
 FUSE_MODES = ("auto", "off")
 DEFAULT_MAX_MEMBERS = 64
 #: Trainer keys a member may set for itself (the rest fix the group's Trainer).
-MEMBER_TRAINER_KEYS = frozenset({"gradient_clip_val"})
+MEMBER_TRAINER_KEYS = frozenset({"gradient_clip_val", "test_checkpoint"})
 
 
 def fusion_settings(config: DictConfig | dict[str, Any] | None) -> tuple[str, int]:

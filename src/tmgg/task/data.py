@@ -2,7 +2,10 @@
 
 Everything here is seeded: the same run seed must give the same train/val/test graphs,
 the same training batch stream and the same evaluation set, on any machine. Graphs are
-float32 (n, n) adjacency matrices, symmetric, 0/1, with zero diagonal.
+float32 (n, n) adjacency matrices, symmetric, 0/1, with zero diagonal, unless a data
+config asks for the earlier system's variant (issue 14): ``self_loops`` puts ones on
+the diagonal of the clean and the noisy graphs, and ``test_split: outside_train``
+draws the test compositions from all compositions outside the training set.
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ SAMPLING_KEYS = frozenset({"name", "samples_per_epoch", "val_samples", "test_sam
                            "batch_size"})
 
 _SPLIT_KEYS = ("num_train_graphs", "num_val_graphs", "num_test_graphs")
+
+#: Optional keys every family takes, with their default: the task's variant, not the
+#: graphs' generation. ``self_loops``: a one on every diagonal entry (clean and noisy).
+VARIANT_DEFAULTS: dict[str, Any] = {"self_loops": False}
+#: ``sbm_partitions``'s rule for the test compositions: ``disjoint`` from train and
+#: validation (SPEC.md section 2), or ``outside_train``, the earlier system's rule (any
+#: composition not used for training, so a test graph may also be a validation graph).
+TEST_SPLITS = ("disjoint", "outside_train")
+_FAMILY_OPTIONAL: dict[str, dict[str, Any]] = {"sbm_partitions": {"test_split": "disjoint"}}
 
 _FAMILY_KEYS: dict[str, tuple[str, ...]] = {
     "sbm_partitions": ("num_nodes", "min_blocks", "max_blocks", "min_block_size",
@@ -155,17 +167,22 @@ class GraphSplits:
 
 
 def _read_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Return exactly the family's generation params; reject unknown and missing keys."""
+    """Return exactly the family's generation params; reject unknown and missing keys.
+
+    The optional keys (``VARIANT_DEFAULTS`` and the family's own) get their default
+    when absent.
+    """
     expected = _FAMILY_KEYS[name]
+    optional = {**VARIANT_DEFAULTS, **_FAMILY_OPTIONAL.get(name, {})}
     given = {str(k): v for k, v in params.items() if str(k) not in SAMPLING_KEYS}
-    unknown = sorted(set(given) - set(expected))
+    unknown = sorted(set(given) - set(expected) - set(optional))
     if unknown:
         raise ValueError(f"data ({name}): unknown parameter(s) {unknown}; "
                          f"expected {list(expected)}")
     missing = [k for k in expected if k not in given]
     if missing:
         raise ValueError(f"data ({name}): missing parameter(s) {missing}")
-    return given
+    return {**optional, **given}
 
 
 def _int(params: Mapping[str, Any], key: str, minimum: int) -> int:
@@ -198,23 +215,41 @@ def _sbm_partitions(p: Mapping[str, Any], seed: int) -> GraphSplits:
     max_size = _int(p, "max_block_size", min_size)
     n_train, n_val, n_test = _split_counts(p)
     comps = compositions(n, min_blocks, max_blocks, min_size, max_size)
-    needed = n_train + n_val + n_test
-    if needed > len(comps):
+    test_split = p["test_split"]
+    if test_split not in TEST_SPLITS:
+        raise ValueError(f"data.test_split: unknown rule {test_split!r}; "
+                         f"expected one of {', '.join(TEST_SPLITS)}")
+    if test_split == "disjoint" and n_train + n_val + n_test > len(comps):
         raise ValueError(
-            f"data.num_train_graphs + num_val_graphs + num_test_graphs = {needed} exceeds the "
+            f"data.num_train_graphs + num_val_graphs + num_test_graphs = "
+            f"{n_train + n_val + n_test} exceeds the "
             f"{len(comps)} compositions of num_nodes={n} into {min_blocks}-{max_blocks} blocks "
             f"of size {min_size}-{max_size}; the splits must be disjoint"
         )
+    if n_train + max(n_val, n_test) > len(comps):
+        raise ValueError(
+            f"data.num_train_graphs + max(num_val_graphs, num_test_graphs) = "
+            f"{n_train + max(n_val, n_test)} exceeds the {len(comps)} compositions of "
+            f"num_nodes={n}; validation and test must lie outside the training set"
+        )
     order = torch.randperm(len(comps), generator=_generator(_derive_seed(seed, "sbm_partitions")))
-    chosen = [comps[i] for i in order[:needed].tolist()]
+    if test_split == "disjoint":
+        test_ids = order[n_train + n_val:n_train + n_val + n_test]
+    else:
+        # Train and validation as under "disjoint"; test drawn anew from everything
+        # outside the training set, validation compositions included.
+        outside = order[n_train:]
+        pick = torch.randperm(len(outside), generator=_generator(
+            _derive_seed(seed, "sbm_partitions", "outside_train")))
+        test_ids = outside[pick[:n_test]]
 
-    def stack(part: list[tuple[int, ...]]) -> Tensor:
-        return torch.stack([block_adjacency(sizes) for sizes in part])
+    def stack(ids: Tensor) -> Tensor:
+        return torch.stack([block_adjacency(comps[i]) for i in ids.tolist()])
 
     return GraphSplits(
-        train=stack(chosen[:n_train]),
-        val=stack(chosen[n_train:n_train + n_val]),
-        test=stack(chosen[n_train + n_val:]),
+        train=stack(order[:n_train]),
+        val=stack(order[n_train:n_train + n_val]),
+        test=stack(test_ids),
     )
 
 
@@ -298,10 +333,23 @@ def build_graph_splits(name: str, params: Mapping[str, Any], seed: int) -> Graph
                          f"known: {', '.join(KNOWN_FAMILIES)}")
     p = _read_params(name, params)
     if name == "sbm_partitions":
-        return _sbm_partitions(p, seed)
-    if name == "sbm_single":
-        return _sbm_single(p)
-    return _random_family(name, p, seed)
+        splits = _sbm_partitions(p, seed)
+    elif name == "sbm_single":
+        splits = _sbm_single(p)
+    else:
+        splits = _random_family(name, p, seed)
+    if p["self_loops"] is True:
+        return GraphSplits(*(_with_self_loops(g) for g in (splits.train, splits.val, splits.test)))
+    if p["self_loops"] is not False:
+        raise ValueError(f"data.self_loops: expected true or false, got {p['self_loops']!r}")
+    return splits
+
+
+def _with_self_loops(graphs: Tensor) -> Tensor:
+    """The graphs with a one on every diagonal entry (the earlier system's data)."""
+    out = graphs.clone()
+    out.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    return out
 
 
 # --------------------------------------------------------------------------- sampling
@@ -337,6 +385,9 @@ class TrainBatches(IterableDataset):
     after ``start`` steps): they are drawn and dropped, so the batches that follow are
     those an uninterrupted run would have seen. The length stays ``num_batches``: a
     resumed Lightning loop counts its batches from where the checkpoint left off.
+
+    ``self_loops``: the graphs carry self-loops, and the noisy graphs keep them (the
+    noise never flips the diagonal; the random draws are the same either way).
     """
 
     def __init__(
@@ -347,6 +398,7 @@ class TrainBatches(IterableDataset):
         levels: Sequence[float],
         seed: int,
         start: int = 0,
+        self_loops: bool = False,
     ) -> None:
         super().__init__()
         if graphs.dim() != 3 or graphs.shape[0] == 0:
@@ -363,6 +415,7 @@ class TrainBatches(IterableDataset):
         self.levels = validate_levels(levels)
         self.seed = int(seed)
         self.start = int(start)
+        self.self_loops = bool(self_loops)
         self._level_values = torch.tensor(self.levels, dtype=torch.float32)
 
     def __len__(self) -> int:
@@ -375,7 +428,7 @@ class TrainBatches(IterableDataset):
         for step in range(self.num_batches):
             clean = sample_batch(self.graphs, self.batch_size, generator)
             k = int(torch.randint(len(self.levels), (1,), generator=generator))
-            noisy = edge_flip(clean, self.levels[k], generator)
+            noisy = corrupt(clean, self.levels[k], generator, self.self_loops)
             if step >= self.start and (step - self.start) % num_workers == worker:
                 yield {"clean": clean, "noisy": noisy, "eps": self._level_values[k].clone()}
 
@@ -389,8 +442,17 @@ class EvalLevel:
     noisy: Tensor
 
 
+def corrupt(clean: Tensor, eps: float, generator: torch.Generator, self_loops: bool) -> Tensor:
+    """``edge_flip``; with ``self_loops`` the noisy graph keeps the clean one's diagonal."""
+    noisy = edge_flip(clean, eps, generator)
+    if self_loops:
+        noisy.diagonal(dim1=-2, dim2=-1).copy_(clean.diagonal(dim1=-2, dim2=-1))
+    return noisy
+
+
 def make_eval_set(
-    graphs: Tensor, num_samples: int, levels: Sequence[float], seed: int
+    graphs: Tensor, num_samples: int, levels: Sequence[float], seed: int,
+    self_loops: bool = False,
 ) -> list[EvalLevel]:
     """A deterministic evaluation set: one ``EvalLevel`` per level, in the given order.
 
@@ -402,6 +464,6 @@ def make_eval_set(
     clean = sample_batch(graphs, num_samples, _generator(_derive_seed(seed, "eval-samples")))
     out = []
     for k, eps in enumerate(values):
-        noisy = edge_flip(clean, eps, _generator(_derive_seed(seed, "eval-noise", k)))
+        noisy = corrupt(clean, eps, _generator(_derive_seed(seed, "eval-noise", k)), self_loops)
         out.append(EvalLevel(eps=eps, clean=clean, noisy=noisy))
     return out

@@ -36,14 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from tmgg.config import validate_job_config
-from tmgg.task.metrics import logit_metrics, member_bce_with_logits, target_eigenpairs
-from tmgg.task.module import (
-    DenoisingModule,
-    GraphDenoisingData,
-    edge_accuracy,
-    level_tag,
-    reference_metrics,
-)
+from tmgg.task.module import DenoisingModule, GraphDenoisingData, level_tag
 from tmgg.task.spectral import select_top_k, symmetric_eigh
 from tmgg.task.stacked_optim import StackedBank, stackable_optimizer
 
@@ -200,7 +193,6 @@ class FusedDenoisingModule(L.LightningModule):
         self.log_every_n_steps = int(log_every_n_steps)
         self.on_member_failed = on_member_failed
         self.failures: dict[int, BaseException] = {}
-        self.references: dict[str, float] = {}
         self.val_metrics: dict[int, dict[str, float]] = {}
         self.test_metrics: dict[int, dict[str, float]] = {}
         self._eval_outputs: dict[int, list[dict[str, Tensor]]] = {}
@@ -283,7 +275,8 @@ class FusedDenoisingModule(L.LightningModule):
         logits: dict[int, Tensor] = {}
         member_losses: dict[int, Tensor] = {}
         for indices, bank_logits in outputs:
-            losses = member_bce_with_logits(bank_logits, clean)  # (M,)
+            losses = DenoisingModule.stacked_losses(  # (M,): each row its member's loss
+                [self.members[i] for i in indices], bank_logits, clean)
             finite = torch.isfinite(losses.detach()).tolist()
             for row, i in enumerate(indices):
                 if i not in self.active:
@@ -319,7 +312,8 @@ class FusedDenoisingModule(L.LightningModule):
         for position, i in enumerate(order):
             if i in self.active:
                 out[i] = {"train/loss": losses[position].detach(),
-                          "train/accuracy": edge_accuracy(logits[i].detach(), batch["clean"]),
+                          "train/accuracy": self.members[i].compute_accuracy(
+                              logits[i].detach(), batch["clean"]),
                           "train/noise_level": float(batch["eps"]),
                           "lr": optimizer.current_lr(i)}
         return out
@@ -339,14 +333,18 @@ class FusedDenoisingModule(L.LightningModule):
     # -- evaluation (what DenoisingModule logs, per member)
     def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
         tag = level_tag(float(batch["eps"]))
-        target = target_eigenpairs(batch["clean"])
+        targets: dict[Any, tuple[Tensor, Tensor]] = {}  # one per metric scope
         for i, logits in self.all_logits(batch["noisy"]).items():
-            metrics = logit_metrics(logits, batch["clean"], target_pairs=target)
+            member = self.members[i]
+            if member.metric_scope not in targets:
+                targets[member.metric_scope] = member.metric_targets(batch["clean"])
+            metrics = member.compute_metrics(logits, batch["clean"],
+                                             target_pairs=targets[member.metric_scope])
             self._eval_outputs.setdefault(i, []).append(metrics)
             self._eval_levels.setdefault(i, {}).update(
                 {f"{prefix}_eps{tag}/{name}": value for name, value in metrics.items()})
 
-    def _finish_evaluation(self, prefix: str, extra: dict[str, float] | None = None
+    def _finish_evaluation(self, prefix: str, with_references: bool = False
                            ) -> dict[int, dict[str, float]]:
         out: dict[int, dict[str, float]] = {}
         for i, outputs in self._eval_outputs.items():
@@ -354,7 +352,8 @@ class FusedDenoisingModule(L.LightningModule):
             for name in outputs[0]:
                 values[f"{prefix}/{name}"] = torch.stack([o[name] for o in outputs]).mean()
             values = {name: float(value) for name, value in values.items()}
-            values.update(extra or {})
+            if with_references:  # the member's own: its metric scope's reference scores
+                values.update(self.members[i].references)
             out[i] = values
             self.log_member(i, values)
         self._eval_outputs.clear()
@@ -379,7 +378,7 @@ class FusedDenoisingModule(L.LightningModule):
         self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = self._finish_evaluation("test", self.references)
+        self.test_metrics = self._finish_evaluation("test", with_references=True)
 
     def configure_optimizers(self) -> Any:
         optimizers, schedulers = [], []
@@ -636,7 +635,9 @@ def _run_bucket(members: Sequence[FusedMember],
         CHECKPOINT_DIR,
         METRICS_FILE,
         _atomic_write_json,
+        objective_config,
         set_threads,
+        tests_last_weights,
     )
     from tmgg.task.wandb_guard import WandbDestinationGuard
 
@@ -666,7 +667,8 @@ def _run_bucket(members: Sequence[FusedMember],
             scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
             max_steps=int(cfg.trainer.max_steps),
             log_every_n_steps=int(cfg.trainer.log_every_n_steps),
-            gradient_clip_val=float(cfg.trainer.gradient_clip_val)))
+            gradient_clip_val=float(cfg.trainer.gradient_clip_val),
+            objective=objective_config(cfg)))
 
     done: set[int] = set()
 
@@ -702,8 +704,14 @@ def _run_bucket(members: Sequence[FusedMember],
 
     module = FusedDenoisingModule(modules, int(trainer_cfg.log_every_n_steps),
                                   on_member_failed=lambda i, e: finish_member(i, e))
-    module.references = reference_metrics(data.test_levels, "test")
-    val_references = reference_metrics(data.val_levels, "val")
+    # Reference scores per metric scope (each costs eigendecompositions of the sets).
+    references: dict[Any, tuple[dict[str, float], dict[str, float]]] = {}
+    for member_module in modules:
+        scope = member_module.metric_scope
+        if scope not in references:
+            references[scope] = (member_module.reference_metrics(data.test_levels, "test"),
+                                 member_module.reference_metrics(data.val_levels, "val"))
+        member_module.references = references[scope][0]
     for i, member in enumerate(members):
         if member.error is not None:
             module.fail(i, member.error)
@@ -740,7 +748,7 @@ def _run_bucket(members: Sequence[FusedMember],
         # Test each member at its best checkpoint, as the solo job does.
         for i in sorted(module.active):
             cb = checkpoints.callbacks[i]
-            if cb is not None and cb.best_model_path:
+            if cb is not None and cb.best_model_path and not tests_last_weights(members[i].cfg):
                 state = torch.load(cb.best_model_path, map_location="cpu", weights_only=True)
                 modules[i].load_state_dict(state["state_dict"])
         validated = dict(module.val_metrics)  # the last validation's, as solo reports
@@ -750,7 +758,7 @@ def _run_bucket(members: Sequence[FusedMember],
             member = members[i]
             metrics = dict(module.test_metrics.get(i, {}))
             metrics.update(validated.get(i, {}))
-            metrics.update(val_references)
+            metrics.update(references[modules[i].metric_scope][1])
             result: dict[str, Any] = {
                 "job_id": str(member.cfg.job.id),
                 "run_name": str(member.cfg.job.run_name),

@@ -3,9 +3,18 @@
 Everything is computed on off-diagonal entries only (the clean graphs have no
 self-loops, so the diagonal carries no information), pooled over the batch, and
 vectorised over graphs so evaluation stays cheap next to training.
+
+``diagonal=True`` is the earlier system's variant (issue 14): the loss and every
+metric take all n x n entries. The prediction P = (L > 0) still has a zero diagonal
+(no self-loops are predicted), while the target keeps its own diagonal, so on graphs
+with self-loops every diagonal entry counts as a missed edge, for the model and for
+the "no edges" and "noisy input" references alike (the references are predictions
+too: their diagonal is zeroed as well).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +24,7 @@ from tmgg.task.spectral import top_k_eigenpairs
 
 __all__ = [
     "SPECTRAL_K",
+    "edge_accuracy",
     "logit_metrics",
     "masked_bce_with_logits",
     "off_diagonal_mask",
@@ -39,12 +49,15 @@ def _zero_diagonal(x: Tensor) -> Tensor:
     return out
 
 
-def masked_bce_with_logits(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean BCE-with-logits over the off-diagonal entries of every graph in the batch.
+def masked_bce_with_logits(logits: Tensor, target: Tensor, diagonal: bool = False) -> Tensor:
+    """Mean BCE-with-logits over the off-diagonal entries of every graph in the batch
+    (``diagonal``: over all n x n entries, the raw diagonal logits included).
 
     A 0/1 weight instead of boolean-mask indexing: the same mean without gathering a
     copy of both tensors, about a tenth of a stage-1 training step.
     """
+    if diagonal:
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
     n = logits.shape[-1]
     weight = off_diagonal_mask(n, logits.device).to(logits.dtype)
     total = F.binary_cross_entropy_with_logits(
@@ -53,15 +66,27 @@ def masked_bce_with_logits(logits: Tensor, target: Tensor) -> Tensor:
     return total / (logits.numel() // n * (n - 1))
 
 
-def member_bce_with_logits(logits: Tensor, target: Tensor) -> Tensor:
+def member_bce_with_logits(logits: Tensor, target: Tensor,
+                           diagonal: Sequence[bool] | bool = False) -> Tensor:
     """``masked_bce_with_logits`` of each of M models at once: logits (M, B, n, n), the
     shared target (B, n, n); one loss per model (M,), summed in a different order only.
+    ``diagonal``: per model (or for all), whether its loss takes all n x n entries.
     """
-    n = logits.shape[-1]
-    weight = off_diagonal_mask(n, logits.device).to(logits.dtype)
+    m, n = logits.shape[0], logits.shape[-1]
+    flags = [bool(diagonal)] * m if isinstance(diagonal, bool) else [bool(d) for d in diagonal]
+    if len(flags) != m:
+        raise ValueError(f"diagonal: {len(flags)} flags for {m} models")
+    off = off_diagonal_mask(n, logits.device).to(logits.dtype)
+    if not any(flags):
+        weight, entries = off, torch.full((m,), float(n * (n - 1)), dtype=logits.dtype)
+    else:
+        on = torch.tensor(flags, device=logits.device)
+        weight = torch.where(on[:, None, None, None], torch.ones_like(off), off)
+        entries = torch.where(on, float(n * n), float(n * (n - 1))).to(logits.dtype)
     per_entry = F.binary_cross_entropy_with_logits(
         logits, target.to(logits.dtype).expand_as(logits), weight=weight, reduction="none")
-    return per_entry.flatten(1).sum(1) / (logits[0].numel() // n * (n - 1))
+    graphs = logits[0].numel() // (n * n)
+    return per_entry.flatten(1).sum(1) / (entries.to(logits.device) * graphs)
 
 
 def predict(logits: Tensor) -> Tensor:
@@ -71,14 +96,19 @@ def predict(logits: Tensor) -> Tensor:
     return pred
 
 
-def target_eigenpairs(target: Tensor) -> tuple[Tensor, Tensor]:
+def _scored_target(target: Tensor, diagonal: bool) -> Tensor:
+    """The target as the metrics see it: float, its diagonal zeroed unless it is scored."""
+    a = target.to(target.dtype if target.is_floating_point() else torch.float32)
+    return a if diagonal else _zero_diagonal(a)
+
+
+def target_eigenpairs(target: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor]:
     """The clean graphs' top-k eigenpairs that ``prediction_metrics`` compares with.
 
     Computed once, they serve every model scored against the same clean graphs (the
     members of a fused group); the numbers are those computed inside each call.
     """
-    return top_k_eigenpairs(_zero_diagonal(target.to(target.dtype if target.is_floating_point()
-                                                      else torch.float32)), SPECTRAL_K)
+    return top_k_eigenpairs(_scored_target(target, diagonal), SPECTRAL_K)
 
 
 def _spectral_errors(pred: Tensor, target: Tensor,
@@ -96,12 +126,16 @@ def _spectral_errors(pred: Tensor, target: Tensor,
 
 
 def prediction_metrics(pred: Tensor, target: Tensor,
-                       target_pairs: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+                       target_pairs: tuple[Tensor, Tensor] | None = None,
+                       diagonal: bool = False) -> dict[str, Tensor]:
     """Score binary predictions P against clean graphs A, both (B, n, n), off-diagonal only.
 
     accuracy, f1 and mse are pooled over all off-diagonal entries of the batch;
     frobenius_error, eigenvalue_error and subspace_distance are per graph, averaged.
     F1 is 1 when neither side has an edge (nothing to find, nothing wrongly found).
+    ``diagonal``: all n x n entries are scored, P with its diagonal zeroed and A as
+    it is (the spectral metrics then compare with A's own spectrum, self-loops
+    included).
     """
     if pred.shape != target.shape or pred.dim() != 3:
         raise ValueError(
@@ -110,11 +144,13 @@ def prediction_metrics(pred: Tensor, target: Tensor,
         )
     dtype = pred.dtype if pred.is_floating_point() else torch.float32
     p = _zero_diagonal(pred.to(dtype))
-    a = _zero_diagonal(target.to(dtype))
-    mask = off_diagonal_mask(p.shape[-1], p.device)
-
-    p_off = p[..., mask]  # (B, n(n-1))
-    a_off = a[..., mask]
+    a = _scored_target(target.to(dtype), diagonal)
+    if diagonal:
+        p_off, a_off = p.flatten(-2), a.flatten(-2)  # (B, n*n): every entry is scored
+    else:
+        mask = off_diagonal_mask(p.shape[-1], p.device)
+        p_off = p[..., mask]  # (B, n(n-1))
+        a_off = a[..., mask]
     p_edge = p_off > 0.5
     a_edge = a_off > 0.5
 
@@ -127,7 +163,7 @@ def prediction_metrics(pred: Tensor, target: Tensor,
     denom = (2 * tp + fp + fn).to(dtype)
     f1 = torch.where(denom > 0, 2 * tp.to(dtype) / denom.clamp_min(1), torch.ones_like(denom))
 
-    # Diagonals are already zero, so the full Frobenius norm is the off-diagonal one.
+    # Diagonals are zero unless scored, so the full norm is the scored entries' one.
     frobenius = torch.linalg.matrix_norm(a - p, ord="fro").mean()
 
     eig_err, sub_dist = _spectral_errors(p, a, target_pairs)
@@ -142,17 +178,44 @@ def prediction_metrics(pred: Tensor, target: Tensor,
 
 
 def logit_metrics(logits: Tensor, target: Tensor,
-                  target_pairs: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
-    """BCE loss plus every prediction metric of P = predict(logits)."""
+                  target_pairs: tuple[Tensor, Tensor] | None = None,
+                  diagonal: bool = False, loss_diagonal: bool | None = None
+                  ) -> dict[str, Tensor]:
+    """BCE loss plus every prediction metric of P = predict(logits).
+
+    ``diagonal`` scores all n x n entries; ``loss_diagonal`` (default: ``diagonal``)
+    says whether the reported loss takes the diagonal too, as the training loss does.
+    """
     return {
-        "loss": masked_bce_with_logits(logits, target),
-        **prediction_metrics(predict(logits), target, target_pairs),
+        "loss": masked_bce_with_logits(
+            logits, target, diagonal if loss_diagonal is None else loss_diagonal),
+        **prediction_metrics(predict(logits), target, target_pairs, diagonal),
     }
 
 
-def reference_scores(noisy: Tensor, clean: Tensor) -> dict[str, dict[str, Tensor]]:
-    """Scores of the trivial baselines a model must beat: predict no edges / echo the input."""
+def edge_accuracy(logits: Tensor, target: Tensor, diagonal: bool = False) -> Tensor:
+    """The ``accuracy`` of ``logit_metrics`` alone, without its eigendecompositions.
+
+    P = (L > 0) is an edge exactly where the logit is positive (never on the
+    diagonal); compared with A on the scored entries, pooled over the batch, as
+    ``prediction_metrics`` does.
+    """
+    n = logits.shape[-1]
+    hits = (logits > 0) == (target > 0.5)
+    if diagonal:
+        # P's diagonal is 0: a diagonal entry is a hit exactly where A has no self-loop.
+        hits.diagonal(dim1=-2, dim2=-1).copy_(target.diagonal(dim1=-2, dim2=-1) <= 0.5)
+        return hits.to(logits.dtype).mean()
+    return hits[..., off_diagonal_mask(n, logits.device)].to(logits.dtype).mean()
+
+
+def reference_scores(noisy: Tensor, clean: Tensor,
+                     diagonal: bool = False) -> dict[str, dict[str, Tensor]]:
+    """Scores of the trivial baselines a model must beat: predict no edges / echo the input.
+
+    Both are predictions, so their diagonal is zeroed like P's.
+    """
     return {
-        "no_edges": prediction_metrics(torch.zeros_like(clean), clean),
-        "noisy_input": prediction_metrics(_zero_diagonal(noisy), clean),
+        "no_edges": prediction_metrics(torch.zeros_like(clean), clean, diagonal=diagonal),
+        "noisy_input": prediction_metrics(_zero_diagonal(noisy), clean, diagonal=diagonal),
     }

@@ -3,6 +3,8 @@
 All three share the front end of :func:`tmgg.task.spectral.top_k_eigenpairs`: they
 see the noisy graph only through its k eigenpairs of largest |λ| and map them to
 symmetric edge logits, so they accept any graph size n (and any k >= 1).
+``symmetrize=False`` (the earlier system's variant, issue 14) leaves the logits as the
+bilinear form gives them: L_ij and L_ji differ unless W is symmetric.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ __all__ = ["MODELS", "FilterBank", "LinearPE", "SelfAttention", "SpectralModel",
 class SpectralModel(nn.Module):
     """Base class: eigen front end, batching of (n, n) inputs and logit symmetrisation."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, symmetrize: bool = True) -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if not isinstance(symmetrize, bool):
+            raise ValueError(f"symmetrize must be true or false, got {symmetrize!r}")
         self.k = k
+        self.symmetrize = symmetrize
 
     def forward(self, noisy: Tensor) -> Tensor:
-        """Map noisy adjacency (B, n, n) or (n, n) to symmetric edge logits of the same shape."""
+        """Map noisy adjacency (B, n, n) or (n, n) to edge logits of the same shape
+        (symmetric unless the model was built with ``symmetrize=False``)."""
         unbatched = noisy.dim() == 2
         x = noisy.unsqueeze(0) if unbatched else noisy
         if x.dim() != 3 or x.shape[-1] != x.shape[-2]:
@@ -37,7 +43,8 @@ class SpectralModel(nn.Module):
         return logits.squeeze(0) if unbatched else logits
 
     def symmetric_logits(self, params: dict[str, Tensor], vecs: Tensor, vals: Tensor) -> Tensor:
-        """Symmetric logits from the eigenpairs, with ``params`` as the weights.
+        """The model's output logits from the eigenpairs, with ``params`` as the weights:
+        symmetrised, unless the model was built with ``symmetrize=False``.
 
         ``params`` are this model's own parameters (shape (B, n, n) out), or those of M
         models of the same architecture and k stacked on a leading member dim (shape
@@ -45,6 +52,8 @@ class SpectralModel(nn.Module):
         """
         dtype = next(iter(params.values())).dtype
         logits = self.logits_from(params, vecs.to(dtype), vals.to(dtype))
+        if not self.symmetrize:
+            return logits
         # Symmetrise explicitly so P = (L > 0) is exactly symmetric.
         return (logits + logits.mT) * 0.5
 
@@ -58,14 +67,18 @@ class SpectralModel(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"k={self.k}"
+        return f"k={self.k}{self._variant_repr()}"
+
+    def _variant_repr(self) -> str:
+        """What sets a model apart beyond its shape (fused banks group by the repr)."""
+        return "" if self.symmetrize else ", symmetrize=False"
 
 
 class LinearPE(SpectralModel):
     """L = V W Vᵀ + b_i + b_j: a learned bilinear form on spectral positional encodings."""
 
-    def __init__(self, k: int, max_nodes: int = 200) -> None:
-        super().__init__(k)
+    def __init__(self, k: int, max_nodes: int = 200, symmetrize: bool = True) -> None:
+        super().__init__(k, symmetrize)
         if max_nodes < 1:
             raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
         self.max_nodes = max_nodes
@@ -85,14 +98,14 @@ class LinearPE(SpectralModel):
         return vecs @ weight @ vecs.mT + bias.unsqueeze(-1) + bias.unsqueeze(-2)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, max_nodes={self.max_nodes}"
+        return f"k={self.k}, max_nodes={self.max_nodes}{self._variant_repr()}"
 
 
 class FilterBank(SpectralModel):
     """L = V W(λ) Vᵀ with W_ij = Σ_{ℓ<K} λ̃_i^ℓ H^(ℓ)_ij: a graph-dependent spectral polynomial."""
 
-    def __init__(self, k: int, degree: int = 5) -> None:
-        super().__init__(k)
+    def __init__(self, k: int, degree: int = 5, symmetrize: bool = True) -> None:
+        super().__init__(k, symmetrize)
         if degree < 1:
             raise ValueError(f"degree must be >= 1, got {degree}")
         self.degree = degree
@@ -112,14 +125,14 @@ class FilterBank(SpectralModel):
         return vecs @ weight @ vecs.mT
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, degree={self.degree}"
+        return f"k={self.k}, degree={self.degree}{self._variant_repr()}"
 
 
 class SelfAttention(SpectralModel):
     """L = (V W_Q)(V W_K)ᵀ / √d_k: raw attention scores used as edge logits (no softmax)."""
 
-    def __init__(self, k: int, d_k: int = 64) -> None:
-        super().__init__(k)
+    def __init__(self, k: int, d_k: int = 64, symmetrize: bool = True) -> None:
+        super().__init__(k, symmetrize)
         if d_k < 1:
             raise ValueError(f"d_k must be >= 1, got {d_k}")
         self.d_k = d_k
@@ -139,7 +152,7 @@ class SelfAttention(SpectralModel):
         return vecs @ bilinear @ vecs.mT
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, d_k={self.d_k}"
+        return f"k={self.k}, d_k={self.d_k}{self._variant_repr()}"
 
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -149,7 +162,7 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(name: str, **kwargs: int) -> nn.Module:
+def build_model(name: str, **kwargs: int | bool) -> nn.Module:
     """Instantiate a model by its config name; kwargs are its constructor arguments."""
     try:
         cls = MODELS[name]

@@ -7,7 +7,7 @@ every noise level, as one batch per level, so their numbers are deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -16,10 +16,12 @@ from torch.utils.data import DataLoader
 
 from tmgg.task.data import EvalLevel, GraphSplits, TrainBatches, build_graph_splits, make_eval_set
 from tmgg.task.metrics import (
+    edge_accuracy,
     logit_metrics,
     masked_bce_with_logits,
-    off_diagonal_mask,
+    member_bce_with_logits,
     prediction_metrics,
+    target_eigenpairs,
 )
 from tmgg.task.models import build_model
 from tmgg.task.optim import build_optimizer, build_scheduler
@@ -28,6 +30,8 @@ from tmgg.task.optim import build_optimizer, build_scheduler
 VAL_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_003
 SAMPLING_KEYS = ("name", "samples_per_epoch", "val_samples", "test_samples", "batch_size")
+#: The objective group's default (SPEC.md sections 1 and 6): off-diagonal loss and metrics.
+DEFAULT_OBJECTIVE = {"name": "bce", "loss_diagonal": False, "metrics_diagonal": False}
 
 
 def level_tag(eps: float) -> str:
@@ -67,9 +71,15 @@ class GraphDenoisingData(L.LightningDataModule):
         params = {k: v for k, v in self.data_cfg.items() if k not in SAMPLING_KEYS}
         self.splits = build_graph_splits(self.data_cfg["name"], params, self.seed)
         self.val_levels = make_eval_set(self.splits.val, int(self.data_cfg["val_samples"]),
-                                        self.levels, self.seed + VAL_SEED_OFFSET)
+                                        self.levels, self.seed + VAL_SEED_OFFSET, self.self_loops)
         self.test_levels = make_eval_set(self.splits.test, int(self.data_cfg["test_samples"]),
-                                         self.levels, self.seed + TEST_SEED_OFFSET)
+                                         self.levels, self.seed + TEST_SEED_OFFSET,
+                                         self.self_loops)
+
+    @property
+    def self_loops(self) -> bool:
+        """Whether the graphs (clean and noisy) carry self-loops (``data.self_loops``)."""
+        return bool(self.data_cfg.get("self_loops", False))
 
     def train_dataloader(self) -> Iterable[dict[str, torch.Tensor]]:
         assert self.splits is not None
@@ -81,7 +91,8 @@ class GraphDenoisingData(L.LightningDataModule):
         # on where the stream was, not at its first batch. One batch is one step.
         done = self.trainer.global_step if self.trainer is not None else 0
         return TrainBatches(self.splits.train, int(self.data_cfg["batch_size"]),
-                            self.max_steps, self.levels, self.seed, start=done)
+                            self.max_steps, self.levels, self.seed, start=done,
+                            self_loops=self.self_loops)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_EvalLevels(self.val_levels), batch_size=None)
@@ -99,13 +110,25 @@ class DenoisingModule(L.LightningModule):
     arithmetic is the automatic loop's: zero_grad, backward, clip the gradient norm
     to ``gradient_clip_val`` (0 = off), optimiser step, then the per-step scheduler.
     Give the Trainer ``gradient_clip_val=None``: clipping is done here.
+
+    The loss and the metrics are methods (``compute_loss``, ``compute_metrics``, ...)
+    so that a fused group (``tmgg.task.fused``) scores each member exactly as its solo
+    job does; ``objective`` (the config group) says which entries they take.
     """
 
     def __init__(self, model: Mapping[str, Any], optimizer: Mapping[str, Any],
                  scheduler: Mapping[str, Any], max_steps: int, log_every_n_steps: int = 50,
-                 gradient_clip_val: float | None = None) -> None:
+                 gradient_clip_val: float | None = None,
+                 objective: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        objective = dict(objective or DEFAULT_OBJECTIVE)
+        if objective.get("name", "bce") != "bce":
+            raise ValueError(f"objective.name: unknown objective {objective['name']!r}")
+        #: BCE over all n x n entries (the diagonal logits included), not off-diagonal.
+        self.loss_diagonal = bool(objective.get("loss_diagonal", False))
+        #: Metrics (and the reference scores) over all n x n entries, P's diagonal zeroed.
+        self.metrics_diagonal = bool(objective.get("metrics_diagonal", False))
         self.automatic_optimization = False
         self.gradient_clip_val = float(gradient_clip_val or 0.0)
         model_args = {k: v for k, v in model.items() if k != "name"}
@@ -120,16 +143,52 @@ class DenoisingModule(L.LightningModule):
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         return self.model(noisy)
 
+    # -- loss and metrics (solo and fused call these)
+    def compute_loss(self, logits: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """The training loss: mean BCE with logits over the scored entries."""
+        return masked_bce_with_logits(logits, clean, self.loss_diagonal)
+
+    @staticmethod
+    def stacked_losses(members: Sequence[DenoisingModule], logits: torch.Tensor,
+                       clean: torch.Tensor) -> torch.Tensor:
+        """Each member's ``compute_loss`` of its row of ``logits`` (M, B, n, n), in one
+        call (a fused group's stacked bank): shape (M,)."""
+        return member_bce_with_logits(logits, clean, [m.loss_diagonal for m in members])
+
+    def compute_accuracy(self, logits: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """``train/accuracy``: the accuracy of P = (L > 0) without eigendecompositions."""
+        return edge_accuracy(logits, clean, self.metrics_diagonal)
+
+    @property
+    def metric_scope(self) -> bool:
+        """Members with one scope share target eigenpairs and reference scores."""
+        return self.metrics_diagonal
+
+    def metric_targets(self, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean graphs' eigenpairs ``compute_metrics`` compares with (reusable)."""
+        return target_eigenpairs(clean, self.metrics_diagonal)
+
+    def compute_metrics(self, logits: torch.Tensor, clean: torch.Tensor,
+                        target_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """The SPEC.md section 6 metrics of one evaluation batch, ``loss`` included."""
+        return logit_metrics(logits, clean, target_pairs, diagonal=self.metrics_diagonal,
+                             loss_diagonal=self.loss_diagonal)
+
+    def reference_metrics(self, levels: list[EvalLevel], prefix: str) -> dict[str, float]:
+        """The "no edges" and "noisy input" scores under this module's metric scope."""
+        return reference_metrics(levels, prefix, diagonal=self.metrics_diagonal)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         logits = self.model(batch["noisy"])
-        loss = masked_bce_with_logits(logits, batch["clean"])
+        loss = self.compute_loss(logits, batch["clean"])
         # Log only on the steps Lightning writes: self.log costs more than a tiny step.
         # The lr is read before this step's optimizer/scheduler step: the lr it uses.
         if (self.global_step + 1) % self.log_every_n_steps == 0:
             self.log_dict({
                 "train/loss": loss.detach(),
-                "train/accuracy": edge_accuracy(logits.detach(), batch["clean"]),
+                "train/accuracy": self.compute_accuracy(logits.detach(), batch["clean"]),
                 "train/noise_level": float(batch["eps"]),
                 "lr": optimizer.param_groups[0]["lr"],
             }, on_step=True, on_epoch=False, batch_size=batch["noisy"].shape[0])
@@ -145,7 +204,7 @@ class DenoisingModule(L.LightningModule):
         return loss.detach()
 
     def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
-        metrics = logit_metrics(self.model(batch["noisy"]), batch["clean"])
+        metrics = self.compute_metrics(self.model(batch["noisy"]), batch["clean"])
         tag = level_tag(float(batch["eps"]))
         self.log_dict({f"{prefix}_eps{tag}/{name}": value for name, value in metrics.items()},
                       on_epoch=True, batch_size=1)
@@ -189,19 +248,11 @@ class DenoisingModule(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
-def edge_accuracy(logits: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """The ``accuracy`` of ``logit_metrics`` alone, without its eigendecompositions.
-
-    P = (L > 0) is an edge exactly where the logit is positive; compared with A off
-    the diagonal, pooled over the batch, as ``prediction_metrics`` does.
-    """
-    mask = off_diagonal_mask(logits.shape[-1], logits.device)
-    hits = (logits > 0) == (clean > 0.5)
-    return hits[..., mask].to(logits.dtype).mean()
-
-
-def reference_metrics(levels: list[EvalLevel], prefix: str) -> dict[str, float]:
+def reference_metrics(levels: list[EvalLevel], prefix: str,
+                      diagonal: bool = False) -> dict[str, float]:
     """The "no edges" and "noisy input" scores, averaged over noise levels (SPEC.md 6).
+
+    ``diagonal``: scored over all n x n entries (``objective.metrics_diagonal``).
 
     These are ``metrics.reference_scores`` per level. The levels of an evaluation set
     share one clean set, and "no edges" depends on nothing else: it is scored once
@@ -213,10 +264,12 @@ def reference_metrics(levels: list[EvalLevel], prefix: str) -> dict[str, float]:
     for level in levels:
         key = id(level.clean)
         if key not in no_edges_of:
-            no_edges_of[key] = prediction_metrics(torch.zeros_like(level.clean), level.clean)
+            no_edges_of[key] = prediction_metrics(torch.zeros_like(level.clean), level.clean,
+                                                  diagonal=diagonal)
         # prediction_metrics zeroes the diagonal itself, as reference_scores does.
         per_level.append({"no_edges": no_edges_of[key],
-                          "noisy_input": prediction_metrics(level.noisy, level.clean)})
+                          "noisy_input": prediction_metrics(level.noisy, level.clean,
+                                                            diagonal=diagonal)})
     out: dict[str, float] = {}
     for reference in ("no_edges", "noisy_input"):
         for name in per_level[0][reference]:

@@ -62,7 +62,7 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tmgg.task.module import DenoisingModule, GraphDenoisingData, reference_metrics
+    from tmgg.task.module import DenoisingModule, GraphDenoisingData
 
     started = time.perf_counter()
     output_dir = job_output_dir(cfg)
@@ -82,9 +82,10 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
         log_every_n_steps=int(trainer_cfg.log_every_n_steps),
         # Clipped in the module's own (manual) optimisation step, not by the Trainer.
         gradient_clip_val=float(trainer_cfg.gradient_clip_val),
+        objective=objective_config(cfg),
     )
-    module.references = reference_metrics(data.test_levels, "test")
-    val_references = reference_metrics(data.val_levels, "val")
+    module.references = module.reference_metrics(data.test_levels, "test")
+    val_references = module.reference_metrics(data.val_levels, "val")
 
     from tmgg.task.loggers import build_logger
 
@@ -139,6 +140,8 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         validated = dict(trainer.callback_metrics)
         best = checkpoint.best_model_path if checkpoint is not None else ""
+        if tests_last_weights(cfg):
+            best = ""  # the weights in memory: those of the last step
         test_results = trainer.test(module, datamodule=data, ckpt_path=best or None,
                                     verbose=False)
         metrics = _floats(test_results[0] if test_results else {})
@@ -170,6 +173,17 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
 
             if wandb.run is not None:
                 wandb.finish(exit_code=1 if failed else 0)
+
+
+def objective_config(cfg: DictConfig) -> dict[str, Any] | None:
+    """The job's ``objective`` group as plain values (None: a config from before it)."""
+    objective = cfg.get("objective")
+    return None if objective is None else OmegaConf.to_container(objective, resolve=True)
+
+
+def tests_last_weights(cfg: DictConfig) -> bool:
+    """``trainer.test_checkpoint: last``: test the final weights, not the best val/loss."""
+    return str(cfg.trainer.get("test_checkpoint", "best")) == "last"
 
 
 def _launcher_callbacks(cfg: DictConfig, output_dir: Path) -> list[Any]:

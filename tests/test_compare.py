@@ -1,0 +1,136 @@
+"""``tmgg-sweep compare`` on real tiny sweeps of stage 1, its legacy variant, stage 1b
+and one ablation (issue 14), each run by ``tmgg-train -m`` with a few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO
+
+from tmgg.orchestration.ledger import FINISHED, Ledger
+from tmgg.reporting.compare import LEGACY_VALUES, main
+
+TINY = ["trainer.max_steps=20", "trainer.val_check_interval=10", "data.val_samples=20",
+        "data.test_samples=20", "logger=csv", "optimizer.weight_decay=1e-2", "model.k=8"]
+SWEEPS = {
+    "stage1": ["model=linear_pe,self_attention", "optimizer.lr=1e-3", "seed=1,2"],
+    "stage1_legacy": ["model=linear_pe,self_attention", "optimizer.lr=1e-3", "seed=1,2"],
+    "stage1b": ["model=linear_pe", "optimizer.lr=2e-1", "seed=1,2"],
+    "stage1_legacy_ablate_self_loops": ["model=self_attention", "seed=1"],
+}
+ABLATION = "stage1_legacy_ablate_self_loops"
+
+
+class Stages:
+    def __init__(self, root: Path) -> None:
+        self.experiments = root / "experiments"
+        self.outputs = root / "outputs"
+        self.out = self.experiments / "COMPARISON.md"
+
+    def records(self, stage: str) -> list[dict[str, Any]]:
+        return list(Ledger(self.experiments, stage).job_records().values())
+
+    def mse(self, stage: str, model: str, metric: str = "test/mse") -> list[float]:
+        return [r["metrics"][metric] for r in self.records(stage)
+                if r["config"]["model"]["name"] == model]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory: pytest.TempPathFactory) -> Stages:
+    result = Stages(tmp_path_factory.mktemp("compare"))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "WANDB_SERVICE")}
+    for stage, grid in SWEEPS.items():
+        run = subprocess.run(
+            [sys.executable, "-m", "tmgg.app", "-m", f"stage={stage}", *grid, *TINY,
+             f"experiments_dir={result.experiments}", f"outputs_dir={result.outputs}"],
+            cwd=REPO, env={**env, "WANDB_MODE": "offline"}, capture_output=True, text=True,
+            timeout=900)
+        records = result.records(stage)
+        assert records and all(r["status"] == FINISHED for r in records), (
+            stage, run.stdout[-2000:], run.stderr[-3000:])
+    shutil.copytree(REPO / "experiments" / "earlier_system",
+                    result.experiments / "earlier_system")
+    assert main(["--experiments", str(result.experiments), "--ablation", ABLATION,
+                 "--ablation", "stage1_legacy_ablate_symmetrize"]) == 0
+    return result
+
+
+def _rows(text: str, heading: str) -> list[dict[str, str]]:
+    section = text[text.index(heading):]
+    section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split(" | ")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split(" | ")), strict=True))
+            for line in lines[2:]]
+
+
+def _text(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)})"
+
+
+@pytest.mark.slow
+def test_side_by_side_rows_are_the_records_means_beside_the_earlier_table(
+        stages: Stages) -> None:
+    text = stages.out.read_text()
+    rows = {(r["model"], r["k"], r["lr"], r["wd"]): r
+            for r in _rows(text, "## Side by side per configuration")}
+    earlier = json.loads((REPO / "experiments/earlier_system/stage1.json").read_text())
+    # The tiny stages' cells are among the earlier table's: one row per earlier cell.
+    assert len(rows) == len(earlier["results"])
+    for model, old in (("`linear_pe`", "0.3209"), ("`self_attention`", "0.3075")):
+        row = rows[(model, "8", "1e-3", "1e-2")]
+        name = model.strip("`")
+        assert row["earlier system"] == old
+        assert row["today (`stage1`)"] == _text(stages.mse("stage1", name))
+        assert row["legacy (`stage1_legacy`)"] == _text(stages.mse("stage1_legacy", name))
+        legacy_no_edges = statistics.fmean(
+            stages.mse("stage1_legacy", name, "test_reference_no_edges/mse"))
+        assert row["legacy no edges"] == f"{legacy_no_edges:.4f}"
+        # Self-loops scored as missed edges: the legacy "no edges" is the harder one.
+        assert float(row["legacy no edges"]) > float(row["today no edges"])
+        gap = statistics.fmean(stages.mse("stage1_legacy", name)) - float(old)
+        assert row["legacy − earlier"].startswith(f"{gap:+.4f}")
+    assert rows[("`filter_bank`", "8", "1e-3", "1e-2")]["today (`stage1`)"] == "—"
+
+
+@pytest.mark.slow
+def test_ablation_and_stage1b_sections_answer_from_the_records(stages: Stages) -> None:
+    text = stages.out.read_text()
+    assert "`stage1_legacy_ablate_symmetrize`: not run yet" in text
+    ablation = _rows(text, f"### `{ABLATION}`")
+    assert {r["data.self_loops"] for r in ablation} == {"True", "False"}
+    by_value = {r["data.self_loops"]: r for r in ablation}
+    assert LEGACY_VALUES["data.self_loops"] is True
+    assert by_value["True"]["Δ"] == "—"  # the legacy value is the reference
+    records = {r["config"]["data"]["self_loops"]: r["metrics"]["test/mse"]
+               for r in stages.records(ABLATION)}
+    assert by_value["False"]["Δ"].startswith(f"{records[False] - records[True]:+.4f}")
+
+    b_rows = _rows(text, "## Stage 1b")
+    mse = stages.mse("stage1b", "linear_pe")
+    noisy = statistics.fmean(stages.mse("stage1b", "linear_pe",
+                                        "test_reference_noisy_input/mse"))
+    assert b_rows[0]["test mse"] == _text(mse)
+    beats = statistics.fmean(mse) < noisy
+    assert b_rows[0]["beats noisy input"] == ("yes" if beats else "no")
+    assert ("**Yes**" if beats else "**No**") in text
+
+
+@pytest.mark.slow
+def test_regenerating_gives_the_same_bytes_and_a_missing_table_is_refused(
+        stages: Stages, tmp_path: Path) -> None:
+    again = tmp_path / "again.md"
+    assert main(["--experiments", str(stages.experiments), "--out", str(again), "--ablation",
+                 ABLATION, "--ablation", "stage1_legacy_ablate_symmetrize"]) == 0
+    assert again.read_bytes() == stages.out.read_bytes()
+    assert main(["--experiments", str(stages.experiments), "--earlier",
+                 str(tmp_path / "none.json")]) == 2
