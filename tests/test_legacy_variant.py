@@ -298,7 +298,7 @@ def test_bad_values_are_refused_naming_the_field() -> None:
 NEW_STAGES = {"stage1_legacy": 108, "stage1b": 144,
               **{f"stage1_legacy_ablate_{option}": 18 for option in (
                   "self_loops", "symmetrize", "loss_diagonal", "metrics_diagonal",
-                  "test_split", "test_checkpoint")}}
+                  "test_split", "test_checkpoint", "precision")}}
 
 
 @pytest.mark.slow

@@ -54,6 +54,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "objective.loss_diagonal": True,
     "objective.metrics_diagonal": True,
     "trainer.test_checkpoint": "last",
+    "trainer.precision": "32-true",  # the trainer default: the earlier system's fp32
 }
 
 # (model, k, lr, wd) in one spelling: floats in short exponent form.
