@@ -21,7 +21,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from tmgg.launch.modal_results import LAUNCHER, read_result_data, record_result, to_job_return
+from tmgg.launch.modal_results import (
+    LAUNCHER,
+    member_outputs,
+    read_result_data,
+    record_result,
+    to_job_return,
+)
 from tmgg.launch.modal_settings import (
     MODAL_TOKEN_HELP,
     ModalSettings,
@@ -158,6 +164,8 @@ def poll_detached(ledger: Ledger) -> int:
         output = poll_call(state.call_id, ledger.root)
         if output is PENDING:
             continue
+        if record.get("member") is not None:  # one call ran this job's fused group
+            output = member_outputs(output, int(record["group_size"]))[int(record["member"])]
         job = _job_from_call_record(record)
         settings = ModalSettings(**record["settings"])
         record_result(job, to_job_return(job, output), settings, record.get("volume_root"),
@@ -208,12 +216,19 @@ def cancel_main(argv: list[str]) -> int:
 
 
 def write_call_record(job: PlannedJob, call_id: str, settings: ModalSettings,
-                       root: str | None) -> None:
-    """What ``status`` needs to fold the call's result later, beside the ledger."""
+                      root: str | None, member: int | None = None,
+                      group_size: int | None = None) -> None:
+    """What ``status`` needs to fold the call's result later, beside the ledger.
+
+    A fused group's members share one call: ``member`` is the job's place in the
+    group's payload (its result's place in the call's output), ``group_size`` the
+    group's members.
+    """
     if not job.is_tmgg_job:
         return
     path = call_record_path(ledger_for(job.task_config).root, job.job_id)
     atomic_write_json(path, {
+        "member": member, "group_size": group_size,
         "job_id": job.job_id, "run_name": job.run_name, "index": job.index,
         "call_id": call_id, "dispatched_at": utc_now(), "overrides": list(job.overrides),
         "settings": dataclasses.asdict(settings), "volume_root": root,

@@ -85,9 +85,11 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
         if resources:
             row["resources"] = resources
         rows.append(row)
+    container_totals = required_check("tmgg.launch.cost", "container_totals")
     facts = {"stage": sweep.stage, "launcher": sweep.launcher, "jobs": len(rows),
              "resources": resources, "fused_groups": fused_groups(sweep),
-             **supersede_facts(sweep)}
+             # Tasks the launcher dispatches (containers on Modal, array tasks on SLURM).
+             **container_totals(estimates), **supersede_facts(sweep)}
     totals = [r.get("est_cost_usd") for r in rows if r.get("est_cost_usd") is not None]
     if totals:
         facts["est_cost_usd"] = round(sum(totals), 4)
@@ -187,6 +189,13 @@ def plan_main(argv: list[str]) -> int:
                           str(group["batch_size"]), str(group["max_steps"]),
                           group["stacked_models"])
         console.print(fused)
+    tasks = facts.get("containers")
+    if tasks is not None and tasks != len(rows):
+        unit = {"modal": "containers"}.get(facts["launcher"], "tasks")
+        if facts.get("resources"):
+            unit = "array tasks"
+        cost_text = (f" in {tasks} {unit} (about {facts['est_container_seconds']:.0f} "
+                     f"container-seconds in all){cost_text}")
     console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched")
     return 0
 

@@ -1,0 +1,171 @@
+"""Fused groups on the Modal and SLURM launchers: one container (array task) per group,
+every member still its own job.
+
+Modal runs through its local transport (worker processes standing in for containers,
+the remote function's own body, a directory standing in for the volume); SLURM through
+hydra-submitit-launcher's local executor (``submitit_local_tmgg``: the SLURM path
+rehearsed on this machine). The sweep: two models x two seeds of the smoke stage at a
+tiny step budget, i.e. two batch streams of two jobs each.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SweepDirs, run_cli, tmgg_sweep, tmgg_train
+
+from tmgg.launch.cost import group_time_factor, plan_estimates
+from tmgg.orchestration.ledger import FINISHED, Ledger
+
+SWEEP = ["stage=smoke", "model=linear_pe,filter_bank", "logger=csv", "trainer.max_steps=20",
+         "trainer.val_check_interval=10", "data.val_samples=50", "data.test_samples=50"]
+MODAL = ["hydra/launcher=modal", "hydra.launcher.transport=local",
+         "hydra.launcher.local_containers=2", "hydra.launcher.retries.initial_delay=0"]
+
+
+def _events(ledger: Ledger, kind: str) -> list[dict[str, Any]]:
+    return [e for e in ledger.events() if e["event"] == kind]
+
+
+def _assert_members_are_solo_jobs(sweep_dirs: SweepDirs, launcher: str,
+                                  own_records: Path | None = None) -> list[Any]:
+    """Four FINISHED jobs, each with its own record, output folder and metrics, trained
+    two by two (the group is in each member's metrics: ``fused_members``).
+
+    ``own_records``: where the jobs wrote their own records (the volume's, for Modal);
+    the process that trained each job is read from there.
+    """
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    states = list(ledger.states().values())
+    assert len(states) == 4 and {s.status for s in states} == {FINISHED}
+    assert len(_events(ledger, "planned")) == 4
+    for state in states:
+        record = state.record
+        assert record["launcher"] == launcher
+        assert record["metrics"]["job_id"] == state.job_id
+        assert record["metrics"]["fused_members"] == 2
+        output_dir = Path(record["output_dir"])
+        assert output_dir.name.startswith(state.run_name)
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+        assert metrics["job_id"] == state.job_id and metrics["global_step"] == 20
+        assert (output_dir / "checkpoints" / "best.ckpt").exists()
+        assert (output_dir / ".hydra" / "config.yaml").exists()
+    # Members of one group trained in one process; the two groups in two.
+    own = {s.job_id: json.loads((own_records / f"{s.job_id}.json").read_text())
+           if own_records else s.record for s in states}
+    by_pid = Counter(record["pid"] for record in own.values())
+    assert sorted(by_pid.values()) == [2, 2]
+    for pid in by_pid:
+        seeds = {r["config"]["seed"] for r in own.values() if r["pid"] == pid}
+        assert len(seeds) == 1  # a group is one batch stream
+    return states
+
+
+# --------------------------------------------------------------------------- Modal
+
+
+@pytest.mark.slow
+def test_modal_runs_one_container_call_per_fused_group(sweep_dirs: SweepDirs,
+                                                       tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    result = tmgg_train("-m", *SWEEP, *MODAL, f"hydra.launcher.local_volume_dir={volume}",
+                        *sweep_dirs.overrides, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = _assert_members_are_solo_jobs(sweep_dirs, "modal",
+                                           volume / "experiments/smoke/jobs")
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    assert len(_events(ledger, "dispatched")) == 4 and len(_events(ledger, "outcome")) == 4
+    for state in states:  # on the (stand-in) volume, as a solo job on Modal
+        assert state.record["modal"]["volume_path"].startswith("outputs/smoke/")
+        assert (volume / "experiments/smoke/jobs" / f"{state.job_id}.json").exists()
+    # One container call per group: each call reloads the volume once, at its start.
+    operations = [json.loads(line) for line in
+                  (volume / ".volume-commits.jsonl").read_text().splitlines()]
+    starts = [op for op in operations if op["reason"] == "job start"]
+    assert len(starts) == 2 and len({op["pid"] for op in starts}) == 2
+    assert "4 jobs in 2 containers" in result.stderr
+
+
+def test_modal_fuse_off_runs_a_container_per_job_and_bad_settings_are_refused(
+        sweep_dirs: SweepDirs) -> None:
+    from tmgg.launch.modal_settings import ModalSettings
+    from tmgg.orchestration.plan import PlanError
+
+    with pytest.raises(PlanError, match=r"hydra\.launcher\.fuse:"):
+        ModalSettings.from_params({"transport": "local", "fuse": "always"})
+    with pytest.raises(PlanError, match=r"hydra\.launcher\.fuse_max_members"):
+        ModalSettings.from_params({"transport": "local", "fuse_max_members": 0})
+    refused = tmgg_train("-m", *SWEEP, *MODAL, "hydra.launcher.fuse=sometimes",
+                         *sweep_dirs.overrides)
+    assert refused.returncode != 0 and "hydra.launcher.fuse" in refused.stderr
+    assert not list(Ledger(sweep_dirs.experiments, "smoke").events())  # not even planned
+
+
+def test_the_plan_and_cost_count_containers(sweep_dirs: SweepDirs) -> None:
+    from tmgg.orchestration.compose import compose_sweep
+
+    sweep = compose_sweep([*SWEEP, "hydra/launcher=modal", "hydra.launcher.gpu=T4",
+                           *sweep_dirs.overrides])
+    fused = plan_estimates(sweep.master_config, sweep.jobs)
+    solo = plan_estimates(sweep.master_config, sweep.jobs, [[p] for p in range(4)])
+    # smoke declares 5 s a job; a group of two: 5 s x group_time_factor(2) in one container.
+    assert group_time_factor(1) == 1 and 1 < group_time_factor(2) < 2
+    assert {row["container"] for row in fused} == {0, 1}
+    for row in fused:  # (figures rounded to 0.1 s)
+        assert row["est_container_seconds"] == pytest.approx(5 * group_time_factor(2), abs=0.06)
+    assert sum(r["est_gpu_seconds"] for r in fused) == pytest.approx(10 * group_time_factor(2),
+                                                                     abs=0.2)
+    assert sum(r["est_gpu_seconds"] for r in solo) == 20
+    fused_cost = sum(r["est_cost_usd"] for r in fused)
+    assert fused_cost < sum(r["est_cost_usd"] for r in solo)
+    # The CPU-only option is still shown, and cheaper.
+    assert 0 < sum(r["est_cost_cpu_usd"] for r in fused) < fused_cost
+
+    plan = tmgg_sweep("plan", "--json", *SWEEP, "hydra/launcher=modal",
+                      "hydra.launcher.transport=local", *sweep_dirs.overrides)
+    assert plan.returncode == 0, plan.stderr
+    facts = json.loads(plan.stdout)
+    assert facts["containers"] == 2 and len(facts["fused_groups"]) == 2
+    assert facts["est_container_seconds"] == pytest.approx(10 * group_time_factor(2), abs=0.2)
+    assert all(group["members"] == 2 for group in facts["fused_groups"])
+    table = tmgg_sweep("plan", *SWEEP, "hydra/launcher=modal", "hydra.launcher.transport=local",
+                       "hydra.launcher.fuse=off", *sweep_dirs.overrides)
+    assert table.returncode == 0, table.stderr
+    assert "fused groups" not in table.stdout and "4 jobs, estimated" in table.stdout
+
+
+@pytest.mark.slow
+def test_detached_fused_group_is_one_call_folded_per_member(sweep_dirs: SweepDirs,
+                                                            tmp_path: Path) -> None:
+    # The jobs write their own records on the stand-in volume: only `status` folding the
+    # call's result brings them into this machine's ledger.
+    result = tmgg_train("-m", *SWEEP, "seed=1", *MODAL, "hydra.launcher.detach=true",
+                        f"hydra.launcher.local_volume_dir={tmp_path / 'volume'}",
+                        *sweep_dirs.overrides, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    dispatched = _events(ledger, "dispatched")
+    assert len(dispatched) == 2 and len({e["call_id"] for e in dispatched}) == 1
+    (call_id,) = {e["call_id"] for e in dispatched}
+    out = ledger.root / "modal_calls" / "local" / f"{call_id}.out"
+    deadline = time.time() + 240
+    while time.time() < deadline and not out.exists():
+        time.sleep(0.5)
+    assert out.exists(), "the group's call did not finish"
+    # `tmgg-sweep status` folds the one call's result into both members' records.
+    status = run_cli(["-m", "tmgg.orchestration.cli", "status", "--json", "stage=smoke",
+                      *sweep_dirs.overrides])
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)["jobs"]
+    assert sorted(row["status"] for row in rows) == [FINISHED, FINISHED]
+    states = list(ledger.states().values())
+    assert {s.status for s in states} == {FINISHED} and len(states) == 2
+    for state in states:
+        assert state.metrics["job_id"] == state.job_id and state.metrics["fused_members"] == 2
+        assert state.record["modal"]["call_id"] == call_id
+    assert len(_events(ledger, "outcome")) == 2
