@@ -11,6 +11,7 @@ tiny step budget, i.e. two batch streams of two jobs each.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -169,3 +170,69 @@ def test_detached_fused_group_is_one_call_folded_per_member(sweep_dirs: SweepDir
         assert state.metrics["job_id"] == state.job_id and state.metrics["fused_members"] == 2
         assert state.record["modal"]["call_id"] == call_id
     assert len(_events(ledger, "outcome")) == 2
+
+
+# --------------------------------------------------------------------------- SLURM
+
+SUBMITIT_LOCAL = ["hydra/launcher=submitit_local_tmgg", "trainer.num_threads=1"]
+
+
+@pytest.mark.slow
+def test_submitit_runs_one_array_task_per_fused_group(sweep_dirs: SweepDirs) -> None:
+    """The SLURM path rehearsed with submitit's local executor."""
+    result = tmgg_train("-m", *SWEEP, *SUBMITIT_LOCAL, *sweep_dirs.overrides, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_members_are_solo_jobs(sweep_dirs, "submitit_local_tmgg")
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    assert len(_events(ledger, "dispatched")) == 4 and len(_events(ledger, "outcome")) == 4
+    # One submitit job per group, each returning its members' results.
+    submitted = list((sweep_dirs.outputs / "smoke" / ".submitit").glob("*/*_result.pkl"))
+    assert len(submitted) == 2
+    assert "4 jobs (0 already finished) in 2 array tasks" in result.stderr + result.stdout
+
+
+def test_slurm_array_has_one_task_per_group_and_its_time_covers_the_group(
+        sweep_dirs: SweepDirs) -> None:
+    """The real launcher and submitit up to the sbatch call (a stand-in records the
+    script and refuses it): four stage-1 jobs of two seeds are two array tasks."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from tmgg.launch.slurm_resources import slurm_minutes
+
+    bin_dir = sweep_dirs.root / "bin"
+    bin_dir.mkdir(parents=True)
+    calls = sweep_dirs.root / "sbatch_calls"
+    calls.mkdir()
+    for name, body in (("srun", "exit 1\n"), ("sbatch", f'cp "$1" "{calls}/"\nexit 1\n')):
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IXUSR)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SBATCH_")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    overrides = ["stage=stage1", "hydra/launcher=slurm", "model=linear_pe,filter_bank",
+                 "optimizer.lr=1e-3", "optimizer.weight_decay=1e-2", "model.k=8", "seed=1,2",
+                 *sweep_dirs.overrides]
+    result = subprocess.run([sys.executable, "-m", "tmgg.app", "-m", *overrides], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    (script,) = calls.glob("*.sh")
+    lines = set(script.read_text().splitlines())
+    minutes = math.ceil(slurm_minutes(10_000, 0.0144, 2, 5) * group_time_factor(2))
+    assert "#SBATCH --array=0-1%2" in lines, sorted(lines)
+    assert f"#SBATCH --time={minutes}" in lines, sorted(lines)
+    states = Ledger(sweep_dirs.experiments, "stage1").states()
+    assert {s.status for s in states.values()} == {"PLANNED"} and len(states) == 4
+
+    plan = tmgg_sweep("plan", "--json", *overrides)
+    assert plan.returncode == 0, plan.stderr
+    facts = json.loads(plan.stdout)
+    assert facts["containers"] == 2 and [g["members"] for g in facts["fused_groups"]] == [2, 2]
+    assert facts["resources"]["task_time_limit"] == f"00:{minutes:02d}:00"
+    solo = tmgg_sweep("plan", "--json", *overrides, "hydra.launcher.fuse=off")
+    assert json.loads(solo.stdout)["containers"] == 4
+    refused = tmgg_sweep("plan", *overrides, "hydra.launcher.fuse_max_members=0")
+    assert refused.returncode == 2 and "hydra.launcher.fuse_max_members" in refused.stderr

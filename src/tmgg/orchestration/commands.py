@@ -76,9 +76,11 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
     check_wandb(sweep.jobs, sweep.master_config)
     estimates: list[dict[str, Any]] = plan_estimates(sweep.master_config, sweep.jobs)
     resources = None
+    groups = fused_groups(sweep)
     describe = _optional("tmgg.launch.slurm_resources", "describe_launcher")
     if describe is not None:
-        resources = describe(sweep.master_config)
+        resources = describe(sweep.master_config,
+                             max((group["members"] for group in groups), default=1))
     rows = []
     for job, estimate in zip(sweep.jobs, estimates, strict=True):
         row = {**job.summary(), "launcher": sweep.launcher, **estimate}
@@ -87,7 +89,7 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
         rows.append(row)
     container_totals = required_check("tmgg.launch.cost", "container_totals")
     facts = {"stage": sweep.stage, "launcher": sweep.launcher, "jobs": len(rows),
-             "resources": resources, "fused_groups": fused_groups(sweep),
+             "resources": resources, "fused_groups": groups,
              # Tasks the launcher dispatches (containers on Modal, array tasks on SLURM).
              **container_totals(estimates), **supersede_facts(sweep)}
     totals = [r.get("est_cost_usd") for r in rows if r.get("est_cost_usd") is not None]
@@ -194,8 +196,8 @@ def plan_main(argv: list[str]) -> int:
         unit = {"modal": "containers"}.get(facts["launcher"], "tasks")
         if facts.get("resources"):
             unit = "array tasks"
-        cost_text = (f" in {tasks} {unit} (about {facts['est_container_seconds']:.0f} "
-                     f"container-seconds in all){cost_text}")
+        cost_text = (f" in {tasks} {unit} (about {facts['est_container_seconds']:.0f} s of "
+                     f"{unit} run time in all){cost_text}")
     console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched")
     return 0
 
