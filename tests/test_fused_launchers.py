@@ -21,12 +21,12 @@ import pytest
 from conftest import SweepDirs, run_cli, tmgg_sweep, tmgg_train
 
 from tmgg.launch.cost import group_time_factor, plan_estimates
-from tmgg.orchestration.ledger import FINISHED, Ledger
+from tmgg.orchestration.ledger import CANCELLED, FINISHED, Ledger
 
 SWEEP = ["stage=smoke", "model=linear_pe,filter_bank", "logger=csv", "trainer.max_steps=20",
          "trainer.val_check_interval=10", "data.val_samples=50", "data.test_samples=50"]
 MODAL = ["hydra/launcher=modal", "hydra.launcher.transport=local",
-         "hydra.launcher.local_containers=2", "hydra.launcher.retries.initial_delay=0"]
+         "hydra.launcher.retries.initial_delay=0"]
 
 
 def _events(ledger: Ledger, kind: str) -> list[dict[str, Any]]:
@@ -74,8 +74,9 @@ def _assert_members_are_solo_jobs(sweep_dirs: SweepDirs, launcher: str,
 def test_modal_runs_one_container_call_per_fused_group(sweep_dirs: SweepDirs,
                                                        tmp_path: Path) -> None:
     volume = tmp_path / "volume"
-    result = tmgg_train("-m", *SWEEP, *MODAL, f"hydra.launcher.local_volume_dir={volume}",
-                        *sweep_dirs.overrides, timeout=300)
+    result = tmgg_train("-m", *SWEEP, *MODAL, "hydra.launcher.local_containers=2",
+                        f"hydra.launcher.local_volume_dir={volume}", *sweep_dirs.overrides,
+                        timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     states = _assert_members_are_solo_jobs(sweep_dirs, "modal",
                                            volume / "experiments/smoke/jobs")
@@ -141,35 +142,95 @@ def test_the_plan_and_cost_count_containers(sweep_dirs: SweepDirs) -> None:
 
 
 @pytest.mark.slow
-def test_detached_fused_group_is_one_call_folded_per_member(sweep_dirs: SweepDirs,
-                                                            tmp_path: Path) -> None:
+def test_detached_fused_groups_are_one_call_each_folded_and_cancelled_per_member(
+        sweep_dirs: SweepDirs, tmp_path: Path) -> None:
     # The jobs write their own records on the stand-in volume: only `status` folding the
-    # call's result brings them into this machine's ledger.
-    result = tmgg_train("-m", *SWEEP, "seed=1", *MODAL, "hydra.launcher.detach=true",
+    # call's result brings them into this machine's ledger. One container slot: the
+    # second group's call waits for the first, and is cancelled.
+    result = tmgg_train("-m", *SWEEP, *MODAL, "hydra.launcher.detach=true",
+                        "hydra.launcher.local_containers=1",
                         f"hydra.launcher.local_volume_dir={tmp_path / 'volume'}",
                         *sweep_dirs.overrides, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ledger = Ledger(sweep_dirs.experiments, "smoke")
     dispatched = _events(ledger, "dispatched")
-    assert len(dispatched) == 2 and len({e["call_id"] for e in dispatched}) == 1
-    (call_id,) = {e["call_id"] for e in dispatched}
-    out = ledger.root / "modal_calls" / "local" / f"{call_id}.out"
+    calls = Counter(e["call_id"] for e in dispatched)
+    assert len(dispatched) == 4 and sorted(calls.values()) == [2, 2]  # a call per group
+    outs = {call: ledger.root / "modal_calls" / "local" / f"{call}.out" for call in calls}
     deadline = time.time() + 240
-    while time.time() < deadline and not out.exists():
+    while time.time() < deadline and not any(out.exists() for out in outs.values()):
         time.sleep(0.5)
-    assert out.exists(), "the group's call did not finish"
+    (first,) = [call for call, out in outs.items() if out.exists()]
     # `tmgg-sweep status` folds the one call's result into both members' records.
     status = run_cli(["-m", "tmgg.orchestration.cli", "status", "--json", "stage=smoke",
                       *sweep_dirs.overrides])
     assert status.returncode == 0, status.stderr
-    rows = json.loads(status.stdout)["jobs"]
-    assert sorted(row["status"] for row in rows) == [FINISHED, FINISHED]
-    states = list(ledger.states().values())
-    assert {s.status for s in states} == {FINISHED} and len(states) == 2
-    for state in states:
+    folded = [s for s in ledger.states().values() if s.status == FINISHED]
+    assert len(folded) == 2 and {s.call_id for s in folded} == {first}
+    for state in folded:
         assert state.metrics["job_id"] == state.job_id and state.metrics["fused_members"] == 2
-        assert state.record["modal"]["call_id"] == call_id
-    assert len(_events(ledger, "outcome")) == 2
+        assert state.record["modal"]["call_id"] == first
+    cancel = run_cli(["-m", "tmgg.orchestration.cli", "cancel", "stage=smoke",
+                      *sweep_dirs.overrides])
+    assert cancel.returncode == 0, cancel.stderr
+    assert "1 call(s) cancelled" in cancel.stdout
+    statuses = Counter(s.status for s in ledger.states().values())
+    assert statuses == {FINISHED: 2, CANCELLED: 2}
+
+
+@pytest.mark.slow
+def test_a_lost_group_container_resumes_each_member_from_its_checkpoint(
+        sweep_dirs: SweepDirs, tmp_path: Path) -> None:
+    """The group's container is SIGKILLed (no clean-up) once both members have a
+    checkpoint on the stand-in volume; Modal's retry runs the group again in a fresh
+    container, which resumes each member from its own last.ckpt."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    volume = tmp_path / "volume"
+    args = ["-m", "stage=smoke", "model=linear_pe,filter_bank", "seed=1", "logger=csv",
+            "trainer.max_steps=400", "trainer.val_check_interval=20", "data.val_samples=50",
+            "data.test_samples=50", *MODAL, "hydra.launcher.local_containers=1",
+            f"hydra.launcher.local_volume_dir={volume}",
+            *sweep_dirs.overrides]
+    log_path = tmp_path / "sweep.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "tmgg.app", *args], cwd=REPO,
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list(volume.glob(
+                "outputs/smoke/*/checkpoints/last.ckpt"))) < 2:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        commits = volume / ".volume-commits.jsonl"
+        container = json.loads(commits.read_text().splitlines()[0])["pid"]
+        os.kill(container, signal.SIGKILL)  # the container this sweep started
+        assert process.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    states = list(Ledger(sweep_dirs.experiments, "smoke").states().values())
+    assert len(states) == 2 and {s.status for s in states} == {FINISHED}
+    resumed = set()
+    for state in states:
+        metrics = json.loads((Path(state.record["output_dir"]) / "metrics.json").read_text())
+        assert metrics["global_step"] == 400 and metrics["fused_members"] == 2
+        assert 20 <= metrics["resumed_from_step"] < 400
+        resumed.add(metrics["resumed_from_step"])
+        own = json.loads((volume / "experiments/smoke/jobs" / f"{state.job_id}.json")
+                         .read_text())
+        assert own["attempts"] == 2 and own["status"] == FINISHED
+    assert len(resumed) == 1  # the members checkpoint at the same validations
+    starts = [json.loads(line)["pid"] for line in commits.read_text().splitlines()
+              if json.loads(line)["reason"] == "job start"]
+    assert len(starts) == 2 and starts[0] == container != starts[1]
 
 
 # --------------------------------------------------------------------------- SLURM

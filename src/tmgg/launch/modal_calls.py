@@ -195,21 +195,25 @@ def cancel_main(argv: list[str]) -> int:
         return 1
     poll_detached(ledger)
     cancelled = refused = 0
+    # A fused group's members share one call: it is cancelled once, for all of them.
+    by_call: dict[str, list[Any]] = {}
     for state in ledger.states().values():
-        if state.status not in (DISPATCHED, RUNNING) or not state.call_id:
-            continue
+        if state.status in (DISPATCHED, RUNNING) and state.call_id:
+            by_call.setdefault(state.call_id, []).append(state)
+    for call_id, states in by_call.items():
+        names = ", ".join(state.run_name for state in states)
         try:
-            cancel_call(state.call_id, ledger.root)
+            cancel_call(call_id, ledger.root)
         except Exception as error:  # noqa: BLE001 - report and go on with the others
-            print(f"could not cancel {state.run_name} ({state.call_id}): {error}",
-                  file=sys.stderr)
+            print(f"could not cancel {names} ({call_id}): {error}", file=sys.stderr)
             refused += 1
             continue
-        ledger.append({"event": "cancelled", "time": utc_now(), "job_id": state.job_id,
-                       "run_name": state.run_name, "launcher": LAUNCHER,
-                       "call_id": state.call_id})
+        for state in states:
+            ledger.append({"event": "cancelled", "time": utc_now(), "job_id": state.job_id,
+                           "run_name": state.run_name, "launcher": LAUNCHER,
+                           "call_id": call_id})
         cancelled += 1
-        print(f"cancelled {state.run_name} ({state.call_id})")
+        print(f"cancelled {names} ({call_id})")
     print(f"{cancelled} call(s) cancelled in stage {ledger.stage}"
           + (f", {refused} could not be" if refused else ""))
     return 1 if refused else 0

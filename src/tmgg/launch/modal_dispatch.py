@@ -144,11 +144,9 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
     jobs = planned_jobs(launcher.hydra_context.config_loader, config, job_overrides,
                         initial_job_idx)
     results, pending = split_finished(jobs)
-    settings = check_settings(config.hydra.launcher)
     tasks = dispatch_tasks(jobs, pending, config, launcher.task_function)
-    preflight(config, [jobs[p] for p in pending],
-              groups=[[pending.index(p) for p in task] for task in tasks])
-    settings = task_settings(settings, tasks)
+    settings = task_settings(preflight(config, [jobs[p] for p in pending], groups=[
+        [pending.index(p) for p in task] for task in tasks]), tasks)
     prepare_sweep_dir(config)
     held: dict[int, Any] = {}  # position -> the job's claim, taken before it is sent
     claimed_tasks: list[tuple[list[int], str]] = []  # the members still to send, ticket
