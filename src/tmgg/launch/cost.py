@@ -199,11 +199,22 @@ def plan_estimates(master_config: DictConfig, jobs: Sequence[Any],
 
 
 def launcher_groups(master_config: DictConfig, jobs: Sequence[Any]) -> list[list[int]]:
-    """Positions of ``jobs`` per container (array task) as the launcher will dispatch them."""
-    from tmgg.orchestration.fusion import fusion_settings, group_jobs
+    """Positions of ``jobs`` per task (a Modal container, a SLURM array task, a local
+    worker's task) as the configured launcher will dispatch them."""
+    from tmgg.orchestration.fusion import (
+        balance_groups,
+        fusion_settings,
+        group_jobs,
+        local_workers,
+    )
 
     mode, cap = fusion_settings(master_config)
-    return group_jobs(jobs, mode, cap)
+    groups = group_jobs(jobs, mode, cap)
+    launcher = OmegaConf.select(master_config, "hydra.launcher")
+    if launcher is not None and str(launcher.get("_target_", "")).endswith(
+            ".TmggLocalLauncher"):  # the local launcher splits groups to fill its workers
+        groups = balance_groups(groups, local_workers(launcher, len(jobs)))
+    return groups
 
 
 def container_totals(estimates: Sequence[dict[str, Any]]) -> dict[str, float]:

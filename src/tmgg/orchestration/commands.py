@@ -104,24 +104,13 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
 
 def fused_groups(sweep: Any) -> list[dict[str, Any]]:
     """The tasks the launcher will dispatch when it fuses (none when it does not)."""
-    from omegaconf import OmegaConf
+    from tmgg.launch.cost import launcher_groups
+    from tmgg.orchestration.fusion import describe_groups, fusion_settings
 
-    from tmgg.orchestration.fusion import (
-        balance_groups,
-        describe_groups,
-        fusion_settings,
-        group_jobs,
-        local_workers,
-    )
-
-    mode, cap = fusion_settings(sweep.master_config)
+    mode, _ = fusion_settings(sweep.master_config)
     if mode == "off":
         return []
-    groups = group_jobs(sweep.jobs, mode, cap)
-    launcher = OmegaConf.select(sweep.master_config, "hydra.launcher")
-    if launcher is not None and "LocalLauncher" in str(launcher.get("_target_", "")):
-        groups = balance_groups(groups, local_workers(launcher, len(sweep.jobs)))
-    return describe_groups(sweep.jobs, groups)
+    return describe_groups(sweep.jobs, launcher_groups(sweep.master_config, sweep.jobs))
 
 
 def supersede_facts(sweep: Any) -> dict[str, Any]:
