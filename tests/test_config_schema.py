@@ -101,6 +101,7 @@ def test_bad_value_stops_the_sweep_before_dispatch(sweep_dirs: SweepDirs, overri
     ("hydra.launcher.retries.max_retries=50", "hydra.launcher.retries.max_retries",
      "from 0 to 10"),
     ("hydra.launcher.cpu=-2", "hydra.launcher.cpu", ">= 0.125"),
+    ("hydra.launcher.fuse=sometimes", "hydra.launcher.fuse", "not one of auto, off"),
 ])
 def test_modal_settings_outside_modals_ranges_are_refused(sweep_dirs: SweepDirs, setting: str,
                                                           field: str, problem: str) -> None:
@@ -196,6 +197,9 @@ def test_output_dir_interpolation_resolves_per_job(sweep_dirs: SweepDirs, launch
     ("submitit_local_tmgg", "hydra.launcher.timeout_min=0", "hydra.launcher.timeout_min"),
     ("slurm", "hydra.launcher.mem_gb=0", "hydra.launcher.mem_gb"),
     ("slurm", "hydra.launcher.gpus_per_node=-1", "hydra.launcher.gpus_per_node"),
+    ("submitit_local_tmgg", "hydra.launcher.fuse_max_members=0",
+     "hydra.launcher.fuse_max_members"),
+    ("slurm", "hydra.launcher.fuse=sometimes", "hydra.launcher.fuse"),
 ])
 def test_slurm_resources_sbatch_would_reject_are_refused(
         sweep_dirs: SweepDirs, launcher: str, setting: str, field: str) -> None:

@@ -253,7 +253,7 @@ def test_a10g_plans_as_a10_and_the_plan_compares_cpu_only(sweep_dirs: SweepDirs)
     from tmgg.orchestration.compose import compose_sweep
 
     sweep = compose_sweep(["stage=smoke", "hydra/launcher=modal", "hydra.launcher.gpu=A10G",
-                           *sweep_dirs.overrides])
+                           "hydra.launcher.fuse=off", *sweep_dirs.overrides])
     rows = plan_estimates(sweep.master_config, sweep.jobs)
     assert len(rows) == 6
     for row in rows:

@@ -86,6 +86,13 @@ class ModalLauncherConf:
     # own records and a log of volume commits land there as on Modal); null keeps this
     # machine's outputs_dir and experiments_dir.
     local_volume_dir: Optional[str] = None  # noqa: UP045
+    # auto: jobs that share a batch stream (data, noise, seed, trainer settings) train
+    # together in one container, each still its own job with its own record, outputs
+    # and W&B run (tmgg.orchestration.fusion); off: one container per job. A group's
+    # container gets timeout_s times the group's time factor (tmgg/launch/cost.py).
+    fuse: str = "auto"
+    # The most jobs in one fused group; a larger set is split into near-equal groups.
+    fuse_max_members: int = 64
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="modal", node=ModalLauncherConf,

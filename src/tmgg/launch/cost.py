@@ -51,6 +51,17 @@ MAX_GPUS = {"A10": 4}
 SECONDS_PER_STEP = 0.0144
 STARTUP_SECONDS = 20.0
 
+# A fused group (tmgg.orchestration.fusion) is one container, running its members
+# together. Its time is modelled as the longest member's solo estimate times
+# ``group_time_factor(n) = 1 + (n - 1) * FUSED_MEMBER_SHARE``: every further member
+# costs a quarter of a solo job. Conservative on purpose: issue 13's CPU probe of a
+# 36-job stage-1 seed measured 33 ms a fused step against 279 ms for the 36 solo steps,
+# i.e. about 0.12 of a solo job per extra member (and a GPU, waiting on Python for such
+# small models, does better still). The same factor stretches a group's time limit
+# (Modal's timeout_s, SLURM's timeout_min), so a group is never cut short by a limit
+# sized for one job.
+FUSED_MEMBER_SHARE = 0.25
+
 GPU_FIELD = "hydra.launcher.gpu"
 COST_FIELD = "hydra.launcher.max_cost_usd"
 
@@ -119,6 +130,11 @@ def job_seconds(task_config: dict[str, Any]) -> float:
     return STARTUP_SECONDS + float(steps) * SECONDS_PER_STEP
 
 
+def group_time_factor(members: int) -> float:
+    """A fused group's run time over one member's solo run time (see FUSED_MEMBER_SHARE)."""
+    return 1.0 + max(0, int(members) - 1) * FUSED_MEMBER_SHARE
+
+
 def _launcher(master_config: DictConfig) -> tuple[str, dict[str, Any]]:
     from tmgg.orchestration.sweep import launcher_name
 
@@ -132,14 +148,22 @@ def is_modal_launcher(master_config: DictConfig) -> bool:
     return name == "modal" or str(params.get("_target_", "")).endswith("TmggModalLauncher")
 
 
-def plan_estimates(master_config: DictConfig, jobs: Sequence[Any]) -> list[dict[str, Any]]:
-    """Per job: GPU, estimated accelerator-seconds and Modal cost, in job order.
+def plan_estimates(master_config: DictConfig, jobs: Sequence[Any],
+                   groups: Sequence[Sequence[int]] | None = None) -> list[dict[str, Any]]:
+    """Per job: GPU, container, estimated accelerator-seconds and Modal cost, in job order.
 
-    ``est_cost_usd`` is the cost on the configured Modal container (None for launchers
-    that do not bill through Modal); ``est_cost_cpu_usd`` is the same job on a CPU-only
-    Modal container (``gpu: null``) of the same cores and memory, assuming the same
-    wall time — for 20-node graphs and a few thousand parameters a GPU is mostly idle,
-    so this column shows what dropping the GPU would save.
+    A job runs in a container of its own, or with its fused group in one container
+    (``groups``: positions of ``jobs`` per container; by default the launcher's own
+    grouping, ``hydra.launcher.fuse``). ``container`` numbers the containers;
+    ``est_container_seconds`` is the container's time (a group's: its longest member's
+    estimate times ``group_time_factor``) and ``est_gpu_seconds`` this job's share of it
+    (the container's time split evenly among its members), so the jobs' figures add up
+    to what the containers are billed. ``est_cost_usd`` is that share's cost on the
+    configured Modal container (None for launchers that do not bill through Modal);
+    ``est_cost_cpu_usd`` the same on a CPU-only Modal container (``gpu: null``) of the
+    same cores and memory, assuming the same wall time — for 20-node graphs and a few
+    thousand parameters a GPU is mostly idle, so this column shows what dropping the
+    GPU would save.
     """
     modal = is_modal_launcher(master_config)
     _, params = _launcher(master_config)
@@ -148,21 +172,58 @@ def plan_estimates(master_config: DictConfig, jobs: Sequence[Any]) -> list[dict[
     memory_mb = float(params.get("memory_mb") or 4096)
     rate = container_usd_per_second(gpu, cpu, memory_mb)
     cpu_rate = container_usd_per_second(None, cpu, memory_mb)
-    rows = []
-    for job in jobs:
-        task = getattr(job, "task_config", None) or {}
-        if not task:  # not a tmgg job (e.g. Hydra's test apps): nothing to estimate
-            rows.append({"gpu": gpu, "est_gpu_seconds": None, "est_cost_usd": None,
-                         "est_cost_cpu_usd": None})
+    if groups is None:
+        groups = launcher_groups(master_config, jobs)
+    rows: list[dict[str, Any]] = [{}] * len(jobs)
+    for container, group in enumerate(groups):
+        tasks = [getattr(jobs[p], "task_config", None) or {} for p in group]
+        if not all(tasks):  # not tmgg jobs (e.g. Hydra's test apps): nothing to estimate
+            for position in group:
+                rows[position] = {"gpu": gpu, "container": container, "group_size": len(group),
+                                  "est_container_seconds": None, "est_gpu_seconds": None,
+                                  "est_cost_usd": None, "est_cost_cpu_usd": None}
             continue
-        seconds = job_seconds(task)
-        rows.append({
-            "gpu": gpu,
-            "est_gpu_seconds": round(seconds, 1),
-            "est_cost_usd": round(seconds * rate, 6) if modal else None,
-            "est_cost_cpu_usd": round(seconds * cpu_rate, 6),
-        })
+        container_seconds = max(job_seconds(t) for t in tasks) * group_time_factor(len(group))
+        share = container_seconds / len(group)
+        for position in group:
+            rows[position] = {
+                "gpu": gpu,
+                "container": container,
+                "group_size": len(group),
+                "est_container_seconds": round(container_seconds, 1),
+                "est_gpu_seconds": round(share, 1),
+                "est_cost_usd": round(share * rate, 6) if modal else None,
+                "est_cost_cpu_usd": round(share * cpu_rate, 6),
+            }
     return rows
+
+
+def launcher_groups(master_config: DictConfig, jobs: Sequence[Any]) -> list[list[int]]:
+    """Positions of ``jobs`` per task (a Modal container, a SLURM array task, a local
+    worker's task) as the configured launcher will dispatch them."""
+    from tmgg.orchestration.fusion import (
+        balance_groups,
+        fusion_settings,
+        group_jobs,
+        local_workers,
+    )
+
+    mode, cap = fusion_settings(master_config)
+    groups = group_jobs(jobs, mode, cap)
+    launcher = OmegaConf.select(master_config, "hydra.launcher")
+    if launcher is not None and str(launcher.get("_target_", "")).endswith(
+            ".TmggLocalLauncher"):  # the local launcher splits groups to fill its workers
+        groups = balance_groups(groups, local_workers(launcher, len(jobs)))
+    return groups
+
+
+def container_totals(estimates: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """How many containers a sweep starts and their summed estimated seconds."""
+    seconds: dict[int, float] = {}
+    for row in estimates:
+        if row.get("container") is not None:
+            seconds[row["container"]] = float(row.get("est_container_seconds") or 0.0)
+    return {"containers": len(seconds), "est_container_seconds": round(sum(seconds.values()), 1)}
 
 
 def sweep_totals(estimates: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -188,10 +249,12 @@ def check_cost_limit(master_config: DictConfig, estimates: Sequence[dict[str, An
     totals = sweep_totals(estimates)
     if totals["est_cost_usd"] > float(limit):
         gpu = next((row.get("gpu") for row in estimates), None) or "CPU-only"
+        containers = container_totals(estimates)["containers"]
         raise LauncherSettingError(
             COST_FIELD, f"the sweep's estimated cost ${totals['est_cost_usd']:.4f} "
-            f"({len(estimates)} jobs, {totals['est_gpu_seconds']:.0f} accelerator-seconds on "
-            f"{gpu}) exceeds the limit ${float(limit):.4f}; nothing was dispatched. The same "
+            f"({len(estimates)} jobs in {containers} containers, "
+            f"{totals['est_gpu_seconds']:.0f} accelerator-seconds on {gpu}) exceeds the "
+            f"limit ${float(limit):.4f}; nothing was dispatched. The same "
             f"sweep on CPU-only containers (hydra.launcher.gpu=null) is estimated at "
             f"${totals['est_cost_cpu_usd']:.4f}. Raise the limit, shrink the sweep, or set "
             f"{COST_FIELD}=null to disable the check")

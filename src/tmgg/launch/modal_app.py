@@ -145,21 +145,24 @@ def checkpoint_callbacks(cfg: Any, output_dir: Any) -> list[Any]:
     class CommitVolumeAfterCheckpoint(Callback):
         """Commit the volume right after each checkpoint file is written.
 
-        Wraps the trainer's ``save_checkpoint`` (what ModelCheckpoint calls), so the
-        commit follows the write itself, whichever callback or hook saved it.
+        Wraps the save of the trainer's checkpoint IO (what ``trainer.save_checkpoint``
+        and ModelCheckpoint end in, and what a fused group's MemberCheckpoints writes
+        every member's checkpoints with), so the commit follows the write itself,
+        whichever callback or hook saved it.
         """
 
         def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-            if getattr(trainer, "_tmgg_commits_volume", False):
+            io = trainer.strategy.checkpoint_io
+            if getattr(io, "_tmgg_commits_volume", False):
                 return
-            save = trainer.save_checkpoint
+            save = io.save_checkpoint
 
-            def save_and_commit(filepath: Any, *args: Any, **kwargs: Any) -> None:
-                save(filepath, *args, **kwargs)
-                commit_volume(f"checkpoint {filepath}")
+            def save_and_commit(checkpoint: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+                save(checkpoint, path, *args, **kwargs)
+                commit_volume(f"checkpoint {path}")
 
-            trainer.save_checkpoint = save_and_commit
-            trainer._tmgg_commits_volume = True
+            io.save_checkpoint = save_and_commit
+            io._tmgg_commits_volume = True
 
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
             commit_volume(f"exception {type(exception).__name__}")

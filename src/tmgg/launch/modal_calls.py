@@ -21,7 +21,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from tmgg.launch.modal_results import LAUNCHER, read_result_data, record_result, to_job_return
+from tmgg.launch.modal_results import (
+    LAUNCHER,
+    member_outputs,
+    read_result_data,
+    record_result,
+    to_job_return,
+)
 from tmgg.launch.modal_settings import (
     MODAL_TOKEN_HELP,
     ModalSettings,
@@ -158,6 +164,8 @@ def poll_detached(ledger: Ledger) -> int:
         output = poll_call(state.call_id, ledger.root)
         if output is PENDING:
             continue
+        if record.get("member") is not None:  # one call ran this job's fused group
+            output = member_outputs(output, int(record["group_size"]))[int(record["member"])]
         job = _job_from_call_record(record)
         settings = ModalSettings(**record["settings"])
         record_result(job, to_job_return(job, output), settings, record.get("volume_root"),
@@ -187,33 +195,44 @@ def cancel_main(argv: list[str]) -> int:
         return 1
     poll_detached(ledger)
     cancelled = refused = 0
+    # A fused group's members share one call: it is cancelled once, for all of them.
+    by_call: dict[str, list[Any]] = {}
     for state in ledger.states().values():
-        if state.status not in (DISPATCHED, RUNNING) or not state.call_id:
-            continue
+        if state.status in (DISPATCHED, RUNNING) and state.call_id:
+            by_call.setdefault(state.call_id, []).append(state)
+    for call_id, states in by_call.items():
+        names = ", ".join(state.run_name for state in states)
         try:
-            cancel_call(state.call_id, ledger.root)
+            cancel_call(call_id, ledger.root)
         except Exception as error:  # noqa: BLE001 - report and go on with the others
-            print(f"could not cancel {state.run_name} ({state.call_id}): {error}",
-                  file=sys.stderr)
+            print(f"could not cancel {names} ({call_id}): {error}", file=sys.stderr)
             refused += 1
             continue
-        ledger.append({"event": "cancelled", "time": utc_now(), "job_id": state.job_id,
-                       "run_name": state.run_name, "launcher": LAUNCHER,
-                       "call_id": state.call_id})
+        for state in states:
+            ledger.append({"event": "cancelled", "time": utc_now(), "job_id": state.job_id,
+                           "run_name": state.run_name, "launcher": LAUNCHER,
+                           "call_id": call_id})
         cancelled += 1
-        print(f"cancelled {state.run_name} ({state.call_id})")
+        print(f"cancelled {names} ({call_id})")
     print(f"{cancelled} call(s) cancelled in stage {ledger.stage}"
           + (f", {refused} could not be" if refused else ""))
     return 1 if refused else 0
 
 
 def write_call_record(job: PlannedJob, call_id: str, settings: ModalSettings,
-                       root: str | None) -> None:
-    """What ``status`` needs to fold the call's result later, beside the ledger."""
+                      root: str | None, member: int | None = None,
+                      group_size: int | None = None) -> None:
+    """What ``status`` needs to fold the call's result later, beside the ledger.
+
+    A fused group's members share one call: ``member`` is the job's place in the
+    group's payload (its result's place in the call's output), ``group_size`` the
+    group's members.
+    """
     if not job.is_tmgg_job:
         return
     path = call_record_path(ledger_for(job.task_config).root, job.job_id)
     atomic_write_json(path, {
+        "member": member, "group_size": group_size,
         "job_id": job.job_id, "run_name": job.run_name, "index": job.index,
         "call_id": call_id, "dispatched_at": utc_now(), "overrides": list(job.overrides),
         "settings": dataclasses.asdict(settings), "volume_root": root,

@@ -14,7 +14,9 @@ events, the progress display and the outcome table. The pieces it composes:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,11 +24,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tmgg.launch.common import build_payload, prepare_sweep_dir, print_outcome_table
-from tmgg.launch.cost import check_cost_limit, plan_estimates
+from tmgg.launch.common import (
+    dispatch_tasks,
+    prepare_sweep_dir,
+    print_outcome_table,
+    task_payload,
+)
+from tmgg.launch.cost import check_cost_limit, group_time_factor, plan_estimates
 from tmgg.launch.modal_calls import CALLS_DIR, local_calls_dir, write_call_record
 from tmgg.launch.modal_results import (
     LAUNCHER,
+    member_outputs,
     on_volume,
     record_result,
     to_job_return,
@@ -103,7 +111,8 @@ def _calls_dir(jobs: Sequence[PlannedJob], config: DictConfig) -> Path:
     return Path(str(config.hydra.sweep.dir)) / f".{CALLS_DIR}"
 
 
-def preflight(config: DictConfig, pending: Sequence[PlannedJob]) -> ModalSettings:
+def preflight(config: DictConfig, pending: Sequence[PlannedJob],
+              groups: Sequence[Sequence[int]] | None = None) -> ModalSettings:
     """Every refusal this launcher makes before dispatch, for the jobs still to run.
 
     Settings, credentials, the cost limit and the W&B secret (that it is set when jobs
@@ -113,7 +122,9 @@ def preflight(config: DictConfig, pending: Sequence[PlannedJob]) -> ModalSetting
     for the jobs still unfinished when the launch begins).
     """
     settings = check_settings(config.hydra.launcher)
-    check_cost_limit(config, plan_estimates(config, pending))
+    # One container per fused group (``groups``: positions of ``pending`` per container;
+    # by default the launcher's grouping of tmgg-train's jobs).
+    check_cost_limit(config, plan_estimates(config, pending, groups))
     check_wandb_secret(settings, pending)
     if pending:
         require_wandb_secret(settings)
@@ -122,31 +133,46 @@ def preflight(config: DictConfig, pending: Sequence[PlannedJob]) -> ModalSetting
 
 def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
                  initial_job_idx: int) -> list[Any]:
-    """Check, then dispatch every unfinished job of the sweep; JobReturns in job order."""
+    """Check, then dispatch every unfinished job of the sweep; JobReturns in job order.
+
+    One container call per task: a job alone, or a fused group (``hydra.launcher.fuse``)
+    whose call returns one JobReturn per member. Each member is recorded as a solo job
+    is (dispatched, outcome, its record with the call), so status, cancel, resume and
+    reconcile see jobs, never groups.
+    """
     config = launcher.config
     jobs = planned_jobs(launcher.hydra_context.config_loader, config, job_overrides,
                         initial_job_idx)
     results, pending = split_finished(jobs)
-    settings = preflight(config, [jobs[p] for p in pending])
+    tasks = dispatch_tasks(jobs, pending, config, launcher.task_function)
+    settings = task_settings(preflight(config, [jobs[p] for p in pending], groups=[
+        [pending.index(p) for p in task] for task in tasks]), tasks)
     prepare_sweep_dir(config)
     held: dict[int, Any] = {}  # position -> the job's claim, taken before it is sent
-    for position in list(pending):
-        claim, skipped = claim_for_dispatch(jobs[position], LAUNCHER)
-        if skipped is not None:  # held by another sweep (or a detached call still running)
-            results[position] = skipped
-            pending.remove(position)
-        else:
+    claimed_tasks: list[tuple[list[int], str]] = []  # the members still to send, ticket
+    for task in tasks:
+        ticket = claims.new_ticket()  # one ticket for a task's jobs, as the local launcher
+        members = []
+        for position in task:
+            claim, skipped = claim_for_dispatch(jobs[position], LAUNCHER, ticket=ticket)
+            if skipped is not None:  # held by another sweep (or a detached call still running)
+                results[position] = skipped
+                continue
             held[position] = claim
+            members.append(position)
+        if members:
+            claimed_tasks.append((members, ticket))
+    pending = [p for members, _ in claimed_tasks for p in members]
     root = volume_root(settings)
     env = {"TMGG_NUM_THREADS": str(settings.container_threads())}
-    inputs = [(build_payload(on_volume(jobs[p], root), launcher.task_function, env,
-                             claim_ticket=held[p].ticket if held[p] else None),
-               settings.volume) for p in pending]
-    size = settings.local_size(len(pending))
+    inputs = [(task_payload([on_volume(jobs[p], root) for p in members], launcher.task_function,
+                            env, claim_ticket=ticket if held[members[0]] else None),
+               settings.volume) for members, ticket in claimed_tasks]
+    size = settings.local_size(len(inputs))
     where = (f"Modal ({settings.gpu or 'CPU-only'}, app {settings.app_name})"
              if settings.transport == "modal" else f"{size} local containers")
-    log.info("Launching %d jobs (%d already finished) on %s", len(pending),
-             len(jobs) - len(pending), where)
+    log.info("Launching %d jobs in %d containers (%d already finished) on %s", len(pending),
+             len(inputs), len(jobs) - len(pending), where)
     if not pending:
         if settings.progress:
             print_outcome_table(jobs, results, title=f"modal launcher: {len(jobs)} jobs")
@@ -154,15 +180,19 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
     calls_dir = _calls_dir(jobs, config) if settings.detach else None
     with open_runner(settings, settings.detach, size, calls_dir) as runner:
         if settings.detach:
-            for position, args in zip(pending, inputs, strict=True):
-                job = jobs[position]
+            for (members, _), args in zip(claimed_tasks, inputs, strict=True):
                 call_id = runner.spawn(args)
-                if held[position] is not None:  # from now on, the call answers for it
-                    claims.renew(held[position], transport={"kind": LAUNCHER,
-                                                            "call_id": call_id})
-                record_dispatched(job, LAUNCHER, call_id)
-                write_call_record(job, call_id, settings, root)
-                results[position] = _detached_return(job, call_id)
+                for member, position in enumerate(members):
+                    job = jobs[position]
+                    if held[position] is not None:  # from now on, the call answers for it
+                        claims.renew(held[position], transport={"kind": LAUNCHER,
+                                                                "call_id": call_id})
+                    record_dispatched(job, LAUNCHER, call_id)
+                    grouped = len(members) > 1
+                    write_call_record(job, call_id, settings, root,
+                                      member=member if grouped else None,
+                                      group_size=len(members) if grouped else None)
+                    results[position] = _detached_return(job, call_id)
         else:
             for position in pending:
                 record_dispatched(jobs[position], LAUNCHER)
@@ -170,17 +200,19 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
             # job's container takes its own over (or, on Modal's volume, until it ends).
             keeper = claims.Heartbeat(*[c for c in held.values() if c is not None])
             with _progress(settings, len(jobs), len(jobs) - len(pending)) as bar:
-                # Recorded as each finishes: a killed launcher loses no finished result.
+                # Recorded as each call finishes: a killed launcher loses no finished result.
                 for index, output in runner.map(inputs):
-                    position = pending[index]
-                    job = jobs[position]
-                    result = to_job_return(job, output)
-                    results[position] = result
-                    record_result(job, result, settings, root)
-                    if held[position] is not None:
-                        keeper.discard(job.job_id)
-                    release_dispatch(job, held[position], result)
-                    bar.advance(job, result)
+                    members = claimed_tasks[index][0]
+                    task_jobs = [jobs[p] for p in members]
+                    for position, result in zip(members, task_returns(task_jobs, output),
+                                                strict=True):
+                        job = jobs[position]
+                        results[position] = result
+                        record_result(job, result, settings, root)
+                        if held[position] is not None:
+                            keeper.discard(job.job_id)
+                        release_dispatch(job, held[position], result)
+                        bar.advance(job, result)
             keeper.stop()
     for position in pending:
         if results[position] is None:  # the transport returned fewer outputs than inputs
@@ -192,8 +224,35 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
         _print_detached(jobs, pending, results, settings)
     elif settings.progress:
         print_outcome_table(jobs, results, title=f"modal launcher ({settings.transport}): "
-                            f"{len(jobs)} jobs")
+                            f"{len(jobs)} jobs in {len(inputs)} containers")
     return results
+
+
+def task_settings(settings: ModalSettings, tasks: Sequence[Sequence[int]]) -> ModalSettings:
+    """The settings a sweep's containers get: timeout_s stretched for its largest group.
+
+    ``timeout_s`` bounds one job; a fused group's container runs its members together,
+    for about ``group_time_factor`` times one job's time (tmgg/launch/cost.py), so the
+    container's limit grows by the same factor (within Modal's 86400 s).
+    """
+    largest = max((len(task) for task in tasks), default=1)
+    if largest <= 1:
+        return settings
+    timeout = min(86400, math.ceil(settings.timeout_s * group_time_factor(largest)))
+    return dataclasses.replace(settings, timeout_s=timeout)
+
+
+def task_returns(task_jobs: Sequence[PlannedJob], output: Any) -> list[Any]:
+    """A container call's output as one JobReturn per job of its task.
+
+    A group's call returns its members' JobReturns (a list, in payload order); a call
+    that failed as a whole (its container lost after the last retry, a time-out) fails
+    every member it had not finished, with the call's error.
+    """
+    if len(task_jobs) == 1:
+        return [to_job_return(task_jobs[0], output)]
+    returned = member_outputs(output, len(task_jobs))
+    return [to_job_return(job, value) for job, value in zip(task_jobs, returned, strict=True)]
 
 
 def _print_detached(jobs: Sequence[PlannedJob], pending: Sequence[int], results: Sequence[Any],

@@ -93,6 +93,8 @@ def to_job_return(job: PlannedJob, output: Any) -> Any:
 
     if isinstance(output, dict):
         return job_return_from_data(job, output)
+    if isinstance(output, JobReturn):  # a fused group's member, unpickled with its group
+        return output
     if isinstance(output, bytes | bytearray):
         try:
             return deserialize(bytes(output))
@@ -105,6 +107,25 @@ def to_job_return(job: PlannedJob, output: Any) -> Any:
     return failed
 
 
+def member_outputs(output: Any, members: int) -> list[Any]:
+    """A fused group's call output split per member (payload order), each as
+    ``to_job_return`` takes it: the pickled list of JobReturns from the container, its
+    result data (``result_data`` of a list), or one failure for every member."""
+    if isinstance(output, bytes | bytearray):
+        try:
+            output = deserialize(bytes(output))
+        except Exception as error:  # noqa: BLE001 - every member fails with it
+            output = error
+    if isinstance(output, dict) and output.get("format") == RESULT_FORMAT \
+            and isinstance(output.get("members"), list):
+        output = output["members"]
+    if isinstance(output, list):
+        if len(output) == members:
+            return output
+        output = RuntimeError(f"a fused group of {members} jobs returned {len(output)} results")
+    return [output] * members
+
+
 # -- results as data ---------------------------------------------------------------
 
 RESULT_FORMAT = "tmgg-call-result/1"
@@ -112,12 +133,15 @@ RESULT_FORMAT = "tmgg-call-result/1"
 
 def result_data(output: Any) -> dict[str, Any]:
     """A transport's output (pickled JobReturn from our own container, or an exception)
-    as JSON data: status, metrics, error text, duration and output directory."""
+    as JSON data: status, metrics, error text, duration and output directory. A fused
+    group's output (a list of JobReturns) is ``{"format": ..., "members": [data, ...]}``."""
     if isinstance(output, bytes | bytearray):
         try:
             output = deserialize(bytes(output))
         except Exception as error:  # noqa: BLE001 - becomes a FAILED result
             output = error
+    if isinstance(output, list):
+        return {"format": RESULT_FORMAT, "members": [result_data(item) for item in output]}
     data: dict[str, Any] = {"format": RESULT_FORMAT, "status": "FAILED", "metrics": None,
                             "error": None, "duration_s": None, "output_dir": None}
     if isinstance(output, BaseException):
@@ -157,6 +181,11 @@ def read_result_data(path: Path) -> dict[str, Any] | JobFailure:
 def _result_problem(data: Any) -> str | None:
     if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT:
         return f"expected an object with format {RESULT_FORMAT!r}"
+    if "members" in data:  # a fused group's results: each member's is checked alike
+        if not isinstance(data["members"], list):
+            return "members is not a list"
+        problems = [_result_problem(member) for member in data["members"]]
+        return next((f"member {i}: {p}" for i, p in enumerate(problems) if p), None)
     if data.get("status") not in ("COMPLETED", "FAILED"):
         return f"unknown status {data.get('status')!r}"
     if data.get("metrics") is not None and not isinstance(data["metrics"], dict):

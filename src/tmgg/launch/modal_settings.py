@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tmgg.launch.cost import LauncherSettingError, normalize_gpu
+from tmgg.orchestration.fusion import fusion_settings
 from tmgg.orchestration.plan import PlanError, PlannedJob
 
 TRANSPORTS = ("modal", "local")
@@ -58,6 +59,8 @@ class ModalSettings:
     progress: bool = True
     local_containers: int | None = None
     local_volume_dir: str | None = None
+    fuse: str = "auto"
+    fuse_max_members: int = 64
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | DictConfig) -> ModalSettings:
@@ -130,6 +133,8 @@ class ModalSettings:
         require("max_cost_usd", self.max_cost_usd is None
                 or (number(self.max_cost_usd) and self.max_cost_usd >= 0),
                 f"expected a number >= 0 or null, got {self.max_cost_usd!r}")
+        # The local launcher's rule, word for word (names hydra.launcher.fuse...).
+        fusion_settings({"fuse": self.fuse, "fuse_max_members": self.fuse_max_members})
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds before retry number ``attempt`` (1-based), as modal.Retries computes it."""

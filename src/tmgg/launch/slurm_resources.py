@@ -16,7 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-SUBMITIT_TARGET_PREFIX = "hydra_plugins.hydra_submitit_launcher."
+SUBMITIT_TARGET_PREFIXES = ("hydra_plugins.hydra_submitit_launcher.",
+                            "hydra_plugins.tmgg_launchers.submitit_launchers.")
 
 # Input environment variables of sbatch that override the #SBATCH lines submitit
 # writes (sbatch(1): environment variables override options in the batch script).
@@ -58,7 +59,7 @@ def format_minutes(minutes: int) -> str:
 
 def is_submitit_launcher(master_config: DictConfig) -> bool:
     target = OmegaConf.select(master_config, "hydra.launcher._target_", default=None)
-    return isinstance(target, str) and target.startswith(SUBMITIT_TARGET_PREFIX)
+    return isinstance(target, str) and target.startswith(SUBMITIT_TARGET_PREFIXES)
 
 
 def _resource_rules() -> dict[str, Any]:
@@ -96,15 +97,20 @@ def check_submitit_settings(master_config: DictConfig) -> None:
         problem = rule(value)
         if problem:
             raise LauncherSettingError(f"hydra.launcher.{key}", problem)
+    from tmgg.orchestration.fusion import fusion_settings
+
+    fusion_settings(master_config)  # fuse, fuse_max_members: the local launcher's rules
 
 
-def describe_launcher(master_config: DictConfig) -> dict[str, Any]:
+def describe_launcher(master_config: DictConfig, largest_group: int = 1) -> dict[str, Any]:
     """Resources each job of the sweep requests, or {} for a launcher that is not submitit.
 
     Every job of a submitit sweep gets the same resources: the launcher is built once
     from the master config (a swept ``trainer.max_steps`` does not change the time
     limit; the stage's value does). ``env_overrides`` lists sbatch input variables of
-    this shell that will replace a configured value.
+    this shell that will replace a configured value. ``largest_group``: the most jobs
+    in one fused group (one array task); the array's time limit covers it
+    (``tmgg.launch.submitit_tasks.task_minutes``), shown as ``task_time_limit``.
     """
     if not is_submitit_launcher(master_config):
         return {}
@@ -121,6 +127,12 @@ def describe_launcher(master_config: DictConfig) -> dict[str, Any]:
                 raise ValueError(f"hydra.launcher.{key}: cannot resolve: {error}") from error
     if "timeout_min" in resources:
         resources["time_limit"] = format_minutes(int(resources["timeout_min"]))
+        if largest_group > 1:
+            from tmgg.launch.cost import group_time_factor
+
+            minutes = max(1, math.ceil(int(resources["timeout_min"])
+                                       * group_time_factor(largest_group)))
+            resources["task_time_limit"] = format_minutes(minutes)
     if executor == "slurm":
         overrides = {}
         for key, variable in SBATCH_ENV.items():
@@ -152,6 +164,8 @@ def format_resources(resources: dict[str, Any]) -> str:
               f"cpus={show(resources.get('cpus_per_task'))}",
               "mem=" + (unset if resources.get("mem_gb") is None else f"{resources['mem_gb']}GB"),
               f"time={resources.get('time_limit', '?')}"]
+    if "task_time_limit" in resources:
+        parts.append(f"(a fused group's array task: time={resources['task_time_limit']})")
     if "max_num_timeout" in resources:
         parts.append(f"requeues={resources['max_num_timeout']}")
     for variable, value in (resources.get("env_overrides") or {}).items():

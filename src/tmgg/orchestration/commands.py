@@ -76,18 +76,22 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
     check_wandb(sweep.jobs, sweep.master_config)
     estimates: list[dict[str, Any]] = plan_estimates(sweep.master_config, sweep.jobs)
     resources = None
+    groups = fused_groups(sweep)
     describe = _optional("tmgg.launch.slurm_resources", "describe_launcher")
     if describe is not None:
-        resources = describe(sweep.master_config)
+        resources = describe(sweep.master_config,
+                             max((group["members"] for group in groups), default=1))
     rows = []
     for job, estimate in zip(sweep.jobs, estimates, strict=True):
         row = {**job.summary(), "launcher": sweep.launcher, **estimate}
         if resources:
             row["resources"] = resources
         rows.append(row)
+    container_totals = required_check("tmgg.launch.cost", "container_totals")
     facts = {"stage": sweep.stage, "launcher": sweep.launcher, "jobs": len(rows),
-             "resources": resources, "fused_groups": fused_groups(sweep),
-             **supersede_facts(sweep)}
+             "resources": resources, "fused_groups": groups,
+             # Tasks the launcher dispatches (containers on Modal, array tasks on SLURM).
+             **container_totals(estimates), **supersede_facts(sweep)}
     totals = [r.get("est_cost_usd") for r in rows if r.get("est_cost_usd") is not None]
     if totals:
         facts["est_cost_usd"] = round(sum(totals), 4)
@@ -100,24 +104,13 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
 
 def fused_groups(sweep: Any) -> list[dict[str, Any]]:
     """The tasks the launcher will dispatch when it fuses (none when it does not)."""
-    from omegaconf import OmegaConf
+    from tmgg.launch.cost import launcher_groups
+    from tmgg.orchestration.fusion import describe_groups, fusion_settings
 
-    from tmgg.orchestration.fusion import (
-        balance_groups,
-        describe_groups,
-        fusion_settings,
-        group_jobs,
-        local_workers,
-    )
-
-    mode, cap = fusion_settings(sweep.master_config)
+    mode, _ = fusion_settings(sweep.master_config)
     if mode == "off":
         return []
-    groups = group_jobs(sweep.jobs, mode, cap)
-    launcher = OmegaConf.select(sweep.master_config, "hydra.launcher")
-    if launcher is not None and "LocalLauncher" in str(launcher.get("_target_", "")):
-        groups = balance_groups(groups, local_workers(launcher, len(sweep.jobs)))
-    return describe_groups(sweep.jobs, groups)
+    return describe_groups(sweep.jobs, launcher_groups(sweep.master_config, sweep.jobs))
 
 
 def supersede_facts(sweep: Any) -> dict[str, Any]:
@@ -187,6 +180,13 @@ def plan_main(argv: list[str]) -> int:
                           str(group["batch_size"]), str(group["max_steps"]),
                           group["stacked_models"])
         console.print(fused)
+    tasks = facts.get("containers")
+    if tasks is not None and tasks != len(rows):
+        unit = {"modal": "containers"}.get(facts["launcher"], "tasks")
+        if facts.get("resources"):
+            unit = "array tasks"
+        cost_text = (f" in {tasks} {unit} (about {facts['est_container_seconds']:.0f} s of "
+                     f"{unit} run time in all){cost_text}")
     console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched")
     return 0
 
