@@ -25,12 +25,22 @@ baseline that tests and ``benchmarks/bench_planning.py`` compare against
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 from typing import Any
 
-from hydra._internal.config_repository import ConfigRepository, IConfigRepository
+import hydra._internal.config_loader_impl as hydra_loader_impl
+from hydra._internal.config_repository import (
+    CachingConfigRepository,
+    ConfigRepository,
+    IConfigRepository,
+)
+from hydra._internal.defaults_list import DefaultsList
 from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.default_element import ResultDefault
 from hydra.core.object_type import ObjectType
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.plugins.config_source import ConfigResult, ConfigSource
 
 
@@ -43,6 +53,11 @@ class _SharedCache:
         self.lookups: dict[tuple[Any, ...], Any] = {}
         self.loads = 0  # delegate loads (file reads and parses), for tests and benchmarks
         self.compositions = 0  # load_configuration calls served (one view each)
+        # Per distinct set of config-group choices (see ``_cached_defaults_list``):
+        # Hydra's defaults list, and the config composed from it, pickled.
+        self.defaults_lists: dict[tuple[Any, ...], DefaultsList] = {}
+        self.composed: dict[int, tuple[list[ResultDefault], bytes]] = {}
+        self.defaults_trees = 0  # defaults trees built (cache misses), for tests
 
 
 class SharedConfigRepository(IConfigRepository):
@@ -125,7 +140,153 @@ def share_config_cache(config_loader: Any) -> SharedConfigRepository | None:
         return None
     shared = SharedConfigRepository(repository)
     config_loader.repository = shared
+    _install_defaults_list_cache()
+    config_loader._compose_config_from_defaults_list = _CachedComposition(
+        config_loader._compose_config_from_defaults_list, shared.cache)
+    config_loader._parse_overrides_and_create_caching_repo = _CachedOverrideParsing(
+        config_loader)
     return shared
+
+
+# -- each distinct override line parsed once --------------------------------------------
+
+
+def parse_override_lines(lines: list[str]) -> list[Override]:
+    """Hydra's ``OverridesParser.parse_overrides``, each distinct line parsed once.
+
+    Hydra's grammar parser (ANTLR in Python) takes about a millisecond a line, and a
+    sweep's jobs repeat the same few lines (``model=linear_pe`` in 36 stage-1 jobs,
+    the master's hydra overrides in every job). Each call gets its own copies, so
+    nothing a caller does to an ``Override`` reaches another. ``shuffle(...)`` is
+    random by design and parsed every time; errors are raised every time.
+    """
+    return [copy.deepcopy(_parsed_override(line)) if "shuffle(" not in line
+            else OverridesParser.create().parse_overrides([line])[0] for line in lines]
+
+
+@functools.lru_cache(maxsize=8192)
+def _parsed_override(line: str) -> Override:
+    (override,) = OverridesParser.create().parse_overrides([line])
+    return override
+
+
+class _CachedOverrideParsing:
+    """A loader's ``_parse_overrides_and_create_caching_repo`` with ``parse_override_lines``.
+
+    The rest is Hydra's: a caching repository over the loader's, the search path
+    taken from the primary config and the overrides.
+    """
+
+    def __init__(self, config_loader: Any) -> None:
+        self.config_loader = config_loader
+
+    def __call__(self, config_name: str | None,
+                 overrides: list[str]) -> tuple[list[Override], CachingConfigRepository]:
+        parsed = parse_override_lines(overrides)
+        caching_repo = CachingConfigRepository(self.config_loader.repository)
+        self.config_loader._process_config_searchpath(config_name, parsed, caching_repo)
+        return parsed, caching_repo
+
+
+# -- one defaults tree and one merge per distinct set of config-group choices ---------
+#
+# Hydra's ``_load_configuration_impl`` builds each job's defaults tree from the
+# overrides that choose config groups (``model=filter_bank``), merges the chosen
+# files into one config, and only then applies the plain value overrides
+# (``optimizer.lr=1e-3``, ``seed=2``) and fills in the hydra node (overrides,
+# choices, override_dirname, ...). The first two steps depend on nothing else: the
+# config files, the primary config's name, the group-choosing overrides and the run
+# mode. A stage-1 sweep has three such sets (one per model) for 108 jobs, so both
+# steps are done three times and every other job gets a copy of their result; all
+# the rest of Hydra's per-job work (value overrides, hydra node) still runs as is.
+
+
+def _group_choice_key(repo: IConfigRepository, config_name: str | None,
+                      overrides: list[Any], prepend_hydra: bool,
+                      skip_missing: bool) -> tuple[Any, ...] | None:
+    """What a defaults list depends on, or None when the repository is not shared.
+
+    An override counts as a value override exactly when Hydra's ``Overrides`` puts it
+    in ``config_overrides`` (a dict value, or a key that is not a config group); every
+    other override (group choices, appends, deletions, sweeps) is part of the key.
+    """
+    shared = getattr(repo, "delegate", None)
+    if not isinstance(repo, CachingConfigRepository) or not isinstance(
+            shared, SharedConfigRepository):
+        return None
+    choices = tuple(override.input_line for override in overrides
+                    if override.is_sweep_override() or not _is_value_override(repo, override))
+    return (shared._path_key, config_name, choices, prepend_hydra, skip_missing)
+
+
+def _is_value_override(repo: IConfigRepository, override: Any) -> bool:
+    """Hydra's own test (``defaults_list.Overrides``): not a group choice."""
+    return isinstance(override.value(), dict) or not repo.group_exists(override.key_or_group)
+
+
+def _cached_defaults_list(repo: IConfigRepository, config_name: str | None,
+                          overrides_list: list[Any], prepend_hydra: bool,
+                          skip_missing: bool) -> DefaultsList:
+    """Hydra's ``create_defaults_list``, built once per group-choice set of a shared loader.
+
+    A later job with the same group choices gets the same defaults (and tree, and
+    known choices) with its own value overrides, in its own order, as Hydra would
+    give them. Errors are never cached: a failing set is built (and fails) each time.
+    """
+    key = _group_choice_key(repo, config_name, overrides_list, prepend_hydra, skip_missing)
+    if key is None:
+        return _HYDRA_CREATE_DEFAULTS_LIST(repo=repo, config_name=config_name,
+                                           overrides_list=overrides_list,
+                                           prepend_hydra=prepend_hydra,
+                                           skip_missing=skip_missing)
+    shared: SharedConfigRepository = repo.delegate  # type: ignore[attr-defined]
+    built = shared.cache.defaults_lists.get(key)
+    if built is None:
+        shared.cache.defaults_trees += 1
+        built = _HYDRA_CREATE_DEFAULTS_LIST(repo=repo, config_name=config_name,
+                                            overrides_list=overrides_list,
+                                            prepend_hydra=prepend_hydra,
+                                            skip_missing=skip_missing)
+        shared.cache.defaults_lists[key] = built
+    values = [override for override in overrides_list
+              if not override.is_sweep_override() and _is_value_override(repo, override)]
+    return DefaultsList(defaults=built.defaults, defaults_tree=built.defaults_tree,
+                        config_overrides=values, overrides=built.overrides)
+
+
+_HYDRA_CREATE_DEFAULTS_LIST = hydra_loader_impl.create_defaults_list
+
+
+def _install_defaults_list_cache() -> None:
+    """Route ``ConfigLoaderImpl``'s defaults lists through ``_cached_defaults_list``.
+
+    Idempotent. A loader whose repository is not shared gets Hydra's own function:
+    only loaders given to ``share_config_cache`` see a difference (speed).
+    """
+    hydra_loader_impl.create_defaults_list = _cached_defaults_list  # type: ignore[assignment]
+
+
+class _CachedComposition:
+    """A loader's ``_compose_config_from_defaults_list``, merged once per defaults list.
+
+    Keyed by the defaults list object ``_cached_defaults_list`` shares between the
+    jobs of one group-choice set; each call gets a fresh copy (Hydra then changes the
+    config it is given), unpickled from the merge of the first.
+    """
+
+    def __init__(self, compose: Any, cache: _SharedCache) -> None:
+        self.compose = compose
+        self.cache = cache
+
+    def __call__(self, defaults: list[ResultDefault], repo: IConfigRepository) -> Any:
+        kept = self.cache.composed.get(id(defaults))
+        if kept is not None and kept[0] is defaults:
+            return pickle.loads(kept[1])
+        config = self.compose(defaults=defaults, repo=repo)
+        if any(defaults is built.defaults for built in self.cache.defaults_lists.values()):
+            # the list object stays alive in the cache, so its id is never reused
+            self.cache.composed[id(defaults)] = (defaults, pickle.dumps(config))
+        return config
 
 
 class KeptCompositions:

@@ -11,7 +11,6 @@ stays an interpolation, resolved per job as under Hydra's basic launcher.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,7 +95,7 @@ _OUTPUT_DIR_PLACEHOLDER = "<tmgg:hydra.runtime.output_dir>"
 
 
 def freeze_task_config(sweep_config: DictConfig) -> DictConfig:
-    """Resolve every task key now (the hydra node stays lazy: it needs job runtime).
+    """Resolve every task key now, in place (the hydra node stays lazy: it needs job runtime).
 
     A value that depends on ``hydra.runtime.output_dir`` stays an interpolation: the
     job's output directory is only known where it runs (a Modal volume, a SLURM node).
@@ -105,50 +104,68 @@ def freeze_task_config(sweep_config: DictConfig) -> DictConfig:
 
 
 def _freeze(sweep_config: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
-    """The frozen sweep config and its task part as plain data."""
-    frozen = copy.deepcopy(sweep_config)
-    with _hydra_runtime(frozen, _OUTPUT_DIR_PLACEHOLDER), read_write(frozen), \
-            open_dict(frozen):
-        for key in list(frozen.keys()):
-            if key == "hydra":
-                continue
-            node = frozen._get_node(key)
+    """The sweep config, its task part resolved in place, and that part as plain data.
+
+    In place: the config is the job's own fresh composition, and a deep copy of it
+    (hydra node included) cost more than composing it. What the task part said before
+    resolving is kept as plain data, for the output-dir values to be put back.
+    """
+    task_keys = [key for key in sweep_config if key != "hydra"]
+    written = {str(key): _plain(sweep_config, key) for key in task_keys}
+    with _hydra_runtime(sweep_config, _OUTPUT_DIR_PLACEHOLDER), read_write(sweep_config), \
+            open_dict(sweep_config):
+        for key in task_keys:
+            node = sweep_config._get_node(key)
             if OmegaConf.is_config(node):
                 OmegaConf.resolve(node)
             else:
-                frozen[key] = OmegaConf.select(frozen, str(key))
-    task = {k: v for k, v in OmegaConf.to_container(frozen, resolve=False).items()
-            if k != "hydra"}
-    _keep_output_dir_interpolations(frozen, sweep_config, task)
-    return frozen, task
+                sweep_config[key] = OmegaConf.select(sweep_config, str(key))
+    task = {str(key): _plain(sweep_config, key) for key in task_keys}
+    _keep_output_dir_interpolations(sweep_config, written, task)
+    return sweep_config, task
+
+
+def _plain(config: DictConfig, key: Any) -> Any:
+    """One key of a config as ``OmegaConf.to_container(config, resolve=False)`` gives it."""
+    node = config._get_child(key, throw_on_missing_value=False)
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) \
+        else node._value()  # type: ignore[union-attr]
 
 
 @contextmanager
 def _hydra_runtime(config: DictConfig, output_dir: str | None) -> Iterator[None]:
     """HydraConfig (what ${hydra:...} reads) set to ``config`` with this output dir.
 
-    ``config`` gets its own value back afterwards; HydraConfig keeps its copy (the
-    next plan step or Hydra's run_job sets it again)."""
+    As ``HydraConfig.set_config`` (which marks the hydra node read-only), but without
+    its deep copy of the hydra node, tens of milliseconds per job: for the duration
+    HydraConfig reads ``config``'s own hydra node, which resolves to the same values
+    (the copy's parent is ``config`` too). Afterwards ``config`` gets its own output
+    dir back and HydraConfig what it held before."""
     from hydra.core.hydra_config import HydraConfig
 
+    hydra_config = HydraConfig.instance()
+    before = hydra_config.cfg
+    OmegaConf.set_readonly(config.hydra, True)
     runtime = config.hydra.runtime
     original = runtime._get_node("output_dir")._value()  # type: ignore[union-attr]
     if output_dir is not None:
         with read_write(runtime):
             runtime.output_dir = output_dir
-    HydraConfig.instance().set_config(config)
+    hydra_config.cfg = config  # type: ignore[assignment]  # HydraConfig.get(): .hydra
     try:
         yield
     finally:
+        hydra_config.cfg = before
         if output_dir is not None:
             with read_write(runtime):
                 runtime.output_dir = original
 
 
-def _keep_output_dir_interpolations(frozen: DictConfig, original: DictConfig,
+def _keep_output_dir_interpolations(frozen: DictConfig, written: dict[str, Any],
                                     task: dict[str, Any]) -> None:
     """Put back the unresolved text of every value that resolved through the output dir
-    (in ``frozen`` and in its plain ``task`` part)."""
+    (in ``frozen`` and in its plain ``task`` part); ``written`` is the task part as
+    written, before resolving."""
 
     def walk(node: Any, path: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
         items = node.items() if isinstance(node, dict) else enumerate(node)
@@ -160,22 +177,33 @@ def _keep_output_dir_interpolations(frozen: DictConfig, original: DictConfig,
 
     for path in list(walk(task, ())):
         for depth in range(len(path), 0, -1):  # the nearest interpolation holding it
+            raw = _at(written, path[:depth])
+            if not (isinstance(raw, str) and "${" in raw):  # OmegaConf's own test
+                continue
             parent_path = ".".join(map(str, path[:depth - 1]))
-            parent = OmegaConf.select(original, parent_path) if parent_path else original
             key = path[depth - 1]
-            if OmegaConf.is_config(parent) and OmegaConf.is_interpolation(parent, key):
-                raw = parent._get_node(key)._value()
-                target = OmegaConf.select(frozen, parent_path) if parent_path else frozen
-                with read_write(target), open_dict(target):
-                    target[key] = raw
-                plain = task
-                for step in path[:depth - 1]:
-                    plain = plain[step]
-                plain[key] = raw
-                break
+            target = OmegaConf.select(frozen, parent_path) if parent_path else frozen
+            with read_write(target), open_dict(target):
+                target[key] = raw
+            plain = task
+            for step in path[:depth - 1]:
+                plain = plain[step]
+            plain[key] = raw
+            break
         else:
             raise PlanError(f"{'.'.join(map(str, path))}: uses ${{hydra:runtime.output_dir}} "
                             "in a way tmgg cannot keep for the job to resolve")
+
+
+def _at(tree: Any, path: tuple[Any, ...]) -> Any:
+    """The value at ``path`` of a plain tree, None where the path does not lead."""
+    for step in path:
+        leads = (step in tree if isinstance(tree, dict) else
+                 isinstance(tree, list) and isinstance(step, int) and step < len(tree))
+        if not leads:
+            return None
+        tree = tree[step]
+    return tree
 
 
 def check_paths(config: DictConfig, job: str, output_dir: str | None,
