@@ -321,8 +321,7 @@ def check_task_config(cfg: DictConfig, job: str) -> None:
     """Refuse the first key that is undeclared, missing, unresolvable or against its rule,
     then the first cross-field conflict; ``hydra`` is the launcher's, checked there."""
     _check_mapping(cfg, SCHEMA, "", job, skip=frozenset({"hydra"}))
-    values = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(values, dict)
+    values = {str(key): _plain(cfg[key]) for key in cfg if str(key) != "hydra"}
     for cross_check in CROSS_CHECKS:
         found = cross_check(values)
         if found:

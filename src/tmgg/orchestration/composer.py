@@ -27,6 +27,8 @@ from __future__ import annotations
 import copy
 import functools
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import hydra._internal.config_loader_impl as hydra_loader_impl
@@ -318,6 +320,53 @@ def keep_compositions_for_the_sweeper(config_loader: Any) -> None:
     """Serve BasicSweeper's re-composition of each planned job from the plan's (idempotent)."""
     if not isinstance(config_loader.load_sweep_config, KeptCompositions):
         config_loader.load_sweep_config = KeptCompositions(config_loader.load_sweep_config)
+
+
+# -- each distinct interpolation parsed once while a sweep is planned -------------------
+
+
+class _KeptParses:
+    """OmegaConf's interpolation parser, keeping each tree for the next identical string.
+
+    OmegaConf parses an interpolation (``${tmgg.short:${optimizer.lr}}``) with its
+    ANTLR grammar every time it resolves one, a millisecond or so in Python, and every
+    job of a sweep resolves the same few dozen strings. A parse tree is only read
+    while resolving (OmegaConf itself resolves nested interpolations while an outer
+    tree is being visited), so one tree serves every resolution of its string.
+    """
+
+    def __init__(self, parse: Any) -> None:
+        self.parse = parse
+        self.trees: dict[tuple[str, str, str], Any] = {}
+
+    def __call__(self, value: str, parser_rule: str = "configValue",
+                 lexer_mode: str = "DEFAULT_MODE") -> Any:
+        key = (value, parser_rule, lexer_mode)
+        tree = self.trees.get(key)
+        if tree is None:
+            tree = self.parse(value, parser_rule, lexer_mode)  # errors are never kept
+            if len(self.trees) < 65536:
+                self.trees[key] = tree
+        return tree
+
+
+@contextmanager
+def interpolations_parsed_once() -> Iterator[None]:
+    """For the duration (one sweep's planning), OmegaConf parses each interpolation once.
+
+    Re-entrant; OmegaConf's own parser is back afterwards.
+    """
+    import omegaconf.base
+
+    if isinstance(omegaconf.base.parse, _KeptParses):
+        yield
+        return
+    original = omegaconf.base.parse
+    omegaconf.base.parse = _KeptParses(original)
+    try:
+        yield
+    finally:
+        omegaconf.base.parse = original
 
 
 # -- when a recorded plan may stand in for composing again ----------------------------

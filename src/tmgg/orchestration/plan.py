@@ -103,8 +103,9 @@ def freeze_task_config(sweep_config: DictConfig) -> DictConfig:
     return _freeze(sweep_config)[0]
 
 
-def _freeze(sweep_config: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
-    """The sweep config, its task part resolved in place, and that part as plain data.
+def _freeze(sweep_config: DictConfig) -> tuple[DictConfig, dict[str, Any], int]:
+    """The sweep config, its task part resolved in place, that part as plain data, and
+    how many of its values were kept as output-dir interpolations.
 
     In place: the config is the job's own fresh composition, and a deep copy of it
     (hydra node included) cost more than composing it. What the task part said before
@@ -121,8 +122,8 @@ def _freeze(sweep_config: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
             else:
                 sweep_config[key] = OmegaConf.select(sweep_config, str(key))
     task = {str(key): _plain(sweep_config, key) for key in task_keys}
-    _keep_output_dir_interpolations(sweep_config, written, task)
-    return sweep_config, task
+    kept = _keep_output_dir_interpolations(sweep_config, written, task)
+    return sweep_config, task, kept
 
 
 def _plain(config: DictConfig, key: Any) -> Any:
@@ -162,10 +163,10 @@ def _hydra_runtime(config: DictConfig, output_dir: str | None) -> Iterator[None]
 
 
 def _keep_output_dir_interpolations(frozen: DictConfig, written: dict[str, Any],
-                                    task: dict[str, Any]) -> None:
+                                    task: dict[str, Any]) -> int:
     """Put back the unresolved text of every value that resolved through the output dir
     (in ``frozen`` and in its plain ``task`` part); ``written`` is the task part as
-    written, before resolving."""
+    written, before resolving. Returns how many values were put back."""
 
     def walk(node: Any, path: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
         items = node.items() if isinstance(node, dict) else enumerate(node)
@@ -175,7 +176,8 @@ def _keep_output_dir_interpolations(frozen: DictConfig, written: dict[str, Any],
             elif isinstance(value, str) and _OUTPUT_DIR_PLACEHOLDER in value:
                 yield (*path, key)
 
-    for path in list(walk(task, ())):
+    paths = list(walk(task, ()))
+    for path in paths:
         for depth in range(len(path), 0, -1):  # the nearest interpolation holding it
             raw = _at(written, path[:depth])
             if not (isinstance(raw, str) and "${" in raw):  # OmegaConf's own test
@@ -193,6 +195,7 @@ def _keep_output_dir_interpolations(frozen: DictConfig, written: dict[str, Any],
         else:
             raise PlanError(f"{'.'.join(map(str, path))}: uses ${{hydra:runtime.output_dir}} "
                             "in a way tmgg cannot keep for the job to resolve")
+    return len(paths)
 
 
 def _at(tree: Any, path: tuple[Any, ...]) -> Any:
@@ -257,16 +260,20 @@ def compose_job(config_loader: Any, master_config: DictConfig, overrides: Sequen
                           task_config={}, is_tmgg_job=False)
     label = f"#{index} ({' '.join(overrides)})"
     try:
-        frozen, task = _freeze(sweep_config)
+        frozen, task, kept = _freeze(sweep_config)
     except PlanError as error:
         raise PlanError(f"job {label}: {error}") from error
     except Exception as error:
         raise PlanError(f"job {label}: cannot resolve its config: {error}") from error
     run_name = str(task["job"]["run_name"])
     output_dir = _output_dir(frozen, "hydra.sweep.dir", "hydra.sweep.subdir")
+    # The task part of ``frozen`` is fully resolved unless a value was kept as an
+    # output-dir interpolation: then what the job will get (``task``, no hydra node)
+    # is checked as such, else ``frozen`` itself (the same values, no copy to make).
+    checked = OmegaConf.create(task) if kept else frozen
     try:
         with _hydra_runtime(frozen, output_dir):
-            validate_job_config(OmegaConf.create(task), job=run_name)
+            validate_job_config(checked, job=run_name)
             check_paths(frozen, run_name, output_dir)
     except JobConfigError as error:
         raise PlanError(str(error)) from error
@@ -291,8 +298,11 @@ def compose_plan(config_loader: Any, master_config: DictConfig,
                  job_overrides: Sequence[Sequence[str]], initial_index: int = 0
                  ) -> list[PlannedJob]:
     """Compose and validate every job; refuse duplicate identities."""
-    jobs = [compose_job(config_loader, master_config, overrides, initial_index + i)
-            for i, overrides in enumerate(job_overrides)]
+    from tmgg.orchestration.composer import interpolations_parsed_once
+
+    with interpolations_parsed_once():
+        jobs = [compose_job(config_loader, master_config, overrides, initial_index + i)
+                for i, overrides in enumerate(job_overrides)]
     seen: dict[str, PlannedJob] = {}
     names: dict[str, PlannedJob] = {}
     for job in jobs:
