@@ -7,6 +7,7 @@ object of the cache ever ends up inside a composed config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +29,7 @@ from tmgg.orchestration.composer import (
     keep_compositions_for_the_sweeper,
     share_config_cache,
 )
-from tmgg.orchestration.plan import PlannedJob
+from tmgg.orchestration.plan import PlannedJob, expand_grid
 from tmgg.orchestration.sweep import record_plan
 
 
@@ -53,12 +54,103 @@ def _assert_same_jobs(fast: list[PlannedJob], baseline: list[PlannedJob]) -> Non
         assert _composed(cached) == _composed(plain), plain.run_name
 
 
+def _structure(node: Any, path: str = "") -> list[tuple[Any, ...]]:
+    """Every node of a config tree as written: path, class, metadata, raw leaf value.
+
+    Stricter than comparing containers: node types, element and key types, flags and
+    optional all count. The resolver cache is left out: ``load_sweep_config`` copies
+    the master's (``${now:...}`` of the time each session composed its master).
+    """
+    meta = node._metadata
+    fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)
+              if f.name != "resolver_cache"}
+    fields["flags"] = dict(fields.get("flags") or {})
+    row: list[tuple[Any, ...]] = [(path, type(node).__name__, sorted(fields.items(), key=str))]
+    if OmegaConf.is_dict(node) and not node._is_none() and not node._is_missing() \
+            and not node._is_interpolation():
+        for key in node:
+            row += _structure(node._get_node(key), f"{path}.{key}")
+    elif OmegaConf.is_list(node) and not node._is_none() and not node._is_missing() \
+            and not node._is_interpolation():
+        for index in range(len(node)):
+            row += _structure(node._get_node(index), f"{path}[{index}]")
+    else:
+        row.append((path, "value", repr(node._value())))
+    return row
+
+
+def _raw_compositions(master_overrides: list[str], jobs: list[list[str]] | None,
+                      shared: bool) -> tuple[list[Any], int | None]:
+    """What ``load_sweep_config`` gives for each job (or each job of the master's grid),
+    as ``_structure`` rows or the error it raised; with the count of full compositions."""
+    with hydra_session(shared_cache=shared) as loader:
+        master = load_master_config(loader, master_overrides)
+        if jobs is None:
+            jobs = expand_grid(master, [o for o in master_overrides
+                                        if not o.startswith("hydra")])
+        results: list[Any] = []
+        for job in jobs:
+            try:
+                results.append(_structure(loader.load_sweep_config(master, job)))
+            except Exception as error:  # noqa: BLE001 - the same error counts as the same
+                results.append((type(error).__name__, str(error)))
+        cache = getattr(loader.repository, "cache", None)
+        return results, None if cache is None else cache.full_compositions
+
+
 @pytest.mark.slow
-def test_every_stage1_job_composes_as_with_hydras_uncached_loader() -> None:
-    fast = compose_sweep(["stage=stage1"])
-    baseline = compose_sweep(["stage=stage1"], shared_cache=False)
-    assert len(baseline.jobs) == 108
-    _assert_same_jobs(fast.jobs, baseline.jobs)
+@pytest.mark.parametrize(("stage", "count"), [("stage1", 108), ("stage2", 216)])
+def test_every_stage_job_composes_as_with_hydras_uncached_loader(stage: str,
+                                                                  count: int) -> None:
+    """Every job of stages 1 and 2: Hydra's composition node for node, and the plan."""
+    shared, full = _raw_compositions([f"stage={stage}"], None, shared=True)
+    baseline, _ = _raw_compositions([f"stage={stage}"], None, shared=False)
+    assert len(baseline) == count
+    assert full is not None and full < 10  # the master and one per model (and data)
+    for index, (ours, hydras) in enumerate(zip(shared, baseline, strict=True)):
+        assert ours == hydras, f"job #{index}"
+    fast = compose_sweep([f"stage={stage}"])
+    plain = compose_sweep([f"stage={stage}"], shared_cache=False)
+    _assert_same_jobs(fast.jobs, plain.jobs)
+
+
+# Group choices and values interleaved, appends, deletions, a dict value on a group,
+# hydra overrides before and after task ones, a value override Hydra refuses.
+UNUSUAL_JOBS = [
+    ["model=filter_bank", "optimizer.lr=1e-3", "seed=3"],
+    ["optimizer.lr=5e-4", "model=self_attention", "model.k=16"],
+    ["model=linear_pe", "+extra.note=hello", "optimizer=adam", "optimizer.lr=2e-3"],
+    ["seed=4"],
+    ["~logger.group", "model=linear_pe"],
+    ["model={k: 4}", "seed=5"],
+    ["hydra.job.name=renamed", "seed=2", "model=filter_bank"],
+    ["seed=2", "hydra.job.name=renamed"],
+    ["model.no_such_key=3"],
+    ["model=no_such_model"],
+    ["trainer.max_steps='not a number'", "model=filter_bank"],
+]
+
+
+def test_unusual_jobs_compose_node_for_node_as_hydra_composes_them() -> None:
+    master = ["stage=smoke", "hydra.job.config.override_dirname.kv_sep=:",
+              "hydra.job.config.override_dirname.exclude_keys=[seed]"]
+    ours, full = _raw_compositions(master, UNUSUAL_JOBS, shared=True)
+    hydras, _ = _raw_compositions(master, UNUSUAL_JOBS, shared=False)
+    for job, mine, theirs in zip(UNUSUAL_JOBS, ours, hydras, strict=True):
+        assert mine == theirs, job
+    assert sum(isinstance(result, tuple) for result in hydras) == 2  # the two refused
+    assert full is not None and full <= len(UNUSUAL_JOBS)
+
+
+def test_a_grid_over_a_group_and_values_composes_one_template_per_choice() -> None:
+    overrides = ["stage=smoke", "model=linear_pe,filter_bank", "optimizer.lr=1e-3,5e-4",
+                 "model.k=4,8", "seed=1"]
+    ours, full = _raw_compositions(overrides, None, shared=True)
+    hydras, _ = _raw_compositions(overrides, None, shared=False)
+    assert len(hydras) == 8 and ours == hydras
+    assert full == 1 + 2  # the master, then one per model
+    fast = compose_sweep(overrides)
+    _assert_same_jobs(fast.jobs, compose_sweep(overrides, shared_cache=False).jobs)
 
 
 def test_one_seed_of_stage1_composes_as_with_hydras_uncached_loader() -> None:
@@ -93,8 +185,10 @@ def test_the_cache_is_read_once_per_file_and_never_merged_into_a_job() -> None:
         assert len(sweep.jobs) == 36
         cached = [result.config for result in shared.cache.results.values()
                   if result is not None]
-        # Hydra reads about 19 files per job; shared, each is parsed once for all 36.
+        # Hydra reads about 19 files per job; shared, each is parsed once for all 36,
+        # and Hydra composes in full the master and one job (of the one model).
         assert shared.cache.loads == len(shared.cache.results) < 40
+        assert shared.cache.full_compositions == 1 + 1
         cached_ids = set().union(*(_nodes(config) for config in cached))
         for job in sweep.jobs:
             assert not _nodes(job.sweep_config) & cached_ids, job.run_name

@@ -1,23 +1,35 @@
-"""One parse of each config file for every job of a sweep.
+"""Planning that keeps up: what one sweep's compositions share.
 
 Hydra's ``ConfigLoaderImpl`` composes each job from scratch: every
 ``load_sweep_config`` wraps the loader's repository in a fresh
 ``CachingConfigRepository`` (a deep copy of the repository and its sources), so
 the YAML files, their defaults lists and the ConfigStore's nodes are read again for
-every job, about 56 lookups of 19 files per stage-1 job. ``SharedConfigRepository``
-is the repository a loader wraps instead: per-load views of one cache that lives as
-long as the loader, so a sweep parses each file once and every job is still composed
-by Hydra's own ``load_sweep_config`` (DESIGN.md contract 1).
+every job, about 56 lookups of 19 files per stage-1 job, then builds the job's
+defaults tree and merges the files. ``share_config_cache`` gives a loader (for one
+sweep, one command) four things, each keeping every job's composition identical to
+Hydra's own (tests/test_composer.py compares them node for node):
 
-Why this is safe: Hydra merges a loaded config *into* the job's config without
-copying it (``no_deepcopy_set_nodes``) and may replace ``ConfigResult.config``, so a
-cached result must never be handed out itself. Each lookup returns a fresh
-``ConfigResult`` holding a new copy of the cached config, rebuilt from a pickle of it
-taken when the file was parsed (about 4x cheaper than ``copy.deepcopy`` of an
-OmegaConf tree; these bytes never leave the process); the cached ones are never
-reachable from a composed config. Defaults lists are shared: Hydra deep-copies them
-before use. The cache assumes the config files do not change while the loader lives
-(one sweep, one command). A loader without it is Hydra's own per-load path, the
+* ``SharedConfigRepository``: per-load views of one cache that lives as long as the
+  loader, so a sweep parses each file once.
+* ``_TemplateCompositions``: Hydra composes one job in full per distinct set of
+  config-group choices (three for stage 1's 108 jobs); every job is that
+  composition with its own value overrides applied by Hydra's own code.
+* ``parse_override_lines``: each distinct override line parsed once.
+* ``KeptCompositions`` (``keep_compositions_for_the_sweeper``): BasicSweeper's second
+  composition of each planned job is the plan's.
+
+``interpolations_parsed_once`` (used while a plan is composed) keeps OmegaConf's
+parse of each interpolation string for the next resolution of the same string.
+
+Why the repository cache is safe: Hydra merges a loaded config *into* the job's
+config without copying it (``no_deepcopy_set_nodes``) and may replace
+``ConfigResult.config``, so a cached result must never be handed out itself. Each
+lookup returns a fresh ``ConfigResult`` holding a new copy of the cached config,
+rebuilt from a pickle of it taken when the file was parsed (about 4x cheaper than
+``copy.deepcopy`` of an OmegaConf tree; these bytes never leave the process); the
+cached ones are never reachable from a composed config. Defaults lists are shared:
+Hydra deep-copies them before use. The caches assume the config files do not change
+while the loader lives. A loader without them is Hydra's own per-load path, the
 baseline that tests and ``benchmarks/bench_planning.py`` compare against
 (``compose_sweep(..., shared_cache=False)``).
 """
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,13 +50,13 @@ from hydra._internal.config_repository import (
     ConfigRepository,
     IConfigRepository,
 )
-from hydra._internal.defaults_list import DefaultsList
 from hydra.core.config_search_path import ConfigSearchPath
-from hydra.core.default_element import ResultDefault
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.plugins.config_source import ConfigResult, ConfigSource
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
 
 class _SharedCache:
@@ -55,11 +68,11 @@ class _SharedCache:
         self.lookups: dict[tuple[Any, ...], Any] = {}
         self.loads = 0  # delegate loads (file reads and parses), for tests and benchmarks
         self.compositions = 0  # load_configuration calls served (one view each)
-        # Per distinct set of config-group choices (see ``_cached_defaults_list``):
-        # Hydra's defaults list, and the config composed from it, pickled.
-        self.defaults_lists: dict[tuple[Any, ...], DefaultsList] = {}
-        self.composed: dict[int, tuple[list[ResultDefault], bytes]] = {}
-        self.defaults_trees = 0  # defaults trees built (cache misses), for tests
+        # Per distinct set of group choices (``_TemplateCompositions``): Hydra's
+        # composition of it, pickled, and the environment it copied.
+        self.templates: dict[tuple[Any, ...], tuple[bytes, tuple[str | None, ...],
+                                                     tuple[str, ...]]] = {}
+        self.full_compositions = 0  # compositions Hydra made in full, for tests
 
 
 class SharedConfigRepository(IConfigRepository):
@@ -142,11 +155,10 @@ def share_config_cache(config_loader: Any) -> SharedConfigRepository | None:
         return None
     shared = SharedConfigRepository(repository)
     config_loader.repository = shared
-    _install_defaults_list_cache()
-    config_loader._compose_config_from_defaults_list = _CachedComposition(
-        config_loader._compose_config_from_defaults_list, shared.cache)
     config_loader._parse_overrides_and_create_caching_repo = _CachedOverrideParsing(
         config_loader)
+    config_loader._load_configuration_impl = _TemplateCompositions(config_loader,
+                                                                   shared.cache)
     return shared
 
 
@@ -190,105 +202,99 @@ class _CachedOverrideParsing:
         return parsed, caching_repo
 
 
-# -- one defaults tree and one merge per distinct set of config-group choices ---------
+# -- one Hydra composition per distinct set of config-group choices -------------------
 #
 # Hydra's ``_load_configuration_impl`` builds each job's defaults tree from the
 # overrides that choose config groups (``model=filter_bank``), merges the chosen
-# files into one config, and only then applies the plain value overrides
-# (``optimizer.lr=1e-3``, ``seed=2``) and fills in the hydra node (overrides,
-# choices, override_dirname, ...). The first two steps depend on nothing else: the
-# config files, the primary config's name, the group-choosing overrides and the run
-# mode. A stage-1 sweep has three such sets (one per model) for 108 jobs, so both
-# steps are done three times and every other job gets a copy of their result; all
-# the rest of Hydra's per-job work (value overrides, hydra node) still runs as is.
+# files, applies the value overrides (``optimizer.lr=1e-3``, ``seed=2``) to the
+# merged config in their order, and then fills in the hydra node. Of that node only
+# ``hydra.overrides.task`` and ``hydra.job.override_dirname`` depend on the value
+# overrides; the rest depends on the group choices, the hydra overrides and the
+# process (working directory, Hydra's version). A stage-1 sweep has three group-choice
+# sets (one per model) for 108 jobs: Hydra composes three jobs in full, each with the
+# set's overrides only (its template); every job is then its template's copy with the
+# job's value overrides applied by Hydra's own ``_apply_overrides_to_config`` and those
+# two hydra fields set as Hydra sets them. A job whose overrides could reach further
+# (a value override under ``hydra``, a hydra override after a task one, a sweep) is
+# composed by Hydra in full, as is everything outside RUN mode (the master config).
 
 
-def _group_choice_key(repo: IConfigRepository, config_name: str | None,
-                      overrides: list[Any], prepend_hydra: bool,
-                      skip_missing: bool) -> tuple[Any, ...] | None:
-    """What a defaults list depends on, or None when the repository is not shared.
+class _TemplateCompositions:
+    """A shared loader's ``_load_configuration_impl``: templates plus value overrides."""
 
-    An override counts as a value override exactly when Hydra's ``Overrides`` puts it
-    in ``config_overrides`` (a dict value, or a key that is not a config group); every
-    other override (group choices, appends, deletions, sweeps) is part of the key.
-    """
-    shared = getattr(repo, "delegate", None)
-    if not isinstance(repo, CachingConfigRepository) or not isinstance(
-            shared, SharedConfigRepository):
-        return None
-    choices = tuple(override.input_line for override in overrides
-                    if override.is_sweep_override() or not _is_value_override(repo, override))
-    return (shared._path_key, config_name, choices, prepend_hydra, skip_missing)
-
-
-def _is_value_override(repo: IConfigRepository, override: Any) -> bool:
-    """Hydra's own test (``defaults_list.Overrides``): not a group choice."""
-    return isinstance(override.value(), dict) or not repo.group_exists(override.key_or_group)
-
-
-def _cached_defaults_list(repo: IConfigRepository, config_name: str | None,
-                          overrides_list: list[Any], prepend_hydra: bool,
-                          skip_missing: bool) -> DefaultsList:
-    """Hydra's ``create_defaults_list``, built once per group-choice set of a shared loader.
-
-    A later job with the same group choices gets the same defaults (and tree, and
-    known choices) with its own value overrides, in its own order, as Hydra would
-    give them. Errors are never cached: a failing set is built (and fails) each time.
-    """
-    key = _group_choice_key(repo, config_name, overrides_list, prepend_hydra, skip_missing)
-    if key is None:
-        return _HYDRA_CREATE_DEFAULTS_LIST(repo=repo, config_name=config_name,
-                                           overrides_list=overrides_list,
-                                           prepend_hydra=prepend_hydra,
-                                           skip_missing=skip_missing)
-    shared: SharedConfigRepository = repo.delegate  # type: ignore[attr-defined]
-    built = shared.cache.defaults_lists.get(key)
-    if built is None:
-        shared.cache.defaults_trees += 1
-        built = _HYDRA_CREATE_DEFAULTS_LIST(repo=repo, config_name=config_name,
-                                            overrides_list=overrides_list,
-                                            prepend_hydra=prepend_hydra,
-                                            skip_missing=skip_missing)
-        shared.cache.defaults_lists[key] = built
-    values = [override for override in overrides_list
-              if not override.is_sweep_override() and _is_value_override(repo, override)]
-    return DefaultsList(defaults=built.defaults, defaults_tree=built.defaults_tree,
-                        config_overrides=values, overrides=built.overrides)
-
-
-_HYDRA_CREATE_DEFAULTS_LIST = hydra_loader_impl.create_defaults_list
-
-
-def _install_defaults_list_cache() -> None:
-    """Route ``ConfigLoaderImpl``'s defaults lists through ``_cached_defaults_list``.
-
-    Idempotent. A loader whose repository is not shared gets Hydra's own function:
-    only loaders given to ``share_config_cache`` see a difference (speed).
-    """
-    hydra_loader_impl.create_defaults_list = _cached_defaults_list  # type: ignore[assignment]
-
-
-class _CachedComposition:
-    """A loader's ``_compose_config_from_defaults_list``, merged once per defaults list.
-
-    Keyed by the defaults list object ``_cached_defaults_list`` shares between the
-    jobs of one group-choice set; each call gets a fresh copy (Hydra then changes the
-    config it is given), unpickled from the merge of the first.
-    """
-
-    def __init__(self, compose: Any, cache: _SharedCache) -> None:
-        self.compose = compose
+    def __init__(self, config_loader: Any, cache: _SharedCache) -> None:
+        self.config_loader = config_loader
+        self.hydra_compose = config_loader._load_configuration_impl  # Hydra's own
         self.cache = cache
 
-    def __call__(self, defaults: list[ResultDefault], repo: IConfigRepository) -> Any:
-        kept = self.cache.composed.get(id(defaults))
-        if kept is not None and kept[0] is defaults:
-            return pickle.loads(kept[1])
-        config = self.compose(defaults=defaults, repo=repo)
-        if any(defaults is built.defaults for built in self.cache.defaults_lists.values()):
-            # the list object stays alive in the cache, so its id is never reused
-            self.cache.composed[id(defaults)] = (defaults, pickle.dumps(config))
+    def __call__(self, config_name: str | None, overrides: list[str], run_mode: RunMode,
+                 from_shell: bool = True, validate_sweep_overrides: bool = True) -> DictConfig:
+        split = self._split(config_name, overrides) if run_mode == RunMode.RUN else None
+        if split is None:
+            self.cache.full_compositions += 1
+            return self.hydra_compose(config_name=config_name, overrides=overrides,
+                                      run_mode=run_mode, from_shell=from_shell,
+                                      validate_sweep_overrides=validate_sweep_overrides)
+        template_lines, values, task_overrides = split
+        key = (config_name, tuple(template_lines), from_shell, validate_sweep_overrides,
+               os.getcwd(), self.config_loader.repository._path_key)
+        template = self.cache.templates.get(key)
+        if template is None or template[1] != _copied_env(template[2]):
+            self.cache.full_compositions += 1
+            config = self.hydra_compose(config_name=config_name, overrides=template_lines,
+                                        run_mode=run_mode, from_shell=from_shell,
+                                        validate_sweep_overrides=validate_sweep_overrides)
+            env_keys = tuple(str(k) for k in config.hydra.job.env_copy)
+            template = (pickle.dumps(config), _copied_env(env_keys), env_keys)
+            self.cache.templates[key] = template
+        config = pickle.loads(template[0])
+        hydra_loader_impl.ConfigLoaderImpl._apply_overrides_to_config(values, config)
+        task = config.hydra.overrides.task
+        while len(task):
+            task.pop()
+        for override in task_overrides:
+            task.append(override.input_line)
+        dirname = config.hydra.job.config.override_dirname
+        config.hydra.job.override_dirname = hydra_loader_impl.get_overrides_dirname(
+            overrides=task_overrides, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep,
+            exclude_keys=dirname.exclude_keys)
         return config
+
+    def _split(self, config_name: str | None,
+               overrides: list[str]) -> tuple[list[str], list[Override], list[Override]] | None:
+        """(template overrides, value overrides, task overrides), None: compose in full.
+
+        Value overrides are the ones Hydra's ``defaults_list.Overrides`` does not treat
+        as group choices (a dict value, or a key that is no config group), judged on
+        the repository Hydra would compose with (its search path included).
+        """
+        parsed, repo = self.config_loader._parse_overrides_and_create_caching_repo(
+            config_name, overrides)
+        template: list[str] = []
+        values: list[Override] = []
+        task: list[Override] = []
+        for override in parsed:
+            if override.is_sweep_override():
+                return None
+            if override.is_hydra_override():
+                if task:
+                    return None  # Hydra's order of hydra and task overrides matters
+                template.append(override.input_line)
+                continue
+            task.append(override)
+            if isinstance(override.value(), dict) or not repo.group_exists(
+                    override.key_or_group):
+                if override.key_or_group.startswith("hydra"):
+                    return None  # could reach the hydra node
+                values.append(override)
+            else:
+                template.append(override.input_line)
+        return template, values, task
+
+
+def _copied_env(keys: tuple[str, ...]) -> tuple[str | None, ...]:
+    """The environment values ``hydra.job.env_copy`` copies into a composed config."""
+    return tuple(os.environ.get(key) for key in keys)
 
 
 class KeptCompositions:
