@@ -1,14 +1,18 @@
-"""Planning benchmark: composing a sweep's jobs, today's path against the shared cache.
+"""Planning benchmark: composing a sweep's jobs, Hydra's own path against tmgg's.
 
 Measured in one invocation, each measurement in a fresh Python process (imports and
 Hydra's start-up are not timed; only composing and validating every job is):
 
 * **stage 1, baseline**: ``compose_sweep(["stage=stage1"], shared_cache=False)``,
   every job composed by Hydra's ``load_sweep_config`` with Hydra's own per-load
-  repository (each job re-reads and re-parses every config file): today's path.
-* **stage 1, now**: the same 108 jobs with ``composer.SharedConfigRepository`` (one
-  parse of each file for the whole sweep), as ``tmgg-sweep plan`` and
-  ``tmgg-train -m`` compose them.
+  repository: each job re-reads and re-parses every config file, builds its defaults
+  tree and merges the files. Freezing and validating each job is the same code in
+  both measurements (and got faster too), so the ratio understates the gain over the
+  code before issue 13's planning work.
+* **stage 1, now**: the same 108 jobs as ``tmgg-sweep plan`` and ``tmgg-train -m``
+  compose them (``tmgg.orchestration.composer``): one parse of each file for the
+  sweep, Hydra's full composition once per distinct set of group choices (three for
+  stage 1) and each job that composition with its own value overrides.
 * **stage 1, from plan.json**: ``recorded_or_composed_sweep``, what ``reconcile`` and
   ``report`` do when the ledger's plan was recorded for the same overrides and inputs.
 * **a 1000-job grid**: stage 1 with 30 seeds (``seed=range(1,31)``: 1080 jobs), now.
@@ -117,14 +121,16 @@ def main() -> int:
     summary: dict[str, Any] = {
         "time": datetime.now().isoformat(timespec="seconds"),
         "host": platform.node(), "cpus": os.cpu_count(),
+        "load_after": round(os.getloadavg()[0], 1),
         "stage1": {"baseline": baseline, "now": now, "from_plan": recorded,
                    "speedup_wall": round(ratio_wall, 2), "speedup_cpu": round(ratio_cpu, 2),
                    "from_plan_speedup_wall": round(baseline["wall_s"] / recorded["wall_s"], 1),
                    "target_speedup": TARGET_RATIO},
         "grid": None if grid is None else {**grid, "target_s": TARGET_GRID_S,
-                                           "meets_target": grid["wall_s"] < TARGET_GRID_S},
+                                           "meets_target": grid["wall_s"] < TARGET_GRID_S,
+                                           "cpu_meets_target": grid["cpu_s"] < TARGET_GRID_S},
     }
-    print(f"stage 1 composed now vs today's path: {ratio_wall:.2f}x wall, {ratio_cpu:.2f}x "
+    print(f"stage 1 composed now vs Hydra's own path: {ratio_wall:.2f}x wall, {ratio_cpu:.2f}x "
           f"CPU (target >= {TARGET_RATIO:.0f}x); read from plan.json: "
           f"{summary['stage1']['from_plan_speedup_wall']}x")
     if grid is not None:
