@@ -203,8 +203,11 @@ def test_chaos_two_sweeps_kills_and_resume_run_every_job_exactly_once(
     from tmgg.identity import wandb_run_id
     from tmgg.orchestration.reconcile import read_run_file, run_files
 
+    # Job by job (fuse=off): with fused groups the first sweep claims all six jobs in
+    # two tasks and the second never runs one; this test races claims job against job.
     overrides = ["stage=smoke", "logger.mode=offline", f"trainer.max_steps={CHAOS_STEPS}",
-                 f"trainer.val_check_interval={CHAOS_CHECKPOINT}", *sweep_dirs.overrides]
+                 f"trainer.val_check_interval={CHAOS_CHECKPOINT}", "hydra.launcher.fuse=off",
+                 *sweep_dirs.overrides]
     command = [sys.executable, "-m", "tmgg.app", "-m", *overrides, *LOCAL]
     logs = [sweep_dirs.root / f"sweep{n}.log" for n in (1, 2)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
