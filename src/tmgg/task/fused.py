@@ -594,19 +594,28 @@ def _checkpoint_step(path: Path) -> int | None:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
-def resume_buckets(members: Sequence[FusedMember]) -> list[list[int]]:
+def resume_buckets(members: Sequence[FusedMember],
+                   on_member_done: Callable[[FusedMember], None] | None = None
+                   ) -> list[list[int]]:
     """Members by the step their last.ckpt resumes them from (0 = fresh), lowest first.
 
     An interrupted group saved every member at the same validations, so normally there
     is one bucket; members that stopped apart (one failed earlier and is re-run) run
-    as separate sub-groups, each member from its own checkpoint.
+    as separate sub-groups, each member from its own checkpoint. A member whose
+    last.ckpt cannot be read fails alone, as its solo job would, and is left out.
     """
     buckets: dict[int, list[int]] = {}
     for i, member in enumerate(members):
         trainer_cfg = member.cfg.trainer
         step = 0
         if trainer_cfg.checkpoint and trainer_cfg.resume:
-            step = _checkpoint_step(member.output_dir / "checkpoints" / "last.ckpt") or 0
+            try:
+                step = _checkpoint_step(member.output_dir / "checkpoints" / "last.ckpt") or 0
+            except Exception as error:  # noqa: BLE001 - this member fails alone
+                member.error = error
+                if on_member_done is not None:
+                    on_member_done(member)
+                continue
         buckets.setdefault(step, []).append(i)
     return [buckets[step] for step in sorted(buckets)]
 
@@ -618,7 +627,7 @@ def run_fused_training(members: Sequence[FusedMember],
     ``on_member_done`` is called as soon as a member is finished or has failed (a
     failing member is reported mid-way, while the others train on).
     """
-    for bucket in resume_buckets(members):
+    for bucket in resume_buckets(members, on_member_done):
         _run_bucket([members[i] for i in bucket], on_member_done)
 
 
