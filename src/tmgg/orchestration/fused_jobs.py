@@ -147,6 +147,13 @@ def _run_group(payload: GroupPayload) -> list[Any]:
         else:
             _end_member(run, member.result, failed=False)
 
+    handlers = [_member_log_file(run) for run in runs]
+    root = logging.getLogger()
+    level = root.level
+    for handler in handlers:
+        root.addHandler(handler)
+    if level == logging.NOTSET or level > logging.INFO:
+        root.setLevel(logging.INFO)
     try:
         if to_train:
             run_fused_training(to_train, on_member_done=member_done)
@@ -154,9 +161,35 @@ def _run_group(payload: GroupPayload) -> list[Any]:
         log.exception("fused group failed")
         for run in runs:
             _end_member(run, error, failed=True)
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
     for run in runs:  # a member nobody reported (cannot happen; never leave it RUNNING)
         _end_member(run, RuntimeError("fused member ended without a result"), failed=True)
     return [run.job_return for run in runs]
+
+
+def _member_log_file(run: _MemberRun) -> logging.Handler:
+    """The member's job log (``<output_dir>/<job name>.log``, as Hydra's job logging
+    writes a solo job's): the group's records and those about this member alone."""
+    from tmgg.task.fused import LOGGING_MEMBER
+
+    output_dir = str(run.config.hydra.runtime.output_dir)
+    name = str(OmegaConf.select(run.config, "hydra.job.name") or "app")
+    handler = logging.FileHandler(Path(output_dir) / f"{name}.log", mode="a")
+    handler.setFormatter(logging.Formatter(
+        "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setLevel(logging.INFO)
+    member_dir = str(Path(output_dir))
+
+    def about_this_member(record: logging.LogRecord) -> bool:
+        about = LOGGING_MEMBER.get()
+        return about is None or about == member_dir
+
+    handler.addFilter(about_this_member)
+    return handler
 
 
 def build_group_payload(jobs: list[Any], task_function: Any,

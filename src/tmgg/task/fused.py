@@ -18,12 +18,14 @@ the guard, fails alone: it stops training and ``on_member_failed`` is told at on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,21 @@ from tmgg.task.spectral import select_top_k, symmetric_eigh
 from tmgg.task.stacked_optim import StackedBank, stackable_optimizer
 
 log = logging.getLogger(__name__)
+
+#: The output directory of the member a log record is about (None: the whole group).
+#: The launcher's per-member log files (``fused_jobs``) keep only their member's
+#: records and the group's, as a solo job's ``app.log`` keeps its own.
+LOGGING_MEMBER: ContextVar[str | None] = ContextVar("tmgg_fused_logging_member", default=None)
+
+
+@contextlib.contextmanager
+def logging_for(member: FusedMember) -> Iterator[None]:
+    """Log records emitted inside are about ``member`` alone."""
+    token = LOGGING_MEMBER.set(str(member.output_dir))
+    try:
+        yield
+    finally:
+        LOGGING_MEMBER.reset(token)
 
 
 
@@ -703,7 +720,8 @@ def _run_bucket(members: Sequence[FusedMember],
     guards: list[Any] = []
     for member in members:
         try:
-            logger = build_logger(member.cfg, member.output_dir, concurrent=True)
+            with logging_for(member):
+                logger = build_logger(member.cfg, member.output_dir, concurrent=True)
         except Exception as error:  # noqa: BLE001 - this member fails alone
             loggers.append(None)
             guards.append(None)
