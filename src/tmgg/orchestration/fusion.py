@@ -13,6 +13,7 @@ Imports nothing heavy: the plan command and the launchers call it at start-up.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -124,8 +125,6 @@ def balance_groups(groups: Sequence[Sequence[int]], workers: int) -> list[list[i
 
 def local_workers(launcher: dict[str, Any] | DictConfig | None, pending: int) -> int:
     """The local launcher's worker count for ``pending`` jobs (``n_workers`` or the CPUs)."""
-    import os
-
     configured = (launcher or {}).get("n_workers") if launcher is not None else None
     return max(1, min(int(configured or os.cpu_count() or 1), pending or 1))
 

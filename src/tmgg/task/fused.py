@@ -41,6 +41,7 @@ from tmgg.config import validate_job_config
 from tmgg.task.module import DenoisingModule, GraphDenoisingData, level_tag
 from tmgg.task.spectral import select_top_k, symmetric_eigh
 from tmgg.task.stacked_optim import StackedBank, stackable_optimizer
+from tmgg.task.train import CHECKPOINT_DIR, checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -605,12 +606,6 @@ class FusedMember:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    if not path.exists():
-        return None
-    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-
-
 def resume_buckets(members: Sequence[FusedMember],
                    on_member_done: Callable[[FusedMember], None] | None = None
                    ) -> list[list[int]]:
@@ -627,7 +622,8 @@ def resume_buckets(members: Sequence[FusedMember],
         step = 0
         if trainer_cfg.checkpoint and trainer_cfg.resume:
             try:
-                step = _checkpoint_step(member.output_dir / "checkpoints" / "last.ckpt") or 0
+                last = member.output_dir / CHECKPOINT_DIR / "last.ckpt"
+                step = checkpoint_step(str(last) if last.exists() else None)
             except Exception as error:  # noqa: BLE001 - this member fails alone
                 member.error = error
                 if on_member_done is not None:
@@ -658,7 +654,6 @@ def _run_bucket(members: Sequence[FusedMember],
                 on_member_done: Callable[[FusedMember], None] | None) -> None:
     from tmgg.task.loggers import build_logger, finish_leftover_run
     from tmgg.task.train import (
-        CHECKPOINT_DIR,
         METRICS_FILE,
         _atomic_write_json,
         _launcher_callbacks,

@@ -123,7 +123,7 @@ def run_training(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> d
     )
     resume_from = checkpoint_dir / "last.ckpt"
     ckpt_path = str(resume_from) if trainer_cfg.resume and resume_from.exists() else None
-    resumed_from_step = _checkpoint_step(ckpt_path)  # before fit overwrites last.ckpt
+    resumed_from_step = checkpoint_step(ckpt_path)  # before fit overwrites last.ckpt
     if ckpt_path:
         log.info("Resuming %s from %s", cfg.job.run_name, ckpt_path)
     # One line per training attempt in the job's log: how often a job trained, and from
@@ -199,7 +199,7 @@ def _launcher_callbacks(cfg: DictConfig, output_dir: Path) -> list[Any]:
     return list(getattr(importlib.import_module(module_name), function_name)(cfg, output_dir))
 
 
-def _checkpoint_step(ckpt_path: str | None) -> int:
+def checkpoint_step(ckpt_path: str | None) -> int:
     if not ckpt_path:
         return 0
     import torch
