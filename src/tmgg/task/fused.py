@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from tmgg.config import validate_job_config
+from tmgg.task.metrics import member_losses_finite
 from tmgg.task.module import DenoisingModule, GraphDenoisingData, level_tag
 from tmgg.task.spectral import select_top_k, symmetric_eigh
 from tmgg.task.stacked_optim import StackedBank, stackable_optimizer
@@ -285,53 +286,69 @@ class FusedDenoisingModule(L.LightningModule):
 
     # -- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        """One step of every active member: the BCE's gradient in closed form (bit for
+        bit autograd's), the losses themselves only on logging steps or where a loss
+        might not be finite; a member whose loss is not finite fails alone."""
         if not self.active:
             return None
         optimizer = self.optimizers()
-        outputs = self.bank_outputs(batch["noisy"])
         clean = batch["clean"]
+        logging = (self.global_step + 1) % self.log_every_n_steps == 0
+        trained: list[int] = []
+        losses: dict[int, Tensor] = {}
         logits: dict[int, Tensor] = {}
-        member_losses: dict[int, Tensor] = {}
-        for indices, bank_logits in outputs:
-            losses = DenoisingModule.stacked_losses(  # (M,): each row its member's loss
-                [self.members[i] for i in indices], bank_logits, clean)
-            finite = torch.isfinite(losses.detach()).tolist()
+        surrogates: list[Tensor] = []
+        for indices, bank_logits in self.bank_outputs(batch["noisy"]):
+            members = [self.members[i] for i in indices]
+            detached = bank_logits.detach()
+            finite = member_losses_finite(detached).tolist()
+            bank_losses = None
+            if logging or not all(finite):
+                bank_losses = DenoisingModule.stacked_losses(members, detached, clean)
+                finite = torch.isfinite(bank_losses).tolist()
+            rows = []
             for row, i in enumerate(indices):
-                if i not in self.active:
-                    continue  # failed earlier: its row is computed, never used
-                if not finite[row]:
+                keep = i in self.active and finite[row]
+                if i in self.active and not finite[row]:
                     self.fail(i, MemberFailure(
-                        f"training loss is {float(losses[row])} at step "
+                        f"training loss is {float(bank_losses[row])} at step "
                         f"{self.global_step}: the job diverged (its learning rate, schedule "
                         "or clipping); the other members of its fused group went on"))
-                    continue
-                member_losses[i] = losses[row]
-                logits[i] = bank_logits[row]
-        if not member_losses:
+                rows.append(1.0 if keep else 0.0)
+                if keep:
+                    trained.append(i)
+                    logits[i] = detached[row]
+                    if bank_losses is not None:
+                        losses[i] = bank_losses[row]
+            if any(rows):
+                gradient = DenoisingModule.stacked_loss_gradient(
+                    members, detached, clean, torch.tensor(rows, device=detached.device))
+                # Σ(L · G): its backward hands G to the logits exactly (1 · G), through
+                # Lightning's manual_backward (precision plugins, hooks) as a loss would.
+                surrogates.append((bank_logits * gradient).sum())
+        if not surrogates:
             return None
-        order = sorted(member_losses)
-        total = torch.stack([member_losses[i] for i in order])
-        if (self.global_step + 1) % self.log_every_n_steps == 0:
-            self._pending_train_logs = self._training_logs(order, logits, total, batch,
-                                                           optimizer.optimizer)
+        if logging:
+            self._pending_train_logs = self._training_logs(sorted(trained), logits, losses,
+                                                           batch, optimizer.optimizer)
         optimizer.zero_grad()
-        # Members share no parameter: d(sum)/d(member) is each member's own gradient.
-        self.manual_backward(total.sum())
+        # Members share no parameter: each gets its own gradient.
+        self.manual_backward(torch.stack(surrogates).sum())
         optimizer.step()
-        return total.detach().mean()
+        return None
 
     # Metrics go straight to each member's logger, not through self.log: Lightning's
     # result collection moves every logged value on each log call, which costs
     # quadratically in the keys of 36 members. Steps and names are the solo job's.
-    def _training_logs(self, order: list[int], logits: dict[int, Tensor], losses: Tensor,
-                       batch: dict[str, Tensor], optimizer: MemberOptimizers
-                       ) -> dict[int, dict[str, Any]]:
+    def _training_logs(self, order: list[int], logits: dict[int, Tensor],
+                       losses: dict[int, Tensor], batch: dict[str, Tensor],
+                       optimizer: MemberOptimizers) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
-        for position, i in enumerate(order):
+        for i in order:
             if i in self.active:
-                out[i] = {"train/loss": losses[position].detach(),
+                out[i] = {"train/loss": losses[i],
                           "train/accuracy": self.members[i].compute_accuracy(
-                              logits[i].detach(), batch["clean"]),
+                              logits[i], batch["clean"]),
                           "train/noise_level": float(batch["eps"]),
                           "lr": optimizer.current_lr(i)}
         return out

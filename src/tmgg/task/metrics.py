@@ -27,6 +27,9 @@ __all__ = [
     "edge_accuracy",
     "logit_metrics",
     "masked_bce_with_logits",
+    "member_bce_gradient",
+    "member_bce_with_logits",
+    "member_losses_finite",
     "off_diagonal_mask",
     "predict",
     "prediction_metrics",
@@ -66,12 +69,9 @@ def masked_bce_with_logits(logits: Tensor, target: Tensor, diagonal: bool = Fals
     return total / (logits.numel() // n * (n - 1))
 
 
-def member_bce_with_logits(logits: Tensor, target: Tensor,
-                           diagonal: Sequence[bool] | bool = False) -> Tensor:
-    """``masked_bce_with_logits`` of each of M models at once: logits (M, B, n, n), the
-    shared target (B, n, n); one loss per model (M,), summed in a different order only.
-    ``diagonal``: per model (or for all), whether its loss takes all n x n entries.
-    """
+def _member_weights(logits: Tensor, diagonal: Sequence[bool] | bool) -> tuple[Tensor, Tensor]:
+    """Per-entry 0/1 weights (broadcast to (M, B, n, n)) and each model's divisor, the
+    number of entries its loss averages over, for M stacked models' logits."""
     m, n = logits.shape[0], logits.shape[-1]
     flags = [bool(diagonal)] * m if isinstance(diagonal, bool) else [bool(d) for d in diagonal]
     if len(flags) != m:
@@ -83,10 +83,47 @@ def member_bce_with_logits(logits: Tensor, target: Tensor,
         on = torch.tensor(flags, device=logits.device)
         weight = torch.where(on[:, None, None, None], torch.ones_like(off), off)
         entries = torch.where(on, float(n * n), float(n * (n - 1))).to(logits.dtype)
+    graphs = logits[0].numel() // (n * n)
+    return weight, entries.to(logits.device) * graphs
+
+
+def member_bce_with_logits(logits: Tensor, target: Tensor,
+                           diagonal: Sequence[bool] | bool = False) -> Tensor:
+    """``masked_bce_with_logits`` of each of M models at once: logits (M, B, n, n), the
+    shared target (B, n, n); one loss per model (M,), summed in a different order only.
+    ``diagonal``: per model (or for all), whether its loss takes all n x n entries.
+    """
+    weight, divisor = _member_weights(logits, diagonal)
     per_entry = F.binary_cross_entropy_with_logits(
         logits, target.to(logits.dtype).expand_as(logits), weight=weight, reduction="none")
-    graphs = logits[0].numel() // (n * n)
-    return per_entry.flatten(1).sum(1) / (entries.to(logits.device) * graphs)
+    return per_entry.flatten(1).sum(1) / divisor
+
+
+def member_bce_gradient(logits: Tensor, target: Tensor, diagonal: Sequence[bool] | bool,
+                        rows: Tensor) -> Tensor:
+    """d(Σ_m rows[m] · loss_m)/d(logits) of ``member_bce_with_logits``, in closed form.
+
+    Bit for bit what autograd returns (the same float operations in the same order:
+    σ(L) − A, times the divisor's reciprocal, times the weight), without the loss's
+    log-sigmoid: a fused group needs the gradient every step and the loss only when
+    it is logged, and the log-sigmoid is most of the cost of the BCE. ``rows`` (M,)
+    is 1 for a model whose loss is trained, 0 for one whose row is dropped.
+    """
+    weight, divisor = _member_weights(logits, diagonal)
+    scale = rows.to(logits.dtype) / divisor  # what DivBackward hands on: grad / divisor
+    return (logits.sigmoid() - target.to(logits.dtype)).mul_(scale[:, None, None, None]) \
+        .mul_(weight)
+
+
+def member_losses_finite(logits: Tensor) -> Tensor:
+    """(M,) True where ``member_bce_with_logits`` is surely finite, without computing it.
+
+    Each entry's BCE is at most |L| + log 2, so a model's mean cannot overflow while
+    every |L| stays below max / (2 · entries); a NaN or infinite logit makes it False.
+    False means "compute the loss and see", not "the loss is infinite".
+    """
+    bound = torch.finfo(logits.dtype).max / (2 * logits[0].numel())
+    return logits.detach().abs().flatten(1).amax(1) < bound
 
 
 def predict(logits: Tensor) -> Tensor:

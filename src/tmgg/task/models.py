@@ -55,7 +55,7 @@ class SpectralModel(nn.Module):
         if not self.symmetrize:
             return logits
         # Symmetrise explicitly so P = (L > 0) is exactly symmetric.
-        return (logits + logits.mT) * 0.5
+        return torch.add(logits, logits.mT).mul_(0.5)  # (L + Lᵀ) · 0.5, one buffer
 
     def logits(self, vecs: Tensor, vals: Tensor) -> Tensor:
         """Raw (not yet symmetrised) logits (B, n, n) from V (B, n, k) and Λ (B, k)."""

@@ -19,6 +19,7 @@ from tmgg.task.metrics import (
     edge_accuracy,
     logit_metrics,
     masked_bce_with_logits,
+    member_bce_gradient,
     member_bce_with_logits,
     prediction_metrics,
     target_eigenpairs,
@@ -154,6 +155,13 @@ class DenoisingModule(L.LightningModule):
         """Each member's ``compute_loss`` of its row of ``logits`` (M, B, n, n), in one
         call (a fused group's stacked bank): shape (M,)."""
         return member_bce_with_logits(logits, clean, [m.loss_diagonal for m in members])
+
+    @staticmethod
+    def stacked_loss_gradient(members: Sequence[DenoisingModule], logits: torch.Tensor,
+                              clean: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The gradient w.r.t. ``logits`` of the sum of the ``stacked_losses`` of the rows
+        where ``rows`` is 1, equal bit for bit to autograd's (``member_bce_gradient``)."""
+        return member_bce_gradient(logits, clean, [m.loss_diagonal for m in members], rows)
 
     def compute_accuracy(self, logits: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         """``train/accuracy``: the accuracy of P = (L > 0) without eigendecompositions."""
