@@ -92,9 +92,15 @@ def test_the_cap_splits_a_group_and_off_runs_every_job_alone(grid_jobs: list[Any
 
 def test_groups_are_split_so_that_the_workers_finish_together() -> None:
     seeds = [list(range(0, 36)), list(range(36, 72)), list(range(72, 108))]
-    # 3 seed groups on 2 workers: each split in two (3 rounds of half a group, not 2 of one).
+    # 3 seed groups on 2 workers: two stay whole and the third is split in two, so that
+    # each worker runs one whole seed and half of the third (not 2 rounds of one group).
     balanced = balance_groups(seeds, 2)
-    assert [len(g) for g in balanced] == [18] * 6
+    assert [len(g) for g in balanced] == [36, 36, 18, 18]
+    assert balanced[:2] == seeds[:2]
+    # Largest first whatever the order given; solo jobs come last, unsplit.
+    mixed = balance_groups([[200], seeds[2][:30], seeds[0], [201], seeds[1]], 2)
+    assert [len(g) for g in mixed] == [36, 36, 15, 15, 1, 1]
+    assert mixed[:2] == [seeds[0], seeds[1]] and mixed[-2:] == [[200], [201]]
     assert sorted(p for g in balanced for p in g) == list(range(108))
     # Kept whole when the workers divide the groups, and solo jobs are never split.
     assert balance_groups(seeds[:2], 2) == seeds[:2]
