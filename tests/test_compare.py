@@ -1,5 +1,6 @@
-"""``tmgg-sweep compare`` on real tiny sweeps of stage 1, its legacy variant, stage 1b
-and one ablation (issue 14), each run by ``tmgg-train -m`` with a few steps."""
+"""``tmgg-sweep compare`` on real tiny sweeps of stage 1, its legacy variant, stage 1b,
+one ablation and the legacy variant in float64 (issue 14), each run by ``tmgg-train -m``
+with a few steps."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ SWEEPS = {
     "stage1_legacy": ["model=linear_pe,self_attention", "optimizer.lr=1e-3", "seed=1,2"],
     "stage1b": ["model=linear_pe", "optimizer.lr=2e-1", "seed=1,2"],
     "stage1_legacy_ablate_self_loops": ["model=self_attention", "seed=1"],
+    "stage1_legacy_fp64": ["optimizer.lr=1e-3", "seed=1,2"],
 }
 ABLATION = "stage1_legacy_ablate_self_loops"
 
@@ -134,3 +136,21 @@ def test_regenerating_gives_the_same_bytes_and_a_missing_table_is_refused(
     assert again.read_bytes() == stages.out.read_bytes()
     assert main(["--experiments", str(stages.experiments), "--earlier",
                  str(tmp_path / "none.json")]) == 2
+
+
+@pytest.mark.slow
+def test_the_float64_section_sets_each_cell_beside_its_float32_legacy_cell(
+        stages: Stages) -> None:
+    text = stages.out.read_text()
+    rows = _rows(text, "## The legacy variant in float64")
+    assert [(r["model"], r["k"], r["lr"], r["wd"]) for r in rows] == [
+        ("`self_attention`", "8", "1e-3", "1e-2")]
+    row = rows[0]
+    fp32, fp64 = (stages.mse(stage, "self_attention")
+                  for stage in ("stage1_legacy", "stage1_legacy_fp64"))
+    assert {r["config"]["trainer"]["precision"] for r in stages.records(
+        "stage1_legacy_fp64")} == {"64-true"}
+    assert row["legacy float32"] == _text(fp32) and row["legacy float64"] == _text(fp64)
+    assert row["earlier system"] == "0.3075"
+    assert row["float64 − float32"] == f"{statistics.fmean(fp64) - statistics.fmean(fp32):+.4f}"
+    assert row["float64 − earlier"].startswith(f"{statistics.fmean(fp64) - 0.3075:+.4f}")

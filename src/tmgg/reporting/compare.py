@@ -286,6 +286,42 @@ def ablation_section(ablations: Sequence[StageCells]) -> list[str]:
     return lines
 
 
+def fp64_section(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
+                 legacy: StageCells, fp64: StageCells) -> list[str]:
+    """The legacy stage's cells again in float64, beside float32 and the earlier system:
+    does the † gap close when precision is the only change?"""
+    lines = [f"## The legacy variant in float64 (`{fp64.name}`)", ""]
+    if not fp64.ran:
+        return [*lines, f"{_stage_state(fp64)}.", ""]
+    spread = earlier_doc.get("seed_std_max", {})
+    legacy_cells, cells = legacy.cells(), fp64.cells()
+    lines += ["The same jobs as the legacy stage with `trainer.precision=64-true` "
+              "(eigendecomposition, forward and optimiser in float64), every other legacy "
+              "option unchanged, so each row's test sets and \"no edges\" are the legacy "
+              "row's. *float64 − earlier* is marked † as *legacy − earlier* is above (the "
+              "larger of the float64 cell's std and the earlier system's largest std for "
+              "that model).", "",
+              _md_row(["model", "k", "lr", "wd", "earlier system", "legacy float32",
+                       "legacy float64", "no edges", "float64 − float32",
+                       "legacy − earlier", "float64 − earlier"]),
+              "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+    for key in sorted(cells, key=_cell_order):
+        cell, base, old = cells[key], legacy_cells.get(key[:4]), earlier.get(key[:4])
+        columns = []
+        for value in (base, cell):
+            gap = NONE_TEXT
+            if old is not None and value is not None and value.mean is not None:
+                bound = max(value.std or 0.0, float(spread.get(key[0], 0.0)))
+                gap = f"{value.mean - old:+.4f}" + (" †" if abs(value.mean - old) > bound
+                                                     else "")
+            columns.append(gap)
+        lines.append(_md_row([
+            f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]), _fixed(old),
+            base.text() if base else NONE_TEXT, cell.text(), _fixed(cell.no_edges),
+            _signed(cell.mean, base.mean if base else None), *columns]))
+    return [*lines, ""]
+
+
 def stage1b_section(stage1b: StageCells) -> list[str]:
     lines = ["## Stage 1b: does any model beat \"noisy input\"?", ""]
     if not stage1b.ran:
@@ -321,11 +357,12 @@ def stage1b_section(stage1b: StageCells) -> list[str]:
 
 
 def comparison_markdown(experiments: Path, earlier_path: Path, today: str, legacy: str,
-                        stage1b: str, ablations: Sequence[str] | None = None) -> str:
+                        stage1b: str, ablations: Sequence[str] | None = None,
+                        fp64: str = "stage1_legacy_fp64") -> str:
     """COMPARISON.md from the records under ``experiments`` and the earlier table."""
     earlier_doc, earlier = load_earlier(earlier_path)
     today_cells, legacy_cells = load_stage(experiments, today), load_stage(experiments, legacy)
-    b_cells = load_stage(experiments, stage1b)
+    b_cells, fp64_cells = load_stage(experiments, stage1b), load_stage(experiments, fp64)
     if ablations is None:
         ablations = sorted(path.name for path in experiments.glob(f"{ABLATION_PREFIX}*")
                            if path.is_dir())
@@ -338,11 +375,12 @@ def comparison_markdown(experiments: Path, earlier_path: Path, today: str, legac
         "regenerate with `tmgg-sweep compare`.", "",
         "Stages:", "",
         *(f"- {_stage_state(stage)}" for stage in
-          (today_cells, legacy_cells, b_cells, *ablation_cells)), "",
+          (today_cells, legacy_cells, b_cells, fp64_cells, *ablation_cells)), "",
     ]
     lines += side_by_side(earlier, earlier_doc, legacy_cells, today_cells)
     lines += best_section(earlier, legacy_cells, today_cells)
     lines += ablation_section(ablation_cells)
+    lines += fp64_section(earlier, earlier_doc, legacy_cells, fp64_cells)
     lines += stage1b_section(b_cells)
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -366,6 +404,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--today", default="stage1", help="today's stage-1 stage name")
     parser.add_argument("--legacy", default="stage1_legacy", help="the legacy stage name")
     parser.add_argument("--stage1b", default="stage1b", help="the stage-1b stage name")
+    parser.add_argument("--fp64", default="stage1_legacy_fp64",
+                        help="the legacy stage's float64 variant")
     parser.add_argument("--ablation", action="append", default=None, metavar="STAGE",
                         help=f"an ablation stage (repeatable; default: every "
                              f"{ABLATION_PREFIX}* folder)")
@@ -381,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     text = comparison_markdown(experiments, earlier, args.today, args.legacy, args.stage1b,
-                               args.ablation)
+                               args.ablation, args.fp64)
     out = args.out or experiments / COMPARISON_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
