@@ -101,6 +101,15 @@ def test_groups_are_split_so_that_the_workers_finish_together() -> None:
     mixed = balance_groups([[200], seeds[2][:30], seeds[0], [201], seeds[1]], 2)
     assert [len(g) for g in mixed] == [36, 36, 15, 15, 1, 1]
     assert mixed[:2] == [seeds[0], seeds[1]] and mixed[-2:] == [[200], [201]]
+    # The split deals out whole stacked banks (6 banks of 6: 3 per part, alternating),
+    # and cuts in order only where whole banks cannot give equal parts.
+    bank = {p: p // 6 for p in range(108)}
+    dealt = balance_groups(seeds, 2, bank.__getitem__)
+    assert [len(g) for g in dealt] == [36, 36, 18, 18]
+    assert [sorted({bank[p] for p in part}) for part in dealt[2:]] == [[12, 14, 16],
+                                                                         [13, 15, 17]]
+    uneven = {p: 0 if p < 80 else 1 for p in range(72, 108)}  # banks of 8 and 28
+    assert [len(g) for g in balance_groups(seeds, 2, uneven.__getitem__)[2:]] == [18, 18]
     assert sorted(p for g in balanced for p in g) == list(range(108))
     # Kept whole when the workers divide the groups, and solo jobs are never split.
     assert balance_groups(seeds[:2], 2) == seeds[:2]

@@ -203,6 +203,7 @@ def launcher_groups(master_config: DictConfig, jobs: Sequence[Any]) -> list[list
     worker's task) as the configured launcher will dispatch them."""
     from tmgg.orchestration.fusion import (
         balance_groups,
+        bank_key,
         fusion_settings,
         group_jobs,
         local_workers,
@@ -213,7 +214,8 @@ def launcher_groups(master_config: DictConfig, jobs: Sequence[Any]) -> list[list
     launcher = OmegaConf.select(master_config, "hydra.launcher")
     if launcher is not None and str(launcher.get("_target_", "")).endswith(
             ".TmggLocalLauncher"):  # the local launcher splits groups to fill its workers
-        groups = balance_groups(groups, local_workers(launcher, len(jobs)))
+        groups = balance_groups(groups, local_workers(launcher, len(jobs)),
+                                lambda position: bank_key(jobs[position]))
     return groups
 
 

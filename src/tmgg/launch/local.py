@@ -29,7 +29,7 @@ from tmgg.launch.common import (
 from tmgg.launch.worker_pool import Died, WorkerPool
 from tmgg.orchestration.claims import new_ticket
 from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload, serialize
-from tmgg.orchestration.fusion import balance_groups, local_workers
+from tmgg.orchestration.fusion import balance_groups, bank_key, local_workers
 from tmgg.orchestration.plan import PlannedJob
 from tmgg.orchestration.sweep import (
     claim_for_dispatch,
@@ -182,7 +182,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     # A fused group (jobs of one batch stream) is one task; its results fan out.
     # Split so that the workers finish together (fusion.balance_groups).
     tasks = balance_groups(dispatch_tasks(jobs, pending, config, launcher.task_function),
-                           n_workers)
+                           n_workers, lambda position: bank_key(jobs[position]))
     queue: deque[tuple[int, ...]] = deque(tuple(task) for task in tasks)
     progress = bool(params.get("progress", True))
     with _Progress(progress, len(jobs), len(jobs) - len(pending)) as bar, \

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -62,7 +62,8 @@ def stream_key(task_config: dict[str, Any]) -> str | None:
                       sort_keys=True, default=str)
 
 
-def _bank(job: PlannedJob) -> tuple[str, str]:
+def bank_key(job: PlannedJob) -> tuple[str, str]:
+    """The stacked bank a job's model joins in a fused group (architecture and settings)."""
     model = job.task_config.get("model") or {}
     return str(model.get("name")), json.dumps(model, sort_keys=True, default=str)
 
@@ -88,7 +89,7 @@ def group_jobs(jobs: Sequence[PlannedJob], mode: str = "auto",
         groups[key].append(position)
     out: list[list[int]] = []
     for key in order:
-        members = sorted(groups[key], key=lambda p: (_bank(jobs[p]), p))
+        members = sorted(groups[key], key=lambda p: (bank_key(jobs[p]), p))
         chunks = -(-len(members) // max_members)
         size, extra = divmod(len(members), chunks)
         start = 0
@@ -99,17 +100,18 @@ def group_jobs(jobs: Sequence[PlannedJob], mode: str = "auto",
     return out
 
 
-def balance_groups(groups: Sequence[Sequence[int]], workers: int) -> list[list[int]]:
+def balance_groups(groups: Sequence[Sequence[int]], workers: int,
+                   bank_of: Callable[[int], Hashable] | None = None) -> list[list[int]]:
     """Tasks for ``workers`` parallel workers that finish together, largest first.
 
     G fused groups on W workers take ceil(G / W) rounds; when W does not divide G the
     last round leaves workers idle (stage 1 on 2 cores: 3 seed groups, 2 rounds of a
     whole group each). The groups of the full rounds stay whole (a whole group shares
     each batch among the most members, the cheapest per job); only the G mod W groups
-    of the last round are split, each into W near-equal parts. Stage 1 on 2 cores:
-    tasks of 36, 36, 18 and 18, each worker one whole seed and half of the third.
-    Tasks come largest first, so that a pool taking them in order runs the whole
-    groups side by side. Solo jobs are never split.
+    of the last round are split, each into W near-equal parts (``split_group``).
+    Stage 1 on 2 cores: tasks of 36, 36, 18 and 18, each worker one whole seed and
+    half of the third. Tasks come largest first, so that a pool taking them in order
+    runs the whole groups side by side. Solo jobs are never split.
     """
     fused = sorted((list(g) for g in groups if len(g) > 1), key=len, reverse=True)
     solo = [list(g) for g in groups if len(g) <= 1]
@@ -118,14 +120,39 @@ def balance_groups(groups: Sequence[Sequence[int]], workers: int) -> list[list[i
     whole = len(fused) - len(fused) % workers
     out = fused[:whole]
     for group in fused[whole:]:
-        parts = min(workers, len(group))
-        size, extra = divmod(len(group), parts)
-        start = 0
-        for part in range(parts):
-            end = start + size + (1 if part < extra else 0)
-            out.append(group[start:end])
-            start = end
+        out += split_group(group, workers, bank_of)
     return out + solo
+
+
+def split_group(group: Sequence[int], parts: int,
+                bank_of: Callable[[int], Hashable] | None = None) -> list[list[int]]:
+    """``group`` in ``parts`` near-equal parts, whole stacked banks dealt out in turn.
+
+    Dealing the banks (largest first, each to the part with fewest members) keeps each
+    bank one stacked model and mixes the architectures: stage 1's seed group of six
+    banks of 6 splits into k 16 | k 8, each part one bank of every model, the two
+    parts equally costly; cutting it in the middle put the two self_attention banks
+    into one part, a quarter slower than the other. Where whole banks cannot make the
+    parts equal in size (or ``bank_of`` is not given), the group is cut in order.
+    """
+    parts = min(parts, len(group))
+    largest = -(-len(group) // parts)
+    if bank_of is not None:
+        banks: dict[Hashable, list[int]] = {}
+        for position in group:
+            banks.setdefault(bank_of(position), []).append(position)
+        dealt: list[list[int]] = [[] for _ in range(parts)]
+        for bank in sorted(banks.values(), key=len, reverse=True):
+            min(dealt, key=len).extend(bank)
+        if max(len(part) for part in dealt) <= largest:
+            return dealt
+    size, extra = divmod(len(group), parts)
+    out, start = [], 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        out.append(list(group[start:end]))
+        start = end
+    return out
 
 
 def local_workers(launcher: dict[str, Any] | DictConfig | None, pending: int) -> int:
@@ -140,8 +167,8 @@ def describe_groups(jobs: Sequence[PlannedJob], groups: Sequence[Sequence[int]]
     rows = []
     for number, group in enumerate(groups):
         first = jobs[group[0]].task_config
-        banks = sorted({f"{_bank(jobs[p])[0]}/k{(jobs[p].task_config.get('model') or {}).get('k')}"
-                        for p in group})
+        banks = sorted({f"{bank_key(jobs[p])[0]}/k"
+                        f"{(jobs[p].task_config.get('model') or {}).get('k')}" for p in group})
         rows.append({
             "group": number,
             "members": len(group),
