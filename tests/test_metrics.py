@@ -216,3 +216,47 @@ def test_reference_scores() -> None:
     flip_fraction = float(flips[:, mask].mean())
     assert float(refs["noisy_input"]["mse"]) == pytest.approx(flip_fraction)
     assert float(refs["noisy_input"]["accuracy"]) == pytest.approx(1 - flip_fraction)
+
+
+def test_distinct_graph_eigenpairs_equal_each_graphs_own_with_repeats_in_the_batch() -> None:
+    from tmgg.task.metrics import SPECTRAL_K, distinct_graph_eigenpairs
+    from tmgg.task.spectral import top_k_eigenpairs
+
+    torch.manual_seed(0)
+    graphs = (torch.rand(6, 12, 12) < 0.4).float()
+    graphs = ((graphs + graphs.mT) > 0).float()
+    graphs.diagonal(dim1=-2, dim2=-1).zero_()
+    batch = torch.cat([graphs, graphs[[3, 0]], torch.zeros(2, 12, 12)])  # repeats
+    vecs, vals = distinct_graph_eigenpairs(batch)
+    alone = [top_k_eigenpairs(g, SPECTRAL_K) for g in batch]
+    assert vecs.shape == (10, 12, SPECTRAL_K) and vals.shape == (10, SPECTRAL_K)
+    for row, (v, lam) in enumerate(alone):  # bit for bit each graph's own pairs
+        assert torch.equal(vecs[row], v[0]) and torch.equal(vals[row], lam[0])
+    # Not 0/1: decomposed as given (the same numbers as top_k_eigenpairs).
+    weighted = batch * 0.5
+    assert torch.equal(distinct_graph_eigenpairs(weighted)[1],
+                       top_k_eigenpairs(weighted, SPECTRAL_K)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_member_bce_gradient_is_autograds_bit_for_bit(dtype: torch.dtype) -> None:
+    from tmgg.task.metrics import (
+        member_bce_gradient,
+        member_bce_with_logits,
+        member_losses_finite,
+    )
+
+    torch.manual_seed(1)
+    logits = (torch.randn(4, 8, 10, 10, dtype=dtype) * 30).requires_grad_(True)
+    target = (torch.rand(8, 10, 10) < 0.3).float()
+    diagonal = [False, True, False, True]
+    losses = member_bce_with_logits(logits, target, diagonal)
+    losses[[0, 1, 3]].sum().backward()  # member 2's loss is not trained
+    rows = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    gradient = member_bce_gradient(logits.detach(), target, diagonal, rows)
+    assert torch.equal(gradient, logits.grad)
+    assert not gradient[2].any()
+    # Finite logits: the bound says so; a NaN or infinite logit makes a member suspect.
+    suspect = logits.detach().clone()
+    suspect[1, 0, 0, 1], suspect[3, 2, 2, 2] = float("nan"), float("inf")
+    assert member_losses_finite(suspect).tolist() == [True, False, True, False]

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from tmgg.config import validate_job_config
-from tmgg.task.metrics import member_losses_finite
+from tmgg.task.metrics import distinct_graph_eigenpairs, member_losses_finite, predict
 from tmgg.task.module import DenoisingModule, GraphDenoisingData, level_tag
 from tmgg.task.spectral import select_top_k, symmetric_eigh
 from tmgg.task.stacked_optim import StackedBank, stackable_optimizer
@@ -369,12 +369,21 @@ class FusedDenoisingModule(L.LightningModule):
     def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
         tag = level_tag(float(batch["eps"]))
         targets: dict[Any, tuple[Tensor, Tensor]] = {}  # one per metric scope
-        for i, logits in self.all_logits(batch["noisy"]).items():
+        all_logits = self.all_logits(batch["noisy"])
+        # Every member's predicted graphs decomposed together, each distinct one once.
+        order = list(all_logits)
+        vecs, vals = distinct_graph_eigenpairs(torch.cat([predict(all_logits[i])
+                                                          for i in order]))
+        pred_pairs = dict(zip(order, zip(vecs.split(len(batch["clean"])),
+                                         vals.split(len(batch["clean"])), strict=True),
+                              strict=True))
+        for i, logits in all_logits.items():
             member = self.members[i]
             if member.metric_scope not in targets:
                 targets[member.metric_scope] = member.metric_targets(batch["clean"])
             metrics = member.compute_metrics(logits, batch["clean"],
-                                             target_pairs=targets[member.metric_scope])
+                                             target_pairs=targets[member.metric_scope],
+                                             pred_pairs=pred_pairs[i])
             self._eval_outputs.setdefault(i, []).append(metrics)
             self._eval_levels.setdefault(i, {}).update(
                 {f"{prefix}_eps{tag}/{name}": value for name, value in metrics.items()})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,6 +25,7 @@ from tmgg.task.spectral import top_k_eigenpairs
 
 __all__ = [
     "SPECTRAL_K",
+    "distinct_graph_eigenpairs",
     "edge_accuracy",
     "logit_metrics",
     "masked_bce_with_logits",
@@ -149,10 +151,11 @@ def target_eigenpairs(target: Tensor, diagonal: bool = False) -> tuple[Tensor, T
 
 
 def _spectral_errors(pred: Tensor, target: Tensor,
-                     target_pairs: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                     target_pairs: tuple[Tensor, Tensor] | None = None,
+                     pred_pairs: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Per-graph relative eigenvalue error and top-k projector distance (both (B,))."""
     vecs_a, vals_a = target_pairs or top_k_eigenpairs(target, SPECTRAL_K)
-    vecs_p, vals_p = top_k_eigenpairs(pred, SPECTRAL_K)
+    vecs_p, vals_p = pred_pairs or top_k_eigenpairs(pred, SPECTRAL_K)
     eig_err = torch.linalg.vector_norm(vals_a - vals_p, dim=-1) / torch.linalg.vector_norm(
         vals_a, dim=-1
     ).clamp_min(1e-12)
@@ -164,7 +167,8 @@ def _spectral_errors(pred: Tensor, target: Tensor,
 
 def prediction_metrics(pred: Tensor, target: Tensor,
                        target_pairs: tuple[Tensor, Tensor] | None = None,
-                       diagonal: bool = False) -> dict[str, Tensor]:
+                       diagonal: bool = False,
+                       pred_pairs: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """Score binary predictions P against clean graphs A, both (B, n, n), off-diagonal only.
 
     accuracy, f1 and mse are pooled over all off-diagonal entries of the batch;
@@ -172,7 +176,8 @@ def prediction_metrics(pred: Tensor, target: Tensor,
     F1 is 1 when neither side has an edge (nothing to find, nothing wrongly found).
     ``diagonal``: all n x n entries are scored, P with its diagonal zeroed and A as
     it is (the spectral metrics then compare with A's own spectrum, self-loops
-    included).
+    included). ``target_pairs`` / ``pred_pairs``: the top-k eigenpairs of A and of P
+    (P's diagonal zeroed) when the caller has them (``distinct_graph_eigenpairs``).
     """
     if pred.shape != target.shape or pred.dim() != 3:
         raise ValueError(
@@ -203,7 +208,7 @@ def prediction_metrics(pred: Tensor, target: Tensor,
     # Diagonals are zero unless scored, so the full norm is the scored entries' one.
     frobenius = torch.linalg.matrix_norm(a - p, ord="fro").mean()
 
-    eig_err, sub_dist = _spectral_errors(p, a, target_pairs)
+    eig_err, sub_dist = _spectral_errors(p, a, target_pairs, pred_pairs)
     return {
         "accuracy": accuracy,
         "f1": f1,
@@ -216,8 +221,8 @@ def prediction_metrics(pred: Tensor, target: Tensor,
 
 def logit_metrics(logits: Tensor, target: Tensor,
                   target_pairs: tuple[Tensor, Tensor] | None = None,
-                  diagonal: bool = False, loss_diagonal: bool | None = None
-                  ) -> dict[str, Tensor]:
+                  diagonal: bool = False, loss_diagonal: bool | None = None,
+                  pred_pairs: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """BCE loss plus every prediction metric of P = predict(logits).
 
     ``diagonal`` scores all n x n entries; ``loss_diagonal`` (default: ``diagonal``)
@@ -226,8 +231,30 @@ def logit_metrics(logits: Tensor, target: Tensor,
     return {
         "loss": masked_bce_with_logits(
             logits, target, diagonal if loss_diagonal is None else loss_diagonal),
-        **prediction_metrics(predict(logits), target, target_pairs, diagonal),
+        **prediction_metrics(predict(logits), target, target_pairs, diagonal, pred_pairs),
     }
+
+
+def distinct_graph_eigenpairs(graphs: Tensor, k: int = SPECTRAL_K) -> tuple[Tensor, Tensor]:
+    """``top_k_eigenpairs`` of (N, n, n) graphs, each distinct 0/1 graph decomposed once.
+
+    A fused group scores every member's predictions on one evaluation batch, and many
+    members predict the same graph (about half of stage 1's at the end of training):
+    one eigendecomposition per distinct graph serves them all, with the very numbers
+    each would get alone (eigh decomposes each matrix of a batch on its own). Graphs
+    that are not exactly 0/1, or not on the CPU, are decomposed as they are.
+    """
+    if graphs.device.type != "cpu" or graphs.dim() != 3:
+        return top_k_eigenpairs(graphs, k)
+    edges = graphs.flatten(1) > 0.5
+    if not torch.equal(edges.to(graphs.dtype), graphs.flatten(1)):
+        return top_k_eigenpairs(graphs, k)
+    packed = np.packbits(edges.numpy(), axis=1)
+    keys = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    vecs, vals = top_k_eigenpairs(graphs[torch.from_numpy(first)], k)
+    rows = torch.from_numpy(inverse.reshape(-1))
+    return vecs[rows], vals[rows]
 
 
 def edge_accuracy(logits: Tensor, target: Tensor, diagonal: bool = False) -> Tensor:

@@ -177,11 +177,13 @@ class DenoisingModule(L.LightningModule):
         return target_eigenpairs(clean, self.metrics_diagonal)
 
     def compute_metrics(self, logits: torch.Tensor, clean: torch.Tensor,
-                        target_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+                        target_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        pred_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
                         ) -> dict[str, torch.Tensor]:
-        """The SPEC.md section 6 metrics of one evaluation batch, ``loss`` included."""
+        """The SPEC.md section 6 metrics of one evaluation batch, ``loss`` included
+        (``target_pairs`` / ``pred_pairs``: eigenpairs a fused group computed once)."""
         return logit_metrics(logits, clean, target_pairs, diagonal=self.metrics_diagonal,
-                             loss_diagonal=self.loss_diagonal)
+                             loss_diagonal=self.loss_diagonal, pred_pairs=pred_pairs)
 
     def reference_metrics(self, levels: list[EvalLevel], prefix: str) -> dict[str, float]:
         """The "no edges" and "noisy input" scores under this module's metric scope."""
