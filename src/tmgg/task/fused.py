@@ -297,7 +297,7 @@ class FusedDenoisingModule(L.LightningModule):
         trained: list[int] = []
         losses: dict[int, Tensor] = {}
         logits: dict[int, Tensor] = {}
-        surrogates: list[Tensor] = []
+        gradients: list[tuple[Tensor, Tensor]] = []  # (a bank's logits, dLoss/dlogits)
         for indices, bank_logits in self.bank_outputs(batch["noisy"]):
             members = [self.members[i] for i in indices]
             detached = bank_logits.detach()
@@ -321,19 +321,19 @@ class FusedDenoisingModule(L.LightningModule):
                     if bank_losses is not None:
                         losses[i] = bank_losses[row]
             if any(rows):
-                gradient = DenoisingModule.stacked_loss_gradient(
-                    members, detached, clean, torch.tensor(rows, device=detached.device))
-                # Σ(L · G): its backward hands G to the logits exactly (1 · G), through
-                # Lightning's manual_backward (precision plugins, hooks) as a loss would.
-                surrogates.append((bank_logits * gradient).sum())
-        if not surrogates:
+                gradients.append((bank_logits, DenoisingModule.stacked_loss_gradient(
+                    members, detached, clean, torch.tensor(rows, device=detached.device))))
+        if not gradients:
             return None
         if logging:
             self._pending_train_logs = self._training_logs(sorted(trained), logits, losses,
                                                            batch, optimizer.optimizer)
         optimizer.zero_grad()
-        # Members share no parameter: each gets its own gradient.
-        self.manual_backward(torch.stack(surrogates).sum())
+        # Each bank's logits take their loss gradient as it is (logits.backward(G)),
+        # through Lightning's manual_backward (precision plugins, hooks); banks share no
+        # parameter, so each member gets its own gradient.
+        for bank_logits, gradient in gradients:
+            self.manual_backward(bank_logits, gradient)
         optimizer.step()
         return None
 
