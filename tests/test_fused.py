@@ -294,6 +294,22 @@ def test_each_member_has_its_own_wandb_run_at_the_pinned_destination(
         assert member.result["wandb_path"].endswith(run.run_id)
 
 
+def test_each_members_run_lists_the_installed_packages_as_a_solo_run_does(
+        fused: list[Any]) -> None:
+    """The group reads the package list once for all its runs (package_list_read_once);
+    every run's requirements.txt is still the whole environment, as wandb writes it."""
+    import wandb.util
+
+    from tmgg.orchestration.reconcile import run_files
+
+    expected = {f"{d.key}=={d.version}" for d in wandb.util.working_set()}
+    assert any(line.startswith("torch==") for line in expected)
+    for member in fused:
+        listed = run_files(member.output_dir)[0].parent / "files" / "requirements.txt"
+        assert set(listed.read_text().split()) == expected, member.cfg.job.run_name
+    assert wandb.util.working_set.__module__ == "wandb.util"  # put back after the group
+
+
 def test_a_members_learning_rate_changes_only_that_member(sweep: Sweep,
                                                           fused: list[Any]) -> None:
     first, second = (OmegaConf.create(OmegaConf.to_container(c)) for c in sweep.configs[:2])

@@ -678,7 +678,7 @@ def _stream_settings(cfg: DictConfig) -> tuple[Any, ...]:
 
 def _run_bucket(members: Sequence[FusedMember],
                 on_member_done: Callable[[FusedMember], None] | None) -> None:
-    from tmgg.task.loggers import build_logger, finish_leftover_run
+    from tmgg.task.loggers import build_logger, finish_leftover_run, package_list_read_once
     from tmgg.task.train import (
         METRICS_FILE,
         _atomic_write_json,
@@ -739,17 +739,19 @@ def _run_bucket(members: Sequence[FusedMember],
         finish_leftover_run()
     loggers: list[Any] = []
     guards: list[Any] = []
-    for member in members:
-        try:
-            with logging_for(member):
-                logger = build_logger(member.cfg, member.output_dir, concurrent=True)
-        except Exception as error:  # noqa: BLE001 - this member fails alone
-            loggers.append(None)
-            guards.append(None)
-            member.error = error
-            continue
-        loggers.append(logger)
-        guards.append(WandbDestinationGuard.for_job(member.cfg) if _is_wandb(logger) else None)
+    with package_list_read_once() if finish_leftover_run_needed else contextlib.nullcontext():
+        for member in members:
+            try:
+                with logging_for(member):
+                    logger = build_logger(member.cfg, member.output_dir, concurrent=True)
+            except Exception as error:  # noqa: BLE001 - this member fails alone
+                loggers.append(None)
+                guards.append(None)
+                member.error = error
+                continue
+            loggers.append(logger)
+            guards.append(WandbDestinationGuard.for_job(member.cfg) if _is_wandb(logger)
+                          else None)
 
     module = FusedDenoisingModule(modules, int(trainer_cfg.log_every_n_steps),
                                   on_member_failed=lambda i, e: finish_member(i, e))

@@ -249,6 +249,38 @@ def finish_leftover_run() -> None:
         wandb.finish(exit_code=1)
 
 
+@contextmanager
+def package_list_read_once() -> Iterator[None]:
+    """Runs started inside read the installed packages' list once between them.
+
+    wandb reads every installed distribution's metadata at each run start, for the
+    run's requirements.txt (``wandb.util.working_set``; 0.3 s a run here, 16 s of a
+    36-member fused group's start). A group starts all its members' runs in one
+    process, whose packages cannot change in between: the first start reads the list
+    and the others get the same list, so each run's requirements.txt is what it would
+    have been. Outside the block wandb reads it as before.
+    """
+    import wandb.util
+
+    original = getattr(wandb.util, "working_set", None)
+    if original is None:  # a wandb without it: nothing to share
+        yield
+        return
+    packages: list[Any] | None = None
+
+    def working_set() -> Iterator[Any]:
+        nonlocal packages
+        if packages is None:
+            packages = list(original())
+        return iter(packages)
+
+    wandb.util.working_set = working_set
+    try:
+        yield
+    finally:
+        wandb.util.working_set = original
+
+
 def build_logger(cfg: DictConfig, output_dir: Path, concurrent: bool = False) -> Any:
     """The job's logger; for W&B the run is started here, under the pinned environment.
 
