@@ -253,7 +253,7 @@ loaded = []
 if started:
     with multiprocessing.get_context("forkserver").Pool(1) as pool:
         loaded = pool.apply(probe.loaded, (["lightning", "networkx", "tmgg.task.module",
-                                            "wandb"],))
+                                            "wandb", "wandb.sdk.launch.inputs.internal"],))
 print(json.dumps({"callbacks": list(cfg.hydra.callbacks), "started": started,
                   "loaded": loaded}))
 """
@@ -263,7 +263,8 @@ print(json.dumps({"callbacks": list(cfg.hydra.callbacks), "started": started,
     (["hydra/launcher=local", "logger=csv"], True,
      ["lightning", "networkx", "tmgg.task.module"]),
     (["hydra/launcher=local", "logger=wandb"], True,
-     ["lightning", "networkx", "tmgg.task.module", "wandb"]),
+     ["lightning", "networkx", "tmgg.task.module", "wandb",
+      "wandb.sdk.launch.inputs.internal"]),
     (["hydra/launcher=basic"], False, []),
 ])
 def test_workers_warm_up_from_multirun_start(tmp_path: Path, overrides: list[str],
