@@ -90,13 +90,18 @@ def group_jobs(jobs: Sequence[PlannedJob], mode: str = "auto",
     out: list[list[int]] = []
     for key in order:
         members = sorted(groups[key], key=lambda p: (bank_key(jobs[p]), p))
-        chunks = -(-len(members) // max_members)
-        size, extra = divmod(len(members), chunks)
-        start = 0
-        for chunk in range(chunks):
-            end = start + size + (1 if chunk < extra else 0)
-            out.append(members[start:end])
-            start = end
+        out += near_equal_parts(members, -(-len(members) // max_members))
+    return out
+
+
+def near_equal_parts(positions: Sequence[int], parts: int) -> list[list[int]]:
+    """``positions`` cut in order into ``parts`` parts whose sizes differ by at most one."""
+    size, extra = divmod(len(positions), parts)
+    out, start = [], 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        out.append(list(positions[start:end]))
+        start = end
     return out
 
 
@@ -146,13 +151,7 @@ def split_group(group: Sequence[int], parts: int,
             min(dealt, key=len).extend(bank)
         if max(len(part) for part in dealt) <= largest:
             return dealt
-    size, extra = divmod(len(group), parts)
-    out, start = [], 0
-    for part in range(parts):
-        end = start + size + (1 if part < extra else 0)
-        out.append(list(group[start:end]))
-        start = end
-    return out
+    return near_equal_parts(group, parts)
 
 
 def local_workers(launcher: dict[str, Any] | DictConfig | None, pending: int) -> int:

@@ -734,12 +734,12 @@ def _run_bucket(members: Sequence[FusedMember],
         if on_member_done is not None:
             on_member_done(member)
 
-    finish_leftover_run_needed = any(m.cfg.logger.name == "wandb" for m in members)
-    if finish_leftover_run_needed:
+    logs_to_wandb = any(m.cfg.logger.name == "wandb" for m in members)
+    if logs_to_wandb:
         finish_leftover_run()
     loggers: list[Any] = []
     guards: list[Any] = []
-    with package_list_read_once() if finish_leftover_run_needed else contextlib.nullcontext():
+    with package_list_read_once() if logs_to_wandb else contextlib.nullcontext():
         for member in members:
             try:
                 with logging_for(member):
