@@ -33,70 +33,84 @@ endif
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install:  ## make .venv: the locked versions of src/tmgg/lock/, torch, tmgg editable
+# The environment, made from the lock. Every target that runs tmgg depends on $(READY),
+# so `make smoke` or `make test` on a fresh clone builds .venv first, and a change to
+# the lock or pyproject.toml brings it up to date at the next target; when nothing
+# changed, the stamp keeps it a no-op.
+READY = $(VENV)/.tmgg-ready
+LOCK_FILES = $(LOCK_DIR)/uv.txt $(LOCK_DIR)/requirements.lock $(LOCK_DIR)/torch.txt
+define install_venv
 	test -x $(PYTHON) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --require-hashes --no-deps -r $(LOCK_DIR)/uv.txt
-	$(UV_INSTALL) --require-hashes --no-deps -r $(LOCK_DIR)/requirements.lock
-	$(UV_INSTALL) $(addprefix --find-links ,$(TORCH_FIND_LINKS)) -r $(LOCK_DIR)/torch.txt
+	$(UV_INSTALL) --quiet --require-hashes --no-deps -r $(LOCK_DIR)/requirements.lock
+	$(UV_INSTALL) --quiet $(addprefix --find-links ,$(TORCH_FIND_LINKS)) -r $(LOCK_DIR)/torch.txt
 	$(MAKE) --no-print-directory $(EDITABLE_STAMP)
-	$(VENV)/bin/uv pip check --python $(PYTHON)
+	$(VENV)/bin/uv pip check --quiet --python $(PYTHON)
+	touch $(READY)
+endef
+
+install:  ## make .venv: the locked versions of src/tmgg/lock/, torch, tmgg editable
+	$(install_venv)
+
+$(READY): pyproject.toml $(LOCK_FILES)
+	$(install_venv)
 
 # tmgg itself, editable: rebuilt only when pyproject.toml changes (uv would rebuild a
 # named source tree on every call, and `make install` twice must change nothing).
 $(EDITABLE_STAMP): pyproject.toml
-	$(UV_INSTALL) --no-deps --no-build-isolation -e .
+	$(UV_INSTALL) --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-lock:  ## re-resolve src/tmgg/lock/ from pyproject.toml (uv; needs the package index)
+lock: $(READY)  ## re-resolve src/tmgg/lock/ from pyproject.toml (uv; needs the package index)
 	$(PYTHON) tools/envlock.py lock
 
-lock-check:  ## fail unless src/tmgg/lock/ was written from this pyproject.toml
+lock-check: $(READY)  ## fail unless src/tmgg/lock/ was written from this pyproject.toml
 	$(PYTHON) tools/envlock.py check
 
-test:  ## run the whole test suite (unit tests, real sweeps on CPU)
+test: $(READY)  ## run the whole test suite (unit tests, real sweeps on CPU)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
-test-fast:  ## run the tests that train nothing for long (no slow marker)
+test-fast: $(READY)  ## run the tests that train nothing for long (no slow marker)
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-lint:  ## ruff
+lint: $(READY)  ## ruff
 	$(PYTHON) -m ruff check src tests benchmarks tools
 
-smoke:  ## the CPU smoke sweep: 3 models x 2 seeds, a few steps (W&B offline if no key)
+smoke: $(READY)  ## the CPU smoke sweep: 3 models x 2 seeds, a few steps (W&B offline if no key)
 	$(TRAIN) -m stage=smoke $(LAUNCH_ARGS) $(OVERRIDES)
 
-plan:  ## dry run of STAGE: every job, run name, W&B destination, cost (STAGE=, OVERRIDES=)
+plan: $(READY)  ## dry run of STAGE: every job, run name, W&B destination, cost (STAGE=, OVERRIDES=)
 	$(SWEEP) plan stage=$(STAGE) $(LAUNCH_ARGS) $(OVERRIDES)
 
-status:  ## the ledger of STAGE as a table
+status: $(READY)  ## the ledger of STAGE as a table
 	$(SWEEP) status stage=$(STAGE) $(OVERRIDES)
 
-resume:  ## launch only the missing and failed jobs of STAGE
+resume: $(READY)  ## launch only the missing and failed jobs of STAGE
 	$(SWEEP) resume stage=$(STAGE) $(LAUNCH_ARGS) $(OVERRIDES)
 
-reconcile:  ## expected jobs of STAGE versus W&B and the outputs
+reconcile: $(READY)  ## expected jobs of STAGE versus W&B and the outputs
 	$(SWEEP) reconcile stage=$(STAGE) $(OVERRIDES)
 
-sync:  ## upload STAGE's offline W&B runs to its pinned entity, project and host
+sync: $(READY)  ## upload STAGE's offline W&B runs to its pinned entity, project and host
 	$(SWEEP) sync stage=$(STAGE) $(OVERRIDES)
 
-report:  ## write experiments/STAGE/REPORT.md and plots
+report: $(READY)  ## write experiments/STAGE/REPORT.md and plots
 	$(SWEEP) report stage=$(STAGE) $(OVERRIDES)
 
-stage1:  ## the 108-job stage 1 (LAUNCHER=local|modal|slurm, GPU= for modal)
+stage1: $(READY)  ## the 108-job stage 1 (LAUNCHER=local|modal|slurm, GPU= for modal)
 	$(TRAIN) -m stage=stage1 $(LAUNCH_ARGS) $(OVERRIDES)
 
-stage2:  ## the 216-job stage 2 (LAUNCHER=local|modal|slurm, GPU= for modal)
+stage2: $(READY)  ## the 216-job stage 2 (LAUNCHER=local|modal|slurm, GPU= for modal)
 	$(TRAIN) -m stage=stage2 $(LAUNCH_ARGS) $(OVERRIDES)
 
-bench:  ## training, sweep and planning benchmarks (ratios against baselines measured in the same run)
+bench: $(READY)  ## training, sweep and planning benchmarks (ratios against baselines measured in the same run)
 	mkdir -p $(BENCH_OUT)
 	$(PYTHON) benchmarks/bench_training.py --json $(BENCH_OUT)/training.json
 	$(PYTHON) benchmarks/bench_sweep.py --json $(BENCH_OUT)/sweep.json
 	$(PYTHON) benchmarks/bench_planning.py --json $(BENCH_OUT)/planning.json
 	$(PYTHON) benchmarks/bench_fused.py --json $(BENCH_OUT)/fused.json
 
-bench-install:  ## make install (uv, lock) against the old pip path, fresh clones, same run
+bench-install: $(READY)  ## make install (uv, lock) against the old pip path, fresh clones, same run
 	mkdir -p $(BENCH_OUT)
 	$(PYTHON) benchmarks/bench_install.py --warmup --json $(BENCH_OUT)/install.json
 
