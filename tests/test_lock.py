@@ -211,44 +211,83 @@ def _venv_versions(python: Path) -> tuple[dict[str, str], dict[str, str]]:
     return installed, environment
 
 
-@pytest.mark.slow
-def test_readme_setup_in_a_fresh_clone_with_a_refusing_python(tmp_path: Path) -> None:
-    """`make install` then `make test` on a machine whose python3 refuses global installs."""
-    commands = _readme_setup_commands()
-    assert commands[:2] == ["make install", "make test"], commands
+FRESH_CLONE_ONLY_IN_CI = pytest.mark.skipif(
+    os.environ.get("CI") != "true",
+    reason="installs .venv from scratch in a fresh copy (about a minute each); runs under CI=true")
+
+
+def _fresh_checkout_env(tmp_path: Path) -> dict[str, str]:
+    """A shell whose only python3 is a throwaway interpreter that refuses global installs."""
     bin_dir = _refusing_interpreter(tmp_path / "python")
     env = {key: value for key, value in os.environ.items()
-           if key not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "MAKEFLAGS", "MFLAGS")}
+           if key not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "MAKEFLAGS", "MFLAGS",
+                          "MAKELEVEL", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT")}
     env.update(PATH=f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", PIP_REQUIRE_VIRTUALENV="1",
-               WANDB_MODE="offline", PYTEST_ARGS="tests/test_noise.py -p no:cacheprovider")
+               WANDB_MODE="offline")
+    env.pop("PYTEST_ADDOPTS", None)
     # Both refusals hold on their own: the PEP 668 marker, and pip's own switch.
     marker_only = {k: v for k, v in env.items() if k != "PIP_REQUIRE_VIRTUALENV"}
     for probe_env, refusal in ((marker_only, "externally-managed"), (env, "virtualenv")):
         refused = subprocess.run(["python3", "-m", "pip", "install", "--dry-run", "six"],
                                  env=probe_env, capture_output=True, text=True)
         assert refused.returncode != 0 and refusal in refused.stderr + refused.stdout
-    checkout = _checkout_copy(tmp_path / "checkout")
+    return env
 
-    def run(command: str) -> str:
-        result = subprocess.run(command.split(), cwd=checkout, env=env, capture_output=True,
-                                text=True)
-        assert result.returncode == 0, f"{command}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
-        return result.stdout
 
-    run(commands[0])
-    venv = checkout / ".venv"
+def _make(checkout: Path, env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(["make", *args], cwd=checkout, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, f"make {' '.join(args)}:\n{result.stdout[-3000:]}" \
+                                   f"{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def _assert_locked_environment(venv: Path) -> None:
     installed, environment = _venv_versions(venv / "bin" / "python")
     for pin in parse_pins(REQUIREMENTS_LOCK.read_text()):
         if pin.marker is None or Marker(pin.marker).evaluate(environment):
             assert installed.get(pin.name) == pin.version, pin
-    torch = locked_version("torch", TORCH_LOCK)
-    assert installed["torch"].split("+")[0] == torch
+    assert installed["torch"].split("+")[0] == locked_version("torch", TORCH_LOCK)
     assert installed["tmgg"] == "0.1.0"
+    assert (venv / "bin" / "tmgg-train").exists()
+
+
+def test_readme_names_the_two_commands() -> None:
+    """The README's set-up block is the two commands a newcomer types, nothing before them."""
+    assert _readme_setup_commands()[:2] == ["make smoke", "make test"]
+
+
+@pytest.mark.slow
+@FRESH_CLONE_ONLY_IN_CI
+def test_make_smoke_alone_on_a_fresh_clone(tmp_path: Path) -> None:
+    """`make smoke` with no `make install` before it: it makes .venv from the lock, runs
+    the smoke sweep to the end; run again, it installs nothing; a newer lock reinstalls."""
+    env = _fresh_checkout_env(tmp_path)
+    checkout = _checkout_copy(tmp_path / "checkout")
+    assert not (checkout / ".venv").exists()
+    _make(checkout, env, "smoke", "OVERRIDES=trainer.max_steps=4 trainer.val_check_interval=2")
+    venv = checkout / ".venv"
+    _assert_locked_environment(venv)
+    ledger = (checkout / "experiments" / "smoke" / "ledger.jsonl").read_text()
+    outcomes = [json.loads(line) for line in ledger.splitlines() if '"outcome"' in line]
+    assert len(outcomes) == 6 and {o["status"] for o in outcomes} == {"FINISHED"}, outcomes
 
     before = _site_packages_snapshot(venv)
-    run(commands[0])
-    assert _site_packages_snapshot(venv) == before, "a second `make install` changed .venv"
+    assert "uv pip install" not in _make(checkout, env, "-n", "status", "STAGE=smoke")
+    _make(checkout, env, "status", "STAGE=smoke")
+    assert _site_packages_snapshot(venv) == before, "a second target changed .venv"
+    # A changed lock (or pyproject.toml) brings .venv up to date at the next target.
+    os.utime(checkout / "src" / "tmgg" / "lock" / "requirements.lock")
+    assert "uv pip install" in _make(checkout, env, "-n", "status", "STAGE=smoke")
 
-    output = run(commands[1])
+
+@pytest.mark.slow
+@FRESH_CLONE_ONLY_IN_CI
+def test_make_test_fast_alone_on_a_fresh_clone(tmp_path: Path) -> None:
+    """`make test-fast` with no `make install` before it makes .venv and passes."""
+    env = _fresh_checkout_env(tmp_path)
+    env["PYTEST_ARGS"] = "tests/test_noise.py -p no:cacheprovider"
+    checkout = _checkout_copy(tmp_path / "checkout")
+    output = _make(checkout, env, "test-fast")
     assert re.search(r"\b\d+ passed\b", output), output[-2000:]
-    assert (venv / "bin" / "tmgg-train").exists()
+    _assert_locked_environment(checkout / ".venv")
