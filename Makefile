@@ -13,6 +13,11 @@ EDITABLE_STAMP = $(VENV)/.tmgg-editable
 TORCH_FIND_LINKS ?= $(shell $(BOOTSTRAP_PYTHON) -m pip config list 2>/dev/null \
 	| sed -n "s/^[^=]*find-links='\(.*\)'$$/\1/p" | tr ' ' '\n' | sort -u)
 PYTEST_ARGS ?=
+# The suite runs in parallel (pytest-xdist; most of a test's time is a subprocess starting
+# torch and Lightning) and in random order (pytest-randomly prints its seed at the top;
+# `PYTEST_ARGS="-p randomly -p no:randomly"` or `-p randomly --randomly-seed=N` to pin).
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist worksteal
 # Recipes (and the tests' subprocesses) find .venv's tools first, as if it were active.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAGE ?= stage1
@@ -67,11 +72,11 @@ lock: $(READY)  ## re-resolve src/tmgg/lock/ from pyproject.toml (uv; needs the 
 lock-check: $(READY)  ## fail unless src/tmgg/lock/ was written from this pyproject.toml
 	$(PYTHON) tools/envlock.py check
 
-test: $(READY)  ## run the whole test suite (unit tests, real sweeps on CPU)
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+test: $(READY)  ## run the whole test suite (unit tests, real sweeps on CPU), in parallel
+	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: $(READY)  ## run the tests that train nothing for long (no slow marker)
-	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(READY)  ## ruff
 	$(PYTHON) -m ruff check src tests benchmarks tools
