@@ -15,7 +15,7 @@ TORCH_FIND_LINKS ?= $(shell $(BOOTSTRAP_PYTHON) -m pip config list 2>/dev/null \
 PYTEST_ARGS ?=
 # The suite runs in parallel (pytest-xdist; most of a test's time is a subprocess starting
 # torch and Lightning) and in random order (pytest-randomly prints its seed at the top;
-# `PYTEST_ARGS="-p randomly -p no:randomly"` or `-p randomly --randomly-seed=N` to pin).
+# `PYTEST_ARGS=-p no:randomly` keeps file order, `--randomly-seed=N` repeats an order).
 TEST_WORKERS ?= auto
 PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist worksteal
 # Recipes (and the tests' subprocesses) find .venv's tools first, as if it were active.
