@@ -132,7 +132,7 @@ def plan_main(argv: list[str]) -> int:
     from tmgg.orchestration.plan import PlanError
 
     try:
-        _, rows, facts = build_plan_rows(args.overrides)
+        sweep, rows, facts = build_plan_rows(args.overrides)
     except PlanError as error:
         print(f"plan refused: {error}", file=sys.stderr)
         return 2
@@ -187,7 +187,7 @@ def plan_main(argv: list[str]) -> int:
             unit = "array tasks"
         cost_text = (f" in {tasks} {unit} (about {facts['est_container_seconds']:.0f} s of "
                      f"{unit} run time in all){cost_text}")
-    console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched")
+    console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched; ledger {sweep.ledger.root}")
     return 0
 
 

@@ -1,0 +1,132 @@
+"""The first hour of a new user (issue 22): the silent footguns are refused with the
+command to type, Ctrl-C ends a sweep cleanly, the terminal stays readable, and a
+single run ends by saying what it scored and where its files are."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
+
+TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.val_samples=20",
+        "data.test_samples=20"]
+
+
+# -- no silent footguns ------------------------------------------------------------------
+
+
+def test_a_stage_with_a_grid_run_without_m_is_refused_with_the_m_command(
+        sweep_dirs: SweepDirs) -> None:
+    result = tmgg_train("stage=smoke", "logger=csv", *sweep_dirs.overrides)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "run refused, nothing ran: stage smoke is a sweep of 6 jobs (it sweeps model, " \
+           "seed)" in result.stderr
+    assert "Run the sweep: tmgg-train -m stage=smoke logger=csv " in result.stderr
+    assert list(sweep_dirs.root.iterdir()) == []  # nothing trained, nothing recorded
+
+
+def test_one_point_of_a_grid_named_in_full_still_runs_alone(sweep_dirs: SweepDirs) -> None:
+    """Every swept key given: that is one of the grid's own jobs, so it may run alone;
+    it ends with its test metrics and its output directory."""
+    result = tmgg_train("stage=smoke", "model=linear_pe", "seed=1", "logger=csv", *TINY,
+                        *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-4:]
+    assert last[0].startswith("smoke_linear_pe_lr1e-3_wd1e-2_k8_s1 tested: test/mse 0.")
+    assert "test/loss" in last[0] and "test/f1" in last[0]
+    assert last[1].startswith("  reference no_edges: test/mse 0.")
+    assert last[2].startswith("  reference noisy_input: test/mse 0.")
+    output_dir = Path(last[3].removeprefix("output: "))
+    assert last[3].startswith("output: ") and output_dir.is_absolute()
+    assert output_dir.parent == sweep_dirs.outputs / "smoke"
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert f"test/mse {metrics['test/mse']:.4f}" in last[0]
+
+
+def test_another_directory_is_refused_before_a_second_ledger_starts(tmp_path: Path) -> None:
+    """conf/ comes from the checkout; relative experiments/ and outputs/ would come from
+    the shell's directory: a sweep there would retrain every job into a new ledger."""
+    sweep = tmgg_train("-m", "stage=smoke", "logger=csv", "hydra/launcher=basic",
+                       cwd=tmp_path)
+    assert sweep.returncode == 2, sweep.stderr[-2000:]
+    line = [text for text in sweep.stderr.splitlines() if "refused" in text]
+    assert line == [f"sweep refused, nothing dispatched: experiments_dir=experiments is "
+                    f"relative, and this shell is in {tmp_path.resolve()}, not in the checkout "
+                    f"{REPO} whose conf/ tmgg uses: its records would go to "
+                    f"{tmp_path.resolve() / 'experiments'}, apart from {REPO / 'experiments'}. "
+                    f"Run it from the checkout (cd {REPO}), or give absolute experiments_dir= "
+                    "and outputs_dir="]
+    status = tmgg_sweep("status", "stage=smoke", cwd=tmp_path)
+    assert status.returncode == 2
+    assert "tmgg-sweep status refused: experiments_dir=experiments is relative" in status.stderr
+    assert "no jobs recorded" not in status.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_plan_line_names_the_ledger_by_its_absolute_path(sweep_dirs: SweepDirs) -> None:
+    plan = tmgg_sweep("plan", "stage=smoke", "logger=csv", *sweep_dirs.overrides)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    ledger = sweep_dirs.experiments / "smoke"
+    assert f"nothing dispatched; ledger {ledger}" in " ".join(plan.stdout.split())
+
+
+@pytest.mark.parametrize("command", ["resume", "status", "reconcile", "report", "sync"])
+def test_stage_commands_without_a_stage_are_refused(command: str, sweep_dirs: SweepDirs) -> None:
+    result = tmgg_sweep(command, *sweep_dirs.overrides)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"tmgg-sweep {command}: name the stage it acts on, e.g. "
+        f"`tmgg-sweep {command} stage=smoke` (stages: adhoc, bench, smoke, stage1,")
+    assert list(sweep_dirs.root.iterdir()) == []  # nothing acted on adhoc
+
+
+def test_an_unwritable_experiments_dir_is_refused_in_one_line_before_planning(
+        tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    result = tmgg_train("-m", "stage=smoke", "logger=csv", f"experiments_dir={blocker}/exp",
+                        f"outputs_dir={tmp_path / 'out'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sweep refused, nothing dispatched: experiments_dir={blocker}/exp cannot be "
+        f"written: {blocker} is not a directory")
+    assert "Launching" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_an_unwritable_outputs_dir_is_refused_for_a_single_run(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = tmgg_train("model=linear_pe", "logger=csv", f"experiments_dir={tmp_path / 'e'}",
+                        f"outputs_dir={blocker}/out")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"run refused, nothing ran: outputs_dir={blocker}/out cannot be written: "
+        f"{blocker} is not a directory")
+
+
+@pytest.mark.parametrize("typed", ["launcher=modal", "+launcher=modal"])
+def test_launcher_override_names_hydra_launcher(typed: str) -> None:
+    train = tmgg_train("-m", "stage=smoke", typed)
+    plan = tmgg_sweep("plan", "stage=smoke", typed)
+    for result, program in ((train, "tmgg-train"), (plan, "tmgg-sweep plan")):
+        assert result.returncode == 2
+        assert result.stderr.strip() == (
+            f"{program}: {typed!r} is not an override tmgg knows: the launcher is Hydra's "
+            "config group, so write hydra/launcher=modal (local, modal, slurm or "
+            "submitit_local_tmgg)")
+
+
+def test_a_missing_entity_suggests_the_team_or_csv(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_sweep("plan", "stage=smoke", "~logger.entity", *sweep_dirs.overrides)
+    assert result.returncode == 2
+    assert ("logger.entity: is mandatory but missing from the config; name the W&B team "
+            "with logger.entity=<team>, or log without W&B: logger=csv") in result.stderr
