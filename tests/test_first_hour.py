@@ -130,3 +130,66 @@ def test_a_missing_entity_suggests_the_team_or_csv(sweep_dirs: SweepDirs) -> Non
     assert result.returncode == 2
     assert ("logger.entity: is mandatory but missing from the config; name the W&B team "
             "with logger.entity=<team>, or log without W&B: logger=csv") in result.stderr
+
+
+# -- a console a person can read ---------------------------------------------------------
+
+
+def _quiet_free_env() -> dict[str, str]:
+    """The tests' environment without WANDB_SILENT: wandb prints as it would for a user."""
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+
+
+def test_a_smoke_sweep_prints_a_line_per_job_and_wandb_goes_to_each_jobs_log(
+        sweep_dirs: SweepDirs) -> None:
+    env = _quiet_free_env()
+    result = subprocess.run([sys.executable, "-m", "tmgg.app", "-m", "stage=smoke", *TINY,
+                             *sweep_dirs.overrides], cwd=REPO, env=env, text=True,
+                            capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) <= 12, "\n".join(lines)
+    assert not [line for line in lines if "wandb" in line or "GPU available" in line]
+    ended = [line for line in lines if line.startswith("FINISHED ")]
+    assert len(ended) == 6 and all("test/mse=0." in line for line in ended)
+    assert lines[-1] == ("6 finished, 0 skipped (already finished), 0 left to the sweep "
+                         "that holds them, 0 failed")
+    for record in sweep_dirs.job_records("smoke").values():
+        log = (Path(record["output_dir"]) / "console.log").read_text()
+        assert f"wandb: Run data is saved locally in {record['output_dir']}/wandb/" in log
+        assert "GPU available: False" in log  # Lightning's too
+
+
+def test_ctrl_c_stops_the_sweep_cleanly_with_the_resume_command(sweep_dirs: SweepDirs) -> None:
+    overrides = ["stage=smoke", "logger=csv", "trainer.max_steps=5000",
+                 "trainer.val_check_interval=1000", *sweep_dirs.overrides]
+    process = subprocess.Popen([sys.executable, "-m", "tmgg.app", "-m", *overrides], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own group, as a terminal's job
+    jobs = sweep_dirs.experiments / "smoke" / "jobs"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            records = [json.loads(p.read_text()) for p in jobs.glob("*.json")] \
+                if jobs.is_dir() else []
+            if any(r.get("status") == "RUNNING" for r in records):
+                break
+            time.sleep(0.5)
+        assert process.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(2)  # training, past its first steps
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    resume = " ".join(o for o in overrides if o != "stage=smoke")
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted: 0 finished, 6 not finished → tmgg-sweep resume stage=smoke {resume}")
+    records = sweep_dirs.job_records("smoke")
+    interrupted = [r for r in records.values() if r["status"] == "FAILED"]
+    assert interrupted and all("Interrupted: the sweep was stopped (Ctrl-C)" in r["error"]
+                               for r in interrupted)
+    assert not [r for r in records.values() if r["status"] == "RUNNING"]

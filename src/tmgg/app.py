@@ -71,7 +71,11 @@ def main() -> Any:
     if refusal is not None:
         print(f"tmgg-train: {refusal}", file=sys.stderr)
         raise SystemExit(2)
-    return hydra_main()
+    try:
+        return hydra_main()
+    except KeyboardInterrupt:  # before any job was dispatched (the launcher handles it after)
+        print("interrupted: nothing was dispatched", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
