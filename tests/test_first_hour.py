@@ -193,3 +193,55 @@ def test_ctrl_c_stops_the_sweep_cleanly_with_the_resume_command(sweep_dirs: Swee
     assert interrupted and all("Interrupted: the sweep was stopped (Ctrl-C)" in r["error"]
                                for r in interrupted)
     assert not [r for r in records.values() if r["status"] == "RUNNING"]
+
+
+def test_status_counts_the_current_grid_and_other_records_apart(sweep_dirs: SweepDirs) -> None:
+    """Two jobs ran (model=linear_pe, seeds 1 and 2); the grid asked about is seed 1's
+    three models: one of them finished, two missing, and seed 2's job counted apart."""
+    ran = tmgg_train("-m", "stage=smoke", "model=linear_pe", "logger=csv", *TINY,
+                     *sweep_dirs.overrides)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    narrow = ["stage=smoke", "seed=1", "logger=csv", *TINY, *sweep_dirs.overrides]
+    columns = {"COLUMNS": "80"}
+    summary = tmgg_sweep("status", "--summary", *narrow, env=columns)
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    assert summary.stdout.splitlines() == [
+        "stage smoke, its grid of 3 jobs: 1 finished, 2 missing",
+        "other records, not in this grid (other overrides or settings): 1 finished"]
+    facts = json.loads(tmgg_sweep("status", "--json", *narrow).stdout)
+    assert facts["grid"] == {"jobs": 3, "counts": {"FINISHED": 1, "MISSING": 2}}
+    assert facts["other_records"] == {"FINISHED": 1}
+    table = tmgg_sweep("status", *narrow, env=columns)
+    lines = table.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for name in ("smoke_linear_pe_lr1e-3_wd1e-2_k8_s1", "smoke_filter_bank_lr1e-3_wd1e-2_k8_s1",
+                 "smoke_self_attention_lr1e-3_wd1e-2_k8_s1",
+                 "smoke_linear_pe_lr1e-3_wd1e-2_k8_s2"):
+        (row,) = [line for line in lines if f" {name} " in line]  # whole, on one line
+        assert ("not in" in row) == name.endswith("_s2")  # its note (folded)
+
+    watch = subprocess.Popen([sys.executable, "-m", "tmgg.orchestration.cli", "status",
+                              "--watch", "0.5", "--summary", *narrow], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert watch.stdout is not None
+    first = [watch.stdout.readline() for _ in range(3)]  # the first view, then Ctrl-C
+    watch.send_signal(signal.SIGINT)
+    stdout, stderr = watch.communicate(timeout=30)
+    assert watch.returncode == 0 and "Traceback" not in stderr
+    assert first[0] == "stage smoke, its grid of 3 jobs: 1 finished, 2 missing\n"
+    assert "every 0.5 s; Ctrl-C ends" in "".join(first)
+
+
+def test_reconcile_rows_fit_80_columns(sweep_dirs: SweepDirs) -> None:
+    ran = tmgg_train("-m", "stage=smoke", "model=linear_pe", "seed=1", *TINY,
+                     *sweep_dirs.overrides)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = tmgg_sweep("reconcile", "stage=smoke", "model=linear_pe", "seed=1", *TINY,
+                        *sweep_dirs.overrides, env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    (row,) = [i for i, line in enumerate(lines) if " smoke_linear_pe_lr1e-3_wd1e-2_k8_s1 " in line]
+    assert " ok " in lines[row] and "FINISHED" in lines[row]
+    continued = [line for line in lines[row + 1:] if line.startswith(" " * 40)]
+    assert len(continued) <= 2  # a row takes at most three lines, never seven

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as error:
         print(f"tmgg-sweep {name} refused: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tmgg-sweep {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ from tmgg.project_files import CONF_DIR_ENV
 WORK_DIR_FIELDS = ("experiments_dir", "outputs_dir")
 
 
+class WorkDirError(PlanError):
+    """experiments_dir or outputs_dir cannot be used from here."""
+
+
 def project_root() -> Path | None:
     """The directory that holds the ``conf/`` tmgg composes from; None when
     ``$TMGG_CONF_DIR`` names a copy of it (then relative paths mean the working dir)."""
@@ -55,7 +59,7 @@ def check_work_dirs(config: Any, writable: bool = True) -> None:
         value = str(value)
         path = Path(value)
         if not path.is_absolute() and root is not None and here != root:
-            raise PlanError(
+            raise WorkDirError(
                 f"{field}={value} is relative, and this shell is in {here}, not in the "
                 f"checkout {root} whose conf/ tmgg uses: its records would go to "
                 f"{here / path}, apart from {root / path}. Run it from the checkout "
@@ -63,7 +67,7 @@ def check_work_dirs(config: Any, writable: bool = True) -> None:
         if writable:
             problem = unwritable(path.absolute())
             if problem is not None:
-                raise PlanError(f"{field}={value} cannot be written: {problem}")
+                raise WorkDirError(f"{field}={value} cannot be written: {problem}")
 
 
 def ledger_path(config: Any) -> Path:
