@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -245,3 +246,32 @@ def test_reconcile_rows_fit_80_columns(sweep_dirs: SweepDirs) -> None:
     assert " ok " in lines[row] and "FINISHED" in lines[row]
     continued = [line for line in lines[row + 1:] if line.startswith(" " * 40)]
     assert len(continued) <= 2  # a row takes at most three lines, never seven
+
+
+def test_the_live_line_counts_jobs_steps_and_an_eta() -> None:
+    """The launcher's live line, read from the workers' shared step counter: steps of
+    every job (fused members each count) against the pending jobs' budgets."""
+    import multiprocessing
+
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from tmgg.launch.sweep_console import SweepConsole
+    from tmgg.orchestration.plan import PlannedJob
+
+    jobs = [PlannedJob(index=i, job_id=f"smoke-{i}", run_name=f"smoke_{i}", stage="smoke",
+                       overrides=[], sweep_config=None,
+                       task_config={"trainer": {"max_steps": 100}}) for i in range(4)]
+    steps = multiprocessing.get_context("spawn").Value("q", 0)
+    display = SweepConsole(jobs, pending=[1, 2, 3], steps=steps, enabled=False)
+    display.started -= 30.0  # as if the sweep had run for 30 s
+    display.started_task([1, 2])
+    steps.value = 100  # a third of the pending jobs' 300 steps
+    done = JobReturn(overrides=[], status=JobStatus.COMPLETED)
+    done.return_value = {"test/mse": 0.3}
+    display.ended(1, done)
+    line = display.totals()
+    assert line.startswith("jobs 2/4 finished, 1 running, 0 failed · steps 100/300 · 0:00:3")
+    assert re.search(r"ETA 0:01:0[0-2]$", line)  # 100 steps in 30 s, 200 to go
+    stage_line = display.interrupted_line("smoke", ["stage=smoke", "logger=csv"])
+    assert stage_line == ("interrupted: 2 finished, 2 not finished → tmgg-sweep resume "
+                          "stage=smoke logger=csv")
