@@ -33,7 +33,7 @@ else
 LAUNCH_ARGS = hydra/launcher=$(LAUNCHER)
 endif
 
-.PHONY: help install lock lock-check test test-fast lint smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
+.PHONY: help install lock lock-check test test-fast lint docs smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ test: $(READY)  ## run the whole test suite (unit tests, real sweeps on CPU), in
 test-fast: $(READY)  ## run the tests that train nothing for long (no slow marker)
 	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
+docs: $(READY)  ## the documentation site from docs/ into site/ (mkdocs build --strict: a dead link fails)
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
+
 lint: $(READY)  ## ruff
 	$(PYTHON) -m ruff check src tests benchmarks tools
 
@@ -120,4 +123,4 @@ bench-install: $(READY)  ## make install (uv, lock) against the old pip path, fr
 	$(PYTHON) benchmarks/bench_install.py --warmup --json $(BENCH_OUT)/install.json
 
 clean:  ## remove outputs/ and caches (never experiments/)
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+	rm -rf outputs multirun site .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import hydra
@@ -34,12 +35,47 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return recorded
     from tmgg.task.train import run_training
 
-    return run_training(cfg)
+    metrics = run_training(cfg)
+    print_run_summary(cfg, metrics)
+    return metrics
+
+
+def print_run_summary(cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """A single run (no -m) ends with its test metrics and where its files are; a
+    sweep's jobs do not print (the launcher's display reports them)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return
+    names = ("test/mse", "test/loss", "test/accuracy", "test/f1")
+    shown = [f"{name} {float(metrics[name]):.4f}" for name in names if name in metrics]
+    print(f"{cfg.job.run_name} tested: {', '.join(shown) or 'no test metrics'}", flush=True)
+    for reference in ("no_edges", "noisy_input"):
+        name = f"test_reference_{reference}/mse"
+        if name in metrics:
+            print(f"  reference {reference}: test/mse {float(metrics[name]):.4f}", flush=True)
+    print(f"output: {HydraConfig.get().runtime.output_dir}", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> dict[str, Any]:
+def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     return train(cfg)
+
+
+def main() -> Any:
+    """``tmgg-train``: refuse a misplaced launcher override before Hydra composes."""
+    from tmgg.cli_guards import launcher_override_refusal
+
+    refusal = launcher_override_refusal(sys.argv[1:])
+    if refusal is not None:
+        print(f"tmgg-train: {refusal}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return hydra_main()
+    except KeyboardInterrupt:  # before any job was dispatched (the launcher handles it after)
+        print("interrupted: nothing was dispatched", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -320,7 +320,14 @@ SCHEMA: dict[str, Node] = {
 def check_task_config(cfg: DictConfig, job: str) -> None:
     """Refuse the first key that is undeclared, missing, unresolvable or against its rule,
     then the first cross-field conflict; ``hydra`` is the launcher's, checked there."""
-    _check_mapping(cfg, SCHEMA, "", job, skip=frozenset({"hydra"}))
+    try:
+        _check_mapping(cfg, SCHEMA, "", job, skip=frozenset({"hydra"}))
+    except JobConfigError as error:
+        if error.field == "logger.entity":  # the first W&B question a newcomer meets
+            raise JobConfigError(job, error.field, f"{error.problem}; name the W&B team "
+                                 "with logger.entity=<team>, or log without W&B: "
+                                 "logger=csv") from error
+        raise
     values = {str(key): _plain(cfg[key]) for key in cfg if str(key) != "hydra"}
     for cross_check in CROSS_CHECKS:
         found = cross_check(values)

@@ -80,30 +80,44 @@ def _error_line(error: Any) -> str:
     return f"{error_type}: {first}"[:160]
 
 
-def print_outcome_table(jobs: Sequence[PlannedJob], results: Sequence[Any], title: str) -> None:
+def print_outcome_table(jobs: Sequence[PlannedJob], results: Sequence[Any], title: str,
+                        summary: bool = True) -> None:
+    """The outcome of every job as a table that fits 80 columns without cutting a run
+    name (the name column takes what it needs; the detail column wraps)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     rows = outcome_rows(jobs, results)
-    table = Table(title=title)
-    for column in ("job", "status", "duration_s", "detail"):
-        table.add_column(column)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("job", no_wrap=True, min_width=max((len(r["job"]) for r in rows),
+                                                        default=3))
+    table.add_column("status", no_wrap=True)
+    table.add_column("s", justify="right", no_wrap=True)
+    table.add_column("detail", overflow="fold")
     for row in rows:
         style = {"FINISHED": "green", "FAILED": "red"}.get(row["status"], "yellow")
         duration = "" if row["duration_s"] is None else f"{row['duration_s']:.1f}"
         table.add_row(row["job"], f"[{style}]{row['status']}[/{style}]", duration,
                       row["detail"])
+    console = Console(stderr=True)
+    console.print(table)
+    if summary:
+        console.print(outcome_summary(rows))
+
+
+def outcome_summary(rows: Sequence[dict[str, Any]]) -> str:
+    """The sweep's counts, one line (and what a claimed job means, when there is one)."""
     failed = sum(1 for r in rows if r["status"] == "FAILED")
     claimed = sum(1 for r in rows if r["status"] == CLAIMED_ELSEWHERE)
     skipped = sum(1 for r in rows if r["status"].startswith("SKIPPED")) - claimed
-    console = Console(stderr=True)
-    console.print(table)
-    console.print(f"{len(rows) - failed - skipped - claimed} finished, {skipped} skipped "
-                  f"(already finished), {claimed} left to the sweep that holds them, "
-                  f"{failed} failed")
+    text = (f"{len(rows) - failed - skipped - claimed} finished, {skipped} skipped "
+            f"(already finished), {claimed} left to the sweep that holds them, "
+            f"{failed} failed")
     if claimed:
-        console.print("Jobs held by another sweep are not failures (exit code 0 if nothing "
-                      "failed); follow them with `tmgg-sweep status`.")
+        text += ("\nJobs held by another sweep are not failures (exit code 0 if nothing "
+                 "failed); follow them with `tmgg-sweep status`.")
+    return text
 
 
 def dispatch_tasks(jobs: Sequence[PlannedJob], pending: Sequence[int],

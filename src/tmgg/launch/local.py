@@ -15,17 +15,22 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from tmgg.launch.common import (
     dispatch_tasks,
+    outcome_rows,
+    outcome_summary,
     prepare_sweep_dir,
     print_outcome_table,
     task_payload,
     task_results,
 )
+from tmgg.launch.sweep_console import SweepConsole, job_log_path
 from tmgg.launch.worker_pool import Died, WorkerPool
 from tmgg.orchestration.claims import new_ticket
 from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload, serialize
@@ -123,25 +128,34 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="tmgg-parent-watch", daemon=True).start()
 
 
-def _worker_main(conn: Any, threads: int, modules: Sequence[str]) -> None:
-    """A worker: warm up once, then run payload after payload until the pipe closes.
+def _worker_main(conn: Any, threads: int, modules: Sequence[str], steps: Any = None) -> None:
+    """A worker: warm up once, then run task after task until the pipe closes.
 
-    Replies ``("ok", pickled JobReturn)``, or ``("error", pickled JobFailure)`` when the
-    payload itself could not be run (a failing job is an ok reply with a FAILED return).
+    A task is ``(payload, log paths)``: the task's output goes to its jobs' logs
+    (``tmgg.launch.worker_console``). Replies ``("ok", pickled JobReturn)``, or
+    ``("error", pickled JobFailure)`` when the payload itself could not be run (a
+    failing job is an ok reply with a FAILED return).
     """
+    # Ctrl-C is the launcher's: it stops the workers and records their jobs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Never share the launcher's wandb-core service: a job killed mid-run would leave its
     # run id "in use" there, and its retry could not start the same run.
     os.environ.pop("WANDB_SERVICE", None)
+    from tmgg.launch.worker_console import count_steps_in, job_console
+
+    count_steps_in(steps)
     _init_worker(threads, modules)
     while True:
         try:
-            payload = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
             return
-        if payload is None:
+        if message is None:
             return
+        payload, log_paths = message
         try:
-            reply = ("ok", execute_payload(payload))
+            with job_console(log_paths):
+                reply = ("ok", execute_payload(payload))
         except Exception as error:  # noqa: BLE001 - becomes this job's FAILED return
             reply = ("error", serialize(JobFailure.from_exception(error)))
         conn.send(reply)
@@ -186,16 +200,39 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
                            n_workers, lambda position: bank_key(jobs[position]))
     queue: deque[tuple[int, ...]] = deque(tuple(task) for task in tasks)
     progress = bool(params.get("progress", True))
-    with _Progress(progress, len(jobs), len(jobs) - len(pending)) as bar, \
-            WorkerPool(context, _worker_main, (threads, modules), n_workers,
-                       "tmgg-local-worker") as pool:
+    steps = context.Value("q", 0)  # training steps of every job, added by the workers
+    display = SweepConsole(jobs, pending, steps, enabled=progress)
+    try:
+        _run_tasks(jobs, results, queue, held, tickets, crash_retries, display, launcher,
+                   WorkerPool(context, _worker_main, (threads, modules, steps), n_workers,
+                              "tmgg-local-worker"))
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
+        _record_interrupted(jobs, results, held)
+        from tmgg.identity import task_overrides
+
+        stage = jobs[0].stage if jobs else str(config.stage.name)
+        print(display.interrupted_line(stage, task_overrides(config)), file=sys.stderr,
+              flush=True)
+        raise SystemExit(130) from None
+    if progress:
+        _print_outcome(jobs, results)
+    return results
+
+
+def _run_tasks(jobs: list[PlannedJob], results: list[Any], queue: deque[tuple[int, ...]],
+               held: dict[int, Any], tickets: dict[tuple[int, ...], str],
+               crash_retries: dict[int, int], display: SweepConsole, launcher: Any,
+               workers: WorkerPool) -> None:
+    """Hand the tasks to the workers and record every outcome as it arrives."""
+    with display as bar, workers as pool:
 
         def finish(position: int, result: Any) -> None:
             """Every job's outcome is recorded here, once."""
             results[position] = result
             record_outcome(jobs[position], result, LAUNCHER)
             release_dispatch(jobs[position], held.pop(position, None), result)
-            bar.advance(jobs[position], result)
+            bar.ended(position, result)
 
         def crashed(task: tuple[int, ...], died: Died) -> None:
             """The task's worker is dead: run it again, or record its jobs FAILED."""
@@ -223,7 +260,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
                     claim, skipped = claim_for_dispatch(jobs[position], LAUNCHER, ticket=ticket)
                     if skipped is not None:
                         results[position] = skipped
-                        bar.advance(jobs[position], skipped)
+                        bar.ended(position, skipped)
                         continue
                     held[position] = claim
                     claimed.append(position)
@@ -235,9 +272,11 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
                 # The one place a task (a job, or a fused group) is handed to a worker.
                 for job in task_jobs:
                     record_dispatched(job, LAUNCHER)
+                bar.started_task(task)
+                logs = [str(path) for job in task_jobs if (path := job_log_path(job))]
                 try:
-                    worker.send(task, task_payload(task_jobs, launcher.task_function,
-                                                   claim_ticket=ticket))
+                    worker.send(task, (task_payload(task_jobs, launcher.task_function,
+                                                    claim_ticket=ticket), logs))
                 except OSError:  # the worker died before it took the task
                     pool.discard(worker)
                     crashed(task, Died(worker.process.pid, worker.process.exitcode))
@@ -256,46 +295,34 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
                     returned = [_failed_return(jobs[position], failure) for position in task]
                 for position, result in zip(task, returned, strict=True):
                     finish(position, result)
-    if progress:
-        print_outcome_table(jobs, results, title=f"local launcher: {len(jobs)} jobs")
-    return results
 
 
-class _Progress:
-    """A rich progress bar, or nothing when progress is off."""
+def _record_interrupted(jobs: Sequence[PlannedJob], results: list[Any],
+                        held: dict[int, Any]) -> None:
+    """After Ctrl-C (the workers are stopped): the jobs they were running are FAILED,
+    interrupted, their claims released; ``tmgg-sweep resume`` runs them again from
+    their last checkpoints."""
+    for position, claim in list(held.items()):
+        job = jobs[position]
+        failure = JobFailure("Interrupted", "the sweep was stopped (Ctrl-C) while this job "
+                             "ran; `tmgg-sweep resume` runs it again from its last "
+                             "checkpoint", "")
+        result = record_lost_job(job, _failed_return(job, failure), LAUNCHER)
+        results[position] = result
+        record_outcome(job, result, LAUNCHER)
+        release_dispatch(job, claim, result)
+        held.pop(position, None)
 
-    def __init__(self, enabled: bool, total: int, completed: int) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.completed = completed
-        self._progress: Any = None
-        self._task: Any = None
 
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+def _print_outcome(jobs: Sequence[PlannedJob], results: Sequence[Any]) -> None:
+    """The sweep's end: the jobs that did not finish here, as a table, and the count
+    (each job that ran already had its line as it ended)."""
+    from rich.console import Console
 
-            self._progress = Progress(TextColumn("[bold]jobs"), BarColumn(),
-                                      MofNCompleteColumn(), TimeElapsedColumn(),
-                                      TextColumn("{task.description}"),
-                                      console=Console(stderr=True))
-            self._progress.__enter__()
-            self._task = self._progress.add_task("", total=self.total, completed=self.completed)
-        return self
-
-    def advance(self, job: PlannedJob, result: Any) -> None:
-        if self._progress is not None:
-            status = "ok" if result.status.name == "COMPLETED" else "FAILED"
-            self._progress.update(self._task, advance=1, description=f"{job.run_name}: {status}")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
+    unfinished = [(job, result) for job, result in zip(jobs, results, strict=True)
+                  if result is not None and result.status.name != "COMPLETED"
+                  or getattr(result, "claimed_by", None)]
+    if unfinished:
+        print_outcome_table([job for job, _ in unfinished], [r for _, r in unfinished],
+                            title="jobs that did not finish here", summary=False)
+    Console(stderr=True).print(outcome_summary(outcome_rows(jobs, results)), soft_wrap=True)

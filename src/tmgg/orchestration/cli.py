@@ -48,9 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"tmgg-sweep: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    from tmgg.cli_guards import launcher_override_refusal, missing_stage_refusal
+
+    refusal = missing_stage_refusal(name, rest) or launcher_override_refusal(rest)
+    if refusal is not None:
+        print(f"tmgg-sweep {name}: {refusal}", file=sys.stderr)
+        return 2
     module_name, function_name, _ = COMMANDS[name]
     function = getattr(importlib.import_module(module_name), function_name)
-    return int(function(rest) or 0)
+    from tmgg.orchestration.plan import PlanError
+
+    try:
+        return int(function(rest) or 0)
+    except PlanError as error:
+        print(f"tmgg-sweep {name} refused: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tmgg-sweep {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

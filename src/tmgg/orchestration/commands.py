@@ -32,12 +32,15 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _console() -> Any:
-    """Rich console; wide when piped so a table's columns are never truncated."""
+    """Rich console; wide when piped so a table's columns are never truncated, unless
+    ``COLUMNS`` says how wide."""
+    import os
     import sys
 
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=220)
+    return Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") \
+        else Console(width=220)
 
 
 def _optional(module: str, name: str) -> Any:
@@ -132,7 +135,7 @@ def plan_main(argv: list[str]) -> int:
     from tmgg.orchestration.plan import PlanError
 
     try:
-        _, rows, facts = build_plan_rows(args.overrides)
+        sweep, rows, facts = build_plan_rows(args.overrides)
     except PlanError as error:
         print(f"plan refused: {error}", file=sys.stderr)
         return 2
@@ -187,7 +190,7 @@ def plan_main(argv: list[str]) -> int:
             unit = "array tasks"
         cost_text = (f" in {tasks} {unit} (about {facts['est_container_seconds']:.0f} s of "
                      f"{unit} run time in all){cost_text}")
-    console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched")
+    console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched; ledger {sweep.ledger.root}")
     return 0
 
 
@@ -216,55 +219,154 @@ def status_rows(ledger: Ledger) -> list[dict[str, Any]]:
 
 
 def status_main(argv: list[str]) -> int:
-    parser = _parser("status", "Show a stage's ledger: every job's state, with counts.")
+    parser = _parser("status", "Show a stage's ledger: every job's state, with counts of "
+                     "the stage's current grid and, apart, of every other record.")
     parser.add_argument("--no-poll", action="store_true",
                         help="do not poll detached Modal calls")
+    parser.add_argument("--summary", action="store_true",
+                        help="only the counts, no table")
+    parser.add_argument("--watch", nargs="?", type=float, const=5.0, default=None,
+                        metavar="SECONDS",
+                        help="redraw every SECONDS (default 5) until Ctrl-C")
     args = parser.parse_args(argv)
-    ledger = _ledger_for(args.overrides)
+    ledger, grid = _ledger_and_grid(args.overrides)
     if not args.no_poll:
         poll = _optional("tmgg.launch.modal_calls", "poll_detached")
         if poll is not None and any(s.call_id for s in ledger.states().values()):
             poll(ledger)
+    if args.json:
+        print(json.dumps(status_facts(ledger, grid), indent=2, default=str))
+        return 0
+    console = _console()
+    if args.watch is None:
+        for part in status_view(ledger, grid, args.summary):
+            console.print(part)
+        return 0
+    import time
+
+    from rich.console import Group
+    from rich.live import Live
+
+    def view() -> Any:
+        return Group(*status_view(ledger, grid, args.summary),
+                     f"[dim]every {args.watch:g} s; Ctrl-C ends[/dim]")
+
+    try:
+        if not console.is_terminal:  # piped: each view after the last, as a log
+            while True:
+                console.print(view())
+                sys.stdout.flush()
+                time.sleep(args.watch)
+        with Live(view(), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(args.watch)
+                live.update(view(), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _ledger_and_grid(overrides: list[str]) -> tuple[Ledger, dict[str, str] | None]:
+    """The stage's ledger and its current grid (job id -> run name), read from plan.json
+    when that matches, else composed; None when the grid cannot be composed here."""
+    from tmgg.orchestration.compose import recorded_or_composed_sweep
+    from tmgg.orchestration.plan import PlanError
+    from tmgg.orchestration.workdirs import WorkDirError
+
+    try:
+        sweep = recorded_or_composed_sweep(overrides)
+    except WorkDirError:
+        raise  # the shell is elsewhere: no ledger is the right one to show
+    except PlanError:
+        return _ledger_for(overrides), None
+    return sweep.ledger, {job.job_id: job.run_name for job in sweep.jobs}
+
+
+def status_facts(ledger: Ledger, grid: dict[str, str] | None) -> dict[str, Any]:
+    """What ``status`` says, as data: every record, the grid's counts (MISSING for a grid
+    job with no record), and the other records counted apart."""
     rows = status_rows(ledger)
     # Current jobs only: records of an earlier config are listed, counted apart.
     counts = Counter(row["status"] for row in rows if row["status"] != SUPERSEDED)
-    superseded = sum(1 for row in rows if row["status"] == SUPERSEDED)
-    damaged = damaged_line_notes(ledger)
-    if args.json:
-        print(json.dumps({"stage": ledger.stage, "counts": dict(counts),
-                          "superseded": superseded, "jobs": rows,
-                          "damaged_lines": damaged}, indent=2, default=str))
-        return 0
-    from rich.table import Table
+    facts: dict[str, Any] = {
+        "stage": ledger.stage, "ledger": str(ledger.root), "counts": dict(counts),
+        "superseded": sum(1 for row in rows if row["status"] == SUPERSEDED),
+        "jobs": rows, "damaged_lines": damaged_line_notes(ledger)}
+    if grid is not None:
+        by_id = {row["job_id"]: row for row in rows}
+        grid_counts = Counter(by_id[job_id]["status"] if job_id in by_id else MISSING
+                              for job_id in grid)
+        facts["grid"] = {"jobs": len(grid), "counts": dict(grid_counts)}
+        facts["other_records"] = dict(Counter(
+            row["status"] for row in rows
+            if row["job_id"] not in grid and row["status"] != SUPERSEDED))
+    return facts
 
-    table = Table(title=f"status: stage {ledger.stage} ({ledger.root})")
-    for column in ("job id", "run name", "status", "duration s", "test mse", "error / claim"):
-        table.add_column(column)
-    styles = {FINISHED: "green", FAILED: "red", LOST: "red"}
-    for row in rows:
-        style = styles.get(row["status"], "yellow")
-        detail = row["error"][0] if row["error"] else ""
-        if row["status"] in (*IN_FLIGHT, LOST) and row["claim"]:
-            detail = row["claim"] if row["status"] != LOST else f"lost: {row['claim']}"
-        if row["superseded_by"]:
-            detail = f"earlier config; replaced by {row['superseded_by']}"
-        table.add_row(row["job_id"], row["run_name"], f"[{style}]{row['status']}[/{style}]",
-                      "" if row["duration_s"] is None else f"{row['duration_s']:.1f}",
-                      "" if row["test_mse"] is None else f"{row['test_mse']:.4f}",
-                      detail[:100])
-    console = _console()
-    console.print(table)
-    console.print(", ".join(f"{count} {status.lower()}" for status, count in
-                            sorted(counts.items())) or "no jobs recorded")
-    for note in damaged:
-        console.print(note["text"], style="red", markup=False, highlight=False)
-    if counts.get(LOST):
-        console.print(f"{counts[LOST]} job(s) LOST: their process died without recording an "
-                      "outcome. `tmgg-sweep resume` runs them again (from their last "
-                      "checkpoint, into the same W&B run).")
-    if superseded:
-        console.print(f"{superseded} superseded records of earlier configs (not counted)")
-    return 0
+
+def _count_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {status.lower()}" for status, count in sorted(counts.items()))
+
+
+def status_view(ledger: Ledger, grid: dict[str, str] | None, summary: bool) -> list[Any]:
+    """The table (unless ``summary``) and the count lines, as rich renderables. The
+    table fits 80 columns: run names are never cut, the note column wraps."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    facts = status_facts(ledger, grid)
+    rows = facts["jobs"]
+    parts: list[Any] = []
+    if not summary:
+        if grid is not None:  # the grid's jobs first (missing ones too), then the rest
+            known = {row["job_id"] for row in rows}
+            rows = [*(row for row in rows if row["job_id"] in grid),
+                    *({"job_id": job_id, "run_name": name, "status": MISSING,
+                       "superseded_by": None, "duration_s": None, "test_mse": None,
+                       "claim": None, "error": None}
+                      for job_id, name in grid.items() if job_id not in known),
+                    *(row for row in rows if row["job_id"] not in grid)]
+        table = Table(title=f"status: stage {ledger.stage} ({ledger.root})",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        names = [row["run_name"] or row["job_id"] for row in rows]
+        table.add_column("run name", no_wrap=True, min_width=max(map(len, names), default=8))
+        for column in ("status", "s", "test mse"):
+            table.add_column(column, no_wrap=True, justify="left" if column == "status"
+                             else "right")
+        table.add_column("note", overflow="fold")
+        styles = {FINISHED: "green", FAILED: "red", LOST: "red"}
+        for name, row in zip(names, rows, strict=True):
+            style = styles.get(row["status"], "yellow")
+            detail = row["error"][0] if row["error"] else ""
+            if row["status"] in (*IN_FLIGHT, LOST) and row["claim"]:
+                detail = row["claim"] if row["status"] != LOST else f"lost: {row['claim']}"
+            if row["superseded_by"]:
+                detail = f"earlier config; replaced by {row['superseded_by']}"
+            elif grid is not None and row["job_id"] not in grid:
+                detail = ("not in this grid; " + detail).strip("; ")
+            table.add_row(name, Text(row["status"], style=style),
+                          "" if row["duration_s"] is None else f"{row['duration_s']:.0f}",
+                          "" if row["test_mse"] is None else f"{row['test_mse']:.4f}",
+                          detail[:200])
+        parts.append(table)
+    if grid is not None:
+        parts.append(f"stage {ledger.stage}, its grid of {facts['grid']['jobs']} jobs: "
+                     f"{_count_text(facts['grid']['counts']) or 'empty'}")
+        if facts["other_records"]:
+            parts.append(f"other records, not in this grid (other overrides or settings): "
+                         f"{_count_text(facts['other_records'])}")
+    else:
+        parts.append(_count_text(facts["counts"]) or "no jobs recorded")
+    for note in facts["damaged_lines"]:
+        parts.append(Text(note["text"], style="red"))
+    lost = facts["counts"].get(LOST)
+    if lost:
+        parts.append(f"{lost} job(s) LOST: their process died without recording an "
+                     "outcome. `tmgg-sweep resume` runs them again (from their last "
+                     "checkpoint, into the same W&B run).")
+    if facts["superseded"]:
+        parts.append(f"{facts['superseded']} superseded records of earlier configs "
+                     "(not counted)")
+    return parts
 
 
 def damaged_line_notes(ledger: Ledger) -> list[dict[str, Any]]:

@@ -71,6 +71,9 @@ def load_master_config(config_loader: Any, overrides: Sequence[str]) -> DictConf
     config = config_loader.load_configuration(config_name="train", overrides=list(overrides),
                                               run_mode=RunMode.MULTIRUN)
     HydraConfig.instance().set_config(config)
+    from tmgg.orchestration.workdirs import check_work_dirs
+
+    check_work_dirs(config, writable=False)  # the checkout's records, not the shell's
     return config
 
 

@@ -233,7 +233,10 @@ def check_run(config: DictConfig) -> None:
     if not is_tmgg_config(config):
         return
     from tmgg.config import job_label
+    from tmgg.orchestration.workdirs import check_work_dirs
 
+    refuse_grid_without_multirun(config)
+    check_work_dirs(config)
     job = job_label(config)
     output_dir = _output_dir(config, "hydra.run.dir")
     try:
@@ -242,6 +245,27 @@ def check_run(config: DictConfig) -> None:
             check_paths(config, job, output_dir, "hydra.run.dir")
     except JobConfigError as error:
         raise PlanError(str(error)) from error
+
+
+def refuse_grid_without_multirun(config: DictConfig) -> None:
+    """A stage with a grid, run without ``-m``: Hydra would train one job built from the
+    defaults, beside the grid's own jobs under a new id. Allowed only when the command
+    line sets every swept key (then it is one of the grid's jobs)."""
+    from tmgg.identity import task_overrides
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    if not params:
+        return
+    arguments = task_overrides(config)
+    given = {argument.split("=", 1)[0].lstrip("+~") for argument in arguments}
+    swept = [str(key) for key in params]
+    if all(key in given for key in swept):
+        return
+    jobs = len(expand_grid(config, arguments))
+    raise PlanError(
+        f"stage {config.stage.name} is a sweep of {jobs} jobs (it sweeps "
+        f"{', '.join(swept)}); without -m, tmgg-train would train one job outside that "
+        f"grid. Run the sweep: tmgg-train -m {' '.join(arguments)}")
 
 
 def compose_job(config_loader: Any, master_config: DictConfig, overrides: Sequence[str],

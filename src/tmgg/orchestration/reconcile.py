@@ -445,17 +445,28 @@ def reconcile_jobs(jobs: Sequence[PlannedJob], states: dict[str, JobState], stag
 
 def print_table(rows: Sequence[Row], title: str, mode: str,
                 notes: Sequence[str] = ()) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for column in ("job", "status", "destination", "run id", "ledger", "detail"):
+    # Readable at 80 columns: run names whole, one destination shown once when all share it.
+    destinations = {row.destination for row in rows}
+    shared = len(destinations) == 1
+    if shared:
+        title = f"{title} → {next(iter(destinations))}"
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("job", no_wrap=True,
+                     min_width=max((len(row.run_name) for row in rows), default=3))
+    table.add_column("status", no_wrap=True)
+    table.add_column("ledger", no_wrap=True)
+    for column in (*(() if shared else ("destination",)), "run id", "detail"):
         table.add_column(column, overflow="fold")
     styles = {OK: "green", MISSING: "yellow", RUNNING_STATUS: "cyan"}
     for row in rows:
         style = styles.get(row.status, "red")
-        table.add_row(row.run_name, f"[{style}]{row.status}[/{style}]", row.destination,
-                      ", ".join(row.run_ids), row.ledger_status, row.detail)
+        table.add_row(row.run_name, f"[{style}]{row.status}[/{style}]", row.ledger_status,
+                      *(() if shared else (row.destination,)), ", ".join(row.run_ids),
+                      row.detail)
     console = Console()
     console.print(table)
     counts: dict[str, int] = {}

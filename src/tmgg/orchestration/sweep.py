@@ -115,6 +115,9 @@ def record_plan_for_multirun(config: DictConfig) -> None:
         return
     from hydra.core.global_hydra import GlobalHydra
 
+    from tmgg.orchestration.workdirs import check_work_dirs, ledger_path
+
+    check_work_dirs(config)  # before composing: one line, nothing recorded
     arguments = task_overrides(config)
     loader = GlobalHydra.instance().config_loader()
     share_config_cache(loader)  # the plan, BasicSweeper's checks and the launcher
@@ -130,7 +133,8 @@ def record_plan_for_multirun(config: DictConfig) -> None:
     for job in jobs:
         _PLAN_CACHE[tuple(job.overrides)] = job
     record_plan(jobs, config, arguments)
-    log.info("Planned %d jobs of stage %s", len(jobs), jobs[0].stage if jobs else "?")
+    log.info("Planned %d jobs of stage %s; ledger %s", len(jobs),
+             jobs[0].stage if jobs else "?", ledger_path(config))
 
 
 def planned_jobs(config_loader: Any, master_config: DictConfig,
