@@ -193,7 +193,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
         def finish(position: int, result: Any) -> None:
             """Every job's outcome is recorded here, once."""
             results[position] = result
-            record_outcome(jobs[position], result, LAUNCHER)
+            record_outcome(jobs[position], result, LAUNCHER, claim=held.get(position))
             release_dispatch(jobs[position], held.pop(position, None), result)
             bar.advance(jobs[position], result)
 
