@@ -5,6 +5,7 @@ Launchers stay transport code; the rules of a sweep live here once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -47,6 +48,7 @@ class JobSkipped:
     reason: str
     detail: str
     metrics: dict[str, Any] | None = None
+    recorded: bool = False  # its skipped event is in the ledger already
 
     def __str__(self) -> str:
         return f"{self.run_name}: not run, {self.detail}"
@@ -256,11 +258,15 @@ def skipped_return(job: PlannedJob, record: dict[str, Any]) -> Any:
 
 def record_skipped(job: PlannedJob, skipped: JobSkipped, launcher: str | None = None) -> None:
     """The ledger's ``skipped`` event: this sweep did not run the job (not an outcome)."""
-    if job.is_tmgg_job:
-        ledger_for(job.task_config).append({
-            "event": "skipped", "time": utc_now(), "job_id": job.job_id,
-            "run_name": job.run_name, "status": "SKIPPED", "reason": skipped.detail,
-            "launcher": launcher})
+    if job.is_tmgg_job and not skipped.recorded:
+        _append_skipped(ledger_for(job.task_config), skipped, launcher)
+
+
+def _append_skipped(ledger: Ledger, skipped: JobSkipped, launcher: str | None) -> None:
+    ledger.append({"event": "skipped", "time": utc_now(), "job_id": skipped.job_id,
+                   "run_name": skipped.run_name, "status": "SKIPPED",
+                   "reason": skipped.detail, "launcher": launcher})
+    skipped.recorded = True
 
 
 def call_alive_in(ledger: Ledger) -> Callable[[str], bool]:
@@ -496,6 +502,7 @@ def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
     if not taken:
         log.warning("Job %s not run: %s", run_name, claim.describe())
         _SKIPPED[job_id] = JobSkipped(job_id, run_name, "claimed", claim.describe())
+        _append_skipped(ledger, _SKIPPED[job_id], launcher)
         return _SKIPPED[job_id]
     previous = ledger.job_record(job_id)
     if previous and previous.get("status") == FINISHED:
@@ -503,6 +510,7 @@ def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
         log.info("Job %s already finished; skipped", run_name)
         _SKIPPED[job_id] = JobSkipped(job_id, run_name, "finished", "finished already",
                                       previous.get("metrics") or {})
+        _append_skipped(ledger, _SKIPPED[job_id], launcher)
         return _SKIPPED[job_id]
     held = HeldJob(claim, claims.Heartbeat(claim))
     record.update(status=RUNNING, started_at=utc_now(),
@@ -513,6 +521,8 @@ def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
         ledger.write_job_record(job_id, record, fence=claim)
     except BaseException:
         held.heartbeat.stop()
+        with contextlib.suppress(Exception):  # not begun: the claim is nobody's now
+            claims.release(claim, FAILED)
         raise
     _HELD[job_id] = held
     return held
