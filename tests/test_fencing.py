@@ -277,8 +277,7 @@ def test_a_claimed_job_is_skipped_never_finished_under_modal_and_submitit(
         submitit = tmgg_train("-m", *overrides, *SUBMITIT_LOCAL, "hydra.launcher.fuse=off",
                               timeout=300)
         assert submitit.returncode == 0, submitit.stderr[-3000:]
-        for run in (modal, submitit):
-            assert "SKIPPED (claimed)" in run.stderr
+        assert "SKIPPED (claimed)" in modal.stderr  # its outcome table (submitit has none)
         assert ledger.job_record(held["job_id"])["status"] == RUNNING  # the holder's
         outcomes = _events(ledger, "outcome", held["job_id"])
         assert outcomes == [], outcomes  # a skip is never an outcome
