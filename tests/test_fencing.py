@@ -323,3 +323,40 @@ def test_a_fused_submitit_member_claimed_elsewhere_is_skipped_not_trained(
 
 def _no_modal_tokens() -> dict[str, str]:
     return {k: "" for k in os.environ if k.startswith("MODAL_TOKEN")}
+
+
+def test_a_fused_member_that_loses_its_claim_stops_alone(tmp_path: Path) -> None:
+    """Mid-training, another host takes one member's job over: that member stops with
+    ClaimLost before its next step and leaves no result; the other member finishes."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.task.fused import FusedMember, run_fused_training
+
+    sweep = compose_sweep([*CHEAP, "seed=1", "model=linear_pe,filter_bank",
+                           f"outputs_dir={tmp_path}/out", f"experiments_dir={tmp_path}/exp"])
+    HydraConfig.instance().cfg = None  # the jobs below run outside a Hydra job
+    configs = [OmegaConf.create(job.task_config) for job in sweep.jobs]
+    ledger = Ledger(tmp_path / "exp", "smoke")
+    job_id = str(configs[1].job.id)
+    taken, claim = claims.take(ledger.root, job_id, ticket="group", transport={})
+    assert taken
+    steps = {"seen": 0}
+
+    def fence() -> None:
+        steps["seen"] += 1
+        if steps["seen"] == 5:  # another host takes the job over meanwhile
+            _pretend_other_host(ledger, job_id)
+            _age_claims(ledger, claims.lease_seconds() + 1)
+            assert claims.take(ledger.root, job_id, ticket="other", transport={})[0]
+        claims.verify(claim)
+
+    members = [FusedMember(cfg=cfg, output_dir=tmp_path / "group" / str(cfg.job.run_name))
+               for cfg in configs]
+    members[1].extra["fence"] = fence
+    run_fused_training(members)
+    assert isinstance(members[1].error, claims.ClaimLost), members[1].error
+    assert members[1].result is None
+    assert not (members[1].output_dir / "metrics.json").exists()
+    assert members[0].error is None and members[0].result["global_step"] == 20

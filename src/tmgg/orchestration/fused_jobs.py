@@ -116,7 +116,7 @@ def run_group_payload(payload: GroupPayload) -> list[Any]:
 def _run_group(payload: GroupPayload) -> list[Any]:
     from hydra.core.utils import setup_globals
 
-    from tmgg.orchestration.sweep import JobSkipped, job_record_start
+    from tmgg.orchestration.sweep import HeldJob, JobSkipped, job_record_start
 
     first = payload.members[0]
     _restore_singletons(first.singleton_state)
@@ -144,6 +144,8 @@ def _run_group(payload: GroupPayload) -> list[Any]:
             continue
         member = FusedMember(cfg=run.task_config,
                              output_dir=Path(run.config.hydra.runtime.output_dir))
+        if isinstance(begun, HeldJob):  # stops this member alone once its claim is lost
+            member.extra["fence"] = begun.check
         run_of[id(member)] = run
         to_train.append(member)
 
