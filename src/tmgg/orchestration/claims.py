@@ -180,8 +180,11 @@ def this_process() -> dict[str, Any]:
 
 def fs_now(directory: Path) -> float:
     """The shared file system's current time, as it stamps files in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".clock.", dir=directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".clock.", dir=directory)
+    except OSError:  # a read-only copy of the stage: nobody can take or renew there
+        return time.time()
     try:
         return os.fstat(fd).st_mtime
     finally:
@@ -347,7 +350,7 @@ def _link_new(path: Path, data: dict[str, Any]) -> bool:
     """Create ``path`` holding ``data`` if it does not exist yet (link(2): atomic on NFS)."""
     from tmgg.orchestration.ledger import refuse_links
 
-    refuse_links(path)
+    refuse_links(path, path.parents[2])  # <experiments_dir>/<stage>/claims/<file>
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -456,6 +459,9 @@ def renew(claim: Claim, **changes: Any) -> Claim | None:
         return None
     data = {**claim.data, **changes, "heartbeat_at": utc_now(),
             "lease_expires": time.time() + claim.lease_s}  # for people; not judged
+    from tmgg.orchestration.ledger import refuse_links
+
+    refuse_links(claim.path, claim.path.parents[2])
     atomic_write_json(claim.path, data)
     return Claim(claim.path, claim.generation, data, mtime=os.stat(claim.path).st_mtime)
 

@@ -69,6 +69,8 @@ class LedgerCallback(Callback):
             check_run(config)
         except PlanError as error:
             _refuse(error, "run refused, nothing ran")
+        except Exception as error:  # noqa: BLE001 - Hydra would only warn, then run
+            _refuse(error, f"run refused, nothing ran ({type(error).__name__})")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Early, and safe to skip: the task function (``tmgg.app.train``) begins the

@@ -60,18 +60,12 @@ class LinkRefused(RuntimeError):
     """A write under experiments_dir or outputs_dir would follow a symbolic link."""
 
 
-def refuse_links(path: Path, root: Path | None = None) -> None:
-    """Refuse (``LinkRefused``) when ``path`` or a folder between ``root`` and it is a
-    symbolic link. Without ``root``: the path and its three nearest folders (a claim's
-    or job record's stage folder and the folders below it)."""
-    path = Path(path)
-    chain = [path, *path.parents]
-    if root is not None:
-        root = Path(root)
-        chain = [p for p in chain if p != root and root in p.parents]
-    else:
-        chain = chain[:4]
-    for component in chain:
+def refuse_links(path: Path, root: Path) -> None:
+    """Refuse (``LinkRefused``) when ``path`` or a folder between ``root`` (the
+    experiments or outputs directory, which may itself be a link) and it is a symbolic
+    link."""
+    path, root = Path(path), Path(root)
+    for component in [p for p in [path, *path.parents] if p != root and root in p.parents]:
         if component.is_symlink():
             raise LinkRefused(
                 f"refusing to write {path}: {component} is a symbolic link (to "
@@ -81,7 +75,6 @@ def refuse_links(path: Path, root: Path | None = None) -> None:
 
 def atomic_write_json(path: Path, payload: Any) -> None:
     """Write JSON so readers see the old file or the new one, never half of one."""
-    refuse_links(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
