@@ -388,8 +388,13 @@ def record_lost_job(job: PlannedJob, result: Any, launcher: str) -> Any:
         return result
     ledger = ledger_for(job.task_config)
     record = ledger.job_record(job.job_id)
-    if record and record.get("status") == FINISHED:
-        finished = skipped_return(job, record)
+    if record and record.get("status") == FINISHED:  # a real run's result, not a skip
+        from hydra.core.utils import JobReturn, JobStatus
+
+        finished = JobReturn(overrides=job.overrides, cfg=OmegaConf.create(job.task_config),
+                             hydra_cfg=None, working_dir=os.getcwd(), task_name=None,
+                             status=JobStatus.COMPLETED)
+        finished.return_value = record.get("metrics") or {}
         finished.skipped = False  # type: ignore[attr-defined]
         return finished
     record = record or base_record(job.task_config, job.overrides, launcher)
