@@ -360,3 +360,25 @@ def test_a_fused_member_that_loses_its_claim_stops_alone(tmp_path: Path) -> None
     assert members[1].result is None
     assert not (members[1].output_dir / "metrics.json").exists()
     assert members[0].error is None and members[0].result["global_step"] == 20
+
+
+def test_a_holder_that_cannot_renew_its_lease_stops(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared file system refuses every renewal: once a whole lease has passed
+    without one, the holder must assume another process took the job, and stop."""
+    monkeypatch.setenv("TMGG_CLAIM_LEASE_S", "1")
+    taken, mine = claims.take(tmp_path, JOB, ticket="a", transport={})
+    assert taken and mine.lease_s == 1.0
+    beat = claims.Heartbeat(mine, interval_s=0.2)
+
+    def unreachable(claim: claims.Claim, **changes: Any) -> None:
+        raise OSError("Stale file handle")
+
+    monkeypatch.setattr(claims, "renew", unreachable)
+    try:
+        beat.check(JOB)  # just renewed at start: fine
+        time.sleep(1.3)
+        with pytest.raises(claims.ClaimLost, match=r"its lease could not be renewed for \d+ s"):
+            beat.check(JOB)
+    finally:
+        beat.stop()
