@@ -27,15 +27,20 @@ def _dead_pid() -> tuple[int, str | None]:
 
 
 def _write_claim(root: Path, generation: int, **data: object) -> Path:
+    """A claim file; its ``lease_expires`` is made true by the file system's clock (the
+    file's mtime is set ``lease_s`` before it), which is what liveness reads."""
     path = claims.claims_dir(root) / f"{JOB}.g{generation}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"job_id": JOB, "released": False, **data}))
+    if "lease_expires" in data:
+        written = float(data["lease_expires"]) - claims.lease_seconds()  # type: ignore[arg-type]
+        os.utime(path, (written, written))
     return path
 
 
 def _owner(pid: int, start: str | None, on_host: str | None = None) -> dict[str, object]:
     return {"host": on_host or host(), "boot_id": claims._boot_id(), "pid": pid,
-            "start": start}
+            "start": start, "pid_ns": claims.pid_namespace()}
 
 
 def test_a_live_claim_of_another_dispatch_is_not_taken(tmp_path: Path) -> None:

@@ -15,27 +15,31 @@ from tmgg.config import CONF_DIR
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig) -> Any:
     """The task function every launcher runs: train, test, return the metrics.
 
-    A job the ledger already records as finished is not trained again: re-running a
-    stage (with any launcher) only runs what is missing or failed. Nor is a job that
-    another dispatch holds the claim of (``tmgg.orchestration.claims``).
+    First the job is begun here, not in a Hydra callback (whose exceptions Hydra turns
+    into warnings): its claim taken and its RUNNING record written, or the job is not
+    run. A job the ledger records as finished, or whose claim another dispatch holds,
+    returns a ``JobSkipped`` (never a result: launchers record it as skipped). While it
+    trains, losing the claim (a newer generation, a lease not renewed) stops it with
+    ``ClaimLost`` within one renewal interval.
     """
-    from tmgg.orchestration.sweep import claimed_elsewhere, finished_metrics
+    from tmgg.orchestration.sweep import HeldJob, JobSkipped, begin_job
 
-    holder = claimed_elsewhere(cfg)
-    if holder is not None:  # another sweep or shell runs this job right now
-        log.warning("Job %s skipped: %s", cfg.job.run_name, holder)
-        return {"claimed_by": holder}
-    recorded = finished_metrics(cfg)
-    if recorded is not None:
-        log.info("Job %s already finished; skipped (its recorded metrics are returned)",
-                 cfg.job.run_name)
-        return recorded
+    begun = begin_job(cfg)
+    if isinstance(begun, JobSkipped):
+        log.warning("Job %s skipped: %s", cfg.job.run_name, begun.detail)
+        return begun
     from tmgg.task.train import run_training
 
-    metrics = run_training(cfg)
+    if isinstance(begun, HeldJob):
+        from tmgg.orchestration.claims import lightning_fence, verify
+
+        verify(begun.latest_claim())  # fenced: nothing (W&B run included) starts after a loss
+        metrics = run_training(cfg, extra_callbacks=[lightning_fence(begun.check)])
+    else:
+        metrics = run_training(cfg)
     print_run_summary(cfg, metrics)
     return metrics
 

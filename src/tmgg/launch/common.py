@@ -55,6 +55,11 @@ def outcome_rows(jobs: Sequence[PlannedJob], results: Sequence[Any]) -> list[dic
         claimed_by = getattr(result, "claimed_by", None)
         ok = result.status.name == "COMPLETED"
         value = result._return_value
+        reason = getattr(value, "reason", None)  # a JobSkipped from the job's process
+        if reason == "finished":
+            skipped, value = True, getattr(value, "metrics", None)
+        elif reason == "claimed":
+            claimed_by = getattr(value, "detail", None)
         status = "SKIPPED (finished)" if skipped else ("FINISHED" if ok else "FAILED")
         rows.append({
             "job": job.run_name,

@@ -230,7 +230,7 @@ def _run_tasks(jobs: list[PlannedJob], results: list[Any], queue: deque[tuple[in
         def finish(position: int, result: Any) -> None:
             """Every job's outcome is recorded here, once."""
             results[position] = result
-            record_outcome(jobs[position], result, LAUNCHER)
+            record_outcome(jobs[position], result, LAUNCHER, claim=held.get(position))
             release_dispatch(jobs[position], held.pop(position, None), result)
             bar.ended(position, result)
 

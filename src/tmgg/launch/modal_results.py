@@ -21,7 +21,7 @@ from omegaconf import open_dict, read_write
 from tmgg.launch.modal_settings import ModalSettings
 from tmgg.orchestration.executor import JobFailure, deserialize
 from tmgg.orchestration.plan import PlannedJob
-from tmgg.orchestration.sweep import ledger_for, record_outcome
+from tmgg.orchestration.sweep import ledger_for, record_outcome, skipped_value
 
 LAUNCHER = "modal"
 
@@ -69,6 +69,9 @@ def record_result(job: PlannedJob, result: Any, settings: ModalSettings, root: s
         return
     ledger = ledger_for(job.task_config)
     before = ledger.job_record(job.job_id) or {}
+    if skipped_value(result) is not None:  # not run: a skipped event, no record
+        record_outcome(job, result, LAUNCHER)
+        return
     record_outcome(job, result, LAUNCHER, write_job_record=True)
     record = ledger.job_record(job.job_id) or {}
     if before.get("status") == record.get("status") and before.get("started_at"):

@@ -25,11 +25,24 @@ submitit's local executor, its controller), so a requeued job takes over its own
 earlier claim.
 
 **Liveness.** A claim is alive while it is not released and
-- its owner runs on this host and is the very process (pid and start time, this
-  boot) that took it, or
-- its lease has not expired (another host: renewed every ``lease_s / 4`` seconds), or
+- its owner runs on this host, in this pid namespace, and is the very process (pid
+  and start time, this boot) that took it, or
+- its lease has not expired (another host or pid namespace: renewed every
+  ``lease_s / 4`` seconds), or
 - it names a detached Modal call that is still running (polled when the caller can).
 A claim that is not alive is stale: its job shows as ``LOST`` and may be taken over.
+
+**Whose clock.** A lease is judged by the shared file system's own time: the claim
+file's mtime (set by the file system when its holder renews it) against the mtime of
+a probe file the reader creates beside it now. No writer's ``time.time()`` enters the
+decision, so a machine whose clock is off by hours neither keeps a dead claim alive
+nor takes a live one. A claim file of the wrong shape (``schema.Damaged``) is judged
+the same way: held until its lease has run out by the file system's time, then stale.
+
+**Fencing.** A claim's generation is its fencing token. The holder checks it before
+every write that changes its job's state (``verify``) and from its heartbeat: once a
+newer generation exists (or its lease could not be renewed in time) it has lost the
+job, raises ``ClaimLost`` naming the job and the new holder, and writes nothing more.
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tmgg.orchestration import schema
 from tmgg.orchestration.ledger import atomic_write_json
 from tmgg.orchestration.records import host, utc_now
 
@@ -146,9 +160,36 @@ def process_matches(pid: int, start: str | None) -> bool:
     return pid_alive(pid)
 
 
+def pid_namespace() -> str | None:
+    """This process's pid namespace (``pid:[4026531836]``); None where /proc has none.
+
+    Containers with host networking share hostname and boot id but not pids: a pid
+    is only meaningful inside the namespace it was read in.
+    """
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def this_process() -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": host(), "boot_id": _boot_id(), "pid": pid, "start": process_start(pid)}
+    return {"host": host(), "boot_id": _boot_id(), "pid": pid, "start": process_start(pid),
+            "pid_ns": pid_namespace()}
+
+
+def fs_now(directory: Path) -> float:
+    """The shared file system's current time, as it stamps files in ``directory``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".clock.", dir=directory)
+    except OSError:  # a read-only copy of the stage: nobody can take or renew there
+        return time.time()
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        Path(probe).unlink(missing_ok=True)
 
 
 # -- claims ------------------------------------------------------------------------
@@ -161,6 +202,8 @@ class Claim:
     path: Path
     generation: int
     data: dict[str, Any]
+    mtime: float | None = None  # the file system's time of its last write (the lease)
+    damaged: str | None = None  # why the file is not a claim (then ``data`` is empty)
 
     @property
     def job_id(self) -> str:
@@ -182,8 +225,16 @@ class Claim:
     def call_id(self) -> str | None:
         return (self.data.get("transport") or {}).get("call_id")
 
+    @property
+    def lease_s(self) -> float:
+        value = self.data.get("lease_s")
+        return float(value) if value else lease_seconds()
+
     def describe(self) -> str:
         """``claimed by host:pid since <time>`` (and the Modal call, if any)."""
+        if self.damaged is not None:
+            return (f"claimed by an unreadable claim file {self.path.name} (held until its "
+                    f"lease has run out): {self.damaged}")
         owner = self.owner
         text = (f"claimed by {owner.get('host')}:{owner.get('pid')} since "
                 f"{self.data.get('taken_at')}")
@@ -210,14 +261,31 @@ def _generations(ledger_root: Path, job_id: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def read_claim(path: Path, generation: int) -> Claim:
+    """One generation as it is on disk; a file of the wrong shape is a damaged claim.
+    ``FileNotFoundError`` when it is gone."""
+    mtime = os.lstat(path).st_mtime
+    try:
+        data = schema.read(path, schema.ClaimFile)
+    except schema.Damaged as error:
+        return Claim(path, generation, {}, mtime=mtime, damaged=error.reason)
+    return Claim(path, generation, data, mtime=mtime)
+
+
 def current(ledger_root: Path, job_id: str) -> Claim | None:
-    """The job's claim: its newest readable generation, or None if it was never claimed."""
+    """The job's claim: its newest generation (possibly damaged), or None if it was
+    never claimed."""
     for generation, path in reversed(_generations(ledger_root, job_id)):
         try:
-            return Claim(path, generation, json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
+            return read_claim(path, generation)
+        except FileNotFoundError:
             continue  # deleted by a newer owner's clean-up while we listed
     return None
+
+
+def _lease_left(claim: Claim, now: float) -> float:
+    """Seconds of lease left, by the file system's clock (``now`` from ``fs_now``)."""
+    return (claim.mtime if claim.mtime is not None else 0.0) + claim.lease_s - now
 
 
 def assess(claim: Claim, *, call_alive: Callable[[str], bool] | None = None,
@@ -227,15 +295,23 @@ def assess(claim: Claim, *, call_alive: Callable[[str], bool] | None = None,
     ``call_alive`` polls a Modal call; without it, a claim on a call whose lease has
     run out counts as alive (unknown until someone polls the call).
     """
+    now = fs_now(claim.path.parent) if now is None else now
+    if claim.damaged is not None:
+        if _lease_left(claim, now) > 0:
+            return True, "lease (unreadable claim file)"
+        return False, (f"its claim file {claim.path.name} is unreadable ({claim.damaged}) "
+                       f"and its lease has run out")
     if claim.released:
         return False, f"released {claim.data.get('released_at')}"
-    now = time.time() if now is None else now
     owner = claim.owner
-    same_machine = owner.get("host") == host() and owner.get("boot_id") == _boot_id()
+    # Same machine *and* pid namespace: only then is its pid ours to look up.
+    same_machine = (owner.get("host") == host() and owner.get("boot_id") == _boot_id()
+                    and owner.get("pid_ns") is not None
+                    and owner.get("pid_ns") == pid_namespace())
     if same_machine and process_matches(int(owner.get("pid", -1)), owner.get("start")):
         return True, "owner running"
     if claim.call_id is not None:
-        if not same_machine and float(claim.data.get("lease_expires", 0)) > now:
+        if not same_machine and _lease_left(claim, now) > 0:
             return True, "lease"
         if call_alive is None or call_alive(claim.call_id):
             return True, f"call {claim.call_id} running"
@@ -243,7 +319,7 @@ def assess(claim: Claim, *, call_alive: Callable[[str], bool] | None = None,
     if same_machine:
         return False, (f"its process {owner.get('host')}:{owner.get('pid')} is gone "
                        f"(last heartbeat {claim.data.get('heartbeat_at')})")
-    if float(claim.data.get("lease_expires", 0)) > now:
+    if _lease_left(claim, now) > 0:
         return True, "lease"
     return False, f"no heartbeat from {owner.get('host')} since {claim.data.get('heartbeat_at')}"
 
@@ -258,11 +334,12 @@ def _payload(job_id: str, ticket: str | None, transport: dict[str, Any],
         "lease_expires": time.time() + lease, "released": False,
         "took_over": None if previous is None or previous.released else {
             "generation": previous.generation, "owner": previous.owner,
-            "ticket": previous.ticket},
+            "ticket": previous.ticket, "damaged": previous.damaged},
         **extra,
     }
     # Who dispatched the job stays named after the job's process takes the claim over.
-    if previous is not None and ticket is not None and previous.ticket == ticket:
+    if previous is not None and ticket is not None and previous.ticket == ticket \
+            and previous.damaged is None:
         for key in ("dispatcher", "transport"):
             if previous.data.get(key) and not extra.get(key):
                 data[key] = {**previous.data[key], **(transport if key == "transport" else {})}
@@ -271,6 +348,9 @@ def _payload(job_id: str, ticket: str | None, transport: dict[str, Any],
 
 def _link_new(path: Path, data: dict[str, Any]) -> bool:
     """Create ``path`` holding ``data`` if it does not exist yet (link(2): atomic on NFS)."""
+    from tmgg.orchestration.ledger import refuse_links
+
+    refuse_links(path, path.parents[2])  # <experiments_dir>/<stage>/claims/<file>
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -303,8 +383,9 @@ def take(ledger_root: Path, job_id: str, *, ticket: str | None, transport: dict[
     """
     for _ in range(20):
         previous = current(ledger_root, job_id)
-        if previous is not None and not previous.released \
-                and not (ticket is not None and previous.ticket == ticket):
+        if previous is not None and (previous.damaged is not None or not previous.released) \
+                and not (ticket is not None and previous.ticket == ticket
+                         and previous.damaged is None):
             alive, _reason = assess(previous, call_alive=call_alive)
             if alive:
                 return False, previous
@@ -320,7 +401,9 @@ def take(ledger_root: Path, job_id: str, *, ticket: str | None, transport: dict[
         _forget_older(ledger_root, job_id, generation)
         return True, claim
     holder = current(ledger_root, job_id)
-    assert holder is not None
+    if holder is None:  # every generation vanished while we raced: nobody holds it
+        holder = Claim(claims_dir(ledger_root) / f"{job_id}.g0.json", 0, {},
+                       damaged="its claim files changed faster than they could be read")
     return False, holder
 
 
@@ -336,14 +419,51 @@ def holds(claim: Claim) -> bool:
     return newest is not None and newest.generation == claim.generation
 
 
+class ClaimLost(RuntimeError):
+    """This process no longer holds its job's claim: it must stop and write nothing."""
+
+    def __init__(self, claim: Claim, newest: Claim | None, why: str | None = None) -> None:
+        self.job_id = claim.job_id
+        self.generation = claim.generation
+        self.holder = newest.describe() if newest is not None else "nobody"
+        reason = why or (f"generation {newest.generation} is newer than ours"
+                         if newest is not None else "its claim files are gone")
+        super().__init__(
+            f"job {claim.job_id}: this process lost its claim (generation "
+            f"{claim.generation}; {reason}); the job is now {self.holder}. Training "
+            f"stopped and nothing more is recorded for it by this process.")
+
+
+def verify(claim: Claim) -> None:
+    """The fencing check before a state-changing write: ``ClaimLost`` unless ``claim``
+    is still the newest generation of its job."""
+    newest = current(claim.path.parent.parent, claim.job_id)
+    if newest is None or newest.generation != claim.generation:
+        raise ClaimLost(claim, newest)
+
+
+def fence_ticket(ledger_root: Path, job_id: str, ticket: str | None) -> Claim | None:
+    """For a launcher's write about a job it dispatched under ``ticket``: the newer
+    claim of another dispatch that fences it off, or None when the write may go on."""
+    if ticket is None:
+        return None
+    newest = current(ledger_root, job_id)
+    if newest is None or newest.ticket == ticket:
+        return None
+    return newest
+
+
 def renew(claim: Claim, **changes: Any) -> Claim | None:
     """Push the lease forward (and record ``changes``); None when the claim was lost."""
     if not holds(claim):
         return None
     data = {**claim.data, **changes, "heartbeat_at": utc_now(),
-            "lease_expires": time.time() + float(claim.data.get("lease_s") or lease_seconds())}
+            "lease_expires": time.time() + claim.lease_s}  # for people; not judged
+    from tmgg.orchestration.ledger import refuse_links
+
+    refuse_links(claim.path, claim.path.parents[2])
     atomic_write_json(claim.path, data)
-    return Claim(claim.path, claim.generation, data)
+    return Claim(claim.path, claim.generation, data, mtime=os.stat(claim.path).st_mtime)
 
 
 def release(claim: Claim, outcome: str | None = None) -> bool:
@@ -374,9 +494,12 @@ class Heartbeat:
 
     def __init__(self, *held: Claim, interval_s: float | None = None) -> None:
         self.claims = {claim.job_id: claim for claim in held}
-        lease = min((float(c.data.get("lease_s") or lease_seconds()) for c in held),
-                    default=lease_seconds())
+        lease = min((c.lease_s for c in held), default=lease_seconds())
+        self.lease_s = lease
         self.interval_s = interval_s or max(1.0, lease / 4)
+        # job id -> the ClaimLost that ended its claim (the job must stop)
+        self.lost: dict[str, ClaimLost] = {}
+        self._renewed_at = {claim.job_id: time.monotonic() for claim in held}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tmgg-claims")
@@ -387,16 +510,45 @@ class Heartbeat:
             with self._lock:
                 if self._stop.is_set():
                     return
-                for job_id, claim in list(self.claims.items()):
-                    try:
-                        renewed = renew(claim)
-                    except OSError as error:  # a hiccup of a shared FS: next time
-                        log.warning("could not renew the claim of job %s: %s", job_id, error)
-                        continue
-                    if renewed is None:  # handed over to the job's process, or lost
-                        del self.claims[job_id]
-                    else:
-                        self.claims[job_id] = renewed
+                for job_id in list(self.claims):
+                    self._renew(job_id)
+
+    def _renew(self, job_id: str) -> None:
+        """Renew one claim (lock held); a lost one moves to ``lost``."""
+        claim = self.claims[job_id]
+        try:
+            renewed = renew(claim)
+        except OSError as error:  # a hiccup of a shared FS: next time
+            log.warning("could not renew the claim of job %s: %s", job_id, error)
+            return
+        if renewed is None:  # handed over to the job's process, or lost
+            del self.claims[job_id]
+            self.lost[job_id] = ClaimLost(claim, current(claim.path.parent.parent, job_id))
+        else:
+            self.claims[job_id] = renewed
+            self._renewed_at[job_id] = time.monotonic()
+
+    def check(self, job_id: str) -> None:
+        """For the job's training loop: ``ClaimLost`` once its claim is lost, or when it
+        could not be renewed for a whole lease. After a pause (SIGSTOP, a suspended
+        laptop) longer than a renewal interval, renews at once to find out."""
+        with self._lock:
+            if job_id in self.lost:
+                raise self.lost[job_id]
+            claim = self.claims.get(job_id)
+            if claim is None:
+                return
+            since = time.monotonic() - self._renewed_at.get(job_id, 0.0)
+            if since > self.interval_s * 1.5:
+                self._renew(job_id)
+                if job_id in self.lost:
+                    raise self.lost[job_id]
+                if time.monotonic() - self._renewed_at.get(job_id, 0.0) > self.lease_s:
+                    self.lost[job_id] = ClaimLost(
+                        claim, current(claim.path.parent.parent, job_id),
+                        f"its lease could not be renewed for {since:.0f} s")
+                    self.claims.pop(job_id, None)
+                    raise self.lost[job_id]
 
     def discard(self, job_id: str) -> Claim | None:
         """Stop renewing one claim; the claim as last written."""
@@ -416,20 +568,26 @@ def mark_lost(ledger: Any, states: dict[str, Any], refolded: bool = False) -> di
     Reads no network: a claim on a detached Modal call counts as alive until the call
     is polled (``tmgg-sweep status`` polls first).
     """
-    from tmgg.orchestration.ledger import IN_FLIGHT, LOST
+    from tmgg.orchestration.ledger import IN_FLIGHT, LOST, SKIPPED
 
     dead: dict[str, str] = {}
+    now: float | None = None
     for job_id, state in states.items():
-        if state.status not in IN_FLIGHT:
+        if state.status not in IN_FLIGHT and state.status != SKIPPED:
             continue
         claim = current(ledger.root, job_id)
+        if claim is None and state.status == SKIPPED:
+            dead[job_id] = "skipped as claimed elsewhere, but no claim holds it"
+            continue
         if claim is None:  # recorded by a tmgg without claims: judge by its record
             record = state.record
             if not state.call_id and record.get("host") == host() and record.get("pid") \
                     and not pid_alive(int(record["pid"])):
                 dead[job_id] = f"its process {host()}:{record['pid']} is gone"
             continue
-        alive, reason = assess(claim)
+        if now is None:  # one reading of the file system's clock for the whole stage
+            now = fs_now(claims_dir(ledger.root))
+        alive, reason = assess(claim, now=now)
         if alive:
             state.claim = claim.describe()
         else:
@@ -441,3 +599,25 @@ def mark_lost(ledger: Any, states: dict[str, Any], refolded: bool = False) -> di
         states[job_id].status = LOST
         states[job_id].claim = reason
     return states
+
+
+def lightning_fence(check: Callable[[], None]) -> Any:
+    """A Lightning callback that stops training (``ClaimLost``) once ``check`` raises:
+    before every step and before a checkpoint is written (so a holder that lost its
+    claim promotes no checkpoint)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class ClaimFence(Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            check()
+
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            check()
+
+        def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Any) -> None:
+            check()
+
+        def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+            check()
+
+    return ClaimFence()

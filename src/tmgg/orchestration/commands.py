@@ -17,6 +17,7 @@ from tmgg.orchestration.ledger import (
     LOST,
     MISSING,
     PLANNED,
+    SKIPPED,
     SUPERSEDED,
     Ledger,
 )
@@ -337,7 +338,7 @@ def status_view(ledger: Ledger, grid: dict[str, str] | None, summary: bool) -> l
         for name, row in zip(names, rows, strict=True):
             style = styles.get(row["status"], "yellow")
             detail = row["error"][0] if row["error"] else ""
-            if row["status"] in (*IN_FLIGHT, LOST) and row["claim"]:
+            if row["status"] in (*IN_FLIGHT, LOST, SKIPPED) and row["claim"]:
                 detail = row["claim"] if row["status"] != LOST else f"lost: {row['claim']}"
             if row["superseded_by"]:
                 detail = f"earlier config; replaced by {row['superseded_by']}"
@@ -370,11 +371,20 @@ def status_view(ledger: Ledger, grid: dict[str, str] | None, summary: bool) -> l
 
 
 def damaged_line_notes(ledger: Ledger) -> list[dict[str, Any]]:
-    """Damaged ledger lines (a write cut short by a full disk or a kill), by number."""
-    return [{"line": number, "excerpt": excerpt,
-             "text": f"{ledger.events_path} line {number} is damaged (a write cut short?) "
-                     f"and was skipped; every other line was read: {excerpt!r}"}
-            for number, excerpt in ledger.damaged_lines()]
+    """Damaged ledger lines (a write cut short, a line of the wrong shape) by number,
+    then every other damaged file of the stage (job records, claims, plan.json)."""
+    notes = [{"file": str(ledger.events_path), "line": number, "excerpt": excerpt,
+              "text": f"{ledger.events_path} line {number} is damaged (a write cut short, "
+                      f"or not a ledger event) and was skipped; every other line was "
+                      f"read: {excerpt!r}"}
+             for number, excerpt in ledger.damaged_lines()]
+    for damaged in ledger.damaged_files():
+        if damaged.path == ledger.events_path:
+            continue  # listed above with its text
+        notes.append({"file": str(damaged.path), "line": damaged.line, "excerpt": "",
+                      "text": f"{damaged} (skipped; a damaged claim counts as held until "
+                              f"its lease has run out)"})
+    return notes
 
 
 # What `resume` runs: never a finished job, never one in flight under a live claim.
@@ -402,7 +412,8 @@ def resume_main(argv: list[str]) -> int:
         return states[job.job_id].status if job.job_id in states else MISSING
 
     todo = [job for job in sweep.jobs if status_of(job) in RESUMABLE]
-    in_flight = [job for job in sweep.jobs if status_of(job) in IN_FLIGHT]
+    # SKIPPED: left to another dispatch whose claim still lives (dead ones are LOST)
+    in_flight = [job for job in sweep.jobs if status_of(job) in (*IN_FLIGHT, SKIPPED)]
     finished = len(sweep.jobs) - len(todo) - len(in_flight)
     by_status = Counter(status_of(job) for job in todo)
     print(f"stage {sweep.stage}: {len(sweep.jobs)} jobs, {finished} finished, "

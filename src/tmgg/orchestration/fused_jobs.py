@@ -116,7 +116,7 @@ def run_group_payload(payload: GroupPayload) -> list[Any]:
 def _run_group(payload: GroupPayload) -> list[Any]:
     from hydra.core.utils import setup_globals
 
-    from tmgg.orchestration.sweep import finished_metrics
+    from tmgg.orchestration.sweep import HeldJob, JobSkipped, job_record_start
 
     first = payload.members[0]
     _restore_singletons(first.singleton_state)
@@ -131,12 +131,21 @@ def _run_group(payload: GroupPayload) -> list[Any]:
     to_train: list[FusedMember] = []
     run_of: dict[int, _MemberRun] = {}
     for run in runs:
-        recorded = finished_metrics(run.task_config)
-        if recorded is not None:  # finished meanwhile (another launch): not trained again
-            _end_member(run, recorded, failed=False)
+        # Each member is begun as a solo job is (its own claim, its RUNNING record), here
+        # where a failure fails the member: a callback's would only be a warning.
+        try:
+            begun = job_record_start(run.config)
+        except Exception as error:  # noqa: BLE001 - this member fails, the others train
+            _end_member(run, error, failed=True)
+            continue
+        if isinstance(begun, JobSkipped):  # finished, or claimed by another dispatch
+            log.warning("%s", begun)
+            _end_member(run, begun, failed=False)
             continue
         member = FusedMember(cfg=run.task_config,
                              output_dir=Path(run.config.hydra.runtime.output_dir))
+        if isinstance(begun, HeldJob):  # stops this member alone once its claim is lost
+            member.extra["fence"] = begun.check
         run_of[id(member)] = run
         to_train.append(member)
 

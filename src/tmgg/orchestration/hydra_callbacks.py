@@ -55,6 +55,9 @@ class LedgerCallback(Callback):
             record_plan_for_multirun(config)
         except PlanError as error:
             _refuse(error)
+        except Exception as error:  # noqa: BLE001 - Hydra would only warn, then dispatch
+            _refuse(error, "sweep refused, nothing dispatched (its plan could not be "
+                           f"recorded: {type(error).__name__})")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A single run is checked like a sweep's jobs, before its output dir exists."""
@@ -66,8 +69,12 @@ class LedgerCallback(Callback):
             check_run(config)
         except PlanError as error:
             _refuse(error, "run refused, nothing ran")
+        except Exception as error:  # noqa: BLE001 - Hydra would only warn, then run
+            _refuse(error, f"run refused, nothing ran ({type(error).__name__})")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Early, and safe to skip: the task function (``tmgg.app.train``) begins the
+        job again (idempotent) where a failure fails the job with tmgg's message."""
         if not self.enabled:
             return
         from tmgg.orchestration.sweep import job_record_start

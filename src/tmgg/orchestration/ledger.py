@@ -13,6 +13,11 @@ Layout under ``experiments/<stage>/``:
 - ``plan.json`` — the newest plan, every job with its composed config.
 
 Folding the two gives each expected job one state (``JobState``).
+
+Every line and file is read through ``tmgg.orchestration.schema``: one of the wrong
+shape is *damaged* (``damaged_files`` / ``damaged_lines`` name it with its line), is
+skipped, and never raises in a reader. No write here follows a symbolic link below
+the experiments directory (``refuse_links``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmgg.orchestration import schema
+from tmgg.orchestration.schema import Damaged
+
 PLANNED = "PLANNED"
 DISPATCHED = "DISPATCHED"
 RUNNING = "RUNNING"
@@ -38,10 +46,31 @@ MISSING = "MISSING"
 # (killed launcher or worker, lost node) without recording an outcome.
 LOST = "LOST"
 IN_FLIGHT = frozenset({DISPATCHED, RUNNING})
+# Not run by the sweep that recorded it: finished already, or another dispatch holds
+# its claim. Never an outcome: while the holder's claim lives the job stays SKIPPED
+# (the holder's records take over), once that claim is dead it is LOST and resumable.
+SKIPPED = "SKIPPED"
 # Not a job status: how status shows a record of an earlier config (see supersede.py).
 SUPERSEDED = "SUPERSEDED"
 
 TERMINAL = frozenset({FINISHED, FAILED, CANCELLED})
+
+
+class LinkRefused(RuntimeError):
+    """A write under experiments_dir or outputs_dir would follow a symbolic link."""
+
+
+def refuse_links(path: Path, root: Path) -> None:
+    """Refuse (``LinkRefused``) when ``path`` or a folder between ``root`` (the
+    experiments or outputs directory, which may itself be a link) and it is a symbolic
+    link."""
+    path, root = Path(path), Path(root)
+    for component in [p for p in [path, *path.parents] if p != root and root in p.parents]:
+        if component.is_symlink():
+            raise LinkRefused(
+                f"refusing to write {path}: {component} is a symbolic link (to "
+                f"{os.readlink(component)}); nothing under experiments_dir or outputs_dir "
+                f"follows links. Replace the link with a real folder or file.")
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -93,6 +122,7 @@ class Ledger:
 
     def __init__(self, experiments_dir: str | Path, stage: str) -> None:
         self.stage = stage
+        self.experiments_dir = Path(experiments_dir)
         self.root = Path(experiments_dir) / stage
         self.events_path = self.root / "ledger.jsonl"
         self.jobs_dir = self.root / "jobs"
@@ -115,8 +145,14 @@ class Ledger:
         )
         if not payload:
             return
+        refuse_links(self.events_path, self.experiments_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.events_path,
+                         os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            refuse_links(self.events_path, self.experiments_dir)  # made a link meanwhile
+            raise error
         try:
             with contextlib.suppress(OSError):  # a file system without flock still appends
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -128,10 +164,20 @@ class Ledger:
             os.close(fd)  # releases the lock
 
     def write_plan(self, plan: dict[str, Any]) -> None:
+        refuse_links(self.plan_path, self.experiments_dir)
         atomic_write_json(self.plan_path, plan)
 
-    def write_job_record(self, job_id: str, record: dict[str, Any]) -> None:
-        atomic_write_json(self.jobs_dir / f"{job_id}.json", record)
+    def write_job_record(self, job_id: str, record: dict[str, Any],
+                         fence: Any = None) -> None:
+        """Write a job's record; with ``fence`` (the writer's claim), only while that
+        claim is the job's newest generation (``claims.ClaimLost`` otherwise)."""
+        if fence is not None:
+            from tmgg.orchestration.claims import verify
+
+            verify(fence)
+        path = self.jobs_dir / f"{job_id}.json"
+        refuse_links(path, self.experiments_dir)
+        atomic_write_json(path, record)
 
     # -- reading ---------------------------------------------------------------
     def events(self) -> Iterator[dict[str, Any]]:
@@ -144,6 +190,45 @@ class Ledger:
         """``(line number, start of its text)`` of every line that is not one whole event."""
         return [(number, raw[:80]) for number, _, raw, damaged in self._lines() if damaged]
 
+    def damaged_files(self) -> list[Damaged]:
+        """Every damaged line of the ledger, job record, claim and the plan, named."""
+        damaged = [Damaged(self.events_path, reason, number)
+                   for number, _, _, reason in self._checked_lines() if reason]
+        if self.jobs_dir.exists():
+            for path in sorted(self.jobs_dir.glob("*.json")):
+                try:
+                    schema.read(path, schema.JobRecordFile)
+                except schema.Damaged as error:
+                    damaged.append(error)
+                except FileNotFoundError:
+                    pass
+        try:
+            schema.read(self.plan_path, schema.PlanFile)
+        except schema.Damaged as error:
+            damaged.append(error)
+        except FileNotFoundError:
+            pass
+        claims_dir = self.root / "claims"
+        if claims_dir.exists():
+            for path in sorted(claims_dir.glob("*.g*.json")):
+                try:
+                    schema.read(path, schema.ClaimFile)
+                except schema.Damaged as error:
+                    damaged.append(error)
+                except FileNotFoundError:
+                    pass
+        return damaged
+
+    def _checked_lines(self) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
+        """(number, its event or None, its text, why it is damaged or None)."""
+        for number, event, raw, damaged in self._lines():
+            if event is None:
+                yield number, None, raw, "not one whole JSON object (a torn write?)"
+            elif damaged:
+                yield number, event, raw, "a whole event glued behind torn text"
+            else:
+                yield number, event, raw, None
+
     def _lines(self) -> Iterator[tuple[int, dict[str, Any] | None, str, bool]]:
         """(number, its event or None, its text, damaged?) for every non-blank line."""
         try:
@@ -155,13 +240,21 @@ class Ledger:
                 raw = data.decode("utf-8", errors="replace").strip()
                 if raw:
                     event, start = _parse_event(raw)
+                    if event is not None:
+                        try:
+                            event = schema.decode(raw[start:], schema.LedgerEvent,
+                                                  self.events_path, number)
+                        except schema.Damaged:
+                            event = None
                     yield number, event, raw, event is None or start > 0
 
     def job_record(self, job_id: str) -> dict[str, Any] | None:
+        """The job's record, or None when it has none or it is damaged (see
+        ``damaged_files``)."""
         path = self.jobs_dir / f"{job_id}.json"
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            return schema.read(path, schema.JobRecordFile)
+        except (FileNotFoundError, schema.Damaged):
             return None
 
     def job_records(self) -> dict[str, dict[str, Any]]:
@@ -169,16 +262,16 @@ class Ledger:
         if self.jobs_dir.exists():
             for path in sorted(self.jobs_dir.glob("*.json")):
                 try:
-                    record = json.loads(path.read_text())
-                except (OSError, json.JSONDecodeError):
+                    record = schema.read(path, schema.JobRecordFile)
+                except (FileNotFoundError, schema.Damaged):
                     continue
-                records[record.get("job_id", path.stem)] = record
+                records[record["job_id"]] = record
         return records
 
     def plan(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.plan_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            return schema.read(self.plan_path, schema.PlanFile)
+        except (FileNotFoundError, schema.Damaged):
             return None
 
     def is_finished(self, job_id: str) -> bool:
@@ -219,8 +312,12 @@ class Ledger:
                 state.status = DISPATCHED
                 state.call_id = event.get("call_id") or state.call_id
             elif kind == "outcome":
-                state.status = event.get("status", state.status)
+                state.status = event.get("status") or state.status
                 state.record = {**state.record, **event}
+            elif kind == "skipped":
+                if state.status in (PLANNED, MISSING, DISPATCHED, LOST):
+                    state.status = SKIPPED
+                    state.claim = event.get("reason")
             elif kind == "cancelled":
                 state.status = CANCELLED
             elif kind == "superseded":
@@ -237,7 +334,7 @@ class Ledger:
             # dispatch or cancel by the launcher.
             if recorded in TERMINAL or state.status in (PLANNED, MISSING, RUNNING):
                 state.status = recorded or state.status
-            elif recorded == RUNNING and state.status == DISPATCHED:
+            elif recorded == RUNNING and state.status in (DISPATCHED, SKIPPED):
                 state.status = RUNNING
         return states
 

@@ -5,10 +5,12 @@ Launchers stay transport code; the rules of a sweep live here once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from tmgg.orchestration.composer import (
     master_overrides,
     share_config_cache,
 )
-from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger
+from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger, refuse_links
 from tmgg.orchestration.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
 from tmgg.orchestration.records import code_version, host, package_versions, utc_now
 from tmgg.orchestration.supersede import describe, superseded_records
@@ -32,30 +34,86 @@ log = logging.getLogger(__name__)
 # Plans composed at multirun start, keyed by override tuple, reused by our launchers
 # so every job is composed once.
 _PLAN_CACHE: dict[tuple[str, ...], PlannedJob] = {}
-# Jobs this process found already finished and did not re-run.
-_SKIPPED_IN_PROCESS: set[str] = set()
-# Jobs this process was asked to run while another dispatch holds them: job id -> holder.
-_CLAIMED_ELSEWHERE: dict[str, str] = {}
-# The claims this process holds for the jobs it runs, renewed while they run.
-_HEARTBEATS: dict[str, claims.Heartbeat] = {}
+
+
+@dataclass
+class JobSkipped:
+    """What a job not run returns instead of a result: it was finished already
+    (``reason="finished"``, with the recorded ``metrics``) or another dispatch holds
+    its claim (``reason="claimed"``). Launchers record it as a ``skipped`` event, never
+    as an outcome: a skip is never FINISHED."""
+
+    job_id: str
+    run_name: str
+    reason: str
+    detail: str
+    metrics: dict[str, Any] | None = None
+    recorded: bool = False  # its skipped event is in the ledger already
+
+    def __str__(self) -> str:
+        return f"{self.run_name}: not run, {self.detail}"
+
+
+@dataclass
+class HeldJob:
+    """A job this process runs: its claim (the fencing token) and the heartbeat."""
+
+    claim: claims.Claim
+    heartbeat: claims.Heartbeat
+
+    def check(self) -> None:
+        """``claims.ClaimLost`` once this process may no longer train the job."""
+        self.heartbeat.check(self.claim.job_id)
+
+    def latest_claim(self) -> claims.Claim:
+        return self.heartbeat.claims.get(self.claim.job_id, self.claim)
+
+
+# What this process decided for each job it was handed: skipped, or held and running.
+_SKIPPED: dict[str, JobSkipped] = {}
+_HELD: dict[str, HeldJob] = {}
 
 
 def finished_metrics(task_config: DictConfig) -> dict[str, Any] | None:
-    """For the task function: the recorded metrics of an already finished job."""
+    """The recorded metrics of an already finished job, else None."""
     if not is_tmgg_config(task_config):
         return None
     record = ledger_for(task_config).job_record(str(task_config.job.id))
     if record and record.get("status") == FINISHED:
-        _SKIPPED_IN_PROCESS.add(str(task_config.job.id))
         return record.get("metrics") or {}
     return None
 
 
-def claimed_elsewhere(task_config: DictConfig) -> str | None:
-    """For the task function: who holds this job, when another dispatch runs it."""
+def skipped_value(result: Any) -> JobSkipped | None:
+    """The JobSkipped a JobReturn carries, if its job was not run."""
+    value = getattr(result, "_return_value", None)
+    return value if isinstance(value, JobSkipped) else None
+
+
+def begin_job(task_config: DictConfig) -> JobSkipped | HeldJob | None:
+    """In the job's process, from the task function (where an exception fails the job
+    with tmgg's own message; Hydra would only warn about one in a callback): take the
+    job's claim and write its RUNNING record, or decide that it is not run.
+
+    Idempotent: the ledger callback's ``on_job_start`` may have done it already.
+    None for a config that is not a tmgg job.
+    """
     if not is_tmgg_config(task_config):
         return None
-    return _CLAIMED_ELSEWHERE.get(str(task_config.job.id))
+    job_id = str(task_config.job.id)
+    if job_id in _SKIPPED:
+        return _SKIPPED[job_id]
+    if job_id in _HELD:
+        return _HELD[job_id]
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    choices = OmegaConf.select(hydra_cfg, "runtime.choices") or {}
+    launcher = str(choices["hydra/launcher"]) if "hydra/launcher" in choices else "unknown"
+    from tmgg.identity import override_lines
+
+    return _start(_task_dict(task_config), override_lines(hydra_cfg.overrides.task),
+                  launcher, OmegaConf.select(hydra_cfg, "runtime.output_dir"))
 
 
 def experiments_root(cfg: DictConfig | dict[str, Any]) -> Path:
@@ -135,6 +193,10 @@ def record_plan_for_multirun(config: DictConfig) -> None:
     record_plan(jobs, config, arguments)
     log.info("Planned %d jobs of stage %s; ledger %s", len(jobs),
              jobs[0].stage if jobs else "?", ledger_path(config))
+    for root in sorted({ledger_for(job.task_config).root for job in jobs if job.is_tmgg_job}):
+        for damaged in Ledger(root.parent, root.name).damaged_files():
+            print(f"warning: {damaged} (skipped; `tmgg-sweep status` lists it)",
+                  file=sys.stderr, flush=True)
 
 
 def planned_jobs(config_loader: Any, master_config: DictConfig,
@@ -184,15 +246,31 @@ def split_finished(jobs: Sequence[PlannedJob]) -> tuple[list[Any], list[int]]:
 
 
 def skipped_return(job: PlannedJob, record: dict[str, Any]) -> Any:
-    """A COMPLETED JobReturn for a job that already finished: its recorded metrics."""
+    """A JobReturn for a job that already finished: not run (its recorded metrics ride
+    along in the JobSkipped), with a ``skipped`` event in the ledger."""
     from hydra.core.utils import JobReturn, JobStatus
 
     task_cfg = OmegaConf.create(job.task_config)
     ret = JobReturn(overrides=job.overrides, cfg=task_cfg, hydra_cfg=None,
                     working_dir=os.getcwd(), task_name=None, status=JobStatus.COMPLETED)
-    ret.return_value = record.get("metrics") or {}
+    ret.return_value = JobSkipped(job.job_id, job.run_name, "finished", "finished already",
+                                  record.get("metrics") or {})
     ret.skipped = True  # type: ignore[attr-defined]
+    record_skipped(job, ret.return_value)
     return ret
+
+
+def record_skipped(job: PlannedJob, skipped: JobSkipped, launcher: str | None = None) -> None:
+    """The ledger's ``skipped`` event: this sweep did not run the job (not an outcome)."""
+    if job.is_tmgg_job and not skipped.recorded:
+        _append_skipped(ledger_for(job.task_config), skipped, launcher)
+
+
+def _append_skipped(ledger: Ledger, skipped: JobSkipped, launcher: str | None) -> None:
+    ledger.append({"event": "skipped", "time": utc_now(), "job_id": skipped.job_id,
+                   "run_name": skipped.run_name, "status": "SKIPPED",
+                   "reason": skipped.detail, "launcher": launcher})
+    skipped.recorded = True
 
 
 def call_alive_in(ledger: Ledger) -> Callable[[str], bool]:
@@ -241,8 +319,9 @@ def claimed_return(job: PlannedJob, claim: claims.Claim) -> Any:
     ret = JobReturn(overrides=job.overrides, cfg=OmegaConf.create(job.task_config),
                     hydra_cfg=None, working_dir=os.getcwd(), task_name=None,
                     status=JobStatus.COMPLETED)
-    ret.return_value = {"claimed_by": claim.describe()}
+    ret.return_value = JobSkipped(job.job_id, job.run_name, "claimed", claim.describe())
     ret.claimed_by = claim.describe()  # type: ignore[attr-defined]
+    record_skipped(job, ret.return_value)
     return ret
 
 
@@ -263,10 +342,26 @@ def record_dispatched(job: PlannedJob, launcher: str, call_id: str | None = None
 
 
 def record_outcome(job: PlannedJob, result: Any, launcher: str,
-                   write_job_record: bool = False) -> None:
-    """Append the outcome event; for remote jobs also write the job's own record."""
+                   write_job_record: bool = False, claim: claims.Claim | None = None) -> None:
+    """Append the outcome event; for remote jobs also write the job's own record.
+
+    A job that was not run (``JobSkipped``) gets a ``skipped`` event instead, never an
+    outcome. With ``claim`` (the launcher's claim of the dispatch), the outcome is
+    fenced: refused once another dispatch holds a newer generation of the job.
+    """
     if not job.is_tmgg_job:
         return
+    skipped = skipped_value(result)
+    if skipped is not None:
+        record_skipped(job, skipped, launcher)
+        return
+    if claim is not None:
+        newer = claims.fence_ticket(ledger_for(job.task_config).root, job.job_id,
+                                    claim.ticket)
+        if newer is not None:
+            log.warning("%s: its outcome is not recorded by this sweep: the job is now %s",
+                        job.run_name, newer.describe())
+            return
     status = FINISHED if result.status.name == "COMPLETED" else FAILED
     error = None if status == FINISHED else str(result._return_value)
     metrics = result._return_value if status == FINISHED else None
@@ -297,8 +392,13 @@ def record_lost_job(job: PlannedJob, result: Any, launcher: str) -> Any:
         return result
     ledger = ledger_for(job.task_config)
     record = ledger.job_record(job.job_id)
-    if record and record.get("status") == FINISHED:
-        finished = skipped_return(job, record)
+    if record and record.get("status") == FINISHED:  # a real run's result, not a skip
+        from hydra.core.utils import JobReturn, JobStatus
+
+        finished = JobReturn(overrides=job.overrides, cfg=OmegaConf.create(job.task_config),
+                             hydra_cfg=None, working_dir=os.getcwd(), task_name=None,
+                             status=JobStatus.COMPLETED)
+        finished.return_value = record.get("metrics") or {}
         finished.skipped = False  # type: ignore[attr-defined]
         return finished
     record = record or base_record(job.task_config, job.overrides, launcher)
@@ -378,34 +478,63 @@ def _task_dict(config: DictConfig) -> dict[str, Any]:
     return container
 
 
-def job_record_start(config: DictConfig) -> None:
-    """In the job's process: RUNNING, with provenance (readable while it runs)."""
+def job_record_start(config: DictConfig) -> JobSkipped | HeldJob | None:
+    """In the job's process (a solo job's callback, a fused member): ``begin_job`` from
+    a full config (with its ``hydra`` node)."""
     if not is_tmgg_config(config):
-        return
+        return None
     task = _task_dict(config)
-    ledger = ledger_for(task)
-    overrides = task_overrides(config)
-    record = base_record(task, overrides, launcher_name(config),
-                         output_dir=OmegaConf.select(config, "hydra.runtime.output_dir"))
     job_id = str(task["job"]["id"])
+    if job_id in _SKIPPED:
+        return _SKIPPED[job_id]
+    if job_id in _HELD:
+        return _HELD[job_id]
+    return _start(task, task_overrides(config), launcher_name(config),
+                  OmegaConf.select(config, "hydra.runtime.output_dir"))
+
+
+def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
+           output_dir: str | None) -> JobSkipped | HeldJob:
+    """Claim the job for this process and record it RUNNING, or skip it."""
+    ledger = ledger_for(task)
+    job_id = str(task["job"]["id"])
+    run_name = str(task["job"]["run_name"])
+    if output_dir is not None and task.get("outputs_dir"):
+        outputs = Path(str(task["outputs_dir"]))
+        refuse_links(Path(output_dir), outputs if outputs.is_absolute()
+                     else Path(os.getcwd()) / outputs)
+    record = base_record(task, overrides, launcher, output_dir=output_dir)
     taken, claim = claims.take(ledger.root, job_id, ticket=claims.dispatch_ticket(),
-                               transport={"kind": launcher_name(config)},
+                               transport={"kind": launcher},
                                call_alive=call_alive_in(ledger),
-                               extra={"run_name": task["job"]["run_name"]})
+                               extra={"run_name": run_name})
     if not taken:
-        _CLAIMED_ELSEWHERE[job_id] = claim.describe()
-        log.warning("Job %s not run: %s", task["job"]["run_name"], claim.describe())
-        return
+        log.warning("Job %s not run: %s", run_name, claim.describe())
+        _SKIPPED[job_id] = JobSkipped(job_id, run_name, "claimed", claim.describe())
+        _append_skipped(ledger, _SKIPPED[job_id], launcher)
+        return _SKIPPED[job_id]
     previous = ledger.job_record(job_id)
     if previous and previous.get("status") == FINISHED:
-        claims.release(claim, FINISHED)
-        return  # the task function will skip it; keep the finished record intact
-    _HEARTBEATS[job_id] = claims.Heartbeat(claim)
+        claims.release(claim, FINISHED)  # keep the finished record intact
+        log.info("Job %s already finished; skipped", run_name)
+        _SKIPPED[job_id] = JobSkipped(job_id, run_name, "finished", "finished already",
+                                      previous.get("metrics") or {})
+        _append_skipped(ledger, _SKIPPED[job_id], launcher)
+        return _SKIPPED[job_id]
+    held = HeldJob(claim, claims.Heartbeat(claim))
     record.update(status=RUNNING, started_at=utc_now(),
                   attempts=(previous or {}).get("attempts", 0) + 1,
                   claim={"generation": claim.generation, "ticket": claim.ticket,
                          "pid_start": claim.owner.get("start")})
-    ledger.write_job_record(job_id, record)
+    try:
+        ledger.write_job_record(job_id, record, fence=claim)
+    except BaseException:
+        held.heartbeat.stop()
+        with contextlib.suppress(Exception):  # not begun: the claim is nobody's now
+            claims.release(claim, FAILED)
+        raise
+    _HELD[job_id] = held
+    return held
 
 
 def job_record_end(config: DictConfig, job_return: Any) -> None:
@@ -415,18 +544,20 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
     task = _task_dict(config)
     ledger = ledger_for(task)
     job_id = task["job"]["id"]
-    if job_id in _SKIPPED_IN_PROCESS:
-        _SKIPPED_IN_PROCESS.discard(job_id)
-        return
-    if _CLAIMED_ELSEWHERE.pop(job_id, None) is not None:
-        return  # another dispatch runs it and keeps its record
-    heartbeat = _HEARTBEATS.pop(job_id, None)
-    claim = heartbeat.discard(job_id) if heartbeat is not None else None
-    if heartbeat is not None:
-        heartbeat.stop()
+    if _SKIPPED.pop(job_id, None) is not None:
+        return  # not run here: finished already, or another dispatch keeps its record
+    held = _HELD.pop(job_id, None)
+    if held is None:
+        return  # never claimed by this process: it has nothing to record
+    claim = held.heartbeat.discard(job_id)
+    held.heartbeat.stop()
+    value = job_return._return_value
+    lost = held.heartbeat.lost.get(job_id)
+    if claim is None or lost is not None or isinstance(value, claims.ClaimLost):
+        log.error("%s", lost or value or f"job {job_id}: its claim was lost")
+        return  # fenced off: a newer generation holds the job and keeps its record
     record = ledger.job_record(job_id) or base_record(task, [], launcher_name(config))
     completed = job_return.status.name == "COMPLETED"
-    value = job_return._return_value
     started = record.get("started_at")
     record.update(status=FINISHED if completed else FAILED, finished_at=utc_now(),
                   metrics=value if completed and isinstance(value, dict) else None,
@@ -438,9 +569,13 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
         record["duration_s"] = round(delta.total_seconds(), 3)
     if completed:
         _record_live_run(record, value)
-    ledger.write_job_record(job_id, record)
-    if claim is not None:  # after the record: a released claim means the outcome is written
-        claims.release(claim, record["status"])
+    try:
+        ledger.write_job_record(job_id, record, fence=claim)
+    except claims.ClaimLost as error:
+        log.error("%s", error)
+        return
+    # after the record: a released claim means the outcome is written
+    claims.release(claim, record["status"])
 
 
 def _error_text(error: Any) -> str:

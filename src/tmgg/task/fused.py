@@ -145,6 +145,8 @@ class MemberOptimizers(torch.optim.Optimizer):
         # A member that failed stays a row of its bank; rows never mix, and it is
         # never written back or saved again.
         for bank in self.banks:
+            if not any(i in self.active for i in bank.indices):
+                continue  # every member of the bank failed: no gradient to step with
             bank.clip_gradients()
             bank.optimizer_step()
         for index in sorted(self.active - self._bank_of.keys()):
@@ -618,6 +620,30 @@ class GuardMembers(Callback):
                 pl_module.fail(i, error)
 
 
+class FenceMembers(Callback):
+    """Stops a member whose job's claim was lost, before each step: ``member.extra
+    ["fence"]`` (from the launcher side) raises then. That member fails alone and trains,
+    checkpoints and records nothing more; the others go on."""
+
+    def __init__(self, members: Sequence[FusedMember]) -> None:
+        self.checks = [member.extra.get("fence") for member in members]
+
+    def _check(self, pl_module: Any) -> None:
+        for i, check in enumerate(self.checks):
+            if check is None or i not in pl_module.active:
+                continue
+            try:
+                check()
+            except Exception as error:  # noqa: BLE001 - this member stops, the others train
+                pl_module.fail(i, error)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._check(pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        self._check(pl_module)
+
+
 # --------------------------------------------------------------------------- the group
 
 
@@ -783,7 +809,7 @@ def _run_bucket(members: Sequence[FusedMember],
         logger=MemberLoggers(loggers, modules),
         # The launcher's own callbacks too (Modal commits its volume after every
         # checkpoint write, the members' included).
-        callbacks=[GuardMembers(guards, loggers), checkpoints,
+        callbacks=[GuardMembers(guards, loggers), FenceMembers(members), checkpoints,
                    *_launcher_callbacks(lead, members[0].output_dir)],
         enable_checkpointing=False,
         enable_progress_bar=False,
