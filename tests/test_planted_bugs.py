@@ -1,0 +1,245 @@
+"""Tests written against bugs planted by hand in the core (issue 25): each one fails when
+its bug is put back. The bug each test catches is named in its docstring.
+
+- a stacked bank applying member 0's weight decay, clip or betas to every member;
+- the ledger gluing an append to a torn line (its layout on disk, not only its reading);
+- ``append_many`` without its lock (concurrent appenders racing a torn tail) or fsync;
+- ``tmgg-sweep sync`` exiting 0 when an upload failed;
+- the W&B guard comparing the project but not the entity (end to end, entity only);
+- reconcile calling every job ok (the superseded case with a negative row).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO
+
+from tmgg.orchestration.ledger import Ledger
+
+# --------------------------------------------------------------------------- stacked bank
+
+
+def _bank_members() -> list[dict[str, Any]]:
+    """Four members of one bank, each with its own hyper-parameters (one plain Adam: its
+    weight decay is an L2 term in the gradient, not a decoupled decay)."""
+    import torch
+
+    return [
+        dict(kind=torch.optim.AdamW, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999),
+             eps=1e-8, clip=0.0),
+        dict(kind=torch.optim.AdamW, lr=2e-2, weight_decay=0.3, betas=(0.8, 0.99),
+             eps=1e-6, clip=0.5),
+        dict(kind=torch.optim.AdamW, lr=5e-2, weight_decay=0.05, betas=(0.5, 0.9),
+             eps=1e-8, clip=3.0),
+        dict(kind=torch.optim.Adam, lr=3e-2, weight_decay=0.2, betas=(0.7, 0.95),
+             eps=1e-7, clip=0.0),
+    ]
+
+
+def _optimiser(model: Any, spec: dict[str, Any]) -> Any:
+    return spec["kind"](model.parameters(), lr=spec["lr"], betas=spec["betas"],
+                        eps=spec["eps"], weight_decay=spec["weight_decay"])
+
+
+def _warmup(step: int) -> float:
+    return min(1.0, (step + 1) / 3)
+
+
+def _inputs(steps: int, members: int) -> Any:
+    import torch
+
+    generator = torch.Generator().manual_seed(7)
+    return torch.randn(steps, members, 16, 5, generator=generator) * 3
+
+
+def _loss(output: Any) -> Any:
+    return (output ** 2).mean() * 10  # large gradients: clipping at 0.5 and 3.0 bites
+
+
+def test_stacked_bank_members_with_their_own_decay_clip_and_betas_match_their_solo_runs(
+        ) -> None:
+    """Planted bug: the bank uses member 0's weight decay, clip or betas for every
+    member (``self.weight_decay = [wd0] * M`` and so on in ``StackedBank.__init__``)."""
+    import torch
+    from torch.func import functional_call
+
+    from tmgg.task.stacked_optim import StackedBank
+
+    torch.manual_seed(0)
+    template = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                                   torch.nn.Linear(7, 3))
+    specs = _bank_members()
+    steps = 6
+    inputs = _inputs(steps, len(specs))
+
+    solo_models = []
+    for j, spec in enumerate(specs):
+        model = copy.deepcopy(template)
+        optimizer = _optimiser(model, spec)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup)
+        for step in range(steps):
+            optimizer.zero_grad()
+            _loss(model(inputs[step, j])).backward()
+            if spec["clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip"])
+            optimizer.step()
+            schedule.step()
+        solo_models.append((model, optimizer))
+
+    models = [copy.deepcopy(template) for _ in specs]
+    optimizers = [_optimiser(m, s) for m, s in zip(models, specs, strict=True)]
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, _warmup) for o in optimizers]
+    bank = StackedBank(list(range(len(specs))), models, optimizers, schedules,
+                       [s["clip"] for s in specs])
+    for step in range(steps):
+        bank.zero_grad()
+        total = sum(_loss(functional_call(template, {name: bank.params[name][j]
+                                                     for name in bank.names},
+                                          (inputs[step, j],)))
+                    for j in range(len(specs)))
+        total.backward()
+        bank.clip_gradients()
+        bank.optimizer_step()
+    bank.write_back()
+
+    for j, ((solo, solo_optimizer), stacked) in enumerate(zip(solo_models, models,
+                                                              strict=True)):
+        for (name, expected), actual in zip(solo.named_parameters(), stacked.parameters(),
+                                            strict=True):
+            difference = float((expected - actual).detach().abs().max())
+            assert difference < 1e-5, (j, name, difference)
+            state = solo_optimizer.state[expected]
+            stacked_state = optimizers[j].state[actual]
+            assert float((state["exp_avg_sq"] - stacked_state["exp_avg_sq"]).abs().max()) < 1e-5
+        assert optimizers[j].param_groups[0]["lr"] == pytest.approx(
+            solo_optimizer.param_groups[0]["lr"])
+    # The members really differ: the same start, four different end points.
+    ends = [torch.cat([p.flatten() for p in m.parameters()]) for m in models]
+    assert min(float((ends[a] - ends[b]).abs().max())
+               for a in range(len(ends)) for b in range(a + 1, len(ends))) > 1e-3
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+def _event(number: int, writer: str = "t") -> dict[str, Any]:
+    return {"event": "planned", "job_id": f"{writer}-{number:04d}", "run_name": f"job_{number}",
+            "overrides": [f"seed={number}"], "time": "2026-01-01T00:00:00.000+00:00"}
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, sort_keys=True).encode()
+
+
+def test_an_append_after_a_torn_line_starts_a_line_of_its_own_on_disk(tmp_path: Path) -> None:
+    """Planted bug: ``append_many`` no longer closes a torn line before writing (the
+    ``_ends_mid_line`` check). Reading still recovers the glued event, so only the bytes
+    on disk show it."""
+    ledger = Ledger(tmp_path, "smoke")
+    ledger.append_many([_event(1), _event(2)])
+    whole = ledger.events_path.read_bytes()
+    torn = whole[:-25]
+    ledger.events_path.write_bytes(torn)
+    ledger.append_many([_event(3), _event(4)])
+
+    lines = ledger.events_path.read_bytes().split(b"\n")
+    assert lines == [_line(_event(1)), torn.split(b"\n")[1], _line(_event(3)),
+                     _line(_event(4)), b""]
+    assert [number for number, _ in ledger.damaged_lines()] == [2]
+
+
+# One process of the race: appends its events one call at a time once the go file exists.
+APPENDER = textwrap.dedent("""
+    import os, sys, time
+    from tmgg.orchestration.ledger import Ledger
+    root, writer, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    ledger = Ledger(root, "smoke")
+    for number in range(count):
+        ledger.append({"event": "planned", "job_id": f"{writer}-{number:04d}",
+                       "run_name": f"job_{number}", "overrides": [f"seed={number}"],
+                       "time": "2026-01-01T00:00:00.000+00:00"})
+    open(os.path.join(root, f"done-{writer}"), "w").close()
+""")
+
+# The writer that dies inside append_many: it writes its first 9 bytes, opens the gate,
+# waits until every appender is done (or 2 s: with the lock they wait for it), writes 9
+# more bytes and dies (os._exit: its lock goes with it), its line torn.
+DYING_WRITER = textwrap.dedent("""
+    import os, sys, time
+    from tmgg.orchestration.ledger import Ledger
+    root, go, appenders = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    real_write = os.write
+    pieces = []
+    def dribble(fd, data):
+        if pieces:
+            real_write(fd, bytes(data[:9]))
+            os._exit(1)
+        pieces.append(real_write(fd, bytes(data[:9])))
+        open(go, "w").close()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            if len([n for n in os.listdir(root) if n.startswith("done-")]) == appenders:
+                break
+            time.sleep(0.01)
+        return pieces[0]
+    os.write = dribble
+    Ledger(root, "smoke").append_many([{"event": "planned", "job_id": "dying-0000",
+                                        "run_name": "dying", "overrides": []}])
+""")
+
+
+def test_concurrent_appenders_racing_a_torn_tail_each_get_whole_lines(tmp_path: Path) -> None:
+    """Planted bug: ``append_many`` without its lock (and fsync). A writer dies midway
+    through its append while three others append: with the lock they wait for it and
+    then start a fresh line; without it their events land inside its torn line."""
+    ledger = Ledger(tmp_path, "smoke")
+    ledger.append(_event(0, "first"))
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    writers = ["a", "b", "c"]
+    count = 15
+    appenders = [subprocess.Popen([sys.executable, "-c", APPENDER, str(tmp_path), writer,
+                                   str(count), str(go)], env=env) for writer in writers]
+    dying = subprocess.Popen([sys.executable, "-c", DYING_WRITER, str(tmp_path), str(go),
+                              str(len(writers))], env=env)
+    assert dying.wait(timeout=120) == 1
+    for process in appenders:
+        assert process.wait(timeout=120) == 0
+
+    lines = [line for line in ledger.events_path.read_bytes().split(b"\n") if line]
+    whole = [json.loads(line) for line in lines if line.startswith(b"{") and
+             line.endswith(b"}") and b"dying" not in line]
+    assert sorted(event["job_id"] for event in whole) == sorted(
+        ["first-0000"] + [f"{w}-{n:04d}" for w in writers for n in range(count)])
+    # The dying writer's two pieces form the one damaged line; nothing else is.
+    assert [text for _, text in ledger.damaged_lines()] == ['{"event": "planned']
+    assert len(lines) == 1 + 1 + len(writers) * count
+
+
+def test_append_many_makes_its_lines_durable(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted bug: ``append_many`` without its fsync (a power cut loses events the
+    launcher has already acted on). The ledger file's descriptor is synced before
+    close."""
+    ledger = Ledger(tmp_path, "smoke")
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    ledger.append_many([_event(1), _event(2)])
+    assert synced == [ledger.events_path.stat().st_ino]
