@@ -39,7 +39,13 @@ from torch import Tensor, nn
 
 from tmgg.config import validate_job_config
 from tmgg.task.metrics import distinct_graph_eigenpairs, member_losses_finite, predict
-from tmgg.task.module import DenoisingModule, GraphDenoisingData, level_tag
+from tmgg.task.module import (
+    DenoisingModule,
+    GraphDenoisingData,
+    TrainingDiverged,
+    divergence_message,
+    level_tag,
+)
 from tmgg.task.spectral import select_top_k, symmetric_eigh
 from tmgg.task.stacked_optim import StackedBank, stackable_optimizer
 from tmgg.task.train import CHECKPOINT_DIR, checkpoint_step
@@ -65,6 +71,10 @@ def logging_for(member: FusedMember) -> Iterator[None]:
 
 class MemberFailure(RuntimeError):
     """Why one member of a fused group stopped (the others go on)."""
+
+
+class MemberDiverged(MemberFailure, TrainingDiverged):
+    """A member's training loss stopped being finite: it fails as its solo job would."""
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -310,10 +320,9 @@ class FusedDenoisingModule(L.LightningModule):
             for row, i in enumerate(indices):
                 keep = i in self.active and finite[row]
                 if i in self.active and not finite[row]:
-                    self.fail(i, MemberFailure(
-                        f"training loss is {float(bank_losses[row])} at step "
-                        f"{self.global_step}: the job diverged (its learning rate, schedule "
-                        "or clipping); the other members of its fused group went on"))
+                    self.fail(i, MemberDiverged(
+                        divergence_message(float(bank_losses[row]), self.global_step)
+                        + "; the other members of its fused group went on"))
                 rows.append(1.0 if keep else 0.0)
                 if keep:
                     trained.append(i)
