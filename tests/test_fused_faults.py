@@ -49,3 +49,78 @@ def test_a_diverging_job_fails_fused_and_solo_alike(tmp_path: Path, workers: int
     events = [e for e in Ledger(sweep_dirs.experiments, "smoke").events()
               if e.get("event") == "outcome"]
     assert sorted(e["status"] for e in events) == [FAILED, FINISHED]
+
+
+class _PreemptAtStep:
+    """A Lightning callback that stops the process at the start of a step as a preempted
+    machine does (SystemExit), after the checkpoints up to then were written."""
+
+    def __new__(cls, step: int) -> Any:
+        from lightning.pytorch.callbacks import Callback
+
+        class PreemptAtStep(Callback):
+            def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+                if trainer.global_step == step:
+                    raise SystemExit(f"preempted at step {step}")
+
+        return PreemptAtStep()
+
+
+def preempt_at_step(cfg: Any, output_dir: Path) -> list[Any]:
+    """TMGG_CALLBACK_FACTORY=test_fused_faults:preempt_at_step (TEST_PREEMPT_AT_STEP)."""
+    import os
+
+    return [_PreemptAtStep(int(os.environ["TEST_PREEMPT_AT_STEP"]))]
+
+
+def _two_jobs(root: Path) -> list[Any]:
+    from omegaconf import OmegaConf
+
+    from tmgg.orchestration.compose import compose_sweep
+
+    sweep = compose_sweep(["stage=smoke", "seed=1", "model=linear_pe",
+                           "optimizer.lr=1e-3,5e-3", "trainer.max_steps=6",
+                           "trainer.val_check_interval=2", "data.val_samples=20",
+                           "data.test_samples=20", "logger=csv", f"outputs_dir={root}/out",
+                           f"experiments_dir={root}/exp"])
+    return [OmegaConf.create(job.task_config) for job in sweep.jobs]
+
+
+def _last_step(output_dir: Path) -> int:
+    from tmgg.task.train import checkpoint_step
+
+    return checkpoint_step(str(output_dir / "checkpoints" / "last.ckpt"))
+
+
+@pytest.mark.slow
+def test_a_preempted_fused_group_leaves_each_member_as_a_preempted_solo_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tmgg.task.fused import FusedMember, run_fused_training
+    from tmgg.task.train import METRICS_FILE, job_output_dir, run_training
+
+    configs = _two_jobs(tmp_path)
+    monkeypatch.setenv("TMGG_CALLBACK_FACTORY", "test_fused_faults:preempt_at_step")
+    monkeypatch.setenv("TEST_PREEMPT_AT_STEP", "3")
+
+    solo_dir = job_output_dir(configs[0])
+    with pytest.raises(SystemExit):
+        run_training(configs[0])
+    assert _last_step(solo_dir) == 2 and not (solo_dir / METRICS_FILE).exists()
+
+    members = [FusedMember(cfg=cfg, output_dir=tmp_path / "group" / str(cfg.job.run_name))
+               for cfg in configs]
+    reported: list[Any] = []
+    with pytest.raises(SystemExit):
+        run_fused_training(members, on_member_done=reported.append)
+    assert reported == []  # no outcome: a preempted job has none
+    for member in members:
+        assert member.error is None and member.result is None
+        assert _last_step(member.output_dir) == 2
+        assert not (member.output_dir / METRICS_FILE).exists()
+
+    monkeypatch.delenv("TMGG_CALLBACK_FACTORY")
+    run_fused_training(members, on_member_done=reported.append)
+    assert reported == members
+    for member in members:
+        assert member.error is None
+        assert (member.result["resumed_from_step"], member.result["global_step"]) == (2, 6)

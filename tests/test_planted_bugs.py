@@ -370,3 +370,25 @@ def test_reconcile_of_a_superseded_job_still_reports_the_current_jobs_problems(
     # A third run under the job's name, of neither config, is still a duplicate.
     stray = _Run("strayrun0001", job.run_name)
     assert verdict(FINISHED, [old_run, own_run, stray])[0] == "duplicated"
+
+
+def test_composing_in_process_leaves_hydras_global_state_as_it_was(tmp_path: Path) -> None:
+    """The known order dependence: a composition left HydraConfig set (a job run later
+    in the process took the master's output dir) and the version base at 1.3 (a later
+    ``@hydra.main`` of another version base behaved differently). Fixed where it arises,
+    in ``compose.hydra_session``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.version import VersionBase
+
+    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.task.train import job_output_dir
+
+    before = VersionBase.instance().getbase()
+    (job,) = compose_sweep(["stage=smoke", "model=linear_pe", "seed=1",
+                            f"outputs_dir={tmp_path}/out", f"experiments_dir={tmp_path}"]).jobs
+    assert not HydraConfig.initialized()
+    assert VersionBase.instance().getbase() == before
+    from omegaconf import OmegaConf
+
+    assert job_output_dir(OmegaConf.create(job.task_config)) == (
+        tmp_path / "out" / "smoke" / job.run_name)

@@ -743,6 +743,16 @@ def _run_bucket(members: Sequence[FusedMember],
         if on_member_done is not None:
             on_member_done(member)
 
+    def interrupt_member(index: int) -> None:
+        """What a solo job's ``finally`` does when it is preempted: close its W&B run."""
+        logger = loggers[index] if index < len(loggers) else None
+        if _is_wandb(logger):
+            try:
+                logger.experiment.finish(exit_code=1)
+            except Exception:  # noqa: BLE001 - the preemption goes on
+                log.exception("could not finish the W&B run of %s",
+                              members[index].cfg.job.run_name)
+
     logs_to_wandb = any(m.cfg.logger.name == "wandb" for m in members)
     if logs_to_wandb:
         finish_leftover_run()
@@ -839,10 +849,17 @@ def _run_bucket(members: Sequence[FusedMember],
             member.result = result
             finish_member(i, None)
     except BaseException as error:
+        # Preemption (SystemExit, KeyboardInterrupt) is no outcome: each unfinished
+        # member is left as a preempted solo job is, its W&B run closed, no record of an
+        # end, its checkpoints in place for the resume.
+        preempted = not isinstance(error, Exception)
         for i in range(len(members)):
             if i not in done:
-                finish_member(i, error)
-        if not isinstance(error, Exception):
+                if preempted:
+                    interrupt_member(i)
+                else:
+                    finish_member(i, error)
+        if preempted:
             raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
