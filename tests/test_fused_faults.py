@@ -124,3 +124,64 @@ def test_a_preempted_fused_group_leaves_each_member_as_a_preempted_solo_job(
     for member in members:
         assert member.error is None
         assert (member.result["resumed_from_step"], member.result["global_step"]) == (2, 6)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_of_a_fused_group_fails_each_member_and_resume_continues_each(
+        tmp_path: Path) -> None:
+    """The worker training a fused group is SIGKILLed while the group is held at step 4
+    (``tmgg.task.hold``: no race with the clock). Each member ends FAILED as its solo
+    job would (WorkerCrashed, its checkpoints kept); resume trains both on from step 4,
+    fused again."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, tmgg_sweep
+
+    sweep_dirs = SweepDirs(tmp_path)
+    overrides = ["stage=smoke", "seed=1", "model=linear_pe", "optimizer.lr=1e-3,5e-3",
+                 "trainer.max_steps=6", "trainer.val_check_interval=2",
+                 "data.val_samples=20", "data.test_samples=20", "logger=csv",
+                 *sweep_dirs.overrides]
+    hold = tmp_path / "release"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMGG_TEST_HOLD_AT_STEP": "4",
+           "TMGG_TEST_HOLD_FILE": str(hold)}
+    log_path = tmp_path / "sweep.log"
+    with log_path.open("w") as log:
+        sweep = subprocess.Popen([sys.executable, "-m", "tmgg.app", "-m", *overrides,
+                                  "hydra.launcher.n_workers=1",
+                                  "hydra.launcher.worker_crash_retries=0"],
+                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600  # a bound for a broken run, not a race
+        while not (held := list(tmp_path.glob("release.held.*"))):
+            assert sweep.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        (held_file,) = held
+        os.kill(int(held_file.read_text()), signal.SIGKILL)
+        assert sweep.wait(timeout=300) != 0
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
+
+    records = sweep_dirs.job_records("smoke")
+    assert len(records) == 2
+    for record in records.values():
+        assert record["status"] == FAILED, record
+        assert "WorkerCrashed" in record["error"] and record["run_name"] in record["error"]
+        assert _last_step(Path(record["output_dir"])) == 4
+
+    resumed = tmgg_sweep("resume", *overrides, "hydra.launcher.n_workers=1")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    for record in sweep_dirs.job_records("smoke").values():
+        assert record["status"] == FINISHED
+        metrics = json.loads((Path(record["output_dir"]) / "metrics.json").read_text())
+        assert (metrics["resumed_from_step"], metrics["global_step"]) == (4, 6)
+        assert metrics["fused_members"] == 2
