@@ -392,3 +392,153 @@ def test_composing_in_process_leaves_hydras_global_state_as_it_was(tmp_path: Pat
 
     assert job_output_dir(OmegaConf.create(job.task_config)) == (
         tmp_path / "out" / "smoke" / job.run_name)
+
+
+# --------------------------------------------------------------------------- the fold
+# Mutation survivors of ledger.py (``make mutate``): how events and job records fold into
+# one state per job, and the files' exact layout, asserted in-process.
+
+
+def _fold(tmp_path: Path, events: list[dict[str, Any]],
+          records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    ledger = Ledger(tmp_path, "s")
+    ledger.append_many(events)
+    for job_id, record in (records or {}).items():
+        ledger.write_job_record(job_id, record)
+    return ledger._fold()  # the fold alone: no claims are consulted
+
+
+def test_events_fold_into_one_state_per_job(tmp_path: Path) -> None:
+    from tmgg.orchestration.ledger import CANCELLED, DISPATCHED, FINISHED, PLANNED
+
+    states = _fold(tmp_path, [
+        {"event": "planned", "job_id": "a", "run_name": "ra", "overrides": ["x=1"]},
+        {"event": "planned", "job_id": "b", "run_name": "rb", "overrides": ["x=2"]},
+        {"event": "planned", "job_id": "c", "run_name": "rc"},
+        {"event": "planned", "job_id": "d", "run_name": "rd"},
+        {"event": "dispatched"},  # no job: ignored
+        {"event": "dispatched", "job_id": "b", "call_id": "fc-1"},
+        {"event": "dispatched", "job_id": "b"},  # a retry without a call keeps the call
+        {"event": "dispatched", "job_id": "c", "call_id": "fc-2"},
+        {"event": "outcome", "job_id": "c", "status": FINISHED, "duration_s": 3.5,
+         "metrics": {"test/mse": 0.25}, "error": None},
+        {"event": "outcome", "job_id": "c", "note": "no status: the status stays"},
+        {"event": "cancelled", "job_id": "d"},
+        {"event": "planned", "job_id": "a", "overrides": ["x=9"]},
+        {"event": "planned", "job_id": "b", "overrides": ["x=3"]},
+        {"event": "outcome", "job_id": "e"},  # never planned: MISSING, with its record
+    ])
+    assert list(states) == ["a", "b", "c", "d", "e"]  # plan order
+    a, b, c, d, e = states.values()
+    assert (a.status, a.run_name, a.overrides, a.call_id) == (PLANNED, "ra", ["x=9"], None)
+    assert a.plan == {"event": "planned", "job_id": "a", "overrides": ["x=9"]}
+    assert (b.status, b.call_id, b.overrides) == (DISPATCHED, "fc-1", ["x=3"])
+    assert (c.status, c.call_id) == (FINISHED, "fc-2")
+    assert c.record["note"] == "no status: the status stays"
+    assert (c.duration_s, c.metrics, c.error) == (3.5, {"test/mse": 0.25}, None)
+    assert d.status == CANCELLED and d.run_name == "rd"
+    assert (e.status, e.run_name, e.overrides) == ("MISSING", "", [])
+    assert (a.metrics, a.duration_s, a.error, a.claim, a.superseded_by) == (
+        {}, None, None, None, None)
+
+
+def test_supersede_events_and_a_new_plan_of_the_same_job(tmp_path: Path) -> None:
+    states = _fold(tmp_path, [
+        {"event": "planned", "job_id": "a", "run_name": "ra"},
+        {"event": "planned", "job_id": "b", "run_name": "rb"},
+        {"event": "superseded", "job_id": "a", "by": "a2"},
+        {"event": "superseded", "job_id": "b"},
+        {"event": "superseded", "job_id": "c", "by": "c2"},
+        {"event": "planned", "job_id": "c", "run_name": "rc"},  # current again
+    ])
+    assert {job_id: s.superseded_by for job_id, s in states.items()} == {
+        "a": "a2", "b": "?", "c": None}
+
+
+def test_a_jobs_own_record_is_the_truth_except_a_stale_running(tmp_path: Path) -> None:
+    from tmgg.orchestration.ledger import DISPATCHED, FAILED, FINISHED, PLANNED, RUNNING
+
+    planned = [{"event": "planned", "job_id": j, "run_name": f"r{j}"} for j in "abcdefg"]
+    states = _fold(tmp_path, [
+        *planned,
+        {"event": "dispatched", "job_id": "a"},
+        {"event": "dispatched", "job_id": "b"},
+        {"event": "dispatched", "job_id": "c"},
+        {"event": "outcome", "job_id": "d", "status": FAILED},
+        {"event": "cancelled", "job_id": "f"},
+        {"event": "outcome", "job_id": "g", "status": RUNNING},
+    ], {
+        "a": {"job_id": "a", "status": RUNNING},  # running now: RUNNING
+        "b": {"job_id": "b", "status": FINISHED, "metrics": {"m": 1}},  # ended: FINISHED
+        "d": {"job_id": "d", "status": RUNNING},  # stale, after its outcome
+        "e": {"job_id": "e"},  # no status: planned stays planned
+        "f": {"job_id": "f", "status": RUNNING},  # stale, after a cancel
+        "g": {"job_id": "g", "status": FINISHED},
+        "h": {"job_id": "h", "run_name": "rh", "status": FAILED, "overrides": ["y=1"]},
+        "other": {"status": FINISHED},  # a record without an id: its file's name
+    })
+    status = {job_id: s.status for job_id, s in states.items()}
+    assert status == {"a": RUNNING, "b": FINISHED, "c": DISPATCHED, "d": FAILED,
+                      "e": PLANNED, "f": "CANCELLED", "g": FINISHED, "h": FAILED,
+                      "other": FINISHED}
+    assert states["b"].metrics == {"m": 1}
+    assert states["d"].record == {"job_id": "d", "status": RUNNING}  # the record wins
+    assert (states["h"].run_name, states["h"].overrides) == ("rh", ["y=1"])
+
+
+def test_the_ledgers_files_and_their_exact_layout(tmp_path: Path) -> None:
+    import stat
+
+    ledger = Ledger(tmp_path, "s")
+    assert ledger.root == tmp_path / "s" and ledger.stage == "s"
+    assert ledger.events_path == tmp_path / "s" / "ledger.jsonl"
+    assert ledger.jobs_dir == tmp_path / "s" / "jobs"
+    assert ledger.plan_path == tmp_path / "s" / "plan.json"
+    ledger.append_many([])
+    assert not ledger.events_path.exists()  # nothing to append: no file
+    assert ledger.plan() is None and ledger.job_record("a") is None
+    assert ledger.job_records() == {} and ledger.damaged_lines() == []
+    ledger.append({"job_id": "a", "event": "planned", "when": Path("/x")})
+    assert ledger.events_path.read_text() == (
+        '{"event": "planned", "job_id": "a", "when": "/x"}\n')  # sorted keys, str()
+    assert stat.S_IMODE(ledger.events_path.stat().st_mode) == 0o644
+
+    ledger.write_plan({"jobs": [1], "when": Path("/y")})
+    assert ledger.plan_path.read_text() == '{\n  "jobs": [\n    1\n  ],\n  "when": "/y"\n}\n'
+    assert stat.S_IMODE(ledger.plan_path.stat().st_mode) == 0o644
+    assert ledger.plan() == {"jobs": [1], "when": "/y"}
+    ledger.write_job_record("a", {"job_id": "a", "status": "FINISHED"})
+    assert ledger.is_finished("a") and not ledger.is_finished("b")
+    ledger.write_job_record("b", {"job_id": "b", "status": "FAILED"})
+    assert not ledger.is_finished("b")
+    (ledger.jobs_dir / "c.json").write_text("{torn")  # unreadable: left out
+    (ledger.jobs_dir / "notes.txt").write_text("{}")  # not a record
+    assert sorted(ledger.job_records()) == ["a", "b"]
+    assert ledger.job_record("c") is None
+    assert sorted(p.name for p in ledger.jobs_dir.iterdir()) == [
+        "a.json", "b.json", "c.json", "notes.txt"]  # no temporary file left behind
+    ledger.plan_path.write_text("[1, ")
+    assert ledger.plan() is None
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(
+        tmp_path: Path) -> None:
+    from tmgg.orchestration.ledger import atomic_write_json
+
+    target = tmp_path / "new" / "dir" / "record.json"
+    atomic_write_json(target, {"v": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {1j: 2})  # a key JSON cannot write
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["record.json"]
+
+
+def test_blank_lines_are_skipped_and_a_non_object_line_is_damaged(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, "s")
+    ledger.root.mkdir(parents=True)
+    lines = [json.dumps(_event(1)), "", "   ", "[1, 2]", "7", "x" * 100,
+             "garbage " + json.dumps(_event(2)), json.dumps(_event(3))]
+    ledger.events_path.write_text("\n".join(lines) + "\n")
+    assert [e["job_id"] for e in ledger.events()] == ["t-0001", "t-0002", "t-0003"]
+    assert ledger.damaged_lines() == [(4, "[1, 2]"), (5, "7"), (6, "x" * 80),
+                                      (7, ("garbage " + json.dumps(_event(2)))[:80])]
