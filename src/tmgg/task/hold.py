@@ -1,15 +1,17 @@
-"""A test-side hook: hold a job at a training step until a file exists.
+"""A test-side hook: hold a job at a training step until the test lets it through.
 
 With ``TMGG_TEST_HOLD_AT_STEP=N`` and ``TMGG_TEST_HOLD_FILE=<path>`` set, a job (a solo
 job, or a fused group's one trainer) that reaches the start of training step N, its
-checkpoints up to then written, creates ``<path>.held.<pid>`` and waits until ``<path>``
-exists. A test then kills, cancels or releases it at a known point instead of racing
-the clock with sleeps: the job cannot finish before the test has acted. Outside tests
-neither variable is set and no callback is added.
+checkpoints up to then written, creates ``<path>.held.<pid>.<n>`` (its pid inside) and
+waits until ``<path>`` exists, then takes it (renames it away, atomically): one release
+file lets exactly one held job through, and the next job to reach step N holds again.
+A test kills, cancels or releases jobs at known points instead of racing the clock
+with sleeps. Outside tests neither variable is set and no callback is added.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 HOLD_AT_STEP_ENV = "TMGG_TEST_HOLD_AT_STEP"
 HOLD_FILE_ENV = "TMGG_TEST_HOLD_FILE"
+_holds = itertools.count()
 
 
 def hold_callbacks() -> list[Any]:
@@ -28,11 +31,20 @@ def hold_callbacks() -> list[Any]:
 
     class HoldAtStep(Callback):
         def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
-            if trainer.global_step != int(step):
-                return
-            release = Path(path)
-            Path(f"{path}.held.{os.getpid()}").write_text(str(os.getpid()))
-            while not release.exists():
-                time.sleep(0.01)
+            if trainer.global_step == int(step):
+                hold(Path(path))
 
     return [HoldAtStep()]
+
+
+def hold(release: Path) -> None:
+    """Say this process is held, then wait until ``release`` exists and take it."""
+    pid = os.getpid()
+    release.with_name(f"{release.name}.held.{pid}.{next(_holds)}").write_text(str(pid))
+    taken = release.with_name(f"{release.name}.taken.{pid}.{time.monotonic_ns()}")
+    while True:
+        try:
+            os.rename(release, taken)
+            return
+        except FileNotFoundError:
+            time.sleep(0.01)
