@@ -185,3 +185,38 @@ def test_a_sigkilled_worker_of_a_fused_group_fails_each_member_and_resume_contin
         metrics = json.loads((Path(record["output_dir"]) / "metrics.json").read_text())
         assert (metrics["resumed_from_step"], metrics["global_step"]) == (4, 6)
         assert metrics["fused_members"] == 2
+
+
+@pytest.mark.slow
+def test_a_job_that_raises_fails_each_member_of_its_fused_group_as_it_fails_solo(
+        tmp_path: Path) -> None:
+    """The task raises at step 2 (tests/apps/interrupt.py, through the launcher-callback
+    hook that a fused group runs too): fused on one worker, and solo on two, each job
+    is FAILED with that error and keeps its step-2 checkpoints."""
+    import os
+
+    from conftest import REPO
+
+    env = {"TMGG_CALLBACK_FACTORY": "interrupt:stop_at_step", "TMGG_TEST_STOP_AT_STEP": "2",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "apps"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    outcomes = {}
+    for name, launcher in (("fused", ["hydra.launcher.n_workers=1"]),
+                           ("solo", ["hydra.launcher.n_workers=2", "hydra.launcher.fuse=off"])):
+        sweep_dirs = SweepDirs(tmp_path / name)
+        result = tmgg_train("-m", "stage=smoke", "seed=1", "model=linear_pe",
+                            "optimizer.lr=1e-3,5e-3", "trainer.max_steps=6",
+                            "trainer.val_check_interval=2", "data.val_samples=20",
+                            "data.test_samples=20", "logger=csv", *launcher,
+                            *sweep_dirs.overrides, env=env)
+        assert result.returncode != 0, result.stderr[-3000:]
+        records = sweep_dirs.job_records("smoke")
+        outcomes[name] = {}
+        for record in records.values():
+            error = record["error"]
+            outcomes[name][record["run_name"]] = (
+                record["status"], "RuntimeError: injected stop at step 2" in error,
+                _last_step(Path(record["output_dir"])))
+    assert len(outcomes["fused"]) == 2
+    assert outcomes["fused"] == outcomes["solo"]
+    assert set(outcomes["fused"].values()) == {(FAILED, True, 2)}
