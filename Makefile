@@ -33,7 +33,7 @@ else
 LAUNCH_ARGS = hydra/launcher=$(LAUNCHER)
 endif
 
-.PHONY: help install lock lock-check test test-fast lint docs smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
+.PHONY: help install lock lock-check test test-fast lint docs mutate smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -80,6 +80,14 @@ test-fast: $(READY)  ## run the tests that train nothing for long (no slow marke
 
 docs: $(READY)  ## the documentation site from docs/ into site/ (mkdocs build --strict: a dead link fails)
 	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
+
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml lists them and
+# the fast tests that score them); slow, so never part of `make test`. MUTANTS= limits
+# the run to mutant-name globs, e.g. MUTANTS='tmgg.orchestration.ledger*'.
+MUTANTS ?=
+mutate: $(READY)  ## mutation score of the core (mutmut; MUTANTS='tmgg.orchestration.ledger*' for one module)
+	$(VENV)/bin/mutmut run $(MUTANTS)
+	$(VENV)/bin/mutmut results
 
 lint: $(READY)  ## ruff
 	$(PYTHON) -m ruff check src tests benchmarks tools

@@ -123,20 +123,23 @@ def test_cancel_never_signals_a_process_named_by_a_crafted_file(
     ("stage.name=a/b", "stage.name"),
     ("stage.run_name=../escape", "stage.run_name"),
     (f"stage.run_name={'n' * 129}", "stage.run_name"),
-    ("hydra.sweep.dir=/tmp/elsewhere", "hydra.sweep.dir"),
+    ("hydra.sweep.dir={elsewhere}", "hydra.sweep.dir"),
 ])
 def test_names_that_would_leave_the_directories_are_refused(
         sweep_dirs: SweepDirs, override: str, field: str) -> None:
     # The ledger callback refuses for every launcher; basic starts no fork server first.
     launcher = "hydra/launcher=local" if override == "stage.name=../../x" else \
         "hydra/launcher=basic"
+    # Outside the test's directories, and this test's own (not a path other runs share).
+    elsewhere = sweep_dirs.root.parent / f"{sweep_dirs.root.name}-elsewhere"
+    override = override.format(elsewhere=elsewhere)
     result = tmgg_train("-m", "model=linear_pe", "logger=csv", launcher, override,
                         *sweep_dirs.overrides, cwd=sweep_dirs.root)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f": {field}: " in result.stderr and "sweep refused, nothing dispatched" in result.stderr
     # Nothing was written anywhere: not in the test's directories, not beside them.
     assert sorted(p.name for p in sweep_dirs.root.iterdir()) == []
-    assert not Path("/tmp/elsewhere").exists()
+    assert not elsewhere.exists()
     for base in (sweep_dirs.experiments, sweep_dirs.outputs):
         assert not (base / "../../x").resolve().exists()
 

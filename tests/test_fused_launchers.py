@@ -93,7 +93,7 @@ def test_modal_runs_one_container_call_per_fused_group(sweep_dirs: SweepDirs,
     assert "4 jobs in 2 containers" in result.stderr
 
 
-def test_modal_fuse_off_runs_a_container_per_job_and_bad_settings_are_refused(
+def test_modal_fuse_off_plans_a_container_per_job_and_bad_settings_are_refused(
         sweep_dirs: SweepDirs) -> None:
     from tmgg.launch.modal_settings import ModalSettings
     from tmgg.orchestration.plan import PlanError
@@ -106,6 +106,15 @@ def test_modal_fuse_off_runs_a_container_per_job_and_bad_settings_are_refused(
                          *sweep_dirs.overrides)
     assert refused.returncode != 0 and "hydra.launcher.fuse" in refused.stderr
     assert not list(Ledger(sweep_dirs.experiments, "smoke").events())  # not even planned
+    # fuse=off: one container a job (fused, the same four jobs take two).
+    for fuse, containers in (("off", 4), ("auto", 2)):
+        plan = tmgg_sweep("plan", "--json", *SWEEP, "hydra/launcher=modal",
+                          "hydra.launcher.transport=local", f"hydra.launcher.fuse={fuse}",
+                          *sweep_dirs.overrides)
+        assert plan.returncode == 0, plan.stderr[-2000:]
+        facts = json.loads(plan.stdout)
+        assert facts["containers"] == containers, fuse
+        assert len({row["container"] for row in facts["jobs"]}) == containers, fuse
 
 
 def test_the_plan_and_cost_count_containers(sweep_dirs: SweepDirs) -> None:

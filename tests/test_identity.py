@@ -245,7 +245,7 @@ def test_editing_a_stage_supersedes_its_finished_jobs(
         assert record["output_dir"] not in {r["output_dir"] for r in old.values()}
         assert record["output_dir"].endswith(job_suffix(record["job_id"]))
     states = ledger.states()
-    assert {job_id: states[job_id].superseded_by for job_id in old}.keys() == old.keys()
+    assert sorted(states[job_id].superseded_by for job_id in old) == sorted(new)
     by_run_name = {r["run_name"]: job_id for job_id, r in new.items()}
     for job_id, record in old.items():
         assert states[job_id].superseded_by == by_run_name[record["run_name"]]

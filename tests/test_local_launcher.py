@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -178,28 +179,40 @@ def test_rerun_skips_finished_jobs(sweep_dirs: SweepDirs) -> None:
 
 
 def test_sigkill_then_resume_runs_exactly_the_unfinished_jobs(sweep_dirs: SweepDirs) -> None:
-    overrides = ["stage=smoke", "logger=csv", "trainer.max_steps=400",
-                 "trainer.val_check_interval=100", *LOCAL, *sweep_dirs.overrides]
+    """The launcher is killed with one fused group (seed 1) finished and the other held
+    at step 2 (``tmgg.task.hold``: one release lets the first group through), whatever
+    the machine's speed."""
+    overrides = ["stage=smoke", "logger=csv", "trainer.max_steps=4",
+                 "trainer.val_check_interval=2", "data.val_samples=20", "data.test_samples=20",
+                 "hydra/launcher=local", "hydra.launcher.n_workers=1", *sweep_dirs.overrides]
+    release = sweep_dirs.root / "release"
+    env = {**os.environ, "TMGG_TEST_HOLD_AT_STEP": "2", "TMGG_TEST_HOLD_FILE": str(release)}
     process = subprocess.Popen([sys.executable, "-m", "tmgg.app", "-m", *overrides], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+                               start_new_session=True, env=env)
     ledger = Ledger(sweep_dirs.experiments, "smoke")
-    deadline = time.time() + 300
+
+    def wait_for(what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 600  # a bound for a broken run, not a race
+        while not done():
+            assert process.poll() is None, f"the sweep ended before {what}"
+            assert time.monotonic() < deadline, f"never {what}"
+            time.sleep(0.05)
+
+    def held() -> int:
+        return len(list(sweep_dirs.root.glob("release.held.*")))
+
     try:
-        while time.time() < deadline:
-            finished = [s for s in ledger.states().values() if s.status == FINISHED]
-            if finished:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("no job finished in time")
+        wait_for("the first group held", lambda: held() == 1)
+        release.touch()  # the first group goes on and finishes; the second holds
+        wait_for("the second group held", lambda: held() == 2)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers, no cleanup
         process.wait()
-    time.sleep(1.0)
     before = {job_id: dict(record) for job_id, record in sweep_dirs.job_records("smoke").items()}
     finished_before = {j for j, r in before.items() if r["status"] == FINISHED}
-    assert 0 < len(finished_before) < 6
+    assert len(finished_before) == 3
+    assert {r["config"]["seed"] for j, r in before.items() if j in finished_before} == {1}
     # The ledger survived the kill: every line parses, the plan is complete.
     assert len([e for e in ledger.events() if e["event"] == "planned"]) == 6
     # Jobs that were running when their process died are LOST, none still "running".
@@ -209,7 +222,7 @@ def test_sigkill_then_resume_runs_exactly_the_unfinished_jobs(sweep_dirs: SweepD
         if record["status"] == RUNNING:
             assert states[job_id].status == LOST, states[job_id]
 
-    resumed = tmgg_sweep("resume", *[o for o in overrides if not o.startswith("hydra.")])
+    resumed = tmgg_sweep("resume", *[o for o in overrides if not o.startswith("hydra")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{6 - len(finished_before)} to run" in resumed.stdout
     after = sweep_dirs.job_records("smoke")

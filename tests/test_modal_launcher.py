@@ -397,22 +397,34 @@ def test_modal_runner_yields_each_output_as_its_call_finishes() -> None:
 
 
 def test_detached_sweep_is_polled_and_cancelled(sweep_dirs: SweepDirs) -> None:
+    """Each job holds at step 1 until the test lets it through (``tmgg.task.hold``): the
+    first is let through and finishes, the second is held when it is cancelled, however
+    fast the machine."""
+    release = sweep_dirs.root / "release"
     result = tmgg_train("-m", "stage=smoke", "logger=csv", "model=linear_pe", *LOCAL,
                         "hydra.launcher.detach=true", "hydra.launcher.local_containers=1",
-                        *sweep_dirs.overrides)
+                        *sweep_dirs.overrides,
+                        env={"TMGG_TEST_HOLD_AT_STEP": "1", "TMGG_TEST_HOLD_FILE": str(release)})
     assert result.returncode == 0, result.stderr[-3000:]
     ledger = Ledger(sweep_dirs.experiments, "smoke")
     dispatched = _events(ledger, "dispatched")
     assert len(dispatched) == 2 and all(e["call_id"].startswith("local-fc-")
                                         for e in dispatched)
     assert not _events(ledger, "outcome")  # the launcher returned without waiting
-    deadline = time.time() + 240
-    while time.time() < deadline:
+
+    def held() -> int:
+        return len(list(sweep_dirs.root.glob("release.held.*")))
+
+    deadline = time.time() + 600  # a bound for a broken run, not a race
+    while held() < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    release.touch()  # the first job goes on; one container slot: then the second starts
+    while (held() < 2 or FINISHED not in {s.status for s in ledger.states().values()}) \
+            and time.time() < deadline:
         poll_detached(ledger)
-        if FINISHED in {s.status for s in ledger.states().values()}:
-            break
-        time.sleep(0.5)
-    # One container slot: the first job finished, the second waits or runs. Cancel it.
+        time.sleep(0.2)
+    assert held() == 2
+    # The first job finished, the second is held at step 1. Cancel it.
     cancel = run_cli(["-m", "tmgg.orchestration.cli", "cancel", "stage=smoke",
                       *sweep_dirs.overrides])
     assert cancel.returncode == 0, cancel.stderr

@@ -223,14 +223,25 @@ def test_environment_cannot_disable_a_run(tmp_path: Path) -> None:
     assert "WANDB_MODE=disabled" in app_logs(tmp_path)
 
 
-def test_mode_rules() -> None:
+def test_mode_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tmgg.task.loggers import decide_wandb_mode
 
     url = "http://127.0.0.1:9"
     no_key: dict[str, str] = {}
     assert decide_wandb_mode("auto", url, {"WANDB_MODE": "disabled"}).mode == "offline"
     assert decide_wandb_mode("auto", url, {"WANDB_MODE": "dryrun"}).mode == "offline"
-    assert decide_wandb_mode("auto", url, no_key).mode in ("online", "offline")
+    # auto follows the credentials for the pinned host: none, a netrc entry, a key.
+    netrc = tmp_path / "netrc"
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert decide_wandb_mode("auto", url, no_key).mode == "offline"
+    netrc.write_text("machine api.wandb.ai login user password x\n")
+    assert decide_wandb_mode("auto", url, no_key).mode == "offline"  # another host's
+    netrc.write_text("machine 127.0.0.1 login user password x\n")
+    assert decide_wandb_mode("auto", url, no_key).mode == "online"
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert decide_wandb_mode("auto", url, no_key).mode == "online"
     online = decide_wandb_mode("online", url, {"WANDB_MODE": "offline"})
     assert (online.mode, online.ignored) == ("online", ("WANDB_MODE=offline",))
     offline = decide_wandb_mode("offline", url, {"WANDB_MODE": "disabled"})

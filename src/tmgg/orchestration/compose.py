@@ -46,20 +46,35 @@ class ComposedSweep:
 
 @contextmanager
 def hydra_session(shared_cache: bool = True) -> Iterator[Any]:
-    """An initialised GlobalHydra on conf/, restored afterwards.
+    """An initialised GlobalHydra on conf/; Hydra's global state restored afterwards.
 
     Its loader parses each config file once for all the compositions of the session
     (``composer.share_config_cache``); ``shared_cache=False`` keeps Hydra's own
     per-load repository, the baseline that tests and benchmarks compare against.
+
+    Hydra keeps process-wide state that ``initialize_config_dir`` does not put back:
+    the version base it sets (1.3: no chdir for a later ``@hydra.main``) and the
+    HydraConfig that ``load_master_config`` sets (a job run later in this process
+    would take the master's output dir for its own). Both are restored here, so a
+    composition leaves the process as it found it.
     """
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.version import VersionBase
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="app"):
-        loader = GlobalHydra.instance().config_loader()
-        if shared_cache:
-            share_config_cache(loader)
-        yield loader
+    version_base = VersionBase.instance().getbase()
+    hydra_config = HydraConfig.instance().cfg
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
+                                   job_name="app"):
+            loader = GlobalHydra.instance().config_loader()
+            if shared_cache:
+                share_config_cache(loader)
+            yield loader
+    finally:
+        VersionBase.instance().version_base = version_base
+        HydraConfig.instance().cfg = hydra_config  # type: ignore[assignment]
 
 
 def load_master_config(config_loader: Any, overrides: Sequence[str]) -> DictConfig:

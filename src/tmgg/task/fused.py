@@ -39,7 +39,13 @@ from torch import Tensor, nn
 
 from tmgg.config import validate_job_config
 from tmgg.task.metrics import distinct_graph_eigenpairs, member_losses_finite, predict
-from tmgg.task.module import DenoisingModule, GraphDenoisingData, level_tag
+from tmgg.task.module import (
+    DenoisingModule,
+    GraphDenoisingData,
+    TrainingDiverged,
+    divergence_message,
+    level_tag,
+)
 from tmgg.task.spectral import select_top_k, symmetric_eigh
 from tmgg.task.stacked_optim import StackedBank, stackable_optimizer
 from tmgg.task.train import CHECKPOINT_DIR, checkpoint_step
@@ -65,6 +71,10 @@ def logging_for(member: FusedMember) -> Iterator[None]:
 
 class MemberFailure(RuntimeError):
     """Why one member of a fused group stopped (the others go on)."""
+
+
+class MemberDiverged(MemberFailure, TrainingDiverged):
+    """A member's training loss stopped being finite: it fails as its solo job would."""
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -312,10 +322,9 @@ class FusedDenoisingModule(L.LightningModule):
             for row, i in enumerate(indices):
                 keep = i in self.active and finite[row]
                 if i in self.active and not finite[row]:
-                    self.fail(i, MemberFailure(
-                        f"training loss is {float(bank_losses[row])} at step "
-                        f"{self.global_step}: the job diverged (its learning rate, schedule "
-                        "or clipping); the other members of its fused group went on"))
+                    self.fail(i, MemberDiverged(
+                        divergence_message(float(bank_losses[row]), self.global_step)
+                        + "; the other members of its fused group went on"))
                 rows.append(1.0 if keep else 0.0)
                 if keep:
                     trained.append(i)
@@ -760,6 +769,16 @@ def _run_bucket(members: Sequence[FusedMember],
         if on_member_done is not None:
             on_member_done(member)
 
+    def interrupt_member(index: int) -> None:
+        """What a solo job's ``finally`` does when it is preempted: close its W&B run."""
+        logger = loggers[index] if index < len(loggers) else None
+        if _is_wandb(logger):
+            try:
+                logger.experiment.finish(exit_code=1)
+            except Exception:  # noqa: BLE001 - the preemption goes on
+                log.exception("could not finish the W&B run of %s",
+                              members[index].cfg.job.run_name)
+
     logs_to_wandb = any(m.cfg.logger.name == "wandb" for m in members)
     if logs_to_wandb:
         finish_leftover_run()
@@ -856,10 +875,17 @@ def _run_bucket(members: Sequence[FusedMember],
             member.result = result
             finish_member(i, None)
     except BaseException as error:
+        # Preemption (SystemExit, KeyboardInterrupt) is no outcome: each unfinished
+        # member is left as a preempted solo job is, its W&B run closed, no record of an
+        # end, its checkpoints in place for the resume.
+        preempted = not isinstance(error, Exception)
         for i in range(len(members)):
             if i not in done:
-                finish_member(i, error)
-        if not isinstance(error, Exception):
+                if preempted:
+                    interrupt_member(i)
+                else:
+                    finish_member(i, error)
+        if preempted:
             raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

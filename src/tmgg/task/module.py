@@ -35,6 +35,17 @@ SAMPLING_KEYS = ("name", "samples_per_epoch", "val_samples", "test_samples", "ba
 DEFAULT_OBJECTIVE = {"name": "bce", "loss_diagonal": False, "metrics_diagonal": False}
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being finite: the job fails, solo or fused alike (a
+    job that trained on into NaN weights would otherwise finish with a NaN test loss)."""
+
+
+def divergence_message(loss: float, step: int) -> str:
+    """Why a diverged job failed, in the same words for a solo job and a fused member."""
+    return (f"non-finite training loss ({loss}) at step {step}: the job diverged (its "
+            "learning rate, schedule or clipping)")
+
+
 def level_tag(eps: float) -> str:
     """0.01 -> '0.01': the eps part of metric names such as val_eps0.01/mse."""
     return f"{eps:g}"
@@ -193,6 +204,8 @@ class DenoisingModule(L.LightningModule):
         optimizer = self.optimizers()
         logits = self.model(batch["noisy"])
         loss = self.compute_loss(logits, batch["clean"])
+        if not bool(torch.isfinite(loss)):  # before the step: its checkpoints stay finite
+            raise TrainingDiverged(divergence_message(float(loss), self.global_step))
         # Log only on the steps Lightning writes: self.log costs more than a tiny step.
         # The lr is read before this step's optimizer/scheduler step: the lr it uses.
         if (self.global_step + 1) % self.log_every_n_steps == 0:

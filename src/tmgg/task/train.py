@@ -189,14 +189,18 @@ def tests_last_weights(cfg: DictConfig) -> bool:
 def _launcher_callbacks(cfg: DictConfig, output_dir: Path) -> list[Any]:
     """Callbacks a launcher adds from where the job runs, named by TMGG_CALLBACK_FACTORY
     ("module:function", called with (cfg, output_dir)); the Modal launcher commits its
-    volume after every checkpoint this way."""
+    volume after every checkpoint this way. Tests' hold at a step (``tmgg.task.hold``)
+    comes this way too."""
+    from tmgg.task.hold import hold_callbacks
+
     spec = os.environ.get("TMGG_CALLBACK_FACTORY")
     if not spec:
-        return []
+        return hold_callbacks()
     import importlib
 
     module_name, _, function_name = spec.partition(":")
-    return list(getattr(importlib.import_module(module_name), function_name)(cfg, output_dir))
+    return [*getattr(importlib.import_module(module_name), function_name)(cfg, output_dir),
+            *hold_callbacks()]
 
 
 def checkpoint_step(ckpt_path: str | None) -> int:
