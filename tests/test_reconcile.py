@@ -139,14 +139,25 @@ def test_online_reconcile_of_stage1_with_planted_runs(
     notes: list[str] = []
     # No api given: reconcile opens wandb.Api on the pinned host, as the command does.
     rows = {row.job_id: row for row in reconcile_jobs(
-        jobs, {}, "stage1", mode="online", search_entities=["mallory"], notes=notes)}
+        jobs, {}, "stage1", mode="online", notes=notes)}
     print_table(list(rows.values()), title="reconcile", mode="online", notes=notes)
     out = capsys.readouterr().out
     assert ("108 expected jobs (online evidence): 1 duplicated, 1 failed, 1 foreign, "
             "19 misrouted, 1 missing, 85 ok") in out
-    # alice's own entity was searched unasked; mallory's is not alice's to read.
-    assert notes == [f"could not read runs of mallory/{project}: ValueError: Could not find "
-                     f"project {project}"]
+    # alice's own entity and team, with the project and uncategorized, were searched
+    # unasked; a project that is not there in an entity she belongs to is no failure.
+    assert notes == [f"no project {path} (searched; the key's user belongs to "
+                     f"{path.split('/')[0]})"
+                     for path in (f"{team}/uncategorized", "alice/uncategorized")]
+    # mallory's entity is not alice's to read: what it holds is unknown, and so is
+    # every job that W&B evidence there could change.
+    unread = {row.job_id: row for row in reconcile_jobs(
+        jobs, {}, "stage1", mode="online", search_entities=["mallory"])}
+    assert {row.status for job_id, row in unread.items()
+            if rows[job_id].status in ("ok", "missing", "foreign")} == {"unknown"}
+    assert sum(row.status == "unknown" for row in unread.values()) == 87
+    assert (f"could not read mallory/{project} (the key's user cannot read entity mallory"
+            in unread[ok[0].job_id].detail)
     for index, job in enumerate(misrouted):
         row = rows[job.job_id]
         run_id = wandb_run_id(job.job_id) if index % 2 else f"incident{index:02d}"

@@ -394,7 +394,7 @@ def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence],
     if elsewhere and not at_pin:
         row.status, row.detail = MISROUTED, f"found at {_listing(elsewhere)}"
         return row
-    if own and (elsewhere or foreign or len(own) > 1):
+    if own and (elsewhere or foreign):
         row.status = DUPLICATED
         row.detail = "runs: " + _listing(own + foreign + elsewhere)
         return row
@@ -415,7 +415,7 @@ def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence],
         elif row.status == MISSING:
             row.detail = _missing_detail(ledger_status)
         return row
-    run = own[0]
+    run = own[0]  # the latest generation: earlier ones were replaced, not duplicates
     if ledger_status == FAILED or run.state in ("failed", "crashed", "killed"):
         row.status = FAILED_STATUS
         row.detail = error_line or f"run {run.id} {run.state}"
@@ -565,7 +565,7 @@ def reconcile_jobs(jobs: Sequence[PlannedJob], states: dict[str, JobState], stag
 
 
 # -- advice: the command that gets each status back to ok ----------------------------
-def _command(*parts: str) -> str:
+def shell_command(*parts: str) -> str:
     return " ".join(shlex.quote(part) for part in parts if part)
 
 
@@ -573,7 +573,7 @@ def delete_run_command(base_url: str, path: str) -> str:
     """The wandb client call that deletes a stray run (its id is never reused)."""
     code = (f"import wandb; wandb.Api(overrides={{'base_url': {base_url!r}}})"
             f".run({path!r}).delete()")
-    return _command("python", "-c", code)
+    return shell_command("python", "-c", code)
 
 
 def advice(row: Row, job: PlannedJob, state: JobState | None,
@@ -586,28 +586,28 @@ def advice(row: Row, job: PlannedJob, state: JobState | None,
     if row.status == OK:
         return ""
     if row.status == UNKNOWN:
-        return (_command("tmgg-sweep", "reconcile", "--online", *ov)
+        return (shell_command("tmgg-sweep", "reconcile", "--online", *ov)
                 + "  (again once the service answers: after the rate limit or outage; "
                 "for a path the key cannot read, with WANDB_API_KEY of a member of it)")
     if row.status == RUNNING_STATUS:
-        return (_command("tmgg-sweep", "status", *ov) + "  (wait; a run whose process "
+        return (shell_command("tmgg-sweep", "status", *ov) + "  (wait; a run whose process "
                 "died turns crashed, then failed here: then resume)")
     if row.status == FAILED_STATUS:
         if "refuses run id" in row.detail:
             generation = run_generation(job.task_config) + 1
-            return _command("tmgg-sweep", "resume", *ov,
+            return shell_command("tmgg-sweep", "resume", *ov,
                             f"logger.run_generation={generation}")
         if finished:  # trained, but its W&B run ended badly
-            return _command("tmgg-sweep", "relog", *ov)
-        return _command("tmgg-sweep", "resume", *ov)
+            return shell_command("tmgg-sweep", "relog", *ov)
+        return shell_command("tmgg-sweep", "resume", *ov)
     if row.status in (MISSING, FOREIGN, MISROUTED) and finished:
         recorded_mode = str((record.get("wandb") or {}).get("mode") or "")
         if row.status == MISSING and recorded_mode == "offline" and _has_offline_runs(
                 job, state):
-            return _command("tmgg-sweep", "sync", *ov)
-        fix = _command("tmgg-sweep", "relog", *ov)
+            return shell_command("tmgg-sweep", "sync", *ov)
+        fix = shell_command("tmgg-sweep", "relog", *ov)
     elif row.status in (MISSING, FOREIGN, MISROUTED):
-        fix = _command("tmgg-sweep", "resume", *ov)
+        fix = shell_command("tmgg-sweep", "resume", *ov)
     else:  # duplicated: the job's own run is there; the others must go
         fix = ""
     if row.status in (MISROUTED, DUPLICATED):
