@@ -89,6 +89,7 @@ class Fault:
     delay: float = 0.0
     times: int = 1
     served: int = 0
+    match: dict[str, Any] = field(default_factory=dict)  # only calls with these variables
 
 
 @dataclass
@@ -227,10 +228,13 @@ class FakeWandbServer:
             self.restricted[(entity, project)] = set(members)
 
     def inject(self, operation: str, status: int = 429, retry_after: float | None = None,
-               delay: float = 0.0, times: int = 1) -> Fault:
+               delay: float = 0.0, times: int = 1, match: dict[str, Any] | None = None
+               ) -> Fault:
         """Answer the next ``times`` calls of ``operation`` (a GraphQL operation name,
-        ``file_stream`` or ``upload``) with ``status`` (0: serve it, only ``delay``ed)."""
-        fault = Fault(operation, status, retry_after, delay, times)
+        ``file_stream`` or ``upload``) with ``status`` (0: serve it, only ``delay``ed);
+        ``match``: only calls whose GraphQL variables (or ``entity``/``project``/``run``
+        of a file stream or upload) have these values."""
+        fault = Fault(operation, status, retry_after, delay, times, match=dict(match or {}))
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -343,10 +347,14 @@ class FakeWandbServer:
             return False
         return entity in user.writable
 
-    def fault_for(self, operation: str) -> Fault | None:
+    def fault_for(self, operation: str, variables: dict[str, Any] | None = None
+                  ) -> Fault | None:
         """The injected failure for this call of ``operation``, if any (consumed)."""
+        variables = variables or {}
         with self._lock:
             for fault in self.faults:
+                if any(variables.get(key) != value for key, value in fault.match.items()):
+                    continue
                 if fault.operation == operation and fault.served < fault.times:
                     fault.served += 1
                     return fault
@@ -647,9 +655,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _injected(self, operation: str) -> bool:
+    def _injected(self, operation: str, variables: dict[str, Any] | None = None) -> bool:
         """Answer an injected failure (True), or sleep an injected delay and serve."""
-        fault = self.fake.fault_for(operation)
+        fault = self.fake.fault_for(operation, variables)
         if fault is None:
             return False
         if fault.delay:
@@ -669,16 +677,17 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/graphql":
                 request = json.loads(body or b"{}")
                 operation = operation_name(request)
-                if self._injected(operation):
+                if self._injected(operation, request.get("variables") or {}):
                     return
                 self._reply(200, {"data": self.fake.graphql(
                     user, operation, request.get("variables") or {})})
                 return
             stream = re.fullmatch(r"/files/([^/]+)/([^/]+)/([^/]+)/file_stream", path)
             if stream:
-                if self._injected("file_stream"):
-                    return
                 entity, project, name = (unquote(part) for part in stream.groups())
+                if self._injected("file_stream", {"entity": entity, "project": project,
+                                                  "run": name}):
+                    return
                 self._reply(200, self.fake.file_stream(user, entity, project, name,
                                                        json.loads(body or b"{}")))
                 return

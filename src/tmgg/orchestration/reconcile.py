@@ -586,12 +586,12 @@ def advice(row: Row, job: PlannedJob, state: JobState | None,
     if row.status == OK:
         return ""
     if row.status == UNKNOWN:
-        return (shell_command("tmgg-sweep", "reconcile", "--online", *ov)
-                + "  (again once the service answers: after the rate limit or outage; "
-                "for a path the key cannot read, with WANDB_API_KEY of a member of it)")
+        # Again once the service answers (after the rate limit or outage); for a path
+        # the key cannot read, with WANDB_API_KEY of a member of it.
+        return shell_command("tmgg-sweep", "reconcile", "--online", *ov)
     if row.status == RUNNING_STATUS:
-        return (shell_command("tmgg-sweep", "status", *ov) + "  (wait; a run whose process "
-                "died turns crashed, then failed here: then resume)")
+        # Wait: a run whose process died turns crashed, then failed here (resume).
+        return shell_command("tmgg-sweep", "status", *ov)
     if row.status == FAILED_STATUS:
         if "refuses run id" in row.detail:
             generation = run_generation(job.task_config) + 1
@@ -610,12 +610,11 @@ def advice(row: Row, job: PlannedJob, state: JobState | None,
         fix = shell_command("tmgg-sweep", "resume", *ov)
     else:  # duplicated: the job's own run is there; the others must go
         fix = ""
-    if row.status in (MISROUTED, DUPLICATED):
+    if row.status in (MISROUTED, DUPLICATED, FOREIGN):
         own_ids = own_run_ids(job)
         pinned = f"{wandb.get('entity')}/{wandb.get('project')}"
-        keep = next((rid for rid in own_ids if rid in row.run_ids), None)
         stray = [path for path in _stray_paths(row.detail)
-                 if not (path.startswith(pinned + "/") and path.endswith("/" + str(keep)))]
+                 if not (path.startswith(pinned + "/") and path.rsplit("/", 1)[1] in own_ids)]
         deletes = [delete_run_command(str(wandb.get("base_url")), path) for path in stray]
         fix = " && ".join(part for part in [fix, *deletes] if part)
     return fix

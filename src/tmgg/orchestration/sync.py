@@ -223,8 +223,12 @@ def _unverified(api: Any, entity: str, project: str, jobs: Sequence[PlannedJob],
         own = [runs[run_id] for run_id in reversed(own_run_ids(job)) if run_id in runs]
         steps = recorded_steps(state)
         if not own:
-            problems.append(Unverified(job.run_name, f"no run with its id at {path}",
-                                       retry))
+            # wandb skips a run dir it marked synced: then only a relog puts it back.
+            marked = all(Path(f"{log}.synced").exists() for run_dir in
+                         offline_run_dirs(job, state) for log in run_dir.glob("run-*.wandb"))
+            problems.append(Unverified(
+                job.run_name, f"no run with its id at {path}",
+                shell_command("tmgg-sweep", "relog", *overrides) if marked else retry))
             continue
         run = own[0]
         if str(run.state) != "finished":

@@ -13,13 +13,19 @@ Runs on the launching machine before anything is dispatched:
    (``wandb.Api().viewer``), asked once per host and process; a refusal names the
    entity, the host and the key's user.
 
+4. where the workers log with another key than this shell's (a Modal Secret), that
+   key is asked too, where the workers run (``check_workers_key``, handed a way to ask
+   by the launcher): a key that cannot write to the entity is refused before dispatch,
+   with both keys' users named.
+
 Any failure raises ``PlanError`` naming the job and the field. Only omegaconf and
 the standard library are imported at module level (Hydra start-up path).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 from tmgg.config import CONF_DIR
 from tmgg.identity import task_overrides
 from tmgg.orchestration.plan import PlanError, PlannedJob
+
+log = logging.getLogger(__name__)
 
 FIELDS = ("entity", "project")
 
@@ -195,3 +203,48 @@ def check_wandb_destinations(jobs: Sequence[PlannedJob], master_config: DictConf
         return
     check_job_destinations(jobs, expected_destination(master_config, conf_dir))
     check_online_access(jobs)
+
+
+def check_workers_key(jobs: Sequence[PlannedJob],
+                      ask: Callable[[str, str], dict[str, Any]], where: str) -> list[str]:
+    """The workers' own W&B key may write to each online job's entity (one question per
+    host and entity, ``ask(base_url, entity)`` answered where the workers run).
+
+    Refuses with both identities named when the workers' key cannot write there or
+    cannot be checked; returns a note for each host where the two keys' default
+    entities differ (a run that loses its entity lands in the workers' default entity:
+    ``tmgg-sweep reconcile --workers-entity``).
+    """
+    online: dict[tuple[str, str], PlannedJob] = {}
+    for job in jobs:
+        if job.is_tmgg_job and job.wandb is not None and job.wandb["mode"] == "online":
+            online.setdefault((str(job.wandb["base_url"]), str(job.wandb["entity"])), job)
+    notes = []
+    for (base_url, entity), job in online.items():
+        workers = ask(base_url, entity)
+        try:
+            shell = _default_access(base_url)
+            shell_says = (f"this shell's key belongs to {shell.user!r}, which "
+                          f"{'can' if entity in shell.writable else 'cannot'} write there")
+        except Exception as error:  # noqa: BLE001 - the workers' answer decides
+            shell, shell_says = None, f"this shell's key could not be checked ({error})"
+        if workers.get("error"):
+            raise PlanError(f"job {job.run_name}: logger.entity: cannot check that the "
+                            f"workers' W&B key ({where}) may write to {entity!r} on "
+                            f"{base_url}: {workers['error']}; {shell_says}. Nothing was "
+                            "dispatched")
+        if not workers.get("can_write"):
+            raise PlanError(
+                f"job {job.run_name}: logger.entity: the workers' W&B key ({where}) belongs "
+                f"to user {workers.get('user')!r}, which cannot write to entity {entity!r} "
+                f"on {base_url} (it can write to "
+                f"{', '.join(workers.get('writable') or []) or 'nothing'}); {shell_says}. "
+                f"Put a key that can write to {entity!r} in {where}. Nothing was dispatched")
+        default = workers.get("default_entity")
+        if shell is not None and default and workers.get("user") != shell.user:
+            notes.append(f"the workers' W&B key ({where}) belongs to {workers.get('user')!r} "
+                         f"(default entity {default!r}), this shell's to {shell.user!r}: "
+                         f"reconcile with --workers-entity {default}")
+    for note in notes:
+        log.warning(note)
+    return notes
