@@ -98,12 +98,29 @@ def test_offline_reconcile_of_a_partly_failed_sweep(tmp_path: Path,
     assert len(list(iter_records(torn.read_bytes()))) < len(list(iter_records(
         crashed.read_bytes())))
 
-    # A job that is finished in the ledger but whose run files are gone is not ok.
+    # The advice for the failed and the never-launched job, run as printed, trains them.
+    advised = reconcile_jobs(sweep.jobs, sweep.ledger.states(), sweep.stage, mode="offline",
+                             overrides=overrides)
+    (command,) = {row.advice for row in advised if row.status != "ok"}
+    assert command.startswith("tmgg-sweep resume stage=smoke")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MODAL_TOKEN"))}
+    env.update(WANDB_MODE="offline", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+               TMGG_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    resumed = subprocess.run(["bash", "-c", command], cwd=tmp_path, text=True,
+                             capture_output=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {row.status for row in reconcile_jobs(sweep.jobs, sweep.ledger.states(),
+                                                 sweep.stage)} == {"ok"}
+
+    # A job that is finished in the ledger but whose run files are gone is not ok, and
+    # offline reconcile says what it read instead of claiming W&B has no run.
     for path in (tmp_path / "out").rglob(f"run-{rows['s1'].run_ids[0]}.wandb"):
         path.unlink()
     (row,) = [r for r in reconcile_jobs(sweep.jobs, sweep.ledger.states(), sweep.stage)
               if r.job_id == rows["s1"].job_id]
     assert row.status == "missing" and "ledger says finished" in row.detail
+    assert "in wandb's run files under" in row.detail and "W&B itself was not asked" \
+        in row.detail and f"found at {PINNED}" not in row.detail
 
 
 # -- online: the real wandb.Api against the test suite's W&B server --------------------

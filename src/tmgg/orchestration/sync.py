@@ -247,16 +247,21 @@ def report_unverified(problems: Sequence[Unverified], destination: str) -> None:
               f"to fix: {problem.advice}", file=sys.stderr)
 
 
-def deleted_id_advice(output: str, jobs: Sequence[PlannedJob], overrides: Sequence[str]
-                      ) -> str | None:
-    """A deleted run id refused by the server: start a new ``logger.run_generation``."""
-    if DELETED_RUN_MESSAGE not in output and "409" not in output:
+def deleted_id_advice(output: str, timed_out: bool, jobs: Sequence[PlannedJob],
+                      overrides: Sequence[str]) -> str | None:
+    """A deleted run id refused by the server: start a new ``logger.run_generation``.
+
+    wandb 0.31 retries that 409 without end and prints nothing about it, so an upload
+    stopped at its time limit gets this advice too.
+    """
+    if DELETED_RUN_MESSAGE not in output and not timed_out:
         return None
     from tmgg.orchestration.reconcile import shell_command
 
     generation = max(run_generation(job.task_config) for job in jobs) + 1
-    return ("W&B refuses a run id whose run was deleted there, and never reuses it: re-log "
-            "the finished jobs into a new run generation with "
+    return ("if W&B refuses the run id because a run with it was deleted there (it never "
+            "reuses one; wandb retries that refusal without end), re-log the finished jobs "
+            "into a new run generation with "
             + shell_command("tmgg-sweep", "relog", *overrides)
             + f" (or relaunch with logger.run_generation={generation})")
 
@@ -333,7 +338,7 @@ def main(argv: Sequence[str]) -> int:
                                          args.overrides, wait=args.verify_wait)
         if problems:
             failed += 1
-            advice = deleted_id_advice(output, upload.planned, args.overrides)
+            advice = deleted_id_advice(output, code is None, upload.planned, args.overrides)
             if advice is not None:
                 problems = [Unverified(p.job, p.problem, advice) for p in problems]
             report_unverified(problems, destination)
