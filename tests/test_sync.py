@@ -260,3 +260,27 @@ def test_advice_for_duplicated_foreign_running_and_unknown(case: Case) -> None:
     assert rows["s1"].advice.startswith("tmgg-sweep reconcile --online ")
     case.server.faults.clear()
     apply_advice(case, rows)  # once the service answers again
+
+
+def test_verification_waits_for_a_listing_that_lags_behind_a_finish(tmp_path: Path) -> None:
+    import wandb
+
+    from tmgg.orchestration.sync import verify_at_destination
+
+    require_pinned_wandb()
+    server = FakeWandbServer().start()
+    try:
+        alice = server.add_user("alice", teams=[TEAM])
+        jobs = compose_sweep([*SWEEP, "seed=1", f"logger.base_url={server.base_url}",
+                              *dirs(tmp_path)]).jobs
+        run = server.plant_run(TEAM, PROJECT, wandb_run_id(jobs[0].job_id), state="running")
+        run.summary = {"trainer/global_step": 4}
+        server.listing_lag = 3.0  # the listing shows each state 3 s late
+        run.set_state("finished")
+        api = wandb.Api(overrides={"base_url": server.base_url}, api_key=alice.api_key)
+        (late,) = verify_at_destination(api, TEAM, PROJECT, jobs, {}, SWEEP, wait=0)
+        assert late.problem.endswith("is running, not finished")
+        assert verify_at_destination(api, TEAM, PROJECT, jobs, {}, SWEEP, wait=15,
+                                     poll=0.5) == []
+    finally:
+        server.stop()

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -395,3 +396,67 @@ def test_108_concurrent_inits_under_a_rate_limit_land_pinned_or_fail_before_trai
     finally:
         os.environ.pop("WANDB_API_KEY", None)
         server.stop()
+
+
+# -- the test server behaves like the service where the checks depend on it ------------
+def post(server: FakeWandbServer, path: str, key: str, body: dict) -> tuple[int, dict, dict]:
+    """One request as the client sends it: status, JSON body, headers."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{server.base_url}{path}",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+def upsert(server: FakeWandbServer, key: str, **variables: str) -> tuple[int, dict, dict]:
+    return post(server, "/graphql", key, {"operationName": "UpsertBucket",
+                                          "query": "mutation UpsertBucket",
+                                          "variables": variables})
+
+
+def test_server_states_faults_and_the_append_only_file_stream(
+        wandb_server: FakeWandbServer) -> None:
+    key = user(wandb_server, "alice").api_key
+    project = "server_behaviour"
+    status, _, _ = upsert(wandb_server, key, entity=TEAM, project=project, name="r1")
+    assert status == 200 and wandb_server.run(TEAM, project, "r1").state == "running"
+    stream = f"/files/{TEAM}/{project}/r1/file_stream"
+    line = {"files": {"wandb-history.jsonl": {"offset": 0, "content": ['{"a": 1}']}}}
+    assert post(wandb_server, stream, key, line)[0] == 200
+    # A second writer of the same run id sends offset 0 again: kept out, and flagged.
+    assert post(wandb_server, stream, key, line)[0] == 200
+    assert wandb_server.run(TEAM, project, "r1").history == ['{"a": 1}']
+    assert wandb_server.repeated_offsets == [f"{TEAM}/{project}/r1 wandb-history.jsonl @0"]
+    post(wandb_server, stream, key, {"complete": True, "exitcode": 0})
+    assert wandb_server.run(TEAM, project, "r1").state == "finished"
+    # Resumed: running again, as the service keeps it.
+    upsert(wandb_server, key, entity=TEAM, project=project, name="r1")
+    assert wandb_server.run(TEAM, project, "r1").state == "running"
+    # Failures on demand, on the chosen operation only, with Retry-After.
+    wandb_server.inject("UpsertBucket", status=429, retry_after=2, match={"name": "r2"})
+    status, body, headers = upsert(wandb_server, key, entity=TEAM, project=project, name="r2")
+    assert (status, headers.get("Retry-After")) == (429, "2")
+    assert body["errors"][0]["message"] == "rate limit exceeded (injected)"
+    assert upsert(wandb_server, key, entity=TEAM, project=project, name="r2")[0] == 200
+    wandb_server.inject("file_stream", status=503)
+    assert post(wandb_server, stream, key, {})[0] == 503
+    # A killed run stays running until its heartbeat times out, then it is crashed.
+    wandb_server.kill_run(TEAM, project, "r2", crash_after=0.5)
+    moment = time.monotonic()
+    assert wandb_server.run(TEAM, project, "r2").state_at(moment) == "running"
+    assert wandb_server.run(TEAM, project, "r2").state_at(moment + 1) == "crashed"
+    # Users without a personal entity: their runs without an entity go to their team.
+    newcomer = wandb_server.add_user("newcomer2", teams=["vision"], default_entity="vision",
+                                     personal=False)
+    upsert(wandb_server, newcomer.api_key, project=project, name="r3")
+    assert wandb_server.run("vision", project, "r3") is not None
+    status, body, _ = upsert(wandb_server, newcomer.api_key, entity="newcomer2",
+                             project=project, name="r4")
+    assert status == 404  # no such entity: the account has no personal one
+
