@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from wandb_server import FakeWandbServer
-from wandb_server.fixtures import TEAM, online_env, user
+from wandb_server.fixtures import PROJECT, TEAM, online_env, user
 
 from tmgg.orchestration.compose import compose_sweep
 
@@ -36,8 +36,8 @@ def test_workers_key_without_write_access_is_refused_before_dispatch_naming_both
     message = " ".join(result.stderr.split())
     assert ("the workers' W&B key (the local transport's Secret stand-in "
             "TMGG_LOCAL_WANDB_SECRET_KEY) belongs to user 'mallory', which cannot write to "
-            f"entity '{TEAM}' on {wandb_server.base_url} (it can write to mallory); this "
-            "shell's key belongs to 'alice', which can write there") in message
+            f"{TEAM}/{PROJECT} on {wandb_server.base_url} (it can write to entity mallory); "
+            "this shell's key belongs to 'alice', which can write there") in message
     assert "Nothing was dispatched" in message
     assert not list((tmp_path / "out").rglob("app.log"))  # no job started
     assert not wandb_server.runs_in()
@@ -67,7 +67,8 @@ def test_workers_key_of_a_service_account_passes_and_names_its_default_entity(
     # A user created after 2024-05-21 has no personal entity: its team is its default.
     monkeypatch.setenv(LOCAL_WANDB_SECRET_ENV, newcomer.api_key)
     with pytest.raises(PlanError, match="belongs to user 'newcomer', which cannot write to "
-                                        f"entity '{TEAM}'.*it can write to vision_team"):
+                                        f"{TEAM}/{PROJECT}.*it can write to entity "
+                                        "vision_team"):
         check_workers_wandb_key(settings, sweep.jobs)
     # Without a stand-in the local containers use this shell's key: nothing more to ask.
     monkeypatch.delenv(LOCAL_WANDB_SECRET_ENV)
@@ -95,11 +96,17 @@ def test_view_only_member_and_restricted_project_are_refused_with_the_services_4
         "data": {"upsertBucket": None}}
     import wandb
 
-    from tmgg.orchestration.wandb_check import key_access
+    from tmgg.orchestration.wandb_check import write_refusal
 
-    access = key_access(wandb.Api(overrides={"base_url": wandb_server.base_url},
-                                  api_key=viewer.api_key))
-    assert TEAM not in access.writable  # a viewer of the team cannot write there
+    # The viewer is in the team's list, as on the service; the project says read-only.
+    wandb_server.plant_run(TEAM, "viewed_project", "v1")
+    api = wandb.Api(overrides={"base_url": wandb_server.base_url}, api_key=viewer.api_key)
+    assert write_refusal(api, TEAM, "viewed_project", wandb_server.base_url) == (
+        f"the W&B API key of user 'viewer' may only read {TEAM}/viewed_project on "
+        f"{wandb_server.base_url} (a view-only member, or a restricted project)")
+    alice = wandb.Api(overrides={"base_url": wandb_server.base_url},
+                      api_key=user(wandb_server, "alice").api_key)
+    assert write_refusal(alice, TEAM, "viewed_project", wandb_server.base_url) is None
     bob = wandb_server.add_user("bob", teams=[TEAM])
     body = json.dumps({"operationName": "UpsertBucket", "query": "mutation UpsertBucket",
                        "variables": {"entity": TEAM, "project": "secret_project",

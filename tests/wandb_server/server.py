@@ -523,6 +523,17 @@ class FakeWandbServer:
             return {"project": None}
         return {"project": {"run": self._run_node(run, time.monotonic() - self.listing_lag)}}
 
+    def _op_IsProjectReadOnly(self, user: User, variables: dict[str, Any]
+                              ) -> dict[str, Any]:
+        """Read-only for a view-only member or a restricted project's non-member;
+        ``null`` for a project that is not there or not visible."""
+        entity, project = variables["entity"], variables["project"]
+        exists = (entity, project) in self.restricted or any(
+            (run.entity, run.project) == (entity, project) for run in self.runs.values())
+        if not exists or not self._readable(user, entity, project):
+            return {"project": None}
+        return {"project": {"readOnly": not self._may_write(user, entity, project)}}
+
     def _op_DeleteRun(self, user: User, variables: dict[str, Any]) -> dict[str, Any]:
         """``Run.delete()``: gone from listings, and its id can never be used again."""
         run = self._run_by_storage_id(variables.get("id"))

@@ -215,9 +215,10 @@ def _use_local_secret_stand_in() -> None:
         os.environ["WANDB_API_KEY"] = stand_in
 
 
-def wandb_key_identity(base_url: str, entity: str) -> dict[str, Any]:
+def wandb_key_identity(base_url: str, entity: str, project: str) -> dict[str, Any]:
     """The workers' W&B key, asked where the workers run (the Secret mounted): whose it
-    is, its default entity, the entities it may write to, and whether ``entity`` is one.
+    is, its default entity, the entities it may write to, and whether it may write to
+    ``entity/project``.
 
     A small CPU function on the sweep's image; on Modal it costs one container start
     (seconds) before dispatch. Never raises: a key that cannot be checked says why.
@@ -229,15 +230,17 @@ def wandb_key_identity(base_url: str, entity: str) -> dict[str, Any]:
     try:
         import wandb
 
-        from tmgg.orchestration.wandb_check import key_access
+        from tmgg.orchestration.wandb_check import key_access, write_refusal
 
         api = wandb.Api(overrides={"base_url": base_url}, api_key=key, timeout=60)
         viewer = api.viewer
         access = key_access(api)
+        refusal = write_refusal(api, entity, project, base_url)
     except Exception as error:  # noqa: BLE001 - reported to the launcher, which refuses
         return {"error": f"{type(error).__name__}: {error}"}
     return {"user": access.user, "default_entity": getattr(viewer, "entity", None),
-            "writable": sorted(access.writable), "can_write": entity in access.writable}
+            "writable": sorted(access.writable), "can_write": refusal is None,
+            "refusal": refusal}
 
 
 @dataclass
@@ -346,15 +349,16 @@ def build_app(app_name: str, volume_name: str, wandb_secret: str | None,
     return ModalApp(app=app, function=function, volume=volume, key_check=key_check)
 
 
-def workers_key_identity(settings: Any, base_url: str, entity: str) -> dict[str, Any]:
+def workers_key_identity(settings: Any, base_url: str, entity: str, project: str
+                         ) -> dict[str, Any]:
     """Ask the workers' key who it is, through the launcher's transport: on Modal one
     call of the key-check function (the Secret mounted), locally ``Function.local()``
     with the Secret's stand-in (``TMGG_LOCAL_WANDB_SECRET_KEY``)."""
     built = build_app(settings.app_name, settings.volume, settings.wandb_secret, 120)
     if settings.transport != "modal":
-        return built.key_check.local(base_url, entity)
+        return built.key_check.local(base_url, entity, project)
     with built.app.run():
-        return built.key_check.remote(base_url, entity)
+        return built.key_check.remote(base_url, entity, project)
 
 
 def check_workers_wandb_key(settings: Any, jobs: Any) -> list[str]:
@@ -370,5 +374,5 @@ def check_workers_wandb_key(settings: Any, jobs: Any) -> list[str]:
     else:
         return []
     return check_workers_key(
-        jobs, lambda base_url, entity: workers_key_identity(settings, base_url, entity),
-        where)
+        jobs, lambda base_url, entity, project: workers_key_identity(
+            settings, base_url, entity, project), where)

@@ -142,9 +142,11 @@ def run_with_time_limit(command: list[str], env: dict[str, str], seconds: float
 
 
 # -- the key, before anything is uploaded -------------------------------------------
-def write_access_problem(base_url: str, entity: str, api: Any | None = None) -> str | None:
-    """Why the key wandb finds for the host cannot write to ``entity`` (None: it can)."""
-    from tmgg.orchestration.wandb_check import key_access
+def write_access_problem(base_url: str, entity: str, project: str,
+                         api: Any | None = None) -> str | None:
+    """Why the key wandb finds for the host cannot write to ``entity/project`` (None:
+    it can)."""
+    from tmgg.orchestration.wandb_check import write_refusal
     from tmgg.task.loggers import find_wandb_api_key
 
     found = find_wandb_api_key(base_url)
@@ -156,14 +158,10 @@ def write_access_problem(base_url: str, entity: str, api: Any | None = None) -> 
 
             api = wandb.Api(overrides={"base_url": base_url}, api_key=found.api_key,
                             timeout=60)
-        access = key_access(api)
+        return write_refusal(api, entity, project, base_url)
     except Exception as error:  # noqa: BLE001 - unproven access is refused
         return (f"cannot check that the W&B API key may write to {entity!r} on {base_url}: "
                 f"{type(error).__name__}: {error}")
-    if entity not in access.writable:
-        return (f"the W&B API key of user {access.user!r} cannot write to entity {entity!r} "
-                f"on {base_url}; it can write to {', '.join(sorted(access.writable)) or 'nothing'}")
-    return None
 
 
 # -- verification through the API --------------------------------------------------
@@ -319,7 +317,7 @@ def main(argv: Sequence[str]) -> int:
             for path in upload.run_dirs:
                 print(f"  {path}")
             continue
-        refused = write_access_problem(upload.base_url, upload.entity)
+        refused = write_access_problem(upload.base_url, upload.entity, upload.project)
         if refused is not None:
             failed += 1
             print(f"sync refused, nothing uploaded to {destination}: {refused}; jobs: "
@@ -449,7 +447,7 @@ def relog_main(argv: Sequence[str]) -> int:
         base_url, entity = str(job.wandb["base_url"]), str(job.wandb["entity"])
         try:
             if base_url not in apis:
-                refused = write_access_problem(base_url, entity)
+                refused = write_access_problem(base_url, entity, str(job.wandb["project"]))
                 if refused is not None:
                     print(f"relog refused, nothing logged: {refused}", file=sys.stderr)
                     return 1
