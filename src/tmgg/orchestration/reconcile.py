@@ -596,7 +596,7 @@ def advice(row: Row, job: PlannedJob, state: JobState | None,
         if "refuses run id" in row.detail:
             generation = run_generation(job.task_config) + 1
             return shell_command("tmgg-sweep", "resume", *ov,
-                            f"logger.run_generation={generation}")
+                                 f"logger.run_generation={generation}")
         if finished:  # trained, but its W&B run ended badly
             return shell_command("tmgg-sweep", "relog", *ov)
         return shell_command("tmgg-sweep", "resume", *ov)
