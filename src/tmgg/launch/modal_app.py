@@ -208,11 +208,20 @@ def run_job(payload: bytes, volume_name: str | None) -> bytes:
         _VOLUME.pop("volume", None)
 
 
-def _use_local_secret_stand_in() -> None:
-    """transport=local: the Secret's key replaces the launching shell's, as on Modal."""
+def _secret_key() -> str | None:
+    """The WANDB_API_KEY the Secret gives a container (transport=local: its stand-in)."""
     stand_in = os.environ.get(LOCAL_WANDB_SECRET_ENV)
     if stand_in and modal.is_local():
-        os.environ["WANDB_API_KEY"] = stand_in
+        return stand_in
+    return os.environ.get("WANDB_API_KEY")
+
+
+def _use_local_secret_stand_in() -> None:
+    """transport=local, in a container: the Secret's key replaces the launching shell's,
+    as on Modal."""
+    key = _secret_key()
+    if key:
+        os.environ["WANDB_API_KEY"] = key
 
 
 def wandb_key_identity(base_url: str, entity: str, project: str) -> dict[str, Any]:
@@ -223,8 +232,7 @@ def wandb_key_identity(base_url: str, entity: str, project: str) -> dict[str, An
     A small CPU function on the sweep's image; on Modal it costs one container start
     (seconds) before dispatch. Never raises: a key that cannot be checked says why.
     """
-    _use_local_secret_stand_in()
-    key = os.environ.get("WANDB_API_KEY")
+    key = _secret_key()  # this process's environment stays as it is (local calls)
     if not key:
         return {"error": "the workers have no WANDB_API_KEY (the Modal Secret holds none)"}
     try:

@@ -373,8 +373,39 @@ def next_generation(api: Any, job: PlannedJob, state: JobState | None) -> int:
     recorded = record.get("wandb") or {}
     if str(recorded.get("mode") or "") not in ("", "disabled"):
         present.add(str(recorded.get("run_id") or ""))
+    present.update(relogged_ids(job, state))  # earlier relogs' ids, maybe deleted since
     used = [ids.index(run_id) for run_id in present if run_id in ids]
     return run_generation(job.task_config) + (max(used) + 1 if used else 0)
+
+
+RELOG_FILE = "wandb-relogged.json"  # in the job's output dir: run ids relog has used
+
+
+def relogged_ids(job: PlannedJob, state: JobState | None) -> set[str]:
+    """Run ids earlier relogs of the job used (read as data, never trusted further)."""
+    import json
+
+    ids: set[str] = set()
+    for directory in job_output_dirs(job, state):
+        try:
+            data = json.loads((Path(directory) / RELOG_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, list):
+            ids.update(str(item) for item in data if isinstance(item, str))
+    return ids
+
+
+def remember_relogged_id(job: PlannedJob, state: JobState | None, run_id: str) -> None:
+    """Note a run id as used before the run starts: W&B never takes it again once the
+    run is deleted, and says so only by retrying the refusal until init times out."""
+    import json
+
+    directory = Path(job_output_dirs(job, state)[0])
+    if not directory.is_dir():
+        return
+    ids = sorted(relogged_ids(job, state) | {run_id})
+    (directory / RELOG_FILE).write_text(json.dumps(ids) + "\n")
 
 
 def checkpoint_facts(job: PlannedJob, state: JobState | None) -> dict[str, str]:
@@ -406,6 +437,7 @@ def relog_job(job: PlannedJob, state: JobState | None, generation: int) -> str:
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     step = int(metrics.get("global_step") or 0)
     found = find_wandb_api_key(base_url)
+    remember_relogged_id(job, state, run_id)
     with tempfile.TemporaryDirectory(prefix="tmgg-relog-") as workdir, \
             pinned_wandb_environment(entity, project, job=job.run_name, base_url=base_url,
                                      mode=ModeDecision("online")):
