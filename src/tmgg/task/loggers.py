@@ -134,10 +134,11 @@ def _host_url(url: str) -> Any:
     return HostUrl(url)
 
 
-def netrc_path(environ: Mapping[str, str] | None = None) -> Path:
-    """The netrc file wandb reads (``$NETRC``, else ``~/.netrc``)."""
-    environ = os.environ if environ is None else environ
-    return Path(environ.get("NETRC") or Path.home() / ".netrc").expanduser()
+def netrc_path() -> Path:
+    """The netrc file wandb reads (its own choice: ``$NETRC``, else ``~/.netrc``)."""
+    from wandb.sdk.lib.wbauth import wbnetrc
+
+    return Path(wbnetrc._get_netrc_file_path())
 
 
 def has_wandb_credentials(base_url: str = DEFAULT_BASE_URL) -> bool:
@@ -192,7 +193,7 @@ def decide_wandb_mode(mode: str, base_url: str = DEFAULT_BASE_URL,
     if found is None:
         hosts = ", ".join(urlparse(host).netloc for host in same_service_hosts(base_url))
         announce_auto_offline(base_url, f"no W&B API key: WANDB_API_KEY is not set and "
-                                        f"{netrc_path(environ)} has no entry for {hosts}")
+                                        f"{netrc_path()} has no entry for {hosts}")
     resolved = "online" if found is not None else "offline"
     return ModeDecision(resolved, (f"WANDB_MODE={raw}",) if raw else ())
 
