@@ -98,12 +98,29 @@ def test_offline_reconcile_of_a_partly_failed_sweep(tmp_path: Path,
     assert len(list(iter_records(torn.read_bytes()))) < len(list(iter_records(
         crashed.read_bytes())))
 
-    # A job that is finished in the ledger but whose run files are gone is not ok.
+    # The advice for the failed and the never-launched job, run as printed, trains them.
+    advised = reconcile_jobs(sweep.jobs, sweep.ledger.states(), sweep.stage, mode="offline",
+                             overrides=overrides)
+    (command,) = {row.advice for row in advised if row.status != "ok"}
+    assert command.startswith("tmgg-sweep resume stage=smoke")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MODAL_TOKEN"))}
+    env.update(WANDB_MODE="offline", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+               TMGG_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    resumed = subprocess.run(["bash", "-c", command], cwd=tmp_path, text=True,
+                             capture_output=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {row.status for row in reconcile_jobs(sweep.jobs, sweep.ledger.states(),
+                                                 sweep.stage)} == {"ok"}
+
+    # A job that is finished in the ledger but whose run files are gone is not ok, and
+    # offline reconcile says what it read instead of claiming W&B has no run.
     for path in (tmp_path / "out").rglob(f"run-{rows['s1'].run_ids[0]}.wandb"):
         path.unlink()
     (row,) = [r for r in reconcile_jobs(sweep.jobs, sweep.ledger.states(), sweep.stage)
               if r.job_id == rows["s1"].job_id]
     assert row.status == "missing" and "ledger says finished" in row.detail
+    assert "in wandb's run files under" in row.detail and "W&B itself was not asked" \
+        in row.detail and f"found at {PINNED}" not in row.detail
 
 
 # -- online: the real wandb.Api against the test suite's W&B server --------------------
@@ -139,14 +156,25 @@ def test_online_reconcile_of_stage1_with_planted_runs(
     notes: list[str] = []
     # No api given: reconcile opens wandb.Api on the pinned host, as the command does.
     rows = {row.job_id: row for row in reconcile_jobs(
-        jobs, {}, "stage1", mode="online", search_entities=["mallory"], notes=notes)}
+        jobs, {}, "stage1", mode="online", notes=notes)}
     print_table(list(rows.values()), title="reconcile", mode="online", notes=notes)
     out = capsys.readouterr().out
     assert ("108 expected jobs (online evidence): 1 duplicated, 1 failed, 1 foreign, "
             "19 misrouted, 1 missing, 85 ok") in out
-    # alice's own entity was searched unasked; mallory's is not alice's to read.
-    assert notes == [f"could not read runs of mallory/{project}: ValueError: Could not find "
-                     f"project {project}"]
+    # alice's own entity and team, with the project and uncategorized, were searched
+    # unasked; a project that is not there in an entity she belongs to is no failure.
+    assert notes == [f"no project {path} (searched; the key's user belongs to "
+                     f"{path.split('/')[0]})"
+                     for path in (f"{team}/uncategorized", "alice/uncategorized")]
+    # mallory's entity is not alice's to read: what it holds is unknown, and so is
+    # every job that W&B evidence there could change.
+    unread = {row.job_id: row for row in reconcile_jobs(
+        jobs, {}, "stage1", mode="online", search_entities=["mallory"])}
+    assert {row.status for job_id, row in unread.items()
+            if rows[job_id].status in ("ok", "missing", "foreign")} == {"unknown"}
+    assert sum(row.status == "unknown" for row in unread.values()) == 87
+    assert (f"could not read mallory/{project} (the key's user cannot read entity mallory"
+            in unread[ok[0].job_id].detail)
     for index, job in enumerate(misrouted):
         row = rows[job.job_id]
         run_id = wandb_run_id(job.job_id) if index % 2 else f"incident{index:02d}"

@@ -10,8 +10,10 @@ settings file names: it must never hear from a job.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +106,9 @@ def online_sweep(wandb_server: FakeWandbServer, decoy_server: FakeWandbServer,
                      WANDB_BASE_URL=decoy_server.base_url, WANDB_MODE="offline",
                      WANDB_ENTITY="someone_personal", WANDB_PROJECT="elsewhere",
                      WANDB_RUN_ID="strayrun1", WANDB_RUN_GROUP="stray_group")
-    result = run_module(root, "tmgg.app", ["-m", "stage=smoke", "logger.mode=online",
+    # Two jobs are enough to show every run lands pinned (and keep this test cheap).
+    result = run_module(root, "tmgg.app", ["-m", "stage=smoke", "model=linear_pe",
+                                           "logger.mode=online",
                                            f"logger.base_url={wandb_server.base_url}",
                                            "hydra.launcher.n_workers=2", *TINY], env)
     return OnlineSweep(root, result, wandb_server, decoy_server)
@@ -116,7 +120,7 @@ def test_online_smoke_sweep_lands_every_run_in_the_pinned_destination(
     result, server = online_sweep.result, online_sweep.server
     assert result.returncode == 0, result.stderr[-4000:]
     records = job_records(online_sweep.root)
-    assert len(records) == 6 and all(r["status"] == "FINISHED" for r in records.values())
+    assert len(records) == 2 and all(r["status"] == "FINISHED" for r in records.values())
     runs = server.runs_in(entity=TEAM, project=PROJECT)
     # One run per job, each under the job's own id, name and the stage's group.
     assert sorted(run.name for run in runs) == sorted(r["wandb"]["run_id"] for r in
@@ -132,7 +136,7 @@ def test_online_smoke_sweep_lands_every_run_in_the_pinned_destination(
         assert record["wandb"]["path"] == f"{TEAM}/{PROJECT}/{run.name}"
     names = {record["run_name"] for record in records.values()}
     named = [run for run in server.runs_in() if run.display_name in names]
-    assert len(named) == 6 and {(r.entity, r.project) for r in named} == {(TEAM, PROJECT)}
+    assert len(named) == 2 and {(r.entity, r.project) for r in named} == {(TEAM, PROJECT)}
     assert not server.runs_in(entity="someone_personal")
     assert not server.runs_in(project="elsewhere")
     # The other host never heard from a job.
@@ -199,7 +203,8 @@ def test_online_run_that_cannot_be_created_fails_the_job_before_training(
     (record,) = job_records(tmp_path).values()
     assert record["status"] == "FAILED"
     assert "WandbRunError" in record["error"] and "could not be started" in record["error"]
-    assert f"user mallory is not a member of entity {TEAM}" in record["error"]
+    assert f"refuses run {TEAM}/{PROJECT}/" in record["error"]
+    assert "permission denied" in record["error"]
     (job_dir,) = (tmp_path / "out" / "smoke").iterdir()
     assert not (job_dir / "checkpoints").exists() and not (job_dir / "metrics.json").exists()
     assert not wandb_server.runs_in(entity="mallory")
@@ -309,42 +314,160 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
     assert reconcile_main(["--online", *args, "logger.run_generation=1", *dirs(tmp_path)]) == 0
 
 
-# -- sync: offline runs uploaded to the pinned destination --------------------------------
+# -- sync: tests/test_sync.py (upload, verification, relog, advice) ----------------------
+
+
+# -- 108 concurrent inits under a rate limit ----------------------------------------------
+# Each worker process starts its jobs' W&B runs exactly as a fused group does (tmgg's
+# build_logger, concurrent runs in one process), checks each with the in-job guard,
+# logs step 0 and finishes: the init path of stage 1 without its training.
+INIT_ONLY = """
+import json, sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from tmgg.task.loggers import WandbRunError, build_logger, package_list_read_once
+from tmgg.task.wandb_guard import WandbDestinationGuard
+
+configs = [OmegaConf.create(c) for c in json.loads(Path(sys.argv[1]).read_text())]
+outcome, started = {}, []
+with package_list_read_once():
+    for cfg in configs:
+        try:
+            run = build_logger(cfg, Path(sys.argv[2]) / cfg.job.id, concurrent=True).experiment
+            WandbDestinationGuard.for_job(cfg).check_run(run, 0)
+        except WandbRunError as error:
+            outcome[cfg.job.id] = "failed before training: " + str(error)[:200]
+            continue
+        run.log({"trainer/global_step": 0})
+        started.append((cfg.job.id, run))
+for job_id, run in started:
+    run.finish()
+    outcome[job_id] = f"{run.entity}/{run.project}/{run.id}"
+print("OUTCOME " + json.dumps(outcome))
+"""
+
+
+def init_only(root: Path, jobs: list, server: FakeWandbServer, workers: int = 4
+              ) -> dict[str, str]:
+    """Start (and finish) the jobs' runs in ``workers`` concurrent processes."""
+    root.mkdir(parents=True, exist_ok=True)
+    script = root / "init_only.py"
+    script.write_text(INIT_ONLY)
+    env = online_env(root, user(server, "alice").api_key, WANDB_INIT_TIMEOUT="30")
+    processes = []
+    for index in range(workers):
+        configs = root / f"configs{index}.json"
+        configs.write_text(json.dumps([job.task_config for job in jobs[index::workers]]))
+        processes.append(subprocess.Popen([sys.executable, str(script), str(configs),
+                                           str(root / "out")], cwd=root, text=True, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outcome: dict[str, str] = {}
+    for process in processes:
+        out, err = process.communicate(timeout=900)
+        lines = [line for line in out.splitlines() if line.startswith("OUTCOME ")]
+        assert lines, err[-3000:]
+        outcome.update(json.loads(lines[-1].removeprefix("OUTCOME ")))
+    return outcome
+
+
 @pytest.mark.slow
-def test_sync_uploads_offline_runs_to_the_pinned_destination_once(
-        wandb_server: FakeWandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-        ) -> None:
-    from tmgg.orchestration.reconcile import main as reconcile_main
+def test_108_concurrent_inits_under_a_rate_limit_land_pinned_or_fail_before_training(
+        tmp_path: Path) -> None:
+    from tmgg.orchestration.reconcile import reconcile_jobs
 
-    project = "synced_project"  # this test's own project on the module's server
-    args = ["stage=smoke", "model=linear_pe", *TINY, f"logger.project={project}",
-            f"logger.base_url={wandb_server.base_url}"]
-    ran = run_module(tmp_path, "tmgg.app", ["-m", *args, "hydra.launcher.n_workers=2"],
-                     online_env(tmp_path, None))  # no key: auto runs offline
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    records = job_records(tmp_path)
-    assert len(records) == 2 and {r["wandb"]["mode"] for r in records.values()} == {"offline"}
-    assert not wandb_server.runs_in(project=project)
+    server = FakeWandbServer().start()
+    try:
+        server.add_user("alice", teams=[TEAM])
+        jobs = compose_sweep(["stage=stage1", "logger.mode=online",
+                              f"logger.base_url={server.base_url}", *dirs(tmp_path)]).jobs
+        assert len(jobs) == 108
+        # The service's rate limit: 429 with Retry-After on run creation and streaming.
+        server.inject("UpsertBucket", status=429, retry_after=1, times=150)
+        server.inject("file_stream", status=429, retry_after=1, times=100)
+        first = init_only(tmp_path / "first", jobs, server)
+        assert len(first) == 108
+        pinned = {f"{TEAM}/{PROJECT}/{wandb_run_id(job.job_id)}" for job in jobs}
+        assert {o for o in first.values() if not o.startswith("failed before training")} \
+            <= pinned
+        assert {(run.entity, run.project) for run in server.runs_in()} <= {(TEAM, PROJECT)}
+        assert server.refused.count("429: rate limit exceeded (injected)") >= 150
+        # resume: what did not finish starts again, without the rate limit
+        server.faults.clear()
+        unfinished = [job for job in jobs
+                      if (run := server.run(TEAM, PROJECT, wandb_run_id(job.job_id))) is None
+                      or run.state != "finished"]
+        if unfinished:
+            second = init_only(tmp_path / "resume", unfinished, server)
+            assert set(second.values()) <= pinned
+        os.environ["WANDB_API_KEY"] = user(server, "alice").api_key
+        rows = reconcile_jobs(jobs, {}, "stage1", mode="online")
+        assert {row.status for row in rows} == {"ok"}
+        assert {(run.entity, run.project) for run in server.runs_in()} == {(TEAM, PROJECT)}
+        assert not server.repeated_offsets  # no run id had two writers
+    finally:
+        os.environ.pop("WANDB_API_KEY", None)
+        server.stop()
 
-    alice = user(wandb_server, "alice").api_key
-    # The key's default entity is alice; the environment points elsewhere too.
-    env = online_env(tmp_path, alice, WANDB_ENTITY="someone_personal",
-                     WANDB_PROJECT="elsewhere", WANDB_BASE_URL="http://127.0.0.1:9",
-                     WANDB_MODE="offline")
-    synced = run_module(tmp_path, "tmgg.orchestration.cli", ["sync", *args], env)
-    assert synced.returncode == 0, synced.stdout[-2000:] + synced.stderr[-3000:]
-    assert f"-> {TEAM}/{project} on {wandb_server.base_url}" in synced.stdout
-    runs = {run.name: run for run in wandb_server.runs_in(project=project)}
-    assert sorted(runs) == sorted(r["wandb"]["run_id"] for r in records.values())
-    for record in records.values():
-        run = runs[record["wandb"]["run_id"]]
-        assert (run.entity, run.display_name, run.group) == (TEAM, record["run_name"], "smoke")
-        assert (run.state, run.exit_code) == ("finished", 0) and run.history_rows
-    history = {name: list(run.history) for name, run in runs.items()}
 
-    again = run_module(tmp_path, "tmgg.orchestration.cli", ["sync", *args], env)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert {run.name: run.history for run in wandb_server.runs_in(project=project)} == history
+# -- the test server behaves like the service where the checks depend on it ------------
+def post(server: FakeWandbServer, path: str, key: str, body: dict) -> tuple[int, dict, dict]:
+    """One request as the client sends it: status, JSON body, headers."""
+    import urllib.error
+    import urllib.request
 
-    monkeypatch.setenv("WANDB_API_KEY", alice)
-    assert reconcile_main(["--online", *args, *dirs(tmp_path)]) == 0
+    request = urllib.request.Request(f"{server.base_url}{path}",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+def upsert(server: FakeWandbServer, key: str, **variables: str) -> tuple[int, dict, dict]:
+    return post(server, "/graphql", key, {"operationName": "UpsertBucket",
+                                          "query": "mutation UpsertBucket",
+                                          "variables": variables})
+
+
+def test_server_states_faults_and_the_append_only_file_stream(
+        wandb_server: FakeWandbServer) -> None:
+    key = user(wandb_server, "alice").api_key
+    project = "server_behaviour"
+    status, _, _ = upsert(wandb_server, key, entity=TEAM, project=project, name="r1")
+    assert status == 200 and wandb_server.run(TEAM, project, "r1").state == "running"
+    stream = f"/files/{TEAM}/{project}/r1/file_stream"
+    line = {"files": {"wandb-history.jsonl": {"offset": 0, "content": ['{"a": 1}']}}}
+    assert post(wandb_server, stream, key, line)[0] == 200
+    # A second writer of the same run id sends offset 0 again: kept out, and flagged.
+    assert post(wandb_server, stream, key, line)[0] == 200
+    assert wandb_server.run(TEAM, project, "r1").history == ['{"a": 1}']
+    assert wandb_server.repeated_offsets == [f"{TEAM}/{project}/r1 wandb-history.jsonl @0"]
+    post(wandb_server, stream, key, {"complete": True, "exitcode": 0})
+    assert wandb_server.run(TEAM, project, "r1").state == "finished"
+    # Resumed: running again, as the service keeps it.
+    upsert(wandb_server, key, entity=TEAM, project=project, name="r1")
+    assert wandb_server.run(TEAM, project, "r1").state == "running"
+    # Failures on demand, on the chosen operation only, with Retry-After.
+    wandb_server.inject("UpsertBucket", status=429, retry_after=2, match={"name": "r2"})
+    status, body, headers = upsert(wandb_server, key, entity=TEAM, project=project, name="r2")
+    assert (status, headers.get("Retry-After")) == (429, "2")
+    assert body["errors"][0]["message"] == "rate limit exceeded (injected)"
+    assert upsert(wandb_server, key, entity=TEAM, project=project, name="r2")[0] == 200
+    wandb_server.inject("file_stream", status=503)
+    assert post(wandb_server, stream, key, {})[0] == 503
+    # A killed run stays running until its heartbeat times out, then it is crashed.
+    wandb_server.kill_run(TEAM, project, "r2", crash_after=0.5)
+    moment = time.monotonic()
+    assert wandb_server.run(TEAM, project, "r2").state_at(moment) == "running"
+    assert wandb_server.run(TEAM, project, "r2").state_at(moment + 1) == "crashed"
+    # Users without a personal entity: their runs without an entity go to their team.
+    newcomer = wandb_server.add_user("newcomer2", teams=["vision"], default_entity="vision",
+                                     personal=False)
+    upsert(wandb_server, newcomer.api_key, project=project, name="r3")
+    assert wandb_server.run("vision", project, "r3") is not None
+    status, body, _ = upsert(wandb_server, newcomer.api_key, entity="newcomer2",
+                             project=project, name="r4")
+    assert status == 404  # no such entity: the account has no personal one
+

@@ -2,7 +2,7 @@
 
 Written against **wandb 0.31.0** (``WANDB_VERSION``): the GraphQL operations of its Go
 core (``wandb-core``: ``Viewer``, ``ServerInfo``, ``ServerFeaturesQuery``,
-``UpsertBucket``, ``RunResumeStatus``, ``RunStoppedStatus``, ``CreateRunFiles``), its
+``UpsertBucket``, ``RunResumeStatus``, ``CreateRunFiles``), its
 file stream (``POST /files/<entity>/<project>/<run>/file_stream``), the upload URLs it
 PUTs files to, and the public API's ``Runs`` query with cursor pagination and
 MongoDB-style filters (``wandb/apis/public/runs.py``). A wandb that sends anything
@@ -12,11 +12,22 @@ noticed, not silently half-served.
 
 Where the stage-1 incident lives it behaves like the real service:
 
-- users have API keys, a personal entity (their default entity) and team memberships;
+- users have API keys, a default entity (their personal entity, or a team: accounts
+  created after 2024-05-21 have no personal entity at all) and team memberships, some
+  view-only; service accounts (team keys) belong to one team and default to it;
 - a run created without an entity goes to the key's default entity;
-- a key that is not a member of an entity cannot create runs there (HTTP 403) nor read
-  its projects (the project is ``null``, as for a private project);
+- a key that cannot write to an entity or a restricted project is refused with the
+  service's own 403 body (``permission denied``, code ``PERMISSION_ERROR``); a key that
+  cannot read one sees its project as ``null``, exactly like a project that does not
+  exist (the service does not tell the two apart);
 - a deleted run's id cannot be reused (HTTP 409, the service's message);
+- failures on demand (``inject``): 429 with ``Retry-After``, 5xx, or a slow answer, for
+  chosen operations (GraphQL operation names, ``file_stream``, ``upload``);
+- run states as the service keeps them: a resumed run is ``running`` again, a killed run
+  stays ``running`` until its heartbeat times out and then is ``crashed``
+  (``kill_run``), and the runs listing may lag behind a finish (``listing_lag``);
+- the file stream is append-only: a chunk at an offset already written (two writers of
+  one run id) is kept out and flagged in ``repeated_offsets``;
 - every run keeps entity, project, id, display name, group, state, history, summary,
   exit code and uploaded files for the tests to inspect.
 
@@ -33,6 +44,7 @@ import itertools
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -46,16 +58,38 @@ PAGE_SIZE = 50  # wandb.Api().runs' default per_page; pagination is the client's
 
 @dataclass
 class User:
-    """A W&B user: the key's owner, its personal (default) entity and its teams."""
+    """A W&B user (or a team's service account): the key's owner, its default entity,
+    its teams, the teams it may only view, and whether it has a personal entity."""
 
     username: str
     api_key: str
     teams: list[str] = field(default_factory=list)
     default_entity: str = ""
+    personal: bool = True
+    view_only: list[str] = field(default_factory=list)
+    service_account: bool = False
 
     @property
     def writable(self) -> set[str]:
-        return {self.username, self.default_entity, *self.teams}
+        own = {self.username} if self.personal else set()
+        return (own | {self.default_entity} | set(self.teams)) - set(self.view_only)
+
+    @property
+    def readable(self) -> set[str]:
+        return self.writable | set(self.view_only)
+
+
+@dataclass
+class Fault:
+    """A failure the server answers instead of serving an operation, ``times`` times."""
+
+    operation: str
+    status: int = 429
+    retry_after: float | None = None
+    delay: float = 0.0
+    times: int = 1
+    served: int = 0
+    match: dict[str, Any] = field(default_factory=dict)  # only calls with these variables
 
 
 @dataclass
@@ -81,6 +115,21 @@ class StoredRun:
     host: str | None = None
     sequence: int = 0
     files: dict[str, bytes] = field(default_factory=dict)
+    # (time, state) of every state change, for a listing that lags behind.
+    state_log: list[tuple[float, str]] = field(default_factory=list)
+    crash_at: float | None = None  # a killed run: when its heartbeat times out
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        self.state_log.append((time.monotonic(), state))
+
+    def state_at(self, moment: float) -> str:
+        """The state as the service shows it at ``moment`` (a killed run's crash too)."""
+        if self.crash_at is not None and moment >= self.crash_at:
+            return "crashed"
+        earlier = [state for when, state in self.state_log if when <= moment]
+        return earlier[-1] if earlier else (self.state_log[0][1] if self.state_log
+                                            else self.state)
 
     @property
     def path(self) -> str:
@@ -108,10 +157,18 @@ class StoredRun:
 class GraphQLError(Exception):
     """An error answered with an HTTP status and W&B's GraphQL error body."""
 
-    def __init__(self, status: int, message: str, path: str | None = None) -> None:
+    def __init__(self, status: int, message: str, path: str | None = None,
+                 code: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.path = path
+        self.code = code
+        self.retry_after = retry_after
+
+
+def permission_denied(path: str | None = None) -> GraphQLError:
+    """The service's own refusal: HTTP 403, ``permission denied``, ``PERMISSION_ERROR``."""
+    return GraphQLError(403, "permission denied", path, code="PERMISSION_ERROR")
 
 
 def api_key_for(username: str) -> str:
@@ -131,6 +188,10 @@ class FakeWandbServer:
         self.operations: list[str] = []  # every GraphQL operation answered, in order
         self.refused: list[str] = []  # errors answered to the client, for diagnostics
         self.telemetry = 0  # the SDK's own OpenTelemetry posts, accepted and dropped
+        self.faults: list[Fault] = []
+        self.restricted: dict[tuple[str, str], set[str]] = {}  # project -> member names
+        self.listing_lag = 0.0  # seconds the runs listing lags behind state changes
+        self.repeated_offsets: list[str] = []  # "<run path> <file> @<offset>"
         self._sequence = itertools.count(1)
         self._projects: dict[tuple[str, str], int] = {}
         self._lock = threading.RLock()
@@ -139,12 +200,52 @@ class FakeWandbServer:
 
     # -- set-up and inspection (test side) -------------------------------------------
     def add_user(self, username: str, teams: tuple[str, ...] | list[str] = (),
-                 default_entity: str | None = None) -> User:
-        user = User(username, api_key_for(username), list(teams), default_entity or username)
+                 default_entity: str | None = None, personal: bool = True,
+                 view_only: tuple[str, ...] | list[str] = ()) -> User:
+        """A user; ``personal=False``: no personal entity (default entity a team);
+        ``view_only``: teams it is a viewer of (it can read, not write, there)."""
+        if not personal and not default_entity:
+            raise ValueError(f"user {username} without a personal entity needs a team as "
+                             "default entity")
+        user = User(username, api_key_for(username), [*teams, *view_only],
+                    default_entity or username, personal=personal,
+                    view_only=list(view_only))
         with self._lock:
             self.users[user.api_key] = user
-            self.teams.update(teams)
+            self.teams.update(user.teams)
         return user
+
+    def add_service_account(self, name: str, team: str) -> User:
+        """A team's service account: its key writes to the team, its default entity."""
+        user = self.add_user(name, teams=[team], default_entity=team, personal=False)
+        user.service_account = True
+        return user
+
+    def restrict(self, entity: str, project: str, members: tuple[str, ...] | list[str]
+                 ) -> None:
+        """A restricted project: only ``members`` (usernames) may read or write it."""
+        with self._lock:
+            self.restricted[(entity, project)] = set(members)
+
+    def inject(self, operation: str, status: int = 429, retry_after: float | None = None,
+               delay: float = 0.0, times: int = 1, match: dict[str, Any] | None = None
+               ) -> Fault:
+        """Answer the next ``times`` calls of ``operation`` (a GraphQL operation name,
+        ``file_stream`` or ``upload``) with ``status`` (0: serve it, only ``delay``ed);
+        ``match``: only calls whose GraphQL variables (or ``entity``/``project``/``run``
+        of a file stream or upload) have these values."""
+        fault = Fault(operation, status, retry_after, delay, times, match=dict(match or {}))
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def kill_run(self, entity: str, project: str, name: str, crash_after: float = 0.0
+                 ) -> None:
+        """A run whose process died: ``running`` until its heartbeat times out."""
+        with self._lock:
+            run = self.runs[(entity, project, name)]
+            run.set_state("running")
+            run.crash_at = time.monotonic() + crash_after
 
     def plant_run(self, entity: str, project: str, name: str, display_name: str = "",
                   group: str = "", state: str = "finished", exit_code: int | None = 0,
@@ -154,6 +255,7 @@ class FakeWandbServer:
             run = StoredRun(entity, project, name, display_name=display_name, group=group,
                             state=state, exit_code=exit_code, username=username,
                             sequence=next(self._sequence))
+            run.state_log.append((float("-inf"), state))
             self.runs[(entity, project, name)] = run
             return run
 
@@ -229,11 +331,34 @@ class FakeWandbServer:
             return handler(user, variables)
 
     def _entity_exists(self, entity: str) -> bool:
-        return entity in self.teams or any(entity in (u.username, u.default_entity)
-                                           for u in self.users.values())
+        return entity in self.teams or any(
+            entity == u.default_entity or (u.personal and entity == u.username)
+            for u in self.users.values())
 
-    def _readable(self, user: User, entity: str) -> bool:
+    def _readable(self, user: User, entity: str, project: str | None = None) -> bool:
+        members = self.restricted.get((entity, project or ""))
+        if members is not None and user.username not in members:
+            return False
+        return entity in user.readable
+
+    def _may_write(self, user: User, entity: str, project: str) -> bool:
+        members = self.restricted.get((entity, project))
+        if members is not None and user.username not in members:
+            return False
         return entity in user.writable
+
+    def fault_for(self, operation: str, variables: dict[str, Any] | None = None
+                  ) -> Fault | None:
+        """The injected failure for this call of ``operation``, if any (consumed)."""
+        variables = variables or {}
+        with self._lock:
+            for fault in self.faults:
+                if any(variables.get(key) != value for key, value in fault.match.items()):
+                    continue
+                if fault.operation == operation and fault.served < fault.times:
+                    fault.served += 1
+                    return fault
+        return None
 
     def _op_Viewer(self, user: User, variables: dict[str, Any]) -> dict[str, Any]:
         teams = {"edges": [{"node": {"id": _gid("Entity", t), "name": t}} for t in user.teams]}
@@ -261,13 +386,10 @@ class FakeWandbServer:
                                                 ) -> dict[str, Any]:
         return {"entity": {"organization": None}}
 
-    def _op_RunStoppedStatus(self, user: User, variables: dict[str, Any]) -> dict[str, Any]:
-        return {"project": {"run": {"stopped": False}}}
-
     def _op_RunResumeStatus(self, user: User, variables: dict[str, Any]) -> dict[str, Any]:
         entity = variables.get("entity") or user.default_entity
         project = variables.get("project") or "uncategorized"
-        if not self._readable(user, entity):
+        if not self._readable(user, entity, project):
             return {"model": None}
         run = self.runs.get((entity, project, variables["name"]))
         bucket = None
@@ -296,9 +418,8 @@ class FakeWandbServer:
                 str(next(self._sequence)).encode()).hexdigest()[:8]
             if not self._entity_exists(entity):
                 raise GraphQLError(404, f"entity {entity} not found", "upsertBucket")
-            if entity not in user.writable:
-                raise GraphQLError(403, f"permission denied: user {user.username} is not a "
-                                        f"member of entity {entity}", "upsertBucket")
+            if not self._may_write(user, entity, project):
+                raise permission_denied("upsertBucket")
             key = (entity, project, name)
             if key in self.deleted:
                 raise GraphQLError(409, f"run {name} was previously created and deleted; "
@@ -307,10 +428,14 @@ class FakeWandbServer:
             if run is None:
                 run = StoredRun(entity, project, name, username=user.username,
                                 sequence=next(self._sequence))
+                run.set_state("running")
                 self.runs[key] = run
                 inserted = True
-        elif run.entity not in user.writable:
-            raise GraphQLError(403, "permission denied", "upsertBucket")
+            elif run.state != "running":  # the service: a resumed run runs again
+                run.set_state("running")
+                run.crash_at = None
+        elif not self._may_write(user, run.entity, run.project):
+            raise permission_denied("upsertBucket")
         self._update_run(run, variables)
         return {"upsertBucket": {"inserted": inserted, "bucket": {
             "id": run.storage_id, "name": run.name, "displayName": run.display_name,
@@ -341,7 +466,7 @@ class FakeWandbServer:
             if variables.get(key) is not None:
                 setattr(run, attribute, variables[key])
         if variables.get("state") is not None:
-            run.state = variables["state"]
+            run.set_state(variables["state"])
 
     def _op_CreateRunFiles(self, user: User, variables: dict[str, Any]) -> dict[str, Any]:
         run = self._writable_run(user, variables["entity"], variables["project"],
@@ -352,8 +477,8 @@ class FakeWandbServer:
                                    "files": files}}
 
     def _writable_run(self, user: User, entity: str, project: str, name: str) -> StoredRun:
-        if entity not in user.writable:
-            raise GraphQLError(403, "permission denied")
+        if not self._may_write(user, entity, project):
+            raise permission_denied()
         run = self.runs.get((entity, project, name))
         if run is None:
             raise GraphQLError(404, f"run {entity}/{project}/{name} not found")
@@ -363,8 +488,9 @@ class FakeWandbServer:
         entity, project = variables["entity"], variables["project"]
         runs = [run for run in self.runs.values()
                 if (run.entity, run.project) == (entity, project)]
-        if not self._readable(user, entity) or not runs:
+        if not self._readable(user, entity, project) or not runs:
             return {"project": None}  # the client raises "Could not find project"
+        seen_at = time.monotonic() - self.listing_lag
         filters = json.loads(variables.get("filters") or "{}")
         try:
             selected = [run for run in runs if matches(run, filters)]
@@ -379,7 +505,7 @@ class FakeWandbServer:
         start = int(variables["cursor"]) if variables.get("cursor") else 0
         first = int(variables.get("perPage") or PAGE_SIZE)
         page = selected[start:start + first]
-        edges = [{"node": self._run_node(run), "cursor": str(start + offset + 1)}
+        edges = [{"node": self._run_node(run, seen_at), "cursor": str(start + offset + 1)}
                  for offset, run in enumerate(page)]
         return {"project": {
             "internalId": self._project_number(entity, project),
@@ -389,15 +515,45 @@ class FakeWandbServer:
                 "hasNextPage": start + first < len(selected)}},
         }}
 
+    def _op_Run(self, user: User, variables: dict[str, Any]) -> dict[str, Any]:
+        """``wandb.Api().run(path)``: one run, ``null`` when absent or not readable."""
+        entity, project = variables["entity"], variables["project"]
+        run = self.runs.get((entity, project, variables["name"]))
+        if not self._readable(user, entity, project) or run is None:
+            return {"project": None}
+        return {"project": {"run": self._run_node(run, time.monotonic() - self.listing_lag)}}
+
+    def _op_IsProjectReadOnly(self, user: User, variables: dict[str, Any]
+                              ) -> dict[str, Any]:
+        """Read-only for a view-only member or a restricted project's non-member;
+        ``null`` for a project that is not there or not visible."""
+        entity, project = variables["entity"], variables["project"]
+        exists = (entity, project) in self.restricted or any(
+            (run.entity, run.project) == (entity, project) for run in self.runs.values())
+        if not exists or not self._readable(user, entity, project):
+            return {"project": None}
+        return {"project": {"readOnly": not self._may_write(user, entity, project)}}
+
+    def _op_DeleteRun(self, user: User, variables: dict[str, Any]) -> dict[str, Any]:
+        """``Run.delete()``: gone from listings, and its id can never be used again."""
+        run = self._run_by_storage_id(variables.get("id"))
+        if run is None:
+            raise GraphQLError(404, "run not found", "deleteRun")
+        if not self._may_write(user, run.entity, run.project):
+            raise permission_denied("deleteRun")
+        self.delete_run(run.entity, run.project, run.name)
+        return {"deleteRun": {"clientMutationId": None}}
+
     def _project_number(self, entity: str, project: str) -> int:
         """The project's internal id: an integer, as the public API parses it."""
         return self._projects.setdefault((entity, project), len(self._projects) + 1)
 
-    def _run_node(self, run: StoredRun) -> dict[str, Any]:
+    def _run_node(self, run: StoredRun, seen_at: float) -> dict[str, Any]:
         return {
             "id": run.storage_id, "projectId": self._project_number(run.entity, run.project),
             "name": run.name, "displayName": run.display_name, "tags": run.tags,
-            "sweepName": None, "state": run.state, "config": json.dumps(run.config),
+            "sweepName": None, "state": run.state_at(seen_at),
+            "config": json.dumps(run.config),
             "group": run.group or None, "jobType": run.job_type, "commit": None,
             "readOnly": False, "createdAt": run.created_at, "heartbeatAt": run.created_at,
             "description": None, "notes": run.notes, "systemMetrics": "{}",
@@ -414,20 +570,30 @@ class FakeWandbServer:
             run = self._writable_run(user, entity, project, name)
             for file_name, chunk in (body.get("files") or {}).items():
                 offset, content = int(chunk.get("offset", 0)), list(chunk.get("content", []))
-                if file_name == "wandb-history.jsonl":
-                    run.history[offset:offset + len(content)] = content
-                elif file_name == "wandb-events.jsonl":
-                    run.events[offset:offset + len(content)] = content
-                elif file_name == "output.log":
-                    run.logs[offset:offset + len(content)] = content
+                lines = {"wandb-history.jsonl": run.history, "wandb-events.jsonl": run.events,
+                         "output.log": run.logs}.get(file_name)
+                if lines is not None:
+                    self._append(run, file_name, lines, offset, content)
                 elif file_name == "wandb-summary.json" and content:
                     run.summary = json.loads(content[-1])
             if body.get("complete"):
                 run.exit_code = int(body.get("exitcode") or 0)
-                run.state = "finished" if run.exit_code == 0 else "failed"
-            elif run.state not in ("finished", "failed", "crashed"):
-                run.state = "running"
+                run.set_state("finished" if run.exit_code == 0 else "failed")
+                run.crash_at = None
+            elif run.state != "running":
+                run.set_state("running")
         return {"exitcode": None, "limits": {}}
+
+    def _append(self, run: StoredRun, file_name: str, lines: list[str], offset: int,
+                content: list[str]) -> None:
+        """Append-only: lines at an offset already written are flagged, not stored."""
+        if offset < len(lines):
+            self.repeated_offsets.append(f"{run.path} {file_name} @{offset}")
+            content = content[len(lines) - offset:]
+            offset = len(lines)
+        if offset > len(lines):  # a gap: what the service would see as lost lines
+            lines.extend([""] * (offset - len(lines)))
+        lines.extend(content)
 
     def upload(self, path: str, data: bytes) -> None:
         entity, project, name, file_name = path.split("/", 3)
@@ -483,12 +649,36 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, error: GraphQLError, data_key: str | None = None) -> None:
         self.fake.refused.append(f"{error.status}: {error}")
-        payload: dict[str, Any] = {"errors": [{"message": str(error),
-                                               **({"path": [error.path]} if error.path
-                                                  else {})}]}
+        message: dict[str, Any] = {"message": str(error)}
+        if error.path:
+            message["path"] = [error.path]
+        if error.code:
+            message["extensions"] = {"code": error.code}
+        payload: dict[str, Any] = {"errors": [message]}
         if error.path:
             payload["data"] = {error.path: None}
-        self._reply(error.status, payload)
+        data = json.dumps(payload).encode()
+        self.send_response(error.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if error.retry_after is not None:
+            self.send_header("Retry-After", f"{error.retry_after:g}")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _injected(self, operation: str, variables: dict[str, Any] | None = None) -> bool:
+        """Answer an injected failure (True), or sleep an injected delay and serve."""
+        fault = self.fake.fault_for(operation, variables)
+        if fault is None:
+            return False
+        if fault.delay:
+            time.sleep(fault.delay)
+        if not fault.status:
+            return False
+        reason = {429: "rate limit exceeded"}.get(fault.status, "internal server error")
+        self._error(GraphQLError(fault.status, f"{reason} (injected)",
+                                 retry_after=fault.retry_after))
+        return True
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         user = self.fake.user_for(self.headers.get("Authorization"))
@@ -498,12 +688,17 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/graphql":
                 request = json.loads(body or b"{}")
                 operation = operation_name(request)
+                if self._injected(operation, request.get("variables") or {}):
+                    return
                 self._reply(200, {"data": self.fake.graphql(
                     user, operation, request.get("variables") or {})})
                 return
             stream = re.fullmatch(r"/files/([^/]+)/([^/]+)/([^/]+)/file_stream", path)
             if stream:
                 entity, project, name = (unquote(part) for part in stream.groups())
+                if self._injected("file_stream", {"entity": entity, "project": project,
+                                                  "run": name}):
+                    return
                 self._reply(200, self.fake.file_stream(user, entity, project, name,
                                                        json.loads(body or b"{}")))
                 return
@@ -520,6 +715,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         data = self._body()
         if path.startswith("/upload/"):
+            if self._injected("upload"):
+                return
             try:
                 self.fake.upload(unquote(path.removeprefix("/upload/")), data)
             except GraphQLError as error:

@@ -46,6 +46,10 @@ CALLBACK_FACTORY_ENV = "TMGG_CALLBACK_FACTORY"
 # transport=local: where the stand-in volume logs its commits and reloads (JSON lines).
 LOCAL_COMMIT_LOG_ENV = "TMGG_LOCAL_VOLUME_COMMIT_LOG"
 FUNCTION_NAME = "run_job"
+KEY_CHECK_FUNCTION_NAME = "wandb_key_identity"
+# transport=local: the stand-in for the Modal Secret's WANDB_API_KEY (a container of
+# the local transport, and its key check, use this key, not the launching shell's).
+LOCAL_WANDB_SECRET_ENV = "TMGG_LOCAL_WANDB_SECRET_KEY"
 
 # transport=local: where the stand-in volume is (its commits check for open files),
 # and the container-local disk its containers keep their scratch folders on.
@@ -181,6 +185,7 @@ def run_job(payload: bytes, volume_name: str | None) -> bytes:
     from tmgg.launch.volume_files import SCRATCH_ROOT_ENV, VOLUME_ROOT_ENV, copy_back
     from tmgg.orchestration.executor import execute_payload
 
+    _use_local_secret_stand_in()
     volume = VolumeSync(volume_name)
     _VOLUME["volume"] = volume
     os.environ[CALLBACK_FACTORY_ENV] = f"{__name__}:checkpoint_callbacks"
@@ -203,11 +208,55 @@ def run_job(payload: bytes, volume_name: str | None) -> bytes:
         _VOLUME.pop("volume", None)
 
 
+def _secret_key() -> str | None:
+    """The WANDB_API_KEY the Secret gives a container (transport=local: its stand-in)."""
+    stand_in = os.environ.get(LOCAL_WANDB_SECRET_ENV)
+    if stand_in and modal.is_local():
+        return stand_in
+    return os.environ.get("WANDB_API_KEY")
+
+
+def _use_local_secret_stand_in() -> None:
+    """transport=local, in a container: the Secret's key replaces the launching shell's,
+    as on Modal."""
+    key = _secret_key()
+    if key:
+        os.environ["WANDB_API_KEY"] = key
+
+
+def wandb_key_identity(base_url: str, entity: str, project: str) -> dict[str, Any]:
+    """The workers' W&B key, asked where the workers run (the Secret mounted): whose it
+    is, its default entity, the entities it may write to, and whether it may write to
+    ``entity/project``.
+
+    A small CPU function on the sweep's image; on Modal it costs one container start
+    (seconds) before dispatch. Never raises: a key that cannot be checked says why.
+    """
+    key = _secret_key()  # this process's environment stays as it is (local calls)
+    if not key:
+        return {"error": "the workers have no WANDB_API_KEY (the Modal Secret holds none)"}
+    try:
+        import wandb
+
+        from tmgg.orchestration.wandb_check import key_access, write_refusal
+
+        api = wandb.Api(overrides={"base_url": base_url}, api_key=key, timeout=60)
+        viewer = api.viewer
+        access = key_access(api)
+        refusal = write_refusal(api, entity, project, base_url)
+    except Exception as error:  # noqa: BLE001 - reported to the launcher, which refuses
+        return {"error": f"{type(error).__name__}: {error}"}
+    return {"user": access.user, "default_entity": getattr(viewer, "entity", None),
+            "writable": sorted(access.writable), "can_write": refusal is None,
+            "refusal": refusal}
+
+
 @dataclass
 class ModalApp:
     app: Any  # modal.App
     function: Any  # modal.Function running run_job
     volume: Any  # modal.Volume
+    key_check: Any = None  # modal.Function running wandb_key_identity (Secret mounted)
 
 
 @dataclass(frozen=True)
@@ -303,4 +352,35 @@ def build_app(app_name: str, volume_name: str, wandb_secret: str | None,
         # The image adds tmgg and hydra_plugins itself (with conf/ beside them).
         include_source=False,
     )(run_job)
-    return ModalApp(app=app, function=function, volume=volume)
+    key_check = app.function(name=KEY_CHECK_FUNCTION_NAME, secrets=secrets, timeout=120,
+                             serialized=False, include_source=False)(wandb_key_identity)
+    return ModalApp(app=app, function=function, volume=volume, key_check=key_check)
+
+
+def workers_key_identity(settings: Any, base_url: str, entity: str, project: str
+                         ) -> dict[str, Any]:
+    """Ask the workers' key who it is, through the launcher's transport: on Modal one
+    call of the key-check function (the Secret mounted), locally ``Function.local()``
+    with the Secret's stand-in (``TMGG_LOCAL_WANDB_SECRET_KEY``)."""
+    built = build_app(settings.app_name, settings.volume, settings.wandb_secret, 120)
+    if settings.transport != "modal":
+        return built.key_check.local(base_url, entity, project)
+    with built.app.run():
+        return built.key_check.remote(base_url, entity, project)
+
+
+def check_workers_wandb_key(settings: Any, jobs: Any) -> list[str]:
+    """Before dispatch: the key the containers will use may write to the pinned entity
+    (``tmgg.orchestration.wandb_check.check_workers_key``). Locally without a Secret
+    stand-in the containers use this shell's key, already checked at plan time."""
+    from tmgg.orchestration.wandb_check import check_workers_key
+
+    if settings.transport == "modal" and settings.wandb_secret:
+        where = f"Modal Secret {settings.wandb_secret!r}"
+    elif settings.transport != "modal" and os.environ.get(LOCAL_WANDB_SECRET_ENV):
+        where = f"the local transport's Secret stand-in {LOCAL_WANDB_SECRET_ENV}"
+    else:
+        return []
+    return check_workers_key(
+        jobs, lambda base_url, entity, project: workers_key_identity(
+            settings, base_url, entity, project), where)

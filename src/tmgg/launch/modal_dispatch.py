@@ -128,6 +128,9 @@ def preflight(config: DictConfig, pending: Sequence[PlannedJob],
     check_wandb_secret(settings, pending)
     if pending:
         require_wandb_secret(settings)
+        from tmgg.launch.modal_app import check_workers_wandb_key
+
+        check_workers_wandb_key(settings, pending)  # the Secret's key, asked where it runs
     return settings
 
 

@@ -21,6 +21,8 @@ COMMANDS = {
                   "expected jobs versus W&B and outputs: missing, failed, misrouted, duplicated"),
     "sync": ("tmgg.orchestration.sync", "main",
              "upload the stage's offline W&B runs to its pinned entity, project and host"),
+    "relog": ("tmgg.orchestration.sync", "relog_main",
+              "re-log FINISHED jobs whose W&B run is missing into a new run generation"),
     "report": ("tmgg.reporting.report", "main",
                "write experiments/<stage>/REPORT.md and plots"),
     "compare": ("tmgg.reporting.compare", "main",

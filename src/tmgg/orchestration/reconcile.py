@@ -10,21 +10,30 @@ what ran comes from the stage's ledger; the evidence of where each run logged is
   records with ``wandb.proto``);
 - online: the W&B API on the pinned host (``logger.base_url``), the runs of each
   pinned ``entity/project`` in the stage's group or with a job's run id or run name,
-  and the same in the API key's own default entity (where a run created without an
-  entity lands: the stage-1 incident) and in every ``--search-entity``.
+  and the same wherever a misrouted run can land (``search_paths_for``): the default
+  entity of the reconciling key and of the workers' key (``--workers-entity``), the
+  key's username and every team it belongs to, each with the pinned project and
+  ``uncategorized``, and every ``--search-entity``.
 
-A run is a job's when it has the job's W&B run id; a run that only has the job's
-name is someone else's run under that name (``foreign`` when it is all there is at
-the pinned destination). Each job gets one status: ok, missing, failed, misrouted
-(and where), duplicated, foreign (or running while it still runs). The command
-prints a table and exits non-zero unless every job is ok. ``tmgg-sweep resume``
-then relaunches missing/failed jobs.
+It fails closed (DESIGN.md contract 10): a search path that could not be read (rate
+limit, server error, timeout, no access) is not "nothing there". Only a project the
+key's user could see but that does not exist counts as empty; every job the
+unreadable path could change is ``unknown``, and the command exits non-zero.
+
+A run is a job's when it has one of the job's W&B run ids (its ``logger.run_generation``
+or a later one: ``tmgg-sweep relog`` re-logs into a new generation); a run that only
+has the job's name is someone else's run under that name (``foreign`` when it is all
+there is at the pinned destination). Each job gets one status: ok, missing, failed,
+misrouted (and where), duplicated, foreign, unknown (or running while it still runs),
+and each status comes with the command that gets it back to ok (``advice``; see
+docs/wandb-checks.md). The command exits non-zero unless every job is ok.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
@@ -48,6 +57,16 @@ MISROUTED = "misrouted"
 DUPLICATED = "duplicated"
 FOREIGN = "foreign"
 RUNNING_STATUS = "running"
+UNKNOWN = "unknown"
+
+# A job's own run ids: its logger.run_generation and this many later ones (relog and a
+# relaunch after a deleted run move a job to a later generation).
+OWN_GENERATIONS = 8
+# The project wandb uses when a run is created without one.
+UNCATEGORIZED = "uncategorized"
+# Seconds one W&B API request may take (wandb retries 429/5xx inside it) before the
+# path it reads is unknown.
+DEFAULT_API_TIMEOUT = 60
 
 # wandb's exit-code convention (as the server maps it): 0 finished, 254 crashed.
 CRASHED_EXIT_CODE = 254
@@ -118,6 +137,30 @@ class Row:
     run_ids: list[str] = field(default_factory=list)
     ledger_status: str = "-"
     detail: str = ""
+    advice: str = ""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A search path whose runs could not be read: what reconcile could not verify."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """The reconciling key's user: its default entity, username and teams."""
+
+    entity: str | None
+    username: str | None
+    teams: tuple[str, ...] = ()
+
+    @property
+    def entities(self) -> list[str]:
+        """Where a run logged with this key can land, default entity first."""
+        names = [self.entity, self.username, *self.teams]
+        return list(dict.fromkeys(name for name in names if name))
 
 
 # -- offline evidence --------------------------------------------------------------
@@ -234,25 +277,43 @@ def job_output_dirs(job: PlannedJob, state: JobState | None) -> list[Path]:
 
 
 # -- online evidence ---------------------------------------------------------------
+def is_missing_project(error: BaseException) -> bool:
+    """wandb's answer when the service returns no project: absent, or not visible."""
+    return isinstance(error, ValueError) and "Could not find project" in str(error)
+
+
 def api_evidence(api: RunsApi, paths: Iterable[str], stage: str, jobs: Sequence[PlannedJob],
-                 notes: list[str] | None = None) -> list[RunEvidence]:
+                 notes: list[str] | None = None,
+                 unreadable: list[Unreadable] | None = None,
+                 visible: Iterable[str] = ()) -> list[RunEvidence]:
     """Runs in each ``entity/project`` of the stage's group, or with a job's id or name.
 
-    A path that cannot be read (no such entity or project, no access) is noted and
-    contributes no runs.
+    A path that cannot be read adds an ``Unreadable``; only a missing project in an
+    entity the key's user belongs to (``visible``) is a confirmed "no project there".
     """
-    ids = [job_run_id(job) for job in jobs]
+    ids = sorted({run_id for job in jobs for run_id in own_run_ids(job)})
     names = [job.run_name for job in jobs]
     filters = {"$or": [{"group": stage}, {"name": {"$in": ids}},
                        {"displayName": {"$in": names}}]}
+    members = set(visible)
     found: dict[tuple[str, str, str], RunEvidence] = {}
     for path in paths:
         entity, _, project = path.partition("/")
         try:
             runs = list(api.runs(path, filters=filters))
         except Exception as error:  # noqa: BLE001 - one unreadable path must not hide the rest
-            if notes is not None:
-                notes.append(f"could not read runs of {path}: {type(error).__name__}: {error}")
+            if is_missing_project(error) and entity in members:
+                if notes is not None:
+                    notes.append(f"no project {path} (searched; the key's user belongs to "
+                                 f"{entity})")
+                continue
+            reason = (f"the key's user cannot read entity {entity}, or {path} does not "
+                      "exist (W&B answers the same for both)" if is_missing_project(error)
+                      else f"{type(error).__name__}: {' '.join(str(error).split())}")
+            if unreadable is not None:
+                unreadable.append(Unreadable(path, reason))
+            elif notes is not None:
+                notes.append(f"could not read runs of {path}: {reason}")
             continue
         for run in runs:
             evidence = RunEvidence(
@@ -277,9 +338,17 @@ def earlier_run_ids(job: PlannedJob) -> set[str]:
             for generation in range(run_generation(job.task_config))}
 
 
+def own_run_ids(job: PlannedJob) -> list[str]:
+    """The job's run ids: its ``logger.run_generation``'s and the next few (a relog or a
+    relaunch after a deleted run moves the job to a later generation)."""
+    first = run_generation(job.task_config)
+    return [wandb_run_id(job.job_id, generation)
+            for generation in range(first, first + OWN_GENERATIONS)]
+
+
 def _belongs(run: RunEvidence, job: PlannedJob) -> bool:
-    """Evidence about the job: its run id, or its run name under another id."""
-    return run.id == job_run_id(job) or (bool(run.name) and run.name == job.run_name)
+    """Evidence about the job: one of its run ids, or its run name under another id."""
+    return run.id in own_run_ids(job) or (bool(run.name) and run.name == job.run_name)
 
 
 def _listing(runs: Sequence[RunEvidence]) -> str:
@@ -293,8 +362,10 @@ def error_detail(error: str) -> str:
     return (explained or lines or [""])[-1]
 
 
-def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence]) -> Row:
-    """One job's status from its ledger state and the runs attributed to it."""
+def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence],
+          looked: str | None = None) -> Row:
+    """One job's status from its ledger state and the runs attributed to it
+    (``looked``: where the evidence came from, for the "not found" detail)."""
     ledger_status = state.status if state else "-"
     error_line = error_detail((state.error or "") if state else "")
     wandb = job.wandb
@@ -311,10 +382,12 @@ def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence]) 
         return row
     pinned = f"{wandb['entity']}/{wandb['project']}"
     run_id = job_run_id(job)
+    own_ids = own_run_ids(job)
     mine = list(runs)
     at_pin = [run for run in mine if run.destination == pinned]
-    own = [run for run in at_pin if run.id == run_id]
-    foreign = [run for run in at_pin if run.id != run_id]
+    own = sorted((run for run in at_pin if run.id in own_ids),
+                 key=lambda run: own_ids.index(run.id), reverse=True)
+    foreign = [run for run in at_pin if run.id not in own_ids]
     elsewhere = [run for run in mine if run.destination != pinned]
     row = Row(job.job_id, job.run_name, OK, pinned, run_ids=sorted({r.id for r in mine}),
               ledger_status=ledger_status)
@@ -335,13 +408,14 @@ def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence]) 
         row.status = _ledger_only_status(ledger_status)
         if ledger_status == FINISHED:
             row.status = MISSING
-            row.detail = f"the ledger says finished, but no run was found at {pinned}"
+            row.detail = ("the ledger says finished, but no run of this job was found "
+                          + (looked or f"at {pinned}"))
         elif row.status == FAILED_STATUS:
             row.detail = error_line
         elif row.status == MISSING:
             row.detail = _missing_detail(ledger_status)
         return row
-    run = own[0]
+    run = own[0]  # the latest generation: earlier ones were replaced, not duplicates
     if ledger_status == FAILED or run.state in ("failed", "crashed", "killed"):
         row.status = FAILED_STATUS
         row.detail = error_line or f"run {run.id} {run.state}"
@@ -378,15 +452,14 @@ def resolve_mode(mode: str, base_url: str | None = None) -> str:
     return "online" if has_wandb_credentials(base_url or DEFAULT_BASE_URL) else "offline"
 
 
-def default_entity(api: RunsApi, notes: list[str] | None) -> str | None:
-    """The API key's own default entity: where a run created without an entity lands."""
-    try:
-        return getattr(api, "default_entity", None)
-    except Exception as error:  # noqa: BLE001 - reconcile still reads the pinned paths
-        if notes is not None:
-            notes.append(f"could not look up the API key's default entity: "
-                         f"{type(error).__name__}: {error}")
-        return None
+def key_viewer(api: Any) -> Viewer:
+    """Who the reconciling key belongs to (raises when the service cannot say)."""
+    viewer = api.viewer
+    if viewer is None:
+        raise ValueError("the W&B API key has no user on this host")
+    return Viewer(entity=getattr(viewer, "entity", None) or None,
+                  username=getattr(viewer, "username", None) or None,
+                  teams=tuple(getattr(viewer, "teams", None) or ()))
 
 
 def search_paths(entities: Sequence[str], projects: Sequence[str]) -> list[str]:
@@ -400,53 +473,170 @@ def search_paths(entities: Sequence[str], projects: Sequence[str]) -> list[str]:
     return paths
 
 
+def search_paths_for(pinned: Sequence[str], viewer: Viewer | None,
+                     workers_entities: Sequence[str] = (),
+                     search_entities: Sequence[str] = ()) -> list[str]:
+    """Every place a misrouted run of these pinned paths can land, pinned paths first:
+    the default entity of the reconciling key and of the workers' key, the key's
+    username and teams (each with the pinned projects and ``uncategorized``), then the
+    user's ``--search-entity`` values."""
+    projects = list(dict.fromkeys([*(path.split("/", 1)[1] for path in pinned),
+                                   UNCATEGORIZED]))
+    entities = [*(viewer.entities[:1] if viewer else []), *workers_entities,
+                *(viewer.entities[1:] if viewer else [])]
+    paths = [*pinned, *search_paths(list(dict.fromkeys(entities)), projects)]
+    paths += search_paths(search_entities, [path.split("/", 1)[1] for path in pinned])
+    return list(dict.fromkeys(paths))
+
+
+def online_api(host: str, timeout: int = DEFAULT_API_TIMEOUT) -> Any:
+    """``wandb.Api`` on the pinned host; each request gives up after ``timeout`` s."""
+    import wandb
+
+    return wandb.Api(overrides={"base_url": host}, timeout=timeout)
+
+
 def reconcile_jobs(jobs: Sequence[PlannedJob], states: dict[str, JobState], stage: str,
                    mode: str = "offline", search_entities: Sequence[str] = (),
-                   api: RunsApi | None = None, notes: list[str] | None = None) -> list[Row]:
-    """The verdict for every expected job (``mode`` is online or offline)."""
+                   api: RunsApi | None = None, notes: list[str] | None = None,
+                   workers_entities: Sequence[str] = (), overrides: Sequence[str] = (),
+                   api_timeout: int = DEFAULT_API_TIMEOUT) -> list[Row]:
+    """The verdict and advice for every expected job (``mode`` is online or offline).
+
+    ``overrides``: the command's own (the advice repeats them); ``workers_entities``:
+    the default entity of the key the workers log with, where it is not this one's.
+    """
     expected = [job for job in jobs if job.is_tmgg_job]
     wandb_jobs = [job for job in expected if job.wandb is not None]
     online_runs: list[RunEvidence] = []
+    unreadable: dict[str, list[Unreadable]] = {}  # host -> paths not read
     if mode == "online" and wandb_jobs:
         hosts = sorted({str(j.wandb["base_url"]) for j in wandb_jobs})
         for host in hosts:
             jobs_here = [j for j in wandb_jobs if j.wandb["base_url"] == host]
-            host_api = api
-            if host_api is None:
-                import wandb
-
-                host_api = wandb.Api(overrides={"base_url": host})
             pinned = sorted({f"{j.wandb['entity']}/{j.wandb['project']}" for j in jobs_here})
-            projects = sorted({str(j.wandb["project"]) for j in jobs_here})
-            entities = list(search_entities)
-            own = default_entity(host_api, notes)
-            if own and own not in entities:
-                entities.insert(0, own)
-            paths = pinned + [p for p in search_paths(entities, projects) if p not in pinned]
-            online_runs += api_evidence(host_api, paths, stage, jobs_here, notes)
+            failures = unreadable.setdefault(host, [])
+            try:
+                host_api = api if api is not None else online_api(host, api_timeout)
+                viewer: Viewer | None = key_viewer(host_api)
+            except Exception as error:  # noqa: BLE001 - then no search path is trusted
+                failures.append(Unreadable(f"the key's user on {host}",
+                                           f"{type(error).__name__}: {error}"))
+                continue
+            paths = search_paths_for(pinned, viewer, workers_entities, search_entities)
+            online_runs += api_evidence(host_api, paths, stage, jobs_here, notes,
+                                        unreadable=failures,
+                                        visible=viewer.entities if viewer else ())
     # Runs of superseded records share their successors' run names: not theirs.
     stale = superseded_ids(expected, states, stage)
     stale_runs = stale_run_ids(states[job_id] for job_id in stale)
     rows = []
     for job in expected:
         state = states.get(job.job_id)
+        looked = None
         if job.wandb is None:
             runs: list[RunEvidence] = []
         elif mode == "online":
             runs = [run for run in online_runs
                     if _belongs(run, job) and run.id not in stale_runs]
+            looked = f"at {job.wandb['entity']}/{job.wandb['project']} on {job.wandb['base_url']}"
         else:  # every run logged from the job's own output dir is the job's ...
             superseded = earlier_run_ids(job)  # ... but runs of earlier generations
-            runs = [run for run in local_evidence(job_output_dirs(job, state))
-                    if run.id not in superseded]
-        rows.append(judge(job, state, runs))
+            directories = job_output_dirs(job, state)
+            runs = [run for run in local_evidence(directories) if run.id not in superseded]
+            looked = ("in wandb's run files under " + ", ".join(
+                str(Path(d) / "wandb") for d in dict.fromkeys(map(str, directories)))
+                + " (offline evidence: W&B itself was not asked; `tmgg-sweep reconcile "
+                "--online` asks it)")
+        row = judge(job, state, runs, looked)
+        if job.wandb is not None and mode == "online":
+            not_read = unreadable.get(str(job.wandb["base_url"])) or []
+            if not_read and row.status in (OK, MISSING, RUNNING_STATUS, FOREIGN):
+                paths = "; ".join(f"{u.path} ({u.reason})" for u in not_read)
+                row.detail = (f"could not read {paths}; from what was read: {row.status}"
+                              + (f" ({row.detail})" if row.detail else ""))
+                row.status = UNKNOWN
+        row.advice = advice(row, job, state, overrides)
+        rows.append(row)
+    if notes is not None:
+        notes += [f"could not read {u.path} on {host}: {u.reason}"
+                  for host, failures in unreadable.items() for u in failures]
     return rows
+
+
+# -- advice: the command that gets each status back to ok ----------------------------
+def shell_command(*parts: str) -> str:
+    return " ".join(shlex.quote(part) for part in parts if part)
+
+
+def delete_run_command(base_url: str, path: str) -> str:
+    """The wandb client call that deletes a stray run (its id is never reused)."""
+    code = (f"import wandb; wandb.Api(overrides={{'base_url': {base_url!r}}})"
+            f".run({path!r}).delete()")
+    return shell_command("python", "-c", code)
+
+
+def advice(row: Row, job: PlannedJob, state: JobState | None,
+           overrides: Sequence[str]) -> str:
+    """What to run so that the job's row becomes ok (empty for ok)."""
+    ov = list(overrides)
+    record = (state.record if state else {}) or {}
+    finished = row.ledger_status == FINISHED
+    wandb = job.wandb or {}
+    if row.status == OK:
+        return ""
+    if row.status == UNKNOWN:
+        # Again once the service answers (after the rate limit or outage); for a path
+        # the key cannot read, with WANDB_API_KEY of a member of it.
+        return shell_command("tmgg-sweep", "reconcile", "--online", *ov)
+    if row.status == RUNNING_STATUS:
+        # Wait: a run whose process died turns crashed, then failed here (resume).
+        return shell_command("tmgg-sweep", "status", *ov)
+    if row.status == FAILED_STATUS:
+        if "refuses run id" in row.detail:
+            generation = run_generation(job.task_config) + 1
+            return shell_command("tmgg-sweep", "resume", *ov,
+                                 f"logger.run_generation={generation}")
+        if finished:  # trained, but its W&B run ended badly
+            return shell_command("tmgg-sweep", "relog", *ov)
+        return shell_command("tmgg-sweep", "resume", *ov)
+    if row.status in (MISSING, FOREIGN, MISROUTED) and finished:
+        recorded_mode = str((record.get("wandb") or {}).get("mode") or "")
+        if row.status == MISSING and recorded_mode == "offline" and _has_offline_runs(
+                job, state):
+            return shell_command("tmgg-sweep", "sync", *ov)
+        fix = shell_command("tmgg-sweep", "relog", *ov)
+    elif row.status in (MISSING, FOREIGN, MISROUTED):
+        fix = shell_command("tmgg-sweep", "resume", *ov)
+    else:  # duplicated: the job's own run is there; the others must go
+        fix = ""
+    if row.status in (MISROUTED, DUPLICATED, FOREIGN):
+        own_ids = own_run_ids(job)
+        pinned = f"{wandb.get('entity')}/{wandb.get('project')}"
+        stray = [path for path in _stray_paths(row.detail)
+                 if not (path.startswith(pinned + "/") and path.rsplit("/", 1)[1] in own_ids)]
+        deletes = [delete_run_command(str(wandb.get("base_url")), path) for path in stray]
+        fix = " && ".join(part for part in [fix, *deletes] if part)
+    return fix
+
+
+def _stray_paths(detail: str) -> list[str]:
+    """The ``entity/project/id`` paths a misrouted/duplicated detail lists."""
+    import re
+
+    return re.findall(r"([\w.-]+/[\w.-]+/[\w.-]+) \(", detail)
+
+
+def _has_offline_runs(job: PlannedJob, state: JobState | None) -> bool:
+    return any(path.parent.name.startswith("offline-run-")
+               for directory in job_output_dirs(job, state) for path in run_files(directory))
 
 
 def print_table(rows: Sequence[Row], title: str, mode: str,
                 notes: Sequence[str] = ()) -> None:
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     # Readable at 80 columns: run names whole, one destination shown once when all share it.
@@ -459,14 +649,14 @@ def print_table(rows: Sequence[Row], title: str, mode: str,
                      min_width=max((len(row.run_name) for row in rows), default=3))
     table.add_column("status", no_wrap=True)
     table.add_column("ledger", no_wrap=True)
-    for column in (*(() if shared else ("destination",)), "run id", "detail"):
+    for column in (*(() if shared else ("destination",)), "run id", "detail", "advice"):
         table.add_column(column, overflow="fold")
     styles = {OK: "green", MISSING: "yellow", RUNNING_STATUS: "cyan"}
     for row in rows:
         style = styles.get(row.status, "red")
         table.add_row(row.run_name, f"[{style}]{row.status}[/{style}]", row.ledger_status,
                       *(() if shared else (row.destination,)), ", ".join(row.run_ids),
-                      row.detail)
+                      row.detail, escape(row.advice))
     console = Console()
     console.print(table)
     counts: dict[str, int] = {}
@@ -486,8 +676,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     "unless every job is ok.")
     parser.add_argument("--search-entity", action="append", default=[], metavar="E",
                         help="also look for the stage's runs in entity E (or E/PROJECT); "
-                             "repeatable; online only (the API key's own default entity "
-                             "is always searched)")
+                             "repeatable; online only (the key's default entity, username "
+                             "and teams are always searched)")
+    parser.add_argument("--workers-entity", action="append", default=[], metavar="E",
+                        help="the default entity of the W&B key the workers log with, when "
+                             "it is not the reconciling key's (a Modal Secret, a cluster's "
+                             "environment): searched like the key's own; repeatable")
+    parser.add_argument("--api-timeout", type=int, default=DEFAULT_API_TIMEOUT, metavar="S",
+                        help="seconds one W&B API request may take, retries included, "
+                             "before what it reads is unknown (default %(default)s)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--online", dest="mode", action="store_const", const="online",
                        help="evidence from the W&B API")
@@ -517,7 +714,12 @@ def main(argv: Sequence[str], api: RunsApi | None = None) -> int:
     if args.search_entity and mode != "online":
         notes.append("--search-entity is used online only; offline, every run file in a "
                      "job's output dir is read whatever its entity")
+    if mode == "offline":
+        notes.append("offline evidence: only wandb's run files in the jobs' output dirs were "
+                     "read; W&B itself was not asked (`--online` asks it)")
     rows = reconcile_jobs(sweep.jobs, sweep.ledger.states(), sweep.stage, mode=mode,
-                          search_entities=args.search_entity, api=api, notes=notes)
+                          search_entities=args.search_entity, api=api, notes=notes,
+                          workers_entities=args.workers_entity, overrides=args.overrides,
+                          api_timeout=args.api_timeout)
     print_table(rows, title=f"reconcile: stage {sweep.stage}", mode=mode, notes=notes)
     return 0 if rows and all(row.status == OK for row in rows) else 1

@@ -13,13 +13,19 @@ Runs on the launching machine before anything is dispatched:
    (``wandb.Api().viewer``), asked once per host and process; a refusal names the
    entity, the host and the key's user.
 
+4. where the workers log with another key than this shell's (a Modal Secret), that
+   key is asked too, where the workers run (``check_workers_key``, handed a way to ask
+   by the launcher): a key that cannot write to the entity is refused before dispatch,
+   with both keys' users named.
+
 Any failure raises ``PlanError`` naming the job and the field. Only omegaconf and
 the standard library are imported at module level (Hydra start-up path).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 from tmgg.config import CONF_DIR
 from tmgg.identity import task_overrides
 from tmgg.orchestration.plan import PlanError, PlannedJob
+
+log = logging.getLogger(__name__)
 
 FIELDS = ("entity", "project")
 
@@ -156,27 +164,61 @@ def key_access(api: Any) -> KeyAccess:
     return KeyAccess(str(user), frozenset(name for name in names if name))
 
 
+def project_is_read_only(api: Any, entity: str, project: str) -> bool | None:
+    """wandb's own question: is ``entity/project`` read-only for the key's user (a
+    view-only member, a restricted project)? None: the project is not visible (absent
+    yet, or hidden from the user)."""
+    from wandb.sdk.artifacts._gqlutils import is_project_read_only
+
+    return is_project_read_only(api._service_api, entity, project)
+
+
+def write_refusal(api: Any, entity: str, project: str, base_url: str) -> str | None:
+    """Why the key behind ``api`` cannot write to ``entity/project`` (None: it can)."""
+    access = key_access(api)
+    if entity not in access.writable:
+        return (f"the W&B API key of user {access.user!r} cannot write to entity {entity!r} "
+                f"on {base_url}; it can write to "
+                f"{', '.join(sorted(access.writable)) or 'nothing'}")
+    if project_is_read_only(api, entity, project):
+        return (f"the W&B API key of user {access.user!r} may only read {entity}/{project} "
+                f"on {base_url} (a view-only member, or a restricted project)")
+    return None
+
+
+def _default_api(base_url: str) -> Any:
+    """``wandb.Api`` on the host with the key wandb finds for it (any of its names)."""
+    import wandb
+
+    from tmgg.task.loggers import find_wandb_api_key
+
+    found = find_wandb_api_key(base_url)
+    return wandb.Api(overrides={"base_url": base_url}, timeout=60,
+                     api_key=found.api_key if found else None)
+
+
 def _default_access(base_url: str) -> KeyAccess:
     import os
 
     key = base_url + "|" + os.environ.get("WANDB_API_KEY", "")
     if key not in _ACCESS_CACHE:
-        import wandb
-
-        _ACCESS_CACHE[key] = key_access(wandb.Api(overrides={"base_url": base_url}))
+        _ACCESS_CACHE[key] = key_access(_default_api(base_url))
     return _ACCESS_CACHE[key]
 
 
 def check_online_access(jobs: Sequence[PlannedJob]) -> None:
-    """Online jobs only: the API key can write to each entity on the pinned host
-    (one viewer lookup per host)."""
-    online: dict[tuple[str, str], PlannedJob] = {}
+    """Online jobs only: the API key can write to each entity and project on the pinned
+    host (one viewer lookup per host, one read-only question per project)."""
+    online: dict[tuple[str, str, str], PlannedJob] = {}
     for job in jobs:
         if job.is_tmgg_job and job.wandb is not None and job.wandb["mode"] == "online":
-            online.setdefault((str(job.wandb["base_url"]), str(job.wandb["entity"])), job)
-    for (base_url, entity), job in online.items():
+            online.setdefault((str(job.wandb["base_url"]), str(job.wandb["entity"]),
+                               str(job.wandb["project"])), job)
+    for (base_url, entity, project), job in online.items():
         try:
             access = _default_access(base_url)
+            read_only = (entity in access.writable
+                         and project_is_read_only(_default_api(base_url), entity, project))
         except Exception as error:  # noqa: BLE001 - any failure means we cannot prove access
             raise PlanError(f"job {job.run_name}: logger.entity: cannot check that the W&B "
                             f"API key may write to {entity!r} on {base_url} (online mode): "
@@ -186,6 +228,11 @@ def check_online_access(jobs: Sequence[PlannedJob]) -> None:
                 f"job {job.run_name}: logger.entity: the W&B API key of user "
                 f"{access.user!r} cannot write to entity {entity!r} on {base_url}; it can "
                 f"write to {', '.join(sorted(access.writable)) or 'nothing'}")
+        if read_only:
+            raise PlanError(
+                f"job {job.run_name}: logger.project: the W&B API key of user "
+                f"{access.user!r} may only read {entity}/{project} on {base_url} (a "
+                "view-only member, or a restricted project)")
 
 
 def check_wandb_destinations(jobs: Sequence[PlannedJob], master_config: DictConfig,
@@ -195,3 +242,50 @@ def check_wandb_destinations(jobs: Sequence[PlannedJob], master_config: DictConf
         return
     check_job_destinations(jobs, expected_destination(master_config, conf_dir))
     check_online_access(jobs)
+
+
+def check_workers_key(jobs: Sequence[PlannedJob],
+                      ask: Callable[[str, str, str], dict[str, Any]], where: str) -> list[str]:
+    """The workers' own W&B key may write to each online job's entity and project (one
+    question per destination, ``ask(base_url, entity, project)`` answered where the
+    workers run).
+
+    Refuses with both identities named when the workers' key cannot write there or
+    cannot be checked; returns a note for each host where the two keys' default
+    entities differ (a run that loses its entity lands in the workers' default entity:
+    ``tmgg-sweep reconcile --workers-entity``).
+    """
+    online: dict[tuple[str, str, str], PlannedJob] = {}
+    for job in jobs:
+        if job.is_tmgg_job and job.wandb is not None and job.wandb["mode"] == "online":
+            online.setdefault((str(job.wandb["base_url"]), str(job.wandb["entity"]),
+                               str(job.wandb["project"])), job)
+    notes = []
+    for (base_url, entity, project), job in online.items():
+        workers = ask(base_url, entity, project)
+        try:
+            shell = _default_access(base_url)
+            shell_says = (f"this shell's key belongs to {shell.user!r}, which "
+                          f"{'can' if entity in shell.writable else 'cannot'} write there")
+        except Exception as error:  # noqa: BLE001 - the workers' answer decides
+            shell, shell_says = None, f"this shell's key could not be checked ({error})"
+        if workers.get("error"):
+            raise PlanError(f"job {job.run_name}: logger.entity: cannot check that the "
+                            f"workers' W&B key ({where}) may write to {entity!r} on "
+                            f"{base_url}: {workers['error']}; {shell_says}. Nothing was "
+                            "dispatched")
+        if not workers.get("can_write"):
+            raise PlanError(
+                f"job {job.run_name}: logger.entity: the workers' W&B key ({where}) belongs "
+                f"to user {workers.get('user')!r}, which cannot write to {entity}/{project} "
+                f"on {base_url} (it can write to entity "
+                f"{', '.join(workers.get('writable') or []) or 'nothing'}); {shell_says}. "
+                f"Put a key that can write there in {where}. Nothing was dispatched")
+        default = workers.get("default_entity")
+        if shell is not None and default and workers.get("user") != shell.user:
+            notes.append(f"the workers' W&B key ({where}) belongs to {workers.get('user')!r} "
+                         f"(default entity {default!r}), this shell's to {shell.user!r}: "
+                         f"reconcile with --workers-entity {default}")
+    for note in notes:
+        log.warning(note)
+    return notes

@@ -33,7 +33,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -78,16 +78,90 @@ def pinned_base_url(logger_cfg: Mapping[str, Any] | DictConfig) -> str:
     return normalize_base_url(str(value)) if value else DEFAULT_BASE_URL
 
 
+@dataclass(frozen=True)
+class WandbKey:
+    """An API key for a W&B host and where it was found (never printed)."""
+
+    api_key: str = field(repr=False)
+    source: str
+
+
+def same_service_hosts(base_url: str) -> list[str]:
+    """The pinned host first, then the other names of the same W&B deployment.
+
+    wandb 0.31's ``wandb login`` stores a key under its own default host
+    (``https://api.forge.coreweave.com``), a proxy of ``https://api.wandb.ai``: a key
+    stored under either is a key for both (``wandb.sdk.lib.urls.FORGE_HOSTS``).
+    """
+    from wandb.sdk.lib import urls
+
+    hosts = [normalize_base_url(base_url)]
+    forge = urls.forge_host(base_url)
+    if forge is not None:
+        hosts += [f"https://api.{forge}", urls.forge_upstream_url(f"https://api.{forge}")]
+    return list(dict.fromkeys(hosts))
+
+
+def find_wandb_api_key(base_url: str = DEFAULT_BASE_URL,
+                       environ: Mapping[str, str] | None = None) -> WandbKey | None:
+    """The key wandb would use for the pinned host, found the way wandb finds it.
+
+    ``WANDB_API_KEY``, else wandb's own ``.netrc`` lookup (``$NETRC`` or ``~/.netrc``)
+    for the host and for the other names of the same deployment (a 0.31 ``wandb
+    login`` key is stored under ``api.forge.coreweave.com``).
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY"):
+        return WandbKey(str(environ["WANDB_API_KEY"]), "WANDB_API_KEY")
+    from wandb.sdk.lib.wbauth import wbnetrc
+
+    for host in same_service_hosts(base_url):
+        try:
+            found = wbnetrc.read_netrc_auth_with_source(host=_host_url(host))
+        except Exception as error:  # noqa: BLE001 - a malformed entry is no key
+            log.warning("W&B key lookup for %s: %s", host, error)
+            continue
+        if found is not None:
+            key = getattr(found.auth, "api_key", None)
+            if key:
+                return WandbKey(str(key), f"{found.source} (machine {urlparse(host).netloc})")
+    return None
+
+
+def _host_url(url: str) -> Any:
+    from wandb.sdk.lib.wbauth.host_url import HostUrl
+
+    return HostUrl(url)
+
+
+def netrc_path() -> Path:
+    """The netrc file wandb reads (its own choice: ``$NETRC``, else ``~/.netrc``)."""
+    from wandb.sdk.lib.wbauth import wbnetrc
+
+    return Path(wbnetrc._get_netrc_file_path())
+
+
 def has_wandb_credentials(base_url: str = DEFAULT_BASE_URL) -> bool:
-    """An API key in the environment or a netrc entry for the pinned W&B host."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    host = urlparse(base_url).hostname or "api.wandb.ai"
-    try:
-        return host in netrc.read_text()
-    except OSError:
-        return False
+    """A key for the pinned W&B host, found as wandb finds it (``find_wandb_api_key``)."""
+    return find_wandb_api_key(base_url) is not None
+
+
+# (host, reason) pairs already announced: ``auto`` going offline is said once a process.
+_ANNOUNCED_OFFLINE: set[tuple[str, str]] = set()
+
+
+def announce_auto_offline(base_url: str, reason: str) -> None:
+    """Say once, loudly (stderr and the log), that ``logger.mode=auto`` runs offline."""
+    import sys
+
+    if (base_url, reason) in _ANNOUNCED_OFFLINE:
+        return
+    _ANNOUNCED_OFFLINE.add((base_url, reason))
+    message = (f"W&B OFFLINE: logger.mode=auto logs offline, not to {base_url}: {reason}. "
+               "Runs are written to the jobs' output dirs; upload them with `tmgg-sweep sync "
+               "<overrides>`, or set logger.mode=online to fail instead.")
+    log.warning(message)
+    print(f"\n*** {message} ***\n", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -112,8 +186,15 @@ def decide_wandb_mode(mode: str, base_url: str = DEFAULT_BASE_URL,
         ignored = () if not raw or asked == mode else (f"WANDB_MODE={raw}",)
         return ModeDecision(mode, ignored)
     if asked in ("offline", "online"):
+        if asked == "offline":
+            announce_auto_offline(base_url, f"the environment asks for it (WANDB_MODE={raw})")
         return ModeDecision(asked)
-    resolved = "online" if has_wandb_credentials(base_url) else "offline"
+    found = find_wandb_api_key(base_url, environ)
+    if found is None:
+        hosts = ", ".join(urlparse(host).netloc for host in same_service_hosts(base_url))
+        announce_auto_offline(base_url, f"no W&B API key: WANDB_API_KEY is not set and "
+                                        f"{netrc_path()} has no entry for {hosts}")
+    resolved = "online" if found is not None else "offline"
     return ModeDecision(resolved, (f"WANDB_MODE={raw}",) if raw else ())
 
 
@@ -320,7 +401,8 @@ def build_logger(cfg: DictConfig, output_dir: Path, concurrent: bool = False) ->
             id=run_id,
             resume="allow",
             mode=mode.mode,
-            settings=wandb.Settings(base_url=base_url),
+            settings=wandb.Settings(base_url=base_url, **_key_under_another_name(
+                base_url, mode.mode)),
             save_dir=str(save_dir),
             tags=list(logger_cfg.get("tags") or []),
             config=OmegaConf.to_container(cfg, resolve=True),
@@ -334,6 +416,19 @@ def build_logger(cfg: DictConfig, output_dir: Path, concurrent: bool = False) ->
                 error, job=run_name, path=f"{entity}/{project}/{run_id}", base_url=base_url,
                 mode=mode.mode, generation=run_generation(cfg))) from error
     return logger
+
+
+def _key_under_another_name(base_url: str, mode: str) -> dict[str, str]:
+    """``{"api_key": ...}`` when the only key for the host is stored under another name
+    of the same deployment (a 0.31 ``wandb login``): wandb would not find it itself."""
+    if mode != "online":
+        return {}
+    found = find_wandb_api_key(base_url)
+    pinned_netloc = urlparse(normalize_base_url(base_url)).netloc
+    if found is None or found.source == "WANDB_API_KEY" or \
+            f"(machine {pinned_netloc})" in found.source:
+        return {}
+    return {"api_key": found.api_key}
 
 
 DELETED_RUN_MESSAGE = "was previously created and deleted"
@@ -350,6 +445,11 @@ def run_start_failure(error: BaseException, job: str, path: str, base_url: str, 
                 f"logger.run_generation={generation + 1} (folded into the W&B run id; the "
                 f"job id and its outputs stay the same). The job stopped before training. "
                 f"({text})")
+    if "permission denied" in str(error).lower() or "PERMISSION_ERROR" in str(error):
+        return (f"job {job}: the W&B server {base_url} refuses run {path}: permission "
+                "denied - the API key's user may not write to that entity or project "
+                "(not a member, a view-only member, or a restricted project). The job "
+                f"stopped before training rather than run unlogged. ({text})")
     return (f"job {job}: the W&B run {path} could not be started on {base_url} "
             f"(mode {mode}); the job stopped before training rather than run unlogged. "
             f"{text}")
