@@ -2,8 +2,8 @@
 
 ``run_job`` is the body of the remote function. It runs a job's payload through
 ``tmgg.orchestration.executor.execute_payload`` — the function the local launcher's
-workers run — reloading the volume first and committing it after every checkpoint
-and at the end (``VolumeSync``), so a retried or preempted job finds its last
+workers run — reloading the volume first and committing it once per validation round
+(after that round's checkpoints) and at the end (``VolumeSync``), so a retried or preempted job finds its last
 checkpoint on the volume and resumes from it (its output directory is derived from
 the job id, its W&B run id too).
 
@@ -142,14 +142,20 @@ def checkpoint_callbacks(cfg: Any, output_dir: Any) -> list[Any]:
     """Lightning callbacks added to a job by train.py (named by TMGG_CALLBACK_FACTORY)."""
     from lightning.pytorch.callbacks import Callback
 
-    class CommitVolumeAfterCheckpoint(Callback):
-        """Commit the volume right after each checkpoint file is written.
+    class CommitVolumeAfterCheckpoints(Callback):
+        """Commit the volume once per validation round, after its checkpoints are written.
 
         Wraps the save of the trainer's checkpoint IO (what ``trainer.save_checkpoint``
         and ModelCheckpoint end in, and what a fused group's MemberCheckpoints writes
-        every member's checkpoints with), so the commit follows the write itself,
-        whichever callback or hook saved it.
+        every member's checkpoints with) to note what was written; the commit comes at
+        the next training step, once every checkpoint of the round (every member's, in
+        a fused group) is on disk, and at the end of training. A commit per file would
+        cost a 36-member group hundreds of commits per container. ``run_job`` commits
+        again at the job's end, and a failing job commits on its exception.
         """
+
+        def __init__(self) -> None:
+            self.written: list[str] = []  # checkpoint files not committed yet
 
         def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
             io = trainer.strategy.checkpoint_io
@@ -157,17 +163,30 @@ def checkpoint_callbacks(cfg: Any, output_dir: Any) -> list[Any]:
                 return
             save = io.save_checkpoint
 
-            def save_and_commit(checkpoint: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+            def save_and_note(checkpoint: Any, path: Any, *args: Any, **kwargs: Any) -> None:
                 save(checkpoint, path, *args, **kwargs)
-                commit_volume(f"checkpoint {path}")
+                self.written.append(str(path))
 
-            io.save_checkpoint = save_and_commit
+            io.save_checkpoint = save_and_note
             io._tmgg_commits_volume = True
 
+        def commit_written(self) -> None:
+            if self.written:
+                count, last = len(self.written), self.written[-1]
+                self.written = []
+                commit_volume(f"checkpoints ({count} file(s)) {last}")
+
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            self.commit_written()
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.commit_written()
+
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            self.written = []
             commit_volume(f"exception {type(exception).__name__}")
 
-    return [CommitVolumeAfterCheckpoint()]
+    return [CommitVolumeAfterCheckpoints()]
 
 
 def run_job(payload: bytes, volume_name: str | None) -> bytes:

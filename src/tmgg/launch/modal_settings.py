@@ -59,6 +59,7 @@ class ModalSettings:
     progress: bool = True
     local_containers: int | None = None
     local_volume_dir: str | None = None
+    local_calls: bool = False
     fuse: str = "auto"
     fuse_max_members: int = 64
 
@@ -120,6 +121,8 @@ class ModalSettings:
         require("max_containers", self.max_containers is None
                 or (integer(self.max_containers) and self.max_containers >= 1),
                 f"expected an integer >= 1 or null, got {self.max_containers!r}")
+        require("local_calls", isinstance(self.local_calls, bool),
+                f"expected true or false, got {self.local_calls!r}")
         require("local_containers", self.local_containers is None
                 or (integer(self.local_containers) and self.local_containers >= 1),
                 f"expected an integer >= 1 or null, got {self.local_containers!r}")

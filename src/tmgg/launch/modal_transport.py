@@ -14,6 +14,9 @@ with its index, as each finishes) and ``spawn`` (returns a call id):
   local-call``) that reads its input from a pipe and writes its result as JSON data
   (``<call id>.out``) under the stage's ledger directory, beside a record of the
   process (``<call id>.proc.json``) that lets ``cancel`` prove which process it is.
+  With ``local_calls=true`` a blocking sweep runs its inputs as such calls too, awaited
+  by call id through the same code as Modal's (``_ModalRunner`` over
+  ``modal_calls.LocalFunction``), so they can outlive the launcher as Modal's do.
 """
 
 from __future__ import annotations
@@ -50,47 +53,171 @@ _LOCAL_VOLUME_WARNING = ".*executing locally and will not have access to the mou
 
 
 class Runner(Protocol):
+    def start(self, inputs: Sequence[tuple[bytes, str | None]]) -> list[str | None]:
+        """Send every input; each one's call id (None where the transport has none,
+        e.g. warm local containers, which take inputs as they free up)."""
+
+    def results(self) -> Iterator[tuple[int, Any]]:
+        """``(index, output)`` per input started, as each finishes; a failed input's
+        output is its exception, a call the client lost touch with is ``CallInFlight``.
+        Completion order: one slow job holds back no finished result."""
+
     def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[tuple[int, Any]]:
-        """``(index, output)`` per input as each finishes; a failed input's output is
-        its exception. Completion order: one slow job holds back no finished result."""
+        """``start`` then ``results``."""
 
     def spawn(self, args: tuple[bytes, str | None]) -> str:
         """Start one call without waiting; its call id."""
 
+    def cancel(self, call_id: str) -> None:
+        """Stop one call and its containers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CallInFlight:
+    """The output of a call the client lost touch with: not the job's outcome. The call
+    may still run, so its jobs stay in flight (claims kept) and are collected by call id."""
+
+    call_id: str | None
+    cause: str
+
+
+# Seconds a blocking sweep keeps reconnecting to a call after a client-side error
+# before it leaves the call in flight (collected later by `tmgg-sweep status`).
+RECONNECT_WINDOW_ENV = "TMGG_MODAL_RECONNECT_S"
+DEFAULT_RECONNECT_WINDOW_S = 600.0
+
+
+def reconnect_window_s() -> float:
+    return float(os.environ.get(RECONNECT_WINDOW_ENV) or DEFAULT_RECONNECT_WINDOW_S)
+
+
+def client_error_cause(error: BaseException) -> str | None:
+    """Why ``error`` is the client's trouble rather than the call's outcome; None when the
+    call itself ended with it (the function raised, timed out, or Modal failed the input).
+
+    modal 1.6.4's ``FunctionCall.get`` raises the function's own exception, or
+    ``FunctionTimeoutError`` / ``InternalFailure`` / ``RemoteError`` for a call that
+    ended; anything about reaching the call (unknown id, credentials, the connection,
+    an expired output) says nothing about what the job did.
+    """
+    import modal.exception as modal_error
+
+    if isinstance(error, modal_error.NotFoundError):
+        return (f"Modal does not know this call from here (another Modal profile, workspace "
+                f"or environment?): {error}")
+    if isinstance(error, modal_error.AuthError | modal_error.PermissionDeniedError):
+        return f"Modal refused this client's credentials: {type(error).__name__}: {error}"
+    if isinstance(error, modal_error.OutputExpiredError):
+        return ("the call's output expired at Modal (results are kept for a limited time); "
+                "the job's own record on the volume says what it did")
+    if isinstance(error, modal_error.ConnectionError | modal_error.ServiceError
+                  | modal_error.InternalError | modal_error.ResourceExhaustedError
+                  | modal_error.VersionError | ConnectionError | OSError):
+        return f"lost the connection to Modal: {type(error).__name__}: {error}"
+    try:
+        from grpclib import GRPCError
+    except ImportError:  # pragma: no cover - modal depends on grpclib
+        return None
+    if isinstance(error, GRPCError):
+        return f"Modal's API answered {type(error).__name__}: {error}"
+    return None
+
 
 class _ModalRunner:
-    def __init__(self, function: Any) -> None:
+    """Spawned calls, each awaited in its own daemon thread by call id.
+
+    ``starmap(order_outputs=False)`` would yield in completion order too, but without
+    telling which input an exception belongs to (modal 1.6.4 drops the index), so a
+    lost container could not be pinned on its job. Daemon threads: a Ctrl-C leaves
+    no thread blocked in ``get()`` to hold the interpreter open.
+
+    A client-side error while waiting (``client_error_cause``) is not the call's
+    outcome: the runner reconnects by call id (``FunctionCall.from_id``) with backoff
+    for up to ``reconnect_s``, then reports the call as ``CallInFlight``.
+    """
+
+    def __init__(self, function: Any, call_from_id: Any = None,
+                 reconnect_s: float | None = None) -> None:
         self.function = function
+        self.call_from_id = call_from_id or _modal_call_from_id
+        self.reconnect_s = reconnect_window_s() if reconnect_s is None else reconnect_s
+        self.calls: list[Any] = []
+
+    def start(self, inputs: Sequence[tuple[bytes, str | None]]) -> list[str | None]:
+        import modal.exception  # noqa: F401 - imported now, not by the first failing call
+
+        self.calls = []
+        for args in inputs:  # appended one by one: a Ctrl-C here knows what was sent
+            self.calls.append(self.function.spawn(*args))
+        return [call_id_of(call) for call in self.calls]
+
+    def results(self) -> Iterator[tuple[int, Any]]:
+        import queue
+        import threading
+
+        finished: queue.Queue[tuple[int, Any]] = queue.Queue()
+        for index, call in enumerate(self.calls):
+            threading.Thread(target=lambda i=index, c=call: finished.put((i, self._await(c))),
+                             daemon=True, name=f"tmgg-modal-call-{index}").start()
+        for _ in self.calls:
+            while True:
+                try:  # a short wait keeps the main thread responsive to Ctrl-C
+                    item = finished.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                yield item
+                break
 
     def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[tuple[int, Any]]:
-        """Spawned calls, each awaited in its own thread.
-
-        ``starmap(order_outputs=False)`` would yield in completion order too, but
-        without telling which input an exception belongs to (modal 1.6.4 drops the
-        index), so a lost container could not be pinned on its job.
-        """
-        from concurrent.futures import ThreadPoolExecutor, as_completed
-
-        calls = [self.function.spawn(*args) for args in inputs]
-        pool = ThreadPoolExecutor(max_workers=max(1, min(len(calls), 256)),
-                                  thread_name_prefix="tmgg-modal-result")
-        try:
-            futures = {pool.submit(_output_of, call): index for index, call in enumerate(calls)}
-            for future in as_completed(futures):
-                yield futures[future], future.result()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        self.start(inputs)
+        yield from self.results()
 
     def spawn(self, args: tuple[bytes, str | None]) -> str:
         return str(self.function.spawn(*args).object_id)
 
+    def cancel(self, call_id: str) -> None:
+        self.call_from_id(call_id).cancel(terminate_containers=True)
 
-def _output_of(call: Any) -> Any:
-    """A FunctionCall's return value, or the exception it ended with."""
-    try:
-        return call.get()
-    except Exception as error:  # noqa: BLE001 - the input's failure is its output
-        return error
+    def _await(self, call: Any) -> Any:
+        """The call's return value or the exception it ended with; ``CallInFlight`` when
+        the client could not reach it for ``reconnect_s`` seconds."""
+        call_id = call_id_of(call)
+        first_error: float | None = None
+        delay = 1.0
+        while True:
+            try:
+                return call.get()
+            except Exception as error:  # noqa: BLE001 - the input's failure is its output
+                cause = client_error_cause(error)
+                if cause is None:
+                    return error
+            now = time.monotonic()
+            first_error = now if first_error is None else first_error
+            left = first_error + self.reconnect_s - now
+            if call_id is None or left <= 0:
+                log.warning("call %s: %s; left running, collect it with `tmgg-sweep status`",
+                            call_id, cause)
+                return CallInFlight(call_id, cause)
+            log.warning("call %s: %s; reconnecting by call id (for %.0fs more)", call_id,
+                        cause, left)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 30.0)
+            try:
+                call = self.call_from_id(call_id)
+            except Exception as error:  # noqa: BLE001 - tried again until the window ends
+                if client_error_cause(error) is None:
+                    return error
+
+
+def call_id_of(call: Any) -> str | None:
+    call_id = getattr(call, "object_id", None)
+    return str(call_id) if call_id else None
+
+
+def _modal_call_from_id(call_id: str) -> Any:
+    import modal
+
+    return modal.FunctionCall.from_id(call_id)
 
 
 @contextlib.contextmanager
@@ -102,7 +229,10 @@ def _modal_runner(settings: ModalSettings, detach: bool) -> Iterator[Runner]:
     built = build_app(settings.app_name, settings.volume, settings.wandb_secret,
                       settings.timeout_s)
     output = modal.enable_output() if settings.progress else contextlib.nullcontext()
-    with output, built.app.run(detach=detach):
+    # Detached even for a blocking sweep: the calls must outlive a lost connection or a
+    # Ctrl-C answered "leave them running" (app.run's own Ctrl-C handling would stop
+    # the app). A blocking sweep stops its calls itself when told to.
+    with output, built.app.run(detach=True):
         yield _ModalRunner(built.function.with_options(**settings.function_options()))
 
 
@@ -220,13 +350,31 @@ class LocalContainers:
 
 
 class _LocalRunner:
+    """Warm local containers for a blocking sweep (no call ids: they end with the
+    launcher), detached local calls for ``spawn``."""
+
     def __init__(self, settings: ModalSettings, size: int, calls_dir: Path | None) -> None:
         self.settings = settings
         self.size = size
         self.calls_dir = calls_dir
+        self.inputs: Sequence[tuple[bytes, str | None]] = ()
+
+    def start(self, inputs: Sequence[tuple[bytes, str | None]]) -> list[str | None]:
+        self.inputs = inputs
+        return [None] * len(inputs)
+
+    def results(self) -> Iterator[tuple[int, Any]]:
+        yield from LocalContainers(self.settings, self.size).map(self.inputs)
 
     def map(self, inputs: Sequence[tuple[bytes, str | None]]) -> Iterator[tuple[int, Any]]:
-        yield from LocalContainers(self.settings, self.size).map(inputs)
+        self.start(inputs)
+        yield from self.results()
+
+    def cancel(self, call_id: str) -> None:
+        from tmgg.launch.modal_calls import cancel_call
+
+        assert self.calls_dir is not None
+        cancel_call(call_id, self.calls_dir.parent.parent)
 
     def spawn(self, args: tuple[bytes, str | None]) -> str:
         """A detached local call: a session-leader process that outlives the launcher.
@@ -267,6 +415,12 @@ def open_runner(settings: ModalSettings, detach: bool, size: int,
     if settings.transport == "modal":
         with _modal_runner(settings, detach) as runner:
             yield runner
+    elif settings.local_calls and calls_dir is not None:
+        from tmgg.launch.modal_calls import LocalFunction
+
+        local = _LocalRunner(settings, size, calls_dir)
+        yield _ModalRunner(LocalFunction(local), call_from_id=LocalFunction.call_from_id(
+            calls_dir))
     else:
         yield _LocalRunner(settings, size, calls_dir)
 
