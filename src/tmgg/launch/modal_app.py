@@ -3,9 +3,9 @@
 ``run_job`` is the body of the remote function. It runs a job's payload through
 ``tmgg.orchestration.executor.execute_payload`` — the function the local launcher's
 workers run — reloading the volume first and committing it once per validation round
-(after that round's checkpoints) and at the end (``VolumeSync``), so a retried or preempted job finds its last
-checkpoint on the volume and resumes from it (its output directory is derived from
-the job id, its W&B run id too).
+(after that round's checkpoints) and at the end (``VolumeSync``), so a retried or
+preempted job finds its last checkpoint on the volume and resumes from it (its output
+directory is derived from the job id, its W&B run id too).
 
 ``build_app`` attaches ``run_job`` to a ``modal.App`` configured per sweep (app,
 volume and secret names come from ``hydra.launcher``). ``run_job`` stays a module
