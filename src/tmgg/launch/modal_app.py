@@ -205,10 +205,14 @@ def run_job(payload: bytes, volume_name: str | None) -> bytes:
     os.environ[CALLBACK_FACTORY_ENV] = f"{__name__}:checkpoint_callbacks"
     scratch: Path | None = None
     if volume.root is not None:
+        from tmgg.orchestration.sweep import LAUNCHER_HOLDS_CLAIMS_ENV
+
         base = Path(os.environ.get(LOCAL_SCRATCH_ENV) or SCRATCH_DIR)
         scratch = base / f"container-{os.getpid()}"
         os.environ[VOLUME_ROOT_ENV] = str(volume.root)
         os.environ[SCRATCH_ROOT_ENV] = str(scratch)
+        # The job's records go to the volume, its claim stays the launcher's.
+        os.environ[LAUNCHER_HOLDS_CLAIMS_ENV] = "1"
     volume.reload("job start")
     try:
         return execute_payload(payload)

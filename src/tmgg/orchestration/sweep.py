@@ -374,8 +374,18 @@ def _task_dict(config: DictConfig) -> dict[str, Any]:
     return container
 
 
+# Set in a Modal container (tmgg.launch.modal_app.run_job): the job's claim is the
+# launcher's, on the launching machine. A claim taken on the volume would protect
+# nothing (each container works on its own snapshot until it commits) and would rest
+# on hard links, which Modal does not document for volumes.
+LAUNCHER_HOLDS_CLAIMS_ENV = "TMGG_LAUNCHER_HOLDS_CLAIMS"
+
+
 def job_record_start(config: DictConfig) -> None:
-    """In the job's process: RUNNING, with provenance (readable while it runs)."""
+    """In the job's process: RUNNING, with provenance (readable while it runs).
+
+    Takes the job's claim over from its launcher, except where the launcher's claim is
+    the only authority (``LAUNCHER_HOLDS_CLAIMS_ENV``: a job on a Modal volume)."""
     if not is_tmgg_config(config):
         return
     task = _task_dict(config)
@@ -384,23 +394,27 @@ def job_record_start(config: DictConfig) -> None:
     record = base_record(task, overrides, launcher_name(config),
                          output_dir=OmegaConf.select(config, "hydra.runtime.output_dir"))
     job_id = str(task["job"]["id"])
-    taken, claim = claims.take(ledger.root, job_id, ticket=claims.dispatch_ticket(),
-                               transport={"kind": launcher_name(config)},
-                               call_alive=call_alive_in(ledger),
-                               extra={"run_name": task["job"]["run_name"]})
-    if not taken:
-        _CLAIMED_ELSEWHERE[job_id] = claim.describe()
-        log.warning("Job %s not run: %s", task["job"]["run_name"], claim.describe())
-        return
+    claim = None
+    if not os.environ.get(LAUNCHER_HOLDS_CLAIMS_ENV):
+        taken, claim = claims.take(ledger.root, job_id, ticket=claims.dispatch_ticket(),
+                                   transport={"kind": launcher_name(config)},
+                                   call_alive=call_alive_in(ledger),
+                                   extra={"run_name": task["job"]["run_name"]})
+        if not taken:
+            _CLAIMED_ELSEWHERE[job_id] = claim.describe()
+            log.warning("Job %s not run: %s", task["job"]["run_name"], claim.describe())
+            return
     previous = ledger.job_record(job_id)
     if previous and previous.get("status") == FINISHED:
-        claims.release(claim, FINISHED)
+        if claim is not None:
+            claims.release(claim, FINISHED)
         return  # the task function will skip it; keep the finished record intact
-    _HEARTBEATS[job_id] = claims.Heartbeat(claim)
     record.update(status=RUNNING, started_at=utc_now(),
-                  attempts=(previous or {}).get("attempts", 0) + 1,
-                  claim={"generation": claim.generation, "ticket": claim.ticket,
-                         "pid_start": claim.owner.get("start")})
+                  attempts=(previous or {}).get("attempts", 0) + 1)
+    if claim is not None:
+        _HEARTBEATS[job_id] = claims.Heartbeat(claim)
+        record["claim"] = {"generation": claim.generation, "ticket": claim.ticket,
+                           "pid_start": claim.owner.get("start")}
     ledger.write_job_record(job_id, record)
 
 
