@@ -368,6 +368,32 @@ def test_local_containers_follow_modal_semantics() -> None:
     assert time.monotonic() - started < 40
 
 
+class _WhereFrom:
+    """Unpickled in a container, this reports where its code and conf/ come from."""
+
+    def __reduce__(self) -> tuple:
+        return (exec, ("import json, os, sys, tmgg, tmgg.config, "
+                       "hydra_plugins.tmgg_launchers as plugins\n"
+                       "raise RuntimeError(json.dumps([tmgg.__file__, plugins.__file__, "
+                       "str(tmgg.config.CONF_DIR), "
+                       "os.stat(tmgg.__file__).st_mode & 0o222]))",))
+
+
+def test_local_containers_run_from_read_only_copies_at_the_images_layout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TMGG_CONF_DIR", raising=False)
+    settings = ModalSettings(transport="local", max_retries=0, wandb_secret=None)
+    ((_, failure),) = list(LocalContainers(settings, size=1).map(
+        [(serialize(_WhereFrom()), None)]))
+    package, plugins, conf, writable = json.loads(failure.message)
+    root = Path(package).parents[2]
+    assert Path(package) == root / "root/tmgg/__init__.py"
+    assert Path(plugins) == root / "root/hydra_plugins/tmgg_launchers/__init__.py"
+    assert Path(conf) == root / "conf" and REPO not in Path(package).parents
+    assert writable == 0  # read-only copies
+    assert not root.exists()  # removed with the containers
+
+
 class _SpawnedCall:
     """A FunctionCall's contract as the Modal runner uses it: get() waits, then returns
     the output or raises the input's failure (Modal's servers are out of reach)."""

@@ -262,11 +262,71 @@ def _container_main(conn: Any, spec: dict[str, Any]) -> None:
         conn.send(reply)
 
 
+class ImageLayout:
+    """Read-only copies of what the Modal image holds, at the image's paths under a
+    temporary root: ``<root>/root/tmgg``, ``<root>/root/hydra_plugins/...``,
+    ``<root>/conf`` (``modal_app.ImageSources``, the image's own list). Local
+    containers import tmgg from there, not from the checkout, so a file the image
+    leaves out, or a path that only exists in a checkout, fails here first.
+
+    ``conf/`` is found from the copied package as in the image (``/root/tmgg`` ->
+    ``/conf``), unless ``TMGG_CONF_DIR`` names another.
+    """
+
+    IGNORE = ("__pycache__", "*.pyc", ".*")  # as build_image's add_local_dir ignores
+
+    def __init__(self) -> None:
+        import shutil
+        import tempfile
+
+        from tmgg.launch.modal_app import CONTAINER_CONF_DIR, CONTAINER_ROOT, ImageSources
+
+        sources = ImageSources.installed()
+        self.root = Path(tempfile.mkdtemp(prefix="tmgg-image-"))
+        self.python_root = self.root / CONTAINER_ROOT.lstrip("/")
+        ignore = shutil.ignore_patterns(*self.IGNORE)
+        for remote, local in sources.packages.items():
+            shutil.copytree(local, self.python_root / remote, ignore=ignore)
+        shutil.copytree(sources.conf_dir, self.root / CONTAINER_CONF_DIR.lstrip("/"),
+                        ignore=ignore)
+        # The checkout directories that hold the packages: left off a container's path.
+        self.replaced = {str(local.parents[remote.count("/")]) for remote, local
+                         in sources.packages.items()}
+        _set_writable(self.root, False)
+
+    @contextlib.contextmanager
+    def importing(self) -> Iterator[None]:
+        """While a container process starts: multiprocessing's spawn hands the child this
+        process's ``sys.path``, here with the copies in place of the checkout."""
+        saved = list(sys.path)
+        sys.path[:] = [str(self.python_root)] + [
+            entry for entry in saved
+            if str(Path(entry or ".").resolve()) not in self.replaced]
+        try:
+            yield
+        finally:
+            sys.path[:] = saved
+
+    def remove(self) -> None:
+        import shutil
+
+        _set_writable(self.root, True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _set_writable(root: Path, writable: bool) -> None:
+    for directory, _, names in os.walk(root):
+        for name in names:
+            os.chmod(Path(directory) / name, 0o644 if writable else 0o444)
+        os.chmod(directory, 0o755 if writable else 0o555)
+
+
 class LocalContainers:
     """Warm worker processes with the semantics of Modal's ``map`` on one function.
 
     Outputs come as inputs finish, with their index; at most ``size`` containers run
-    at once and each takes input after input; an input whose container dies, runs
+    at once, each from the image's layout (``ImageLayout``), and each takes input after
+    input; an input whose container dies, runs
     past the timeout or raises is retried with modal.Retries' backoff in a fresh or
     another warm container, and after the last retry its failure is the output
     (``return_exceptions=True``).
@@ -301,12 +361,17 @@ class LocalContainers:
             else:
                 failed.append((position, failure))
 
-        with WorkerPool(self.context, _container_main, (self.spec,), self.size,
-                        "tmgg-local-container") as pool:
+        image = ImageLayout()
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(image.remove)
+            pool = cleanup.enter_context(WorkerPool(
+                self.context, _container_main, (self.spec,), self.size,
+                "tmgg-local-container"))
             while done < n:
                 now = time.monotonic()
                 for position in [p for p in queue if ready_at[p] <= now]:
-                    container = pool.idle_worker()
+                    with image.importing():  # a fresh container starts from the image
+                        container = pool.idle_worker()
                     if container is None:
                         break
                     queue.remove(position)
