@@ -68,9 +68,11 @@ class VolumeSync:
     a failed final commit cannot make Modal retry a finished job (Modal also commits a
     container's volumes when the container exits).
 
-    transport=local: the volume is a directory written in place (``local_volume_dir``,
-    or none); a commit fails, as on Modal, while files under it are open in the
-    container, and every operation is logged (JSON lines) when a log path is set.
+    transport=local: the volume is a directory (``local_volume_dir``, or none) that each
+    container works on through its own view (``tmgg.launch.snapshot_volume``: taken at
+    reload, written back at commit) where the machine allows, else in place; a commit
+    or reload fails, as on Modal, while files under it are open in the container, and
+    every operation is logged (JSON lines) when a log path is set.
     """
 
     def __init__(self, volume_name: str | None) -> None:
@@ -100,11 +102,16 @@ class VolumeSync:
                 close_log_files_under(self.root)
             if self.volume is not None:
                 getattr(self.volume, operation)()
-            elif self.root is not None and operation == "commit":
+            elif self.root is not None:
+                from tmgg.launch.snapshot_volume import current
+
                 still_open = open_files_under(self.root)
                 if still_open:  # what Modal answers, for the stand-in to be honest
                     raise RuntimeError("there are open files preventing the operation: "
                                        + ", ".join(still_open[:3]))
+                view = current()  # this container's own view of the stand-in volume
+                if view is not None:
+                    getattr(view, operation)()
         except Exception as exc:  # noqa: BLE001 - logged; retried or left to Modal
             error = f"{type(exc).__name__}: {exc}"
             log.warning("volume %s %s (%s) failed: %s", self.name, operation, reason, error)
@@ -118,8 +125,12 @@ class VolumeSync:
     def _log(operation: str, reason: str, error: str | None) -> None:
         path = os.environ.get(LOCAL_COMMIT_LOG_ENV)
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as handle:
+            from tmgg.launch.snapshot_volume import current
+
+            view = current()  # the log bypasses the container's view of the volume
+            log_path = view.real(Path(path)) if view is not None else Path(path)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as handle:
                 handle.write(json.dumps({"time": time.time(), "pid": os.getpid(),
                                          "op": operation, "reason": reason,
                                          "error": error}) + "\n")

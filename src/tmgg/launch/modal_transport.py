@@ -242,6 +242,7 @@ def _container_main(conn: Any, spec: dict[str, Any]) -> None:
 
     os.environ.update(spec.get("env") or {})
     os.environ.pop("WANDB_SERVICE", None)  # a container runs its own wandb-core, as on Modal
+    _mount_volume_view()
     warnings.filterwarnings("ignore", message=_LOCAL_VOLUME_WARNING)
     from tmgg.launch.modal_app import build_app
 
@@ -321,6 +322,22 @@ def _set_writable(root: Path, writable: bool) -> None:
         os.chmod(directory, 0o755 if writable else 0o555)
 
 
+def _mount_volume_view() -> None:
+    """A container's own view of the stand-in volume (``snapshot_volume``), if asked."""
+    from tmgg.launch.modal_app import LOCAL_VOLUME_DIR_ENV
+    from tmgg.launch.snapshot_volume import SNAPSHOTS_ENV, mount_for_container
+
+    views, volume = os.environ.get(SNAPSHOTS_ENV), os.environ.get(LOCAL_VOLUME_DIR_ENV)
+    if not views or not volume:
+        return
+    try:
+        mount_for_container(volume, views)
+    except OSError as error:
+        log.warning("the stand-in volume %s is written in place: no private mounts here "
+                    "(%s); set hydra.launcher.local_volume_snapshots=false to say so",
+                    volume, error)
+
+
 class LocalContainers:
     """Warm worker processes with the semantics of Modal's ``map`` on one function.
 
@@ -364,6 +381,11 @@ class LocalContainers:
         image = ImageLayout()
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(image.remove)
+            from tmgg.launch.snapshot_volume import SNAPSHOTS_ENV, remove_stale_views
+
+            views = (self.spec.get("env") or {}).get(SNAPSHOTS_ENV)
+            if views:  # after the containers: the views of those gone are dropped
+                cleanup.callback(remove_stale_views, Path(views))
             pool = cleanup.enter_context(WorkerPool(
                 self.context, _container_main, (self.spec,), self.size,
                 "tmgg-local-container"))
