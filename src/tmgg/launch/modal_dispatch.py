@@ -238,18 +238,21 @@ class _BlockingSweep:
         self.done: set[int] = set()  # task indexes whose outcome is settled
         self.in_flight: list[tuple[int, CallInFlight]] = []
         self.stream: Any = None  # the runner's results, as they come
+        self.handed: set[int] = set()  # task indexes recorded as dispatched
 
     def run(self, inputs: Sequence[tuple[bytes, str | None]]) -> None:
         keeper: Any = None
         try:
             call_ids = self.runner.start(inputs)
-            for (members, _), call_id in zip(self.tasks, call_ids, strict=True):
+            for index, ((members, _), call_id) in enumerate(zip(self.tasks, call_ids,
+                                                                  strict=True)):
                 if call_id is None:  # warm local containers: no call to hand the jobs to
                     for position in members:
                         record_dispatched(self.jobs[position], LAUNCHER)
                 else:
                     _hand_to_call(self.jobs, members, self.held, call_id, self.settings,
                                   self.root)
+                self.handed.add(index)
             # Queued at Modal, the jobs' claims are this process's to renew until each
             # job's container takes its own over (or, on Modal's volume, until it ends).
             keeper = claims.Heartbeat(*[c for c in self.held.values() if c is not None])
@@ -306,6 +309,10 @@ class _BlockingSweep:
             call_id = started[index]
             names = ", ".join(self.jobs[p].run_name for p in members)
             if answer == "leave":
+                assert call_id is not None
+                if index not in self.handed:  # sent before the Ctrl-C, not yet recorded
+                    _hand_to_call(self.jobs, members, self.held, call_id, self.settings,
+                                  self.root)
                 print(f"left running: {names} (call {call_id})", file=sys.stderr)
                 continue
             if call_id is not None:
