@@ -23,6 +23,7 @@ from conftest import REPO, SweepDirs, run_cli, tmgg_sweep, tmgg_train
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 from tmgg.identity import wandb_run_id
+from tmgg.launch import snapshot_volume
 from tmgg.launch.cost import LauncherSettingError, normalize_gpu, plan_estimates
 from tmgg.launch.modal_calls import local_call_process, poll_detached
 from tmgg.launch.modal_settings import ModalSettings
@@ -230,6 +231,13 @@ def test_container_lost_once_resumes_from_its_committed_checkpoint(
     retried = [op for op in operations if op["pid"] == retry]
     assert retried[0] == {**retried[0], "op": "reload", "reason": "job start"}
     assert retried[-1]["reason"] == "job end"
+    # One commit per validation round (best and last checkpoints together): 4 rounds
+    # of 20 steps, at 20 and 40 in the lost container, 60 and 80 in the retry.
+    checkpoint_commits = [op["pid"] for op in operations if op["op"] == "commit"
+                          and op["reason"].startswith("checkpoints")]
+    assert checkpoint_commits == [first, first, retry, retry]
+    if snapshot_volume.supported():  # each container worked on its own view of it
+        assert (volume.parent / f".{volume.name}-container-views").is_dir()
 
 
 def test_unknown_gpu_is_refused_before_dispatch(sweep_dirs: SweepDirs) -> None:
