@@ -97,10 +97,19 @@ def _manifest(root: Path) -> Manifest:
 
 def _copy(source: Path, target: Path) -> None:
     """Copy one file, replacing ``target`` atomically (a reader never sees half of it)."""
+    _put_in_place(_stage(source, target))
+
+
+def _stage(source: Path, target: Path) -> tuple[Path, Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}{PARTIAL}")
     shutil.copy2(source, partial)
-    os.replace(partial, target)
+    return partial, target
+
+
+def _put_in_place(*staged: tuple[Path, Path]) -> None:
+    for partial, target in staged:
+        os.replace(partial, target)
 
 
 class SnapshotVolume:
@@ -134,8 +143,10 @@ class SnapshotVolume:
         directory, then reload; files written."""
         now = _manifest(self.view)
         changed = [name for name, seen in now.items() if self.base.get(name) != seen]
-        for name in changed:
-            _copy(self.view / name, self.committed / name)
+        # Copied first, then renamed into place together: a commit lands (nearly) as
+        # one, as Modal's does; a container lost while copying commits nothing.
+        _put_in_place(*[_stage(self.view / name, self.committed / name)
+                        for name in changed])
         for name in set(self.base) - set(now):  # deleted here since the last sync
             with _suppress_missing():
                 (self.committed / name).unlink()
