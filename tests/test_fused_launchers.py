@@ -245,6 +245,11 @@ def test_a_lost_group_container_resumes_each_member_from_its_checkpoint(
     starts = [json.loads(line)["pid"] for line in commits.read_text().splitlines()
               if json.loads(line)["reason"] == "job start"]
     assert len(starts) == 2 and starts[0] == container != starts[1]
+    # One commit per validation round for the whole group (not one per member's file):
+    # 20 rounds of 20 steps, split between the lost container and its retry.
+    checkpoint_commits = [line for line in commits.read_text().splitlines()
+                          if json.loads(line)["reason"].startswith("checkpoints")]
+    assert 0 < len(checkpoint_commits) <= 400 // 20
 
 
 # --------------------------------------------------------------------------- SLURM

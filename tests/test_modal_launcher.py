@@ -19,17 +19,19 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SweepDirs, run_cli, tmgg_train
+from conftest import REPO, SweepDirs, run_cli, tmgg_sweep, tmgg_train
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 from tmgg.identity import wandb_run_id
+from tmgg.launch import snapshot_volume
 from tmgg.launch.cost import LauncherSettingError, normalize_gpu, plan_estimates
-from tmgg.launch.modal_calls import poll_detached
+from tmgg.launch.modal_calls import local_call_process, poll_detached
 from tmgg.launch.modal_settings import ModalSettings
 from tmgg.launch.modal_transport import LocalContainers
 from tmgg.launch.process_identity import ProcessIdentity
+from tmgg.orchestration import claims
 from tmgg.orchestration.executor import JobFailure, serialize
-from tmgg.orchestration.ledger import CANCELLED, FAILED, FINISHED, Ledger
+from tmgg.orchestration.ledger import CANCELLED, FAILED, FINISHED, IN_FLIGHT, Ledger
 
 LOCAL = ["hydra/launcher=modal", "hydra.launcher.transport=local"]
 ONE_CONTAINER = [*LOCAL, "hydra.launcher.local_containers=1"]
@@ -229,6 +231,13 @@ def test_container_lost_once_resumes_from_its_committed_checkpoint(
     retried = [op for op in operations if op["pid"] == retry]
     assert retried[0] == {**retried[0], "op": "reload", "reason": "job start"}
     assert retried[-1]["reason"] == "job end"
+    # One commit per validation round (best and last checkpoints together): 4 rounds
+    # of 20 steps, at 20 and 40 in the lost container, 60 and 80 in the retry.
+    checkpoint_commits = [op["pid"] for op in operations if op["op"] == "commit"
+                          and op["reason"].startswith("checkpoints")]
+    assert checkpoint_commits == [first, first, retry, retry]
+    if snapshot_volume.supported():  # each container worked on its own view of it
+        assert (volume.parent / f".{volume.name}-container-views").is_dir()
 
 
 def test_unknown_gpu_is_refused_before_dispatch(sweep_dirs: SweepDirs) -> None:
@@ -367,6 +376,32 @@ def test_local_containers_follow_modal_semantics() -> None:
     assert time.monotonic() - started < 40
 
 
+class _WhereFrom:
+    """Unpickled in a container, this reports where its code and conf/ come from."""
+
+    def __reduce__(self) -> tuple:
+        return (exec, ("import json, os, sys, tmgg, tmgg.config, "
+                       "hydra_plugins.tmgg_launchers as plugins\n"
+                       "raise RuntimeError(json.dumps([tmgg.__file__, plugins.__file__, "
+                       "str(tmgg.config.CONF_DIR), "
+                       "os.stat(tmgg.__file__).st_mode & 0o222]))",))
+
+
+def test_local_containers_run_from_read_only_copies_at_the_images_layout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TMGG_CONF_DIR", raising=False)
+    settings = ModalSettings(transport="local", max_retries=0, wandb_secret=None)
+    ((_, failure),) = list(LocalContainers(settings, size=1).map(
+        [(serialize(_WhereFrom()), None)]))
+    package, plugins, conf, writable = json.loads(failure.message)
+    root = Path(package).parents[2]
+    assert Path(package) == root / "root/tmgg/__init__.py"
+    assert Path(plugins) == root / "root/hydra_plugins/tmgg_launchers/__init__.py"
+    assert Path(conf) == root / "conf" and REPO not in Path(package).parents
+    assert writable == 0  # read-only copies
+    assert not root.exists()  # removed with the containers
+
+
 class _SpawnedCall:
     """A FunctionCall's contract as the Modal runner uses it: get() waits, then returns
     the output or raises the input's failure (Modal's servers are out of reach)."""
@@ -474,3 +509,94 @@ def test_wandb_jobs_on_modal_need_the_secret() -> None:
                        [job({"name": "wandb", "mode": "online"})])
     check_wandb_secret(ModalSettings(transport="local", wandb_secret=None),
                        [job({"name": "wandb", "mode": "online"})])
+
+
+# -- a blocking sweep that loses its connection, or is interrupted with Ctrl-C --------
+# With local_calls=true every container call is a detached local process awaited by its
+# call id through the runner Modal's calls go through, so it can outlive the launcher
+# as a Modal call does.
+
+ONE_LOCAL_CALL = ["-m", "stage=smoke", "logger=csv", "model=linear_pe", "seed=1",
+           "hydra/launcher=modal", "hydra.launcher.transport=local",
+           "hydra.launcher.local_calls=true"]
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_connection_lost_during_a_blocking_sweep_leaves_jobs_in_flight(
+        sweep_dirs: SweepDirs) -> None:
+    result = run_cli([str(REPO / "tests/apps/dropped_connection.py"), *ONE_LOCAL_CALL,
+                      *sweep_dirs.overrides], env={"TMGG_MODAL_RECONNECT_S": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+    (state,) = ledger.states().values()
+    assert state.status in IN_FLIGHT and state.status != FAILED
+    assert state.call_id and state.call_id.startswith("local-fc-")
+    assert not [e for e in ledger.events() if e["event"] == "outcome"]
+    claim = claims.current(ledger.root, state.job_id)
+    assert claim is not None and not claim.released and claim.call_id == state.call_id
+    assert "still in flight" in result.stderr and "lost the connection" in result.stderr
+    assert "tmgg-sweep status stage=smoke" in result.stderr
+    # The call ran on: a later `status` collects its result by call id.
+    def collected() -> bool:
+        status = tmgg_sweep("status", "stage=smoke", *sweep_dirs.overrides)
+        assert status.returncode in (0, 1), status.stderr[-2000:]
+        return next(iter(ledger.states().values())).status == FINISHED
+    _wait_for(collected, 240, "status to collect the call's result")
+    (state,) = ledger.states().values()
+    assert state.metrics["test/mse"] >= 0
+    assert claims.current(ledger.root, state.job_id).released
+
+
+@pytest.mark.parametrize("answer", ["s", "l"])
+def test_ctrl_c_during_a_blocking_sweep_stops_or_leaves_the_calls(
+        sweep_dirs: SweepDirs, answer: str) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tmgg.app", *ONE_LOCAL_CALL, "trainer.max_steps=100000",
+         "trainer.val_check_interval=50", *sweep_dirs.overrides],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ledger = Ledger(sweep_dirs.experiments, "smoke")
+
+    def dispatched() -> bool:
+        assert process.poll() is None, "the sweep ended before it was interrupted"
+        return any(e["event"] == "dispatched" and e.get("call_id") for e in ledger.events())
+    try:
+        _wait_for(dispatched, 120, "the call to be dispatched")
+        (state,) = ledger.states().values()
+        call_id = state.call_id
+        assert call_id is not None
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends the launcher
+        assert process.stdin is not None
+        process.stdin.write(answer + "\n")
+        process.stdin.flush()
+        _, stderr = process.communicate(timeout=60)  # exits promptly
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "[s]top them (default) or [l]eave them running" in stderr
+    (state,) = ledger.states().values()
+    claim = claims.current(ledger.root, state.job_id)
+    assert claim is not None
+    call = local_call_process(call_id, ledger.root)
+    if answer == "s":
+        assert state.status == CANCELLED
+        assert claim.released
+        _wait_for(lambda: local_call_process(call_id, ledger.root) is None, 20,
+                  "the call's process to end")
+    else:
+        assert state.status in IN_FLIGHT and state.call_id == call_id
+        assert not claim.released and claim.call_id == call_id
+        assert call is not None and call.is_live()  # still training, detached
+        assert "tmgg-sweep status stage=smoke" in stderr
+        cancel = tmgg_sweep("cancel", "stage=smoke", *sweep_dirs.overrides)
+        assert cancel.returncode == 0, cancel.stderr
+        assert next(iter(ledger.states().values())).status == CANCELLED

@@ -86,6 +86,16 @@ class ModalLauncherConf:
     # own records and a log of volume commits land there as on Modal); null keeps this
     # machine's outputs_dir and experiments_dir.
     local_volume_dir: Optional[str] = None  # noqa: UP045
+    # transport=local only: run each container call as a detached local process awaited
+    # by its call id, as Modal's spawn and FunctionCall.get are (slower to start; a
+    # blocking sweep's calls can then outlive the launcher: a lost connection, or
+    # Ctrl-C answered "leave them running"). false: warm containers that end with it.
+    local_calls: bool = False
+    # transport=local with local_volume_dir: each container works on its own view of
+    # the volume, taken when it reloads and written back when it commits, as on Modal
+    # (a lost container's uncommitted writes vanish); needs Linux mount namespaces,
+    # else the directory is written in place. false: always in place.
+    local_volume_snapshots: bool = True
     # auto: jobs that share a batch stream (data, noise, seed, trainer settings) train
     # together in one container, each still its own job with its own record, outputs
     # and W&B run (tmgg.orchestration.fusion); off: one container per job. A group's

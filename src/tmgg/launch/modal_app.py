@@ -2,10 +2,10 @@
 
 ``run_job`` is the body of the remote function. It runs a job's payload through
 ``tmgg.orchestration.executor.execute_payload`` — the function the local launcher's
-workers run — reloading the volume first and committing it after every checkpoint
-and at the end (``VolumeSync``), so a retried or preempted job finds its last
-checkpoint on the volume and resumes from it (its output directory is derived from
-the job id, its W&B run id too).
+workers run — reloading the volume first and committing it once per validation round
+(after that round's checkpoints) and at the end (``VolumeSync``), so a retried or
+preempted job finds its last checkpoint on the volume and resumes from it (its output
+directory is derived from the job id, its W&B run id too).
 
 ``build_app`` attaches ``run_job`` to a ``modal.App`` configured per sweep (app,
 volume and secret names come from ``hydra.launcher``). ``run_job`` stays a module
@@ -72,9 +72,11 @@ class VolumeSync:
     a failed final commit cannot make Modal retry a finished job (Modal also commits a
     container's volumes when the container exits).
 
-    transport=local: the volume is a directory written in place (``local_volume_dir``,
-    or none); a commit fails, as on Modal, while files under it are open in the
-    container, and every operation is logged (JSON lines) when a log path is set.
+    transport=local: the volume is a directory (``local_volume_dir``, or none) that each
+    container works on through its own view (``tmgg.launch.snapshot_volume``: taken at
+    reload, written back at commit) where the machine allows, else in place; a commit
+    or reload fails, as on Modal, while files under it are open in the container, and
+    every operation is logged (JSON lines) when a log path is set.
     """
 
     def __init__(self, volume_name: str | None) -> None:
@@ -104,11 +106,16 @@ class VolumeSync:
                 close_log_files_under(self.root)
             if self.volume is not None:
                 getattr(self.volume, operation)()
-            elif self.root is not None and operation == "commit":
+            elif self.root is not None:
+                from tmgg.launch.snapshot_volume import current
+
                 still_open = open_files_under(self.root)
                 if still_open:  # what Modal answers, for the stand-in to be honest
                     raise RuntimeError("there are open files preventing the operation: "
                                        + ", ".join(still_open[:3]))
+                view = current()  # this container's own view of the stand-in volume
+                if view is not None:
+                    getattr(view, operation)()
         except Exception as exc:  # noqa: BLE001 - logged; retried or left to Modal
             error = f"{type(exc).__name__}: {exc}"
             log.warning("volume %s %s (%s) failed: %s", self.name, operation, reason, error)
@@ -122,8 +129,12 @@ class VolumeSync:
     def _log(operation: str, reason: str, error: str | None) -> None:
         path = os.environ.get(LOCAL_COMMIT_LOG_ENV)
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as handle:
+            from tmgg.launch.snapshot_volume import current
+
+            view = current()  # the log bypasses the container's view of the volume
+            log_path = view.real(Path(path)) if view is not None else Path(path)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as handle:
                 handle.write(json.dumps({"time": time.time(), "pid": os.getpid(),
                                          "op": operation, "reason": reason,
                                          "error": error}) + "\n")
@@ -146,14 +157,20 @@ def checkpoint_callbacks(cfg: Any, output_dir: Any) -> list[Any]:
     """Lightning callbacks added to a job by train.py (named by TMGG_CALLBACK_FACTORY)."""
     from lightning.pytorch.callbacks import Callback
 
-    class CommitVolumeAfterCheckpoint(Callback):
-        """Commit the volume right after each checkpoint file is written.
+    class CommitVolumeAfterCheckpoints(Callback):
+        """Commit the volume once per validation round, after its checkpoints are written.
 
         Wraps the save of the trainer's checkpoint IO (what ``trainer.save_checkpoint``
         and ModelCheckpoint end in, and what a fused group's MemberCheckpoints writes
-        every member's checkpoints with), so the commit follows the write itself,
-        whichever callback or hook saved it.
+        every member's checkpoints with) to note what was written; the commit comes at
+        the next training step, once every checkpoint of the round (every member's, in
+        a fused group) is on disk, and at the end of training. A commit per file would
+        cost a 36-member group hundreds of commits per container. ``run_job`` commits
+        again at the job's end, and a failing job commits on its exception.
         """
+
+        def __init__(self) -> None:
+            self.written: list[str] = []  # checkpoint files not committed yet
 
         def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
             io = trainer.strategy.checkpoint_io
@@ -161,17 +178,30 @@ def checkpoint_callbacks(cfg: Any, output_dir: Any) -> list[Any]:
                 return
             save = io.save_checkpoint
 
-            def save_and_commit(checkpoint: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+            def save_and_note(checkpoint: Any, path: Any, *args: Any, **kwargs: Any) -> None:
                 save(checkpoint, path, *args, **kwargs)
-                commit_volume(f"checkpoint {path}")
+                self.written.append(str(path))
 
-            io.save_checkpoint = save_and_commit
+            io.save_checkpoint = save_and_note
             io._tmgg_commits_volume = True
 
+        def commit_written(self) -> None:
+            if self.written:
+                count, last = len(self.written), self.written[-1]
+                self.written = []
+                commit_volume(f"checkpoints ({count} file(s)) {last}")
+
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            self.commit_written()
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.commit_written()
+
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            self.written = []
             commit_volume(f"exception {type(exception).__name__}")
 
-    return [CommitVolumeAfterCheckpoint()]
+    return [CommitVolumeAfterCheckpoints()]
 
 
 def run_job(payload: bytes, volume_name: str | None) -> bytes:
@@ -191,10 +221,14 @@ def run_job(payload: bytes, volume_name: str | None) -> bytes:
     os.environ[CALLBACK_FACTORY_ENV] = f"{__name__}:checkpoint_callbacks"
     scratch: Path | None = None
     if volume.root is not None:
+        from tmgg.orchestration.sweep import LAUNCHER_HOLDS_CLAIMS_ENV
+
         base = Path(os.environ.get(LOCAL_SCRATCH_ENV) or SCRATCH_DIR)
         scratch = base / f"container-{os.getpid()}"
         os.environ[VOLUME_ROOT_ENV] = str(volume.root)
         os.environ[SCRATCH_ROOT_ENV] = str(scratch)
+        # The job's records go to the volume, its claim stays the launcher's.
+        os.environ[LAUNCHER_HOLDS_CLAIMS_ENV] = "1"
     volume.reload("job start")
     try:
         return execute_payload(payload)

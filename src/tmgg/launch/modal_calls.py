@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from omegaconf import OmegaConf
 
 from tmgg.launch.modal_results import (
     LAUNCHER,
-    member_outputs,
+    group_returns,
     read_result_data,
     record_result,
     to_job_return,
@@ -34,7 +35,12 @@ from tmgg.launch.modal_settings import (
     modal_config_path,
     modal_credentials_available,
 )
-from tmgg.launch.modal_transport import LOCAL_CALL_PREFIX, local_call_arguments
+from tmgg.launch.modal_transport import (
+    LOCAL_CALL_PREFIX,
+    CallInFlight,
+    client_error_cause,
+    local_call_arguments,
+)
 from tmgg.launch.process_identity import ProcessIdentity, why_not_ours
 from tmgg.orchestration.executor import JobFailure
 from tmgg.orchestration.ledger import DISPATCHED, LOST, RUNNING, Ledger, atomic_write_json
@@ -62,38 +68,98 @@ def local_call_process(call_id: str, ledger_root: Path) -> ProcessIdentity | Non
 
 
 def poll_call(call_id: str, ledger_root: Path) -> Any:
-    """The call's output (result data, pickled JobReturn or exception), or PENDING."""
+    """The call's output (result data, pickled JobReturn or the exception the call ended
+    with), ``PENDING`` while it runs, or ``CallInFlight`` when the client could not ask
+    (unknown id, credentials, connection, expired output): never the job's outcome."""
     if call_id.startswith(LOCAL_CALL_PREFIX):
-        calls_dir = local_calls_dir(ledger_root)
-        out = calls_dir / f"{call_id}.out"
-        if out.exists():
-            return read_result_data(out)
-        if local_call_process(call_id, ledger_root) is not None:
-            return PENDING
-        if out.exists():  # finished between the two checks
-            return read_result_data(out)
-        return JobFailure("ContainerCrashed", f"local call {call_id} ended without a result "
-                          f"(see {calls_dir / (call_id + '.log')})", "")
+        return _poll_local_call(call_id, ledger_root)
     import modal
 
     try:
         return modal.FunctionCall.from_id(call_id).get(timeout=0)
-    except TimeoutError as error:
-        if isinstance(error, modal.exception.Error):  # a function timeout is a result
-            return error
+    except Exception as error:  # noqa: BLE001 - sorted below: the call's, or the client's
+        return classify_poll_error(call_id, error)
+
+
+def classify_poll_error(call_id: str, error: BaseException) -> Any:
+    """What a ``FunctionCall.get(timeout=0)`` that raised ``error`` says about the call.
+
+    modal 1.6.4 raises the builtin ``TimeoutError`` while the call runs (PENDING);
+    ``modal.exception.TimeoutError`` subclasses (a function time-out) are results."""
+    import modal
+
+    if isinstance(error, TimeoutError) and not isinstance(error, modal.exception.Error):
         return PENDING
-    except Exception as error:  # noqa: BLE001 - the remote failure is the result
-        return error
+    cause = client_error_cause(error)
+    if cause is not None:
+        return CallInFlight(call_id, cause)
+    return error
+
+
+def _poll_local_call(call_id: str, ledger_root: Path) -> Any:
+    calls_dir = local_calls_dir(ledger_root)
+    out = calls_dir / f"{call_id}.out"
+    if out.exists():
+        return read_result_data(out)
+    if local_call_process(call_id, ledger_root) is not None:
+        return PENDING
+    if out.exists():  # finished between the two checks
+        return read_result_data(out)
+    return JobFailure("ContainerCrashed", f"local call {call_id} ended without a result "
+                      f"(see {calls_dir / (call_id + '.log')})", "")
+
+
+class LocalCall:
+    """A detached local call with a ``modal.FunctionCall``'s surface (object_id, get,
+    cancel): ``get`` raises the call's failure and the builtin ``TimeoutError`` when
+    ``timeout`` passes first, as Modal's does."""
+
+    def __init__(self, call_id: str, ledger_root: Path) -> None:
+        self.object_id = call_id
+        self.ledger_root = ledger_root
+
+    def get(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            output = _poll_local_call(self.object_id, self.ledger_root)
+            if output is not PENDING:
+                if isinstance(output, BaseException):
+                    raise output
+                return output
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError()
+            time.sleep(0.2)
+
+    def cancel(self, terminate_containers: bool = False) -> None:
+        cancel_call(self.object_id, self.ledger_root)
+
+
+class LocalFunction:
+    """Detached local calls with a ``modal.Function``'s ``spawn`` (``local_calls=true``)."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner  # modal_transport._LocalRunner, whose spawn starts a call
+        self.ledger_root = Path(runner.calls_dir).parent.parent
+
+    def spawn(self, *args: Any) -> LocalCall:
+        return LocalCall(self.runner.spawn(tuple(args)), self.ledger_root)
+
+    @staticmethod
+    def call_from_id(calls_dir: Path) -> Any:
+        """``FunctionCall.from_id`` for this stage's local calls."""
+        ledger_root = Path(calls_dir).parent.parent
+        return lambda call_id: LocalCall(call_id, ledger_root)
 
 
 def call_in_flight(ledger: Ledger, call_id: str) -> bool:
     """Whether a detached call holding a job's claim still runs (then it is polled, never
     sent again). An ended call's result is folded into the ledger first, so the caller
-    sees the job FINISHED or FAILED. Without Modal credentials a Modal call cannot be
-    asked, and counts as running."""
+    sees the job FINISHED or FAILED. A call that cannot be asked (no credentials, no
+    connection, unknown to this Modal profile, output expired) counts as running."""
     if not call_id.startswith(LOCAL_CALL_PREFIX) and not modal_credentials_available():
         return True
-    if poll_call(call_id, ledger.root) is PENDING:
+    output = poll_call(call_id, ledger.root)
+    if output is PENDING or isinstance(output, CallInFlight):  # may run: never sent again
         return True
     poll_detached(ledger)
     return False
@@ -164,14 +230,30 @@ def poll_detached(ledger: Ledger) -> int:
         output = poll_call(state.call_id, ledger.root)
         if output is PENDING:
             continue
-        if record.get("member") is not None:  # one call ran this job's fused group
-            output = member_outputs(output, int(record["group_size"]))[int(record["member"])]
+        if isinstance(output, CallInFlight):  # the client's trouble, not the job's outcome
+            note_in_flight(path, record, state.run_name, output)
+            continue
         job = _job_from_call_record(record)
         settings = ModalSettings(**record["settings"])
-        record_result(job, to_job_return(job, output), settings, record.get("volume_root"),
-                call_id=state.call_id)
+        root = record.get("volume_root")
+        if record.get("member") is not None:  # one call ran this job's fused group
+            member, size = int(record["member"]), int(record["group_size"])
+            result = group_returns([job] * size, output, settings, root)[member]
+        else:
+            result = to_job_return(job, output)
+        record_result(job, result, settings, root, call_id=state.call_id)
         folded += 1
     return folded
+
+
+def note_in_flight(path: Path, record: dict[str, Any], run_name: str,
+                   unreachable: CallInFlight) -> None:
+    """Say why a call was not collected, on the console and in its call record; the job
+    stays in flight (its claim names the call) and the next ``status`` polls again."""
+    print(f"{run_name}: still in flight, call {unreachable.call_id} not collected: "
+          f"{unreachable.cause}", file=sys.stderr)
+    atomic_write_json(path, {**record, "last_poll": {"time": utc_now(), "collected": False,
+                                                     "cause": unreachable.cause}})
 
 
 def cancel_main(argv: list[str]) -> int:

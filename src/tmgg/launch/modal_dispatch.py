@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ from tmgg.launch.cost import check_cost_limit, group_time_factor, plan_estimates
 from tmgg.launch.modal_calls import CALLS_DIR, local_calls_dir, write_call_record
 from tmgg.launch.modal_results import (
     LAUNCHER,
-    member_outputs,
+    group_returns,
     on_volume,
     record_result,
     to_job_return,
@@ -46,10 +47,11 @@ from tmgg.launch.modal_settings import (
     check_wandb_secret,
     require_wandb_secret,
 )
-from tmgg.launch.modal_transport import open_runner
+from tmgg.launch.modal_transport import CallInFlight, call_id_of, open_runner
 from tmgg.orchestration import claims
-from tmgg.orchestration.ledger import DISPATCHED
+from tmgg.orchestration.ledger import CANCELLED, DISPATCHED
 from tmgg.orchestration.plan import PlannedJob
+from tmgg.orchestration.records import utc_now
 from tmgg.orchestration.sweep import (
     claim_for_dispatch,
     ledger_for,
@@ -180,43 +182,17 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
         if settings.progress:
             print_outcome_table(jobs, results, title=f"modal launcher: {len(jobs)} jobs")
         return results
-    calls_dir = _calls_dir(jobs, config) if settings.detach else None
+    calls_dir = _calls_dir(jobs, config) if settings.detach or settings.local_calls else None
     with open_runner(settings, settings.detach, size, calls_dir) as runner:
         if settings.detach:
             for (members, _), args in zip(claimed_tasks, inputs, strict=True):
                 call_id = runner.spawn(args)
-                for member, position in enumerate(members):
-                    job = jobs[position]
-                    if held[position] is not None:  # from now on, the call answers for it
-                        claims.renew(held[position], transport={"kind": LAUNCHER,
-                                                                "call_id": call_id})
-                    record_dispatched(job, LAUNCHER, call_id)
-                    grouped = len(members) > 1
-                    write_call_record(job, call_id, settings, root,
-                                      member=member if grouped else None,
-                                      group_size=len(members) if grouped else None)
-                    results[position] = _detached_return(job, call_id)
+                _hand_to_call(jobs, members, held, call_id, settings, root)
+                for position in members:
+                    results[position] = _detached_return(jobs[position], call_id)
         else:
-            for position in pending:
-                record_dispatched(jobs[position], LAUNCHER)
-            # Queued at Modal, the jobs' claims are this process's to renew until each
-            # job's container takes its own over (or, on Modal's volume, until it ends).
-            keeper = claims.Heartbeat(*[c for c in held.values() if c is not None])
-            with _progress(settings, len(jobs), len(jobs) - len(pending)) as bar:
-                # Recorded as each call finishes: a killed launcher loses no finished result.
-                for index, output in runner.map(inputs):
-                    members = claimed_tasks[index][0]
-                    task_jobs = [jobs[p] for p in members]
-                    for position, result in zip(members, task_returns(task_jobs, output),
-                                                strict=True):
-                        job = jobs[position]
-                        results[position] = result
-                        record_result(job, result, settings, root)
-                        if held[position] is not None:
-                            keeper.discard(job.job_id)
-                        release_dispatch(job, held[position], result)
-                        bar.advance(job, result)
-            keeper.stop()
+            _BlockingSweep(runner, jobs, claimed_tasks, held, settings, root, results).run(
+                inputs)
     for position in pending:
         if results[position] is None:  # the transport returned fewer outputs than inputs
             results[position] = to_job_return(jobs[position], RuntimeError(
@@ -231,6 +207,198 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
     return results
 
 
+def _hand_to_call(jobs: Sequence[PlannedJob], members: Sequence[int], held: dict[int, Any],
+                  call_id: str, settings: ModalSettings, root: str | None) -> None:
+    """From now on the call answers for these jobs: their claims name it (alive while it
+    runs, whatever becomes of this process), the ledger and a call record hold its id
+    for ``tmgg-sweep status`` to collect by."""
+    grouped = len(members) > 1
+    for member, position in enumerate(members):
+        job = jobs[position]
+        if held[position] is not None:
+            held[position] = claims.renew(held[position], transport={
+                "kind": LAUNCHER, "call_id": call_id}) or held[position]
+        record_dispatched(job, LAUNCHER, call_id)
+        write_call_record(job, call_id, settings, root, member=member if grouped else None,
+                          group_size=len(members) if grouped else None)
+
+
+class _BlockingSweep:
+    """A blocking sweep's calls, awaited; what a lost connection or a Ctrl-C leaves.
+
+    Each call's result is recorded as it finishes (a killed launcher loses no finished
+    result). A call the client lost touch with (``CallInFlight``) is not a result: its
+    jobs keep their claims (which name the call) and stay in flight for ``tmgg-sweep
+    status`` to collect by call id. Ctrl-C asks whether to stop the calls still running
+    or to leave them running, detached (``_ask_stop_or_leave``).
+    """
+
+    def __init__(self, runner: Any, jobs: Sequence[PlannedJob],
+                 claimed_tasks: Sequence[tuple[list[int], str]], held: dict[int, Any],
+                 settings: ModalSettings, root: str | None, results: list[Any]) -> None:
+        self.runner, self.jobs, self.tasks = runner, jobs, claimed_tasks
+        self.held, self.settings, self.root, self.results = held, settings, root, results
+        self.done: set[int] = set()  # task indexes whose outcome is settled
+        self.in_flight: list[tuple[int, CallInFlight]] = []
+        self.stream: Any = None  # the runner's results, as they come
+        self.handed: set[int] = set()  # task indexes recorded as dispatched
+
+    def run(self, inputs: Sequence[tuple[bytes, str | None]]) -> None:
+        keeper: Any = None
+        try:
+            call_ids = self.runner.start(inputs)
+            for index, ((members, _), call_id) in enumerate(zip(self.tasks, call_ids,
+                                                                  strict=True)):
+                if call_id is None:  # warm local containers: no call to hand the jobs to
+                    for position in members:
+                        record_dispatched(self.jobs[position], LAUNCHER)
+                else:
+                    _hand_to_call(self.jobs, members, self.held, call_id, self.settings,
+                                  self.root)
+                self.handed.add(index)
+            # Queued at Modal, the jobs' claims are this process's to renew until each
+            # job's container takes its own over (or, on Modal's volume, until it ends).
+            keeper = claims.Heartbeat(*[c for c in self.held.values() if c is not None])
+            self.stream = self.runner.results()
+            self._collect(keeper)
+        except KeyboardInterrupt:
+            if keeper is not None:
+                keeper.stop()
+            if self.stream is not None:  # warm local containers stop here
+                self.stream.close()
+            self._interrupted()
+        if keeper is not None:
+            keeper.stop()
+        self._report_in_flight()
+
+    def _collect(self, keeper: Any) -> None:
+        total = len(self.jobs)
+        finished = total - sum(len(members) for members, _ in self.tasks)
+        with _progress(self.settings, total, finished) as bar:
+            for index, output in self.stream:
+                self.done.add(index)
+                members = self.tasks[index][0]
+                if isinstance(output, CallInFlight):
+                    self.in_flight.append((index, output))
+                    for position in members:
+                        keeper.discard(self.jobs[position].job_id)
+                        self.results[position] = _detached_return(self.jobs[position],
+                                                                   output.call_id)
+                    continue
+                task_jobs = [self.jobs[p] for p in members]
+                for position, result in zip(members, group_returns(
+                        task_jobs, output, self.settings, self.root), strict=True):
+                    job = self.jobs[position]
+                    self.results[position] = result
+                    record_result(job, result, self.settings, self.root)
+                    if self.held[position] is not None:
+                        keeper.discard(job.job_id)
+                    release_dispatch(job, self.held[position], result)
+                    bar.advance(job, result)
+
+    def _interrupted(self) -> None:
+        """Ctrl-C: stop the unfinished calls, or leave them running; record either; exit."""
+        import signal
+
+        started = [_started_call_id(self.runner, index) for index in range(len(self.tasks))]
+        unfinished = [index for index in range(len(self.tasks)) if index not in self.done]
+        leavable = all(started[index] is not None for index in unfinished)
+        answer = _ask_stop_or_leave(len(unfinished), leavable)
+        # A second Ctrl-C from here on forces the exit, with what was recorded so far.
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        stage = next((job.stage for job in self.jobs if job.is_tmgg_job), None)
+        for index in unfinished:
+            members, _ = self.tasks[index]
+            call_id = started[index]
+            names = ", ".join(self.jobs[p].run_name for p in members)
+            if answer == "leave":
+                assert call_id is not None
+                if index not in self.handed:  # sent before the Ctrl-C, not yet recorded
+                    _hand_to_call(self.jobs, members, self.held, call_id, self.settings,
+                                  self.root)
+                print(f"left running: {names} (call {call_id})", file=sys.stderr)
+                continue
+            if call_id is not None:
+                try:  # one cancel per call: a fused group's members share it
+                    self.runner.cancel(call_id)
+                except Exception as error:  # noqa: BLE001 - say so; the others still stop
+                    print(f"could not stop {names} (call {call_id}): {error}; it stays in "
+                          f"flight, stop it with `tmgg-sweep cancel stage={stage}`",
+                          file=sys.stderr)
+                    continue
+            for position in members:
+                self._record_cancelled(position, call_id)
+            print(f"stopped: {names}" + (f" (call {call_id})" if call_id else ""),
+                  file=sys.stderr)
+        if answer == "leave" and stage:
+            print(f"Collect their results with `tmgg-sweep status stage={stage}`; stop them "
+                  f"with `tmgg-sweep cancel stage={stage}` (add the same experiments_dir= "
+                  "override if you changed it).", file=sys.stderr)
+        raise SystemExit(130)
+
+    def _record_cancelled(self, position: int, call_id: str | None) -> None:
+        job = self.jobs[position]
+        if not job.is_tmgg_job:
+            return
+        ledger = ledger_for(job.task_config)
+        ledger.append({"event": "cancelled", "time": utc_now(), "job_id": job.job_id,
+                       "run_name": job.run_name, "launcher": LAUNCHER, "call_id": call_id})
+        claim = self.held[position]
+        if claim is not None and claim.ticket is not None:
+            claims.release_ticket(ledger.root, job.job_id, claim.ticket, CANCELLED)
+
+    def _report_in_flight(self) -> None:
+        if not self.in_flight:
+            return
+        stage = next((job.stage for job in self.jobs if job.is_tmgg_job), None)
+        jobs = sum(len(self.tasks[index][0]) for index, _ in self.in_flight)
+        print(f"{jobs} job(s) still in flight: this client lost touch with their calls, "
+              "which may still be running on Modal. Nothing was recorded FAILED and their "
+              "claims are kept, so no sweep or resume starts them again while they run.",
+              file=sys.stderr)
+        for index, unreachable in self.in_flight:
+            names = ", ".join(self.jobs[p].run_name for p in self.tasks[index][0])
+            print(f"  {names}: call {unreachable.call_id}: {unreachable.cause}",
+                  file=sys.stderr)
+        if stage:
+            print(f"Collect them with `tmgg-sweep status stage={stage}` once the connection "
+                  f"is back (stop them with `tmgg-sweep cancel stage={stage}`).",
+                  file=sys.stderr)
+
+
+def _started_call_id(runner: Any, index: int) -> str | None:
+    """The call id of a task's call if it was sent (a Ctrl-C may come mid-way)."""
+    calls = getattr(runner, "calls", None) or []
+    return call_id_of(calls[index]) if index < len(calls) else None
+
+
+def _ask_stop_or_leave(unfinished: int, leavable: bool) -> str:
+    """Ask (on the terminal) whether to stop the unfinished calls or leave them running.
+
+    Default, and the answer without a terminal or after 60 s: stop. A second Ctrl-C
+    while asking answers stop. Calls without a call id (warm local containers) can
+    only be stopped: they end with this process.
+    """
+    import select
+
+    if not unfinished:
+        return "stop"
+    if not leavable:
+        print(f"\nInterrupted: stopping {unfinished} unfinished container call(s) (local "
+              "containers end with the launcher).", file=sys.stderr, flush=True)
+        return "stop"
+    print(f"\nInterrupted: {unfinished} container call(s) are still running. [s]top them "
+          "(default) or [l]eave them running, detached? ", end="", file=sys.stderr,
+          flush=True)
+    try:
+        readable, _, _ = select.select([sys.stdin], [], [], 60.0)
+        line = sys.stdin.readline() if readable else ""
+    except (KeyboardInterrupt, OSError, ValueError):
+        line = ""
+    print(file=sys.stderr)
+    return "leave" if line.strip().lower() in ("l", "leave") else "stop"
+
+
 def task_settings(settings: ModalSettings, tasks: Sequence[Sequence[int]]) -> ModalSettings:
     """The settings a sweep's containers get: timeout_s stretched for its largest group.
 
@@ -243,19 +411,6 @@ def task_settings(settings: ModalSettings, tasks: Sequence[Sequence[int]]) -> Mo
         return settings
     timeout = min(86400, math.ceil(settings.timeout_s * group_time_factor(largest)))
     return dataclasses.replace(settings, timeout_s=timeout)
-
-
-def task_returns(task_jobs: Sequence[PlannedJob], output: Any) -> list[Any]:
-    """A container call's output as one JobReturn per job of its task.
-
-    A group's call returns its members' JobReturns (a list, in payload order); a call
-    that failed as a whole (its container lost after the last retry, a time-out) fails
-    every member it had not finished, with the call's error.
-    """
-    if len(task_jobs) == 1:
-        return [to_job_return(task_jobs[0], output)]
-    returned = member_outputs(output, len(task_jobs))
-    return [to_job_return(job, value) for job, value in zip(task_jobs, returned, strict=True)]
 
 
 def _print_detached(jobs: Sequence[PlannedJob], pending: Sequence[int], results: Sequence[Any],

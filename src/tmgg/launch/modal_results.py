@@ -129,6 +129,65 @@ def member_outputs(output: Any, members: int) -> list[Any]:
     return [output] * members
 
 
+def group_returns(task_jobs: list[PlannedJob], output: Any, settings: ModalSettings,
+                  root: str | None) -> list[Any]:
+    """A container call's output as one JobReturn per job of its task (payload order).
+
+    A group's call returns its members' results. A call that failed as a whole (its
+    container lost after the last retry, a time-out) fails only the members that had
+    not finished: a member whose own record on the volume says FINISHED keeps it.
+    """
+    if len(task_jobs) == 1:
+        return [to_job_return(task_jobs[0], output)]
+    split = member_outputs(output, len(task_jobs))
+    first = split[0]
+    whole_call_failed = all(item is first for item in split) and (
+        isinstance(first, BaseException)
+        or (isinstance(first, dict) and "members" not in first
+            and first.get("status") == "FAILED"))
+    results = []
+    for job, value in zip(task_jobs, split, strict=True):
+        record = finished_record(job, settings, root) if whole_call_failed else None
+        if record is not None:
+            results.append(job_return_from_data(job, {
+                "status": "COMPLETED", "metrics": record.get("metrics"),
+                "output_dir": record.get("output_dir"),
+                "duration_s": record.get("duration_s")}))
+        else:
+            results.append(to_job_return(job, value))
+    return results
+
+
+def finished_record(job: PlannedJob, settings: ModalSettings, root: str | None
+                    ) -> dict[str, Any] | None:
+    """The job's own record where its container wrote it, if it says FINISHED; else None.
+
+    On Modal it is read from the volume (``Volume.read_file``), with transport=local
+    from the stand-in volume directory or, without one, from this ledger. Read as data
+    (JSON, checked), never trusted further than its status, job id and metrics."""
+    if not job.is_tmgg_job:
+        return None
+    relative = f"experiments/{job.stage}/jobs/{job.job_id}.json"
+    try:
+        if settings.transport == "modal":
+            import modal
+
+            volume = modal.Volume.from_name(settings.volume)
+            text = b"".join(volume.read_file(relative)).decode()
+        elif root:
+            text = (Path(root) / relative).read_text()
+        else:
+            text = (ledger_for(job.task_config).jobs_dir / f"{job.job_id}.json").read_text()
+        record = json.loads(text)
+    except Exception:  # noqa: BLE001 - no readable record: the member failed with its call
+        return None
+    if not isinstance(record, dict) or record.get("job_id") != job.job_id \
+            or record.get("status") != "FINISHED" \
+            or not isinstance(record.get("metrics"), dict | None):
+        return None
+    return record
+
+
 # -- results as data ---------------------------------------------------------------
 
 RESULT_FORMAT = "tmgg-call-result/1"

@@ -59,6 +59,8 @@ class ModalSettings:
     progress: bool = True
     local_containers: int | None = None
     local_volume_dir: str | None = None
+    local_calls: bool = False
+    local_volume_snapshots: bool = True
     fuse: str = "auto"
     fuse_max_members: int = 64
 
@@ -120,6 +122,9 @@ class ModalSettings:
         require("max_containers", self.max_containers is None
                 or (integer(self.max_containers) and self.max_containers >= 1),
                 f"expected an integer >= 1 or null, got {self.max_containers!r}")
+        for flag in ("local_calls", "local_volume_snapshots"):
+            require(flag, isinstance(getattr(self, flag), bool),
+                    f"expected true or false, got {getattr(self, flag)!r}")
         require("local_containers", self.local_containers is None
                 or (integer(self.local_containers) and self.local_containers >= 1),
                 f"expected an integer >= 1 or null, got {self.local_containers!r}")
@@ -183,8 +188,17 @@ class ModalSettings:
             env[LOCAL_VOLUME_DIR_ENV] = str(volume)
             # Off the volume, as a container's own disk is on Modal.
             env[LOCAL_SCRATCH_ENV] = str(volume.parent / f".{volume.name}-container-disks")
+            if self.local_volume_snapshots:  # each container on its own view of it
+                from tmgg.launch.snapshot_volume import SNAPSHOTS_ENV
+
+                env[SNAPSHOTS_ENV] = snapshot_views_dir(volume)
         return {"app_name": self.app_name, "volume": self.volume,
                 "wandb_secret": self.wandb_secret, "timeout_s": self.timeout_s, "env": env}
+
+
+def snapshot_views_dir(volume: Path) -> str:
+    """Where local containers keep their views of the stand-in volume (beside it)."""
+    return str(volume.parent / f".{volume.name}-container-views")
 
 
 # -- credentials -------------------------------------------------------------------

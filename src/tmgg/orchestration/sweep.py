@@ -478,6 +478,13 @@ def _task_dict(config: DictConfig) -> dict[str, Any]:
     return container
 
 
+# Set in a Modal container (tmgg.launch.modal_app.run_job): the job's claim is the
+# launcher's, on the launching machine. A claim taken on the volume would protect
+# nothing (each container works on its own snapshot until it commits) and would rest
+# on hard links, which Modal does not document for volumes.
+LAUNCHER_HOLDS_CLAIMS_ENV = "TMGG_LAUNCHER_HOLDS_CLAIMS"
+
+
 def job_record_start(config: DictConfig) -> JobSkipped | HeldJob | None:
     """In the job's process (a solo job's callback, a fused member): ``begin_job`` from
     a full config (with its ``hydra`` node)."""
@@ -494,8 +501,10 @@ def job_record_start(config: DictConfig) -> JobSkipped | HeldJob | None:
 
 
 def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
-           output_dir: str | None) -> JobSkipped | HeldJob:
-    """Claim the job for this process and record it RUNNING, or skip it."""
+           output_dir: str | None) -> JobSkipped | HeldJob | None:
+    """Claim the job for this process and record it RUNNING, or skip it. Where the
+    launcher's claim is the only authority (``LAUNCHER_HOLDS_CLAIMS_ENV``: a job on a
+    Modal volume) no claim is taken here, and None says the job runs unfenced."""
     ledger = ledger_for(task)
     job_id = str(task["job"]["id"])
     run_name = str(task["job"]["run_name"])
@@ -504,6 +513,8 @@ def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
         refuse_links(Path(output_dir), outputs if outputs.is_absolute()
                      else Path(os.getcwd()) / outputs)
     record = base_record(task, overrides, launcher, output_dir=output_dir)
+    if os.environ.get(LAUNCHER_HOLDS_CLAIMS_ENV):
+        return _start_under_launcher_claim(ledger, job_id, run_name, record, launcher)
     taken, claim = claims.take(ledger.root, job_id, ticket=claims.dispatch_ticket(),
                                transport={"kind": launcher},
                                call_alive=call_alive_in(ledger),
@@ -535,6 +546,23 @@ def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
         raise
     _HELD[job_id] = held
     return held
+
+
+def _start_under_launcher_claim(ledger: Ledger, job_id: str, run_name: str,
+                                record: dict[str, Any], launcher: str) -> JobSkipped | None:
+    """A Modal container's start: the launcher holds the claim; skip a finished job, else
+    record RUNNING (no fence: this process holds no claim generation of its own)."""
+    previous = ledger.job_record(job_id)
+    if previous and previous.get("status") == FINISHED:
+        log.info("Job %s already finished; skipped", run_name)
+        _SKIPPED[job_id] = JobSkipped(job_id, run_name, "finished", "finished already",
+                                      previous.get("metrics") or {})
+        _append_skipped(ledger, _SKIPPED[job_id], launcher)
+        return _SKIPPED[job_id]
+    record.update(status=RUNNING, started_at=utc_now(),
+                  attempts=(previous or {}).get("attempts", 0) + 1)
+    ledger.write_job_record(job_id, record)
+    return None
 
 
 def job_record_end(config: DictConfig, job_return: Any) -> None:
