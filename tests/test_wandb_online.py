@@ -202,7 +202,7 @@ def test_online_run_that_cannot_be_created_fails_the_job_before_training(
     assert result.returncode != 0
     (record,) = job_records(tmp_path).values()
     assert record["status"] == "FAILED"
-    assert "WandbRunError" in record["error"] and "could not be started" in record["error"]
+    assert "WandbRunError" in record["error"] and "stopped before training" in record["error"]
     assert f"refuses run {TEAM}/{PROJECT}/" in record["error"]
     assert "permission denied" in record["error"]
     (job_dir,) = (tmp_path / "out" / "smoke").iterdir()
