@@ -181,7 +181,9 @@ def apply_advice(case: Case, rows: dict[str, object]) -> list[str]:
     commands = list(dict.fromkeys(row.advice for row in rows.values() if row.advice))
     for command in commands:
         done = case.shell(command)
-        assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-3000:])
+        if done.returncode != 0:
+            pytest.fail(f"advice failed: {command}\n{done.stdout[-3000:]}\n"
+                        f"{done.stderr[-3000:]}", pytrace=False)
     return commands
 
 

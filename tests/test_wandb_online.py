@@ -202,7 +202,7 @@ def test_online_run_that_cannot_be_created_fails_the_job_before_training(
     assert result.returncode != 0
     (record,) = job_records(tmp_path).values()
     assert record["status"] == "FAILED"
-    assert "WandbRunError" in record["error"] and "could not be started" in record["error"]
+    assert "WandbRunError" in record["error"] and "stopped before training" in record["error"]
     assert f"refuses run {TEAM}/{PROJECT}/" in record["error"]
     assert "permission denied" in record["error"]
     (job_dir,) = (tmp_path / "out" / "smoke").iterdir()
@@ -274,9 +274,10 @@ def test_guard_refuses_a_run_whose_mode_is_not_the_jobs(tmp_path: Path) -> None:
 # -- a deleted run's id ------------------------------------------------------------------
 @pytest.mark.slow
 def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
-        wandb_server: FakeWandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        wandb_server: FakeWandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
     from tmgg.orchestration.reconcile import main as reconcile_main
+    from tmgg.orchestration.reconcile import reconcile_jobs
 
     host = f"logger.base_url={wandb_server.base_url}"
     project = "deleted_case"  # this test's own project on the module's server
@@ -300,10 +301,17 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
 
     monkeypatch.setenv("WANDB_API_KEY", alice)
     assert reconcile_main(["--online", *args, *dirs(tmp_path)]) == 1
-    out = capsys.readouterr().out
-    assert "failed" in out and "refuses run id" in out
+    sweep = compose_sweep([*args, *dirs(tmp_path)])
+    (row,) = reconcile_jobs(sweep.jobs, sweep.ledger.states(), sweep.stage, mode="online",
+                            overrides=[*args, *dirs(tmp_path)])
+    assert row.status == "failed" and "refuses run id" in row.detail
+    assert row.advice.startswith("tmgg-sweep resume ")
+    assert row.advice.endswith(" logger.run_generation=1")
 
-    relaunched = run_module(tmp_path, "tmgg.app", [*args, "logger.run_generation=1"], env)
+    # The advice, run as printed, relaunches the job as run generation 1.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    relaunched = subprocess.run(["bash", "-c", row.advice], cwd=tmp_path, text=True,
+                                capture_output=True, env=env, timeout=600)
     assert relaunched.returncode == 0, relaunched.stderr[-3000:]
     record = job_records(tmp_path)[job.job_id]  # the same job, now finished
     new_id = wandb_run_id(job.job_id, 1)
@@ -312,6 +320,8 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
     run = wandb_server.run(TEAM, project, new_id)
     assert run is not None and (run.state, run.display_name) == ("finished", job.run_name)
     assert reconcile_main(["--online", *args, "logger.run_generation=1", *dirs(tmp_path)]) == 0
+    # A later generation is the job's own run: the stage as declared is ok too.
+    assert reconcile_main(["--online", *args, *dirs(tmp_path)]) == 0
 
 
 # -- sync: tests/test_sync.py (upload, verification, relog, advice) ----------------------

@@ -207,6 +207,7 @@ def _unverified(api: Any, entity: str, project: str, jobs: Sequence[PlannedJob],
     path = f"{entity}/{project}"
     ids = sorted({run_id for job in jobs for run_id in own_run_ids(job)})
     retry = shell_command("tmgg-sweep", "sync", *overrides)
+    fresh(api)
     try:
         runs = {str(run.id): run for run in api.runs(path, filters={"name": {"$in": ids}})}
     except Exception as error:  # noqa: BLE001 - unread is unverified
@@ -237,6 +238,13 @@ def _unverified(api: Any, entity: str, project: str, jobs: Sequence[PlannedJob],
                 job.run_name, f"run {path}/{run.id} logged up to step {run_steps(run)}, the "
                 f"job recorded {steps}", shell_command("tmgg-sweep", "relog", *overrides)))
     return problems
+
+
+def fresh(api: Any) -> None:
+    """``wandb.Api`` keeps every listing it made; a check must ask the server again."""
+    flush = getattr(api, "flush", None)
+    if callable(flush):
+        flush()
 
 
 def report_unverified(problems: Sequence[Unverified], destination: str) -> None:
@@ -365,6 +373,7 @@ def next_generation(api: Any, job: PlannedJob, state: JobState | None) -> int:
     record says was used (a deleted run's id can never be used again)."""
     ids = own_run_ids(job)
     path = f"{job.wandb['entity']}/{job.wandb['project']}"
+    fresh(api)
     try:
         present = {str(run.id) for run in api.runs(path, filters={"name": {"$in": ids}})}
     except ValueError:  # no project yet
