@@ -345,3 +345,4 @@ def test_with_options_takes_every_setting_and_the_image_builds_offline() -> None
                  "RemoteError", "InvalidError", "Error"):
         assert issubclass(getattr(modal.exception, name), Exception), name
     assert not issubclass(modal.exception.OutputExpiredError, TimeoutError)
+    assert isinstance(inspect.getattr_static(modal.FunctionCall, "object_id"), property)

@@ -555,7 +555,7 @@ def test_connection_lost_during_a_blocking_sweep_leaves_jobs_in_flight(
     assert claims.current(ledger.root, state.job_id).released
 
 
-@pytest.mark.parametrize("answer", ["s", "l"])
+@pytest.mark.parametrize("answer", ["s", "l", "second Ctrl-C"])
 def test_ctrl_c_during_a_blocking_sweep_stops_or_leaves_the_calls(
         sweep_dirs: SweepDirs, answer: str) -> None:
     process = subprocess.Popen(
@@ -574,10 +574,18 @@ def test_ctrl_c_during_a_blocking_sweep_stops_or_leaves_the_calls(
         call_id = state.call_id
         assert call_id is not None
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends the launcher
-        assert process.stdin is not None
-        process.stdin.write(answer + "\n")
-        process.stdin.flush()
-        _, stderr = process.communicate(timeout=60)  # exits promptly
+        assert process.stdin is not None and process.stderr is not None
+        if answer == "second Ctrl-C":  # pressed again while asked: stop, at once
+            seen = ""
+            while "[l]eave them running" not in seen:
+                seen += process.stderr.read(1)
+                assert seen or process.poll() is None
+            process.send_signal(signal.SIGINT)
+            answer, stderr = "s", seen + process.communicate(timeout=60)[1]
+        else:
+            process.stdin.write(answer + "\n")
+            process.stdin.flush()
+            _, stderr = process.communicate(timeout=60)  # exits promptly
     finally:
         if process.poll() is None:
             process.kill()

@@ -300,12 +300,19 @@ class _BlockingSweep:
         """Ctrl-C: stop the unfinished calls, or leave them running; record either; exit."""
         import signal
 
+        asking = [False]
+
+        def second_ctrl_c(*_: Any) -> None:
+            if asking[0]:  # answers the question: stop
+                asking[0] = False
+                raise KeyboardInterrupt
+            os._exit(130)  # forced: out now, with what was recorded so far
+
+        signal.signal(signal.SIGINT, second_ctrl_c)
         started = [_started_call_id(self.runner, index) for index in range(len(self.tasks))]
         unfinished = [index for index in range(len(self.tasks)) if index not in self.done]
         leavable = all(started[index] is not None for index in unfinished)
-        answer = _ask_stop_or_leave(len(unfinished), leavable)
-        # A second Ctrl-C from here on forces the exit, with what was recorded so far.
-        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        answer = _ask_stop_or_leave(len(unfinished), leavable, asking)
         stage = next((job.stage for job in self.jobs if job.is_tmgg_job), None)
         for index in unfinished:
             members, _ = self.tasks[index]
@@ -372,12 +379,13 @@ def _started_call_id(runner: Any, index: int) -> str | None:
     return call_id_of(calls[index]) if index < len(calls) else None
 
 
-def _ask_stop_or_leave(unfinished: int, leavable: bool) -> str:
+def _ask_stop_or_leave(unfinished: int, leavable: bool, asking: list[bool]) -> str:
     """Ask (on the terminal) whether to stop the unfinished calls or leave them running.
 
     Default, and the answer without a terminal or after 60 s: stop. A second Ctrl-C
-    while asking answers stop. Calls without a call id (warm local containers) can
-    only be stopped: they end with this process.
+    while asking answers stop (``asking[0]`` is true meanwhile: the SIGINT handler
+    then raises KeyboardInterrupt here). Calls without a call id (warm local
+    containers) can only be stopped: they end with this process.
     """
     import select
 
@@ -387,14 +395,17 @@ def _ask_stop_or_leave(unfinished: int, leavable: bool) -> str:
         print(f"\nInterrupted: stopping {unfinished} unfinished container call(s) (local "
               "containers end with the launcher).", file=sys.stderr, flush=True)
         return "stop"
-    print(f"\nInterrupted: {unfinished} container call(s) are still running. [s]top them "
-          "(default) or [l]eave them running, detached? ", end="", file=sys.stderr,
-          flush=True)
     try:
+        asking[0] = True
+        print(f"\nInterrupted: {unfinished} container call(s) are still running. [s]top "
+              "them (default) or [l]eave them running, detached? ", end="", file=sys.stderr,
+              flush=True)
         readable, _, _ = select.select([sys.stdin], [], [], 60.0)
         line = sys.stdin.readline() if readable else ""
     except (KeyboardInterrupt, OSError, ValueError):
         line = ""
+    finally:
+        asking[0] = False
     print(file=sys.stderr)
     return "leave" if line.strip().lower() in ("l", "leave") else "stop"
 

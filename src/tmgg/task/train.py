@@ -189,8 +189,8 @@ def tests_last_weights(cfg: DictConfig) -> bool:
 def _launcher_callbacks(cfg: DictConfig, output_dir: Path) -> list[Any]:
     """Callbacks a launcher adds from where the job runs, named by TMGG_CALLBACK_FACTORY
     ("module:function", called with (cfg, output_dir)); the Modal launcher commits its
-    volume after every checkpoint this way. Tests' hold at a step (``tmgg.task.hold``)
-    comes this way too."""
+    volume once per validation round, after the round's checkpoints, this way. Tests'
+    hold at a step (``tmgg.task.hold``) comes this way too."""
     from tmgg.task.hold import hold_callbacks
 
     spec = os.environ.get("TMGG_CALLBACK_FACTORY")
