@@ -25,8 +25,8 @@ LAUNCHER ?= local
 GPU ?= T4
 OVERRIDES ?=
 BENCH_OUT ?= /tmp/tmgg-bench
-TRAIN = $(PYTHON) -m tmgg.app
-SWEEP = $(PYTHON) -m tmgg.orchestration.cli
+TRAIN = $(PYTHON) -m tmgg.cli.app
+SWEEP = $(PYTHON) -m tmgg.cli.tmgg_sweep
 ifeq ($(LAUNCHER),modal)
 LAUNCH_ARGS = hydra/launcher=modal hydra.launcher.gpu=$(GPU)
 else
@@ -83,9 +83,9 @@ docs: $(READY)  ## the documentation site from docs/ into site/ (mkdocs build --
 
 # Mutation testing of the core modules ([tool.mutmut] in pyproject.toml lists them and
 # the fast tests that score them); slow, so never part of `make test`. MUTANTS= limits
-# the run to mutant-name globs, e.g. MUTANTS='tmgg.orchestration.ledger*'.
+# the run to mutant-name globs, e.g. MUTANTS='tmgg.jobs.ledger*'.
 MUTANTS ?=
-mutate: $(READY)  ## mutation score of the core (mutmut; MUTANTS='tmgg.orchestration.ledger*' for one module)
+mutate: $(READY)  ## mutation score of the core (mutmut; MUTANTS='tmgg.jobs.ledger*' for one module)
 	$(VENV)/bin/mutmut run $(MUTANTS)
 	$(VENV)/bin/mutmut results
 

@@ -30,7 +30,7 @@ def _configs(root: Path, steps: int) -> list[Any]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
 
     sweep = compose_sweep(["stage=stage1", "seed=1", "logger=csv", f"trainer.max_steps={steps}",
                            f"trainer.val_check_interval={steps}", "trainer.checkpoint=false",

@@ -10,7 +10,7 @@ Hydra's start-up are not timed; only composing and validating every job is):
   both measurements (and got faster too), so the ratio understates the gain over the
   code before issue 13's planning work.
 * **stage 1, now**: the same 108 jobs as ``tmgg-sweep plan`` and ``tmgg-train -m``
-  compose them (``tmgg.orchestration.composer``): one parse of each file for the
+  compose them (``tmgg.jobs.composer``): one parse of each file for the
   sweep, Hydra's full composition once per distinct set of group choices (three for
   stage 1) and each job that composition with its own value overrides.
 * **stage 1, from plan.json**: ``recorded_or_composed_sweep``, what ``reconcile`` and
@@ -48,7 +48,7 @@ TARGET_GRID_S = 30.0
 
 def measure(mode: str, overrides: list[str]) -> dict[str, Any]:
     """In this process: compose ``overrides`` one way and time it (imports excluded)."""
-    from tmgg.orchestration.compose import (
+    from tmgg.jobs.compose import (
         compose_sweep,
         hydra_session,
         load_master_config,
@@ -57,8 +57,8 @@ def measure(mode: str, overrides: list[str]) -> dict[str, Any]:
 
     if mode == "recorded":
         # Record the plan as tmgg-train -m does, then time reading it back.
-        from tmgg.orchestration.compose import compose_jobs
-        from tmgg.orchestration.sweep import record_plan
+        from tmgg.jobs.compose import compose_jobs
+        from tmgg.jobs.sweep import record_plan
 
         with hydra_session() as loader:
             master = load_master_config(loader, overrides)

@@ -103,7 +103,7 @@ def _max_concurrent(records: list[dict[str, Any]]) -> int:
 def run_launcher(launcher: str, root: Path, extra: list[str], timeout: float,
                  threads: int | None) -> LauncherRun:
     experiments, outputs = root / launcher / "experiments", root / launcher / "outputs"
-    command = [sys.executable, "-m", "tmgg.app", "-m", f"stage={STAGE}",
+    command = [sys.executable, "-m", "tmgg.cli.app", "-m", f"stage={STAGE}",
                f"hydra/launcher={launcher}", f"experiments_dir={experiments}",
                f"outputs_dir={outputs}",
                *([f"trainer.num_threads={threads}"] if threads else []), *extra]

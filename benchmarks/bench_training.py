@@ -79,7 +79,7 @@ def compose_job(model: str, k: int, steps: int, val_every: int, root: Path) -> A
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
 
     sweep = compose_sweep([
         "stage=stage1", f"model={model}", f"model.k={k}", "optimizer.lr=1e-3",

@@ -77,8 +77,8 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 600,
 
 
 def tmgg_train(*overrides: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return run_cli(["-m", "tmgg.app", *overrides], **kwargs)
+    return run_cli(["-m", "tmgg.cli.app", *overrides], **kwargs)
 
 
 def tmgg_sweep(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return run_cli(["-m", "tmgg.orchestration.cli", *args], **kwargs)
+    return run_cli(["-m", "tmgg.cli.tmgg_sweep", *args], **kwargs)

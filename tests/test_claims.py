@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from tmgg.orchestration import claims
-from tmgg.orchestration.ledger import FINISHED, LOST, RUNNING, Ledger
-from tmgg.orchestration.records import host
+from tmgg.jobs import claims
+from tmgg.jobs.ledger import FINISHED, LOST, RUNNING, Ledger
+from tmgg.jobs.records import host
 
 JOB = "smoke-0123456789ab"
 

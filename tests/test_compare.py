@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from conftest import REPO
 
-from tmgg.orchestration.ledger import FINISHED, Ledger
-from tmgg.reporting.compare import LEGACY_VALUES, main
+from tmgg.cli.reporting.compare import LEGACY_VALUES, main
+from tmgg.jobs.ledger import FINISHED, Ledger
 
 TINY = ["trainer.max_steps=20", "trainer.val_check_interval=10", "data.val_samples=20",
         "data.test_samples=20", "logger=csv", "optimizer.weight_decay=1e-2", "model.k=8"]
@@ -52,7 +52,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> Stages:
            if k not in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "WANDB_SERVICE")}
     for stage, grid in SWEEPS.items():
         run = subprocess.run(
-            [sys.executable, "-m", "tmgg.app", "-m", f"stage={stage}", *grid, *TINY,
+            [sys.executable, "-m", "tmgg.cli.app", "-m", f"stage={stage}", *grid, *TINY,
              f"experiments_dir={result.experiments}", f"outputs_dir={result.outputs}"],
             cwd=REPO, env={**env, "WANDB_MODE": "offline"}, capture_output=True, text=True,
             timeout=900)

@@ -16,21 +16,21 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from tmgg.orchestration.compose import (
+from tmgg.jobs.compose import (
     compose_jobs,
     compose_sweep,
     hydra_session,
     load_master_config,
     recorded_or_composed_sweep,
 )
-from tmgg.orchestration.composer import (
+from tmgg.jobs.composer import (
     SharedConfigRepository,
     composition_inputs_digest,
     keep_compositions_for_the_sweeper,
     share_config_cache,
 )
-from tmgg.orchestration.plan import PlannedJob, expand_grid
-from tmgg.orchestration.sweep import record_plan
+from tmgg.jobs.plan import PlannedJob, expand_grid
+from tmgg.jobs.sweep import record_plan
 
 
 def _composed(job: PlannedJob) -> dict[str, Any]:

@@ -15,9 +15,9 @@ from conftest import SweepDirs, tmgg_sweep, tmgg_train
 from omegaconf import OmegaConf
 
 from tmgg.config import CONF_DIR
-from tmgg.config_schema import PRECISIONS, SCHEMA, Options, compositions_count
-from tmgg.orchestration.compose import compose_sweep
-from tmgg.orchestration.plan import PlanError
+from tmgg.config.schema import PRECISIONS, SCHEMA, Options, compositions_count
+from tmgg.jobs.compose import compose_sweep
+from tmgg.jobs.plan import PlanError
 
 JOB = "adhoc_linear_pe_lr1e-3_wd1e-2_k8_s1"
 ONE_JOB = ["model=linear_pe", "logger=csv"]

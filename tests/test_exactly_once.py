@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
 
-from tmgg.orchestration import claims
-from tmgg.orchestration.ledger import FINISHED, LOST, RUNNING, Ledger
-from tmgg.orchestration.records import host
+from tmgg.jobs import claims
+from tmgg.jobs.ledger import FINISHED, LOST, RUNNING, Ledger
+from tmgg.jobs.records import host
 
 LOCAL = ["hydra/launcher=local", "hydra.launcher.n_workers=2"]
 TWO_JOBS = ["stage=smoke", "logger=csv", "model=linear_pe"]
@@ -28,9 +28,9 @@ TWO_JOBS = ["stage=smoke", "logger=csv", "model=linear_pe"]
 _HOLDER = """
 import sys, time
 from pathlib import Path
-from tmgg.orchestration import claims
-from tmgg.orchestration.ledger import Ledger
-from tmgg.orchestration.records import utc_now
+from tmgg.jobs import claims
+from tmgg.jobs.ledger import Ledger
+from tmgg.jobs.records import utc_now
 
 ledger = Ledger(sys.argv[1], "smoke")
 job_id, run_name = sys.argv[2], sys.argv[3]
@@ -127,7 +127,7 @@ def test_a_detached_call_in_flight_is_polled_not_sent_again(sweep_dirs: SweepDir
             second.stderr[-3000:]
     deadline = time.time() + 300
     while time.time() < deadline:
-        from tmgg.launch.modal_calls import poll_detached
+        from tmgg.launch.modal.calls import poll_detached
 
         poll_detached(ledger)
         if {s.status for s in ledger.states().values()} == {FINISHED}:
@@ -185,7 +185,7 @@ def _history_span(run_file: Path) -> tuple[float, float] | None:
     """First and last ``_timestamp`` of the history rows in a wandb run file."""
     from wandb.proto import wandb_internal_pb2
 
-    from tmgg.orchestration.reconcile import iter_records
+    from tmgg.cli.reconcile import iter_records
 
     stamps = []
     for payload in iter_records(run_file.read_bytes()):
@@ -200,15 +200,15 @@ def _history_span(run_file: Path) -> tuple[float, float] | None:
 @pytest.mark.slow
 def test_chaos_two_sweeps_kills_and_resume_run_every_job_exactly_once(
         sweep_dirs: SweepDirs) -> None:
-    from tmgg.identity import wandb_run_id
-    from tmgg.orchestration.reconcile import read_run_file, run_files
+    from tmgg.cli.reconcile import read_run_file, run_files
+    from tmgg.config.identity import wandb_run_id
 
     # Job by job (fuse=off): with fused groups the first sweep claims all six jobs in
     # two tasks and the second never runs one; this test races claims job against job.
     overrides = ["stage=smoke", "logger.mode=offline", f"trainer.max_steps={CHAOS_STEPS}",
                  f"trainer.val_check_interval={CHAOS_CHECKPOINT}", "hydra.launcher.fuse=off",
                  *sweep_dirs.overrides]
-    command = [sys.executable, "-m", "tmgg.app", "-m", *overrides, *LOCAL]
+    command = [sys.executable, "-m", "tmgg.cli.app", "-m", *overrides, *LOCAL]
     logs = [sweep_dirs.root / f"sweep{n}.log" for n in (1, 2)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     sweeps = [subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
 
-from tmgg.orchestration import claims
-from tmgg.orchestration.ledger import FINISHED, LOST, RUNNING, SKIPPED, Ledger
-from tmgg.orchestration.records import host
+from tmgg.jobs import claims
+from tmgg.jobs.ledger import FINISHED, LOST, RUNNING, SKIPPED, Ledger
+from tmgg.jobs.records import host
 
 JOB = "smoke-0123456789ab"
 CHEAP = ["stage=smoke", "logger=csv", "trainer.max_steps=20", "trainer.val_check_interval=10",
@@ -33,9 +33,9 @@ SUBMITIT_LOCAL = ["hydra/launcher=submitit_local_tmgg"]
 # as a worker does, renews its claim, and stays alive until killed.
 HOLDER = """
 import sys, time
-from tmgg.orchestration import claims
-from tmgg.orchestration.ledger import Ledger
-from tmgg.orchestration.records import utc_now
+from tmgg.jobs import claims
+from tmgg.jobs.ledger import Ledger
+from tmgg.jobs.records import utc_now
 
 ledger = Ledger(sys.argv[1], "smoke")
 job_id, run_name = sys.argv[2], sys.argv[3]
@@ -211,7 +211,7 @@ def test_a_holder_paused_past_its_lease_stops_and_writes_nothing(sweep_dirs: Swe
                  *sweep_dirs.overrides]
     (job,) = _plan(overrides)
     ledger = Ledger(sweep_dirs.experiments, "smoke")
-    command = " ".join([sys.executable, "-m", "tmgg.app", "-m", *overrides,
+    command = " ".join([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides,
                         "hydra/launcher=basic"])
     sweep_a = subprocess.Popen(["unshare", "--uts", "sh", "-c",
                                 f"hostname paused-node && exec {command}"],
@@ -331,7 +331,7 @@ def test_a_fused_member_that_loses_its_claim_stops_alone(tmp_path: Path) -> None
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
     from tmgg.task.fused import FusedMember, run_fused_training
 
     sweep = compose_sweep([*CHEAP, "seed=1", "model=linear_pe,filter_bank",

@@ -36,8 +36,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from tmgg.orchestration import claims
-from tmgg.orchestration.ledger import FINISHED, Ledger
+from tmgg.jobs import claims
+from tmgg.jobs.ledger import FINISHED, Ledger
 
 LEASE_S = 60.0
 STEPS_TO_FINISH = 3

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from conftest import SweepDirs, tmgg_sweep, tmgg_train
 
-from tmgg.launch.modal_calls import CancelRefused, cancel_call, local_calls_dir, write_call_record
-from tmgg.launch.modal_settings import ModalSettings
-from tmgg.launch.process_identity import ProcessIdentity
-from tmgg.orchestration.compose import compose_sweep
-from tmgg.orchestration.ledger import FAILED, Ledger
-from tmgg.orchestration.sweep import record_dispatched, record_plan
+from tmgg.jobs.compose import compose_sweep
+from tmgg.jobs.ledger import FAILED, Ledger
+from tmgg.jobs.process_identity import ProcessIdentity
+from tmgg.jobs.sweep import record_dispatched, record_plan
+from tmgg.launch.modal.calls import CancelRefused, cancel_call, local_calls_dir, write_call_record
+from tmgg.launch.modal.settings import ModalSettings
 
 CALL_ID = "local-fc-0123456789abcdef0123"
 
@@ -99,7 +99,7 @@ def test_cancel_never_signals_a_process_named_by_a_crafted_file(
             cancel_call(CALL_ID, detached_job.root)
         # Claiming the call's command line does not help: the live process is not it.
         forged = dataclasses.replace(identity, argv=(
-            "python", "-m", "tmgg.launch.modal_transport", "local-call", str(calls), CALL_ID))
+            "python", "-m", "tmgg.launch.modal.transport", "local-call", str(calls), CALL_ID))
         (calls / f"{CALL_ID}.proc.json").write_text(json.dumps(forged.to_json()))
         with pytest.raises(CancelRefused, match="no longer the one that was started"):
             cancel_call(CALL_ID, detached_job.root)

@@ -144,7 +144,7 @@ def _quiet_free_env() -> dict[str, str]:
 def test_a_smoke_sweep_prints_a_line_per_job_and_wandb_goes_to_each_jobs_log(
         sweep_dirs: SweepDirs) -> None:
     env = _quiet_free_env()
-    result = subprocess.run([sys.executable, "-m", "tmgg.app", "-m", "stage=smoke", *TINY,
+    result = subprocess.run([sys.executable, "-m", "tmgg.cli.app", "-m", "stage=smoke", *TINY,
                              *sweep_dirs.overrides], cwd=REPO, env=env, text=True,
                             capture_output=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -164,7 +164,7 @@ def test_a_smoke_sweep_prints_a_line_per_job_and_wandb_goes_to_each_jobs_log(
 def test_ctrl_c_stops_the_sweep_cleanly_with_the_resume_command(sweep_dirs: SweepDirs) -> None:
     overrides = ["stage=smoke", "logger=csv", "trainer.max_steps=5000",
                  "trainer.val_check_interval=1000", *sweep_dirs.overrides]
-    process = subprocess.Popen([sys.executable, "-m", "tmgg.app", "-m", *overrides], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # its own group, as a terminal's job
     jobs = sweep_dirs.experiments / "smoke" / "jobs"
@@ -221,7 +221,7 @@ def test_status_counts_the_current_grid_and_other_records_apart(sweep_dirs: Swee
         (row,) = [line for line in lines if f" {name} " in line]  # whole, on one line
         assert ("not in" in row) == name.endswith("_s2")  # its note (folded)
 
-    watch = subprocess.Popen([sys.executable, "-m", "tmgg.orchestration.cli", "status",
+    watch = subprocess.Popen([sys.executable, "-m", "tmgg.cli.tmgg_sweep", "status",
                               "--watch", "0.5", "--summary", *narrow], cwd=REPO, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert watch.stdout is not None
@@ -255,8 +255,8 @@ def test_the_live_line_counts_jobs_steps_and_an_eta() -> None:
 
     from hydra.core.utils import JobReturn, JobStatus
 
+    from tmgg.jobs.plan import PlannedJob
     from tmgg.launch.sweep_console import SweepConsole
-    from tmgg.orchestration.plan import PlannedJob
 
     jobs = [PlannedJob(index=i, job_id=f"smoke-{i}", run_name=f"smoke_{i}", stage="smoke",
                        overrides=[], sweep_config=None,

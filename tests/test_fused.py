@@ -20,8 +20,8 @@ import pytest
 from conftest import REPO
 from omegaconf import DictConfig, OmegaConf
 
-from tmgg.orchestration.fusion import balance_groups, fusion_settings, group_jobs
-from tmgg.orchestration.plan import PlanError
+from tmgg.jobs.fusion import balance_groups, fusion_settings, group_jobs
+from tmgg.jobs.plan import PlanError
 
 # A fused member's weights and losses differ from its solo run's by float32
 # reassociation inside the batched matmuls (measured: under 1e-7); the bound held here.
@@ -37,7 +37,7 @@ STEPS = ["trainer.max_steps=20", "trainer.val_check_interval=10", "data.val_samp
 def _compose(*overrides: str) -> Any:
     from hydra.core.hydra_config import HydraConfig
 
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
 
     sweep = compose_sweep(list(overrides))
     HydraConfig.instance().cfg = None  # jobs below run outside a Hydra job
@@ -279,8 +279,8 @@ def test_test_checkpoint_last_tests_the_final_weights(legacy_sweep: Sweep) -> No
 
 def test_each_member_has_its_own_wandb_run_at_the_pinned_destination(
         fused: list[Any]) -> None:
-    from tmgg.identity import wandb_run_id
-    from tmgg.orchestration.reconcile import read_run_file, run_files
+    from tmgg.cli.reconcile import read_run_file, run_files
+    from tmgg.config.identity import wandb_run_id
 
     for member in fused:
         files = run_files(member.output_dir)
@@ -300,7 +300,7 @@ def test_each_members_run_lists_the_installed_packages_as_a_solo_run_does(
     every run's requirements.txt is still the whole environment, as wandb writes it."""
     import wandb.util
 
-    from tmgg.orchestration.reconcile import run_files
+    from tmgg.cli.reconcile import run_files
 
     expected = {f"{d.key}=={d.version}" for d in wandb.util.working_set()}
     assert any(line.startswith("torch==") for line in expected)

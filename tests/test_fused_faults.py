@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import SweepDirs, tmgg_train
 
-from tmgg.orchestration.ledger import FAILED, FINISHED, Ledger
+from tmgg.jobs.ledger import FAILED, FINISHED, Ledger
 
 # The issue's repro, with the step budget each assertion needs: lr 1e30's loss is NaN
 # by its third step (global step 2).
@@ -76,7 +76,7 @@ def preempt_at_step(cfg: Any, output_dir: Path) -> list[Any]:
 def _two_jobs(root: Path) -> list[Any]:
     from omegaconf import OmegaConf
 
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
 
     sweep = compose_sweep(["stage=smoke", "seed=1", "model=linear_pe",
                            "optimizer.lr=1e-3,5e-3", "trainer.max_steps=6",
@@ -152,7 +152,7 @@ def test_a_sigkilled_worker_of_a_fused_group_fails_each_member_and_resume_contin
            "TMGG_TEST_HOLD_FILE": str(hold)}
     log_path = tmp_path / "sweep.log"
     with log_path.open("w") as log:
-        sweep = subprocess.Popen([sys.executable, "-m", "tmgg.app", "-m", *overrides,
+        sweep = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides,
                                   "hydra.launcher.n_workers=1",
                                   "hydra.launcher.worker_crash_retries=0"],
                                  cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from conftest import SweepDirs, run_cli, tmgg_sweep, tmgg_train
 
+from tmgg.jobs.ledger import CANCELLED, FAILED, FINISHED, Ledger
 from tmgg.launch.cost import group_time_factor, plan_estimates
-from tmgg.orchestration.ledger import CANCELLED, FAILED, FINISHED, Ledger
 
 SWEEP = ["stage=smoke", "model=linear_pe,filter_bank", "logger=csv", "trainer.max_steps=20",
          "trainer.val_check_interval=10", "data.val_samples=50", "data.test_samples=50"]
@@ -95,8 +95,8 @@ def test_modal_runs_one_container_call_per_fused_group(sweep_dirs: SweepDirs,
 
 def test_modal_fuse_off_plans_a_container_per_job_and_bad_settings_are_refused(
         sweep_dirs: SweepDirs) -> None:
-    from tmgg.launch.modal_settings import ModalSettings
-    from tmgg.orchestration.plan import PlanError
+    from tmgg.jobs.plan import PlanError
+    from tmgg.launch.modal.settings import ModalSettings
 
     with pytest.raises(PlanError, match=r"hydra\.launcher\.fuse:"):
         ModalSettings.from_params({"transport": "local", "fuse": "always"})
@@ -118,7 +118,7 @@ def test_modal_fuse_off_plans_a_container_per_job_and_bad_settings_are_refused(
 
 
 def test_the_plan_and_cost_count_containers(sweep_dirs: SweepDirs) -> None:
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
 
     sweep = compose_sweep([*SWEEP, "hydra/launcher=modal", "hydra.launcher.gpu=T4",
                            *sweep_dirs.overrides])
@@ -171,7 +171,7 @@ def test_detached_fused_groups_are_one_call_each_folded_and_cancelled_per_member
         time.sleep(0.5)
     (first,) = [call for call, out in outs.items() if out.exists()]
     # `tmgg-sweep status` folds the one call's result into both members' records.
-    status = run_cli(["-m", "tmgg.orchestration.cli", "status", "--json", "stage=smoke",
+    status = run_cli(["-m", "tmgg.cli.tmgg_sweep", "status", "--json", "stage=smoke",
                       *sweep_dirs.overrides])
     assert status.returncode == 0, status.stderr
     folded = [s for s in ledger.states().values() if s.status == FINISHED]
@@ -179,7 +179,7 @@ def test_detached_fused_groups_are_one_call_each_folded_and_cancelled_per_member
     for state in folded:
         assert state.metrics["job_id"] == state.job_id and state.metrics["fused_members"] == 2
         assert state.record["modal"]["call_id"] == first
-    cancel = run_cli(["-m", "tmgg.orchestration.cli", "cancel", "stage=smoke",
+    cancel = run_cli(["-m", "tmgg.cli.tmgg_sweep", "cancel", "stage=smoke",
                       *sweep_dirs.overrides])
     assert cancel.returncode == 0, cancel.stderr
     assert "1 call(s) cancelled" in cancel.stdout
@@ -213,7 +213,7 @@ def test_a_lost_group_container_resumes_each_member_from_its_checkpoint(
             *sweep_dirs.overrides]
     log_path = tmp_path / "sweep.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "tmgg.app", *args], cwd=REPO,
+        process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", *args], cwd=REPO,
                                    stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
@@ -296,7 +296,7 @@ def test_slurm_array_has_one_task_per_group_and_its_time_covers_the_group(
     overrides = ["stage=stage1", "hydra/launcher=slurm", "model=linear_pe,filter_bank",
                  "optimizer.lr=1e-3", "optimizer.weight_decay=1e-2", "model.k=8", "seed=1,2",
                  *sweep_dirs.overrides]
-    result = subprocess.run([sys.executable, "-m", "tmgg.app", "-m", *overrides], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     (script,) = calls.glob("*.sh")

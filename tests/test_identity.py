@@ -15,7 +15,12 @@ import pytest
 from conftest import tmgg_sweep, tmgg_train
 from omegaconf import OmegaConf
 
-from tmgg.identity import (
+from tmgg.cli.commands import status_main
+from tmgg.cli.reconcile import main as reconcile_main
+from tmgg.cli.reconcile import reconcile_jobs
+from tmgg.cli.reporting.report import REPORT_FILE
+from tmgg.cli.reporting.report import main as report_main
+from tmgg.config.identity import (
     config_job_id,
     identity_config,
     job_id_for,
@@ -23,14 +28,9 @@ from tmgg.identity import (
     legacy_job_id,
     wandb_run_id,
 )
-from tmgg.orchestration.commands import status_main
-from tmgg.orchestration.compose import compose_sweep
-from tmgg.orchestration.ledger import FAILED, FINISHED, JobState, Ledger
-from tmgg.orchestration.plan import PlanError
-from tmgg.orchestration.reconcile import main as reconcile_main
-from tmgg.orchestration.reconcile import reconcile_jobs
-from tmgg.reporting.report import REPORT_FILE
-from tmgg.reporting.report import main as report_main
+from tmgg.jobs.compose import compose_sweep
+from tmgg.jobs.ledger import FAILED, FINISHED, JobState, Ledger
+from tmgg.jobs.plan import PlanError
 
 TASK = {
     "model": {"name": "linear_pe", "k": 8},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import SweepDirs, run_cli, tmgg_sweep
 
-from tmgg.orchestration.ledger import Ledger
+from tmgg.jobs.ledger import Ledger
 
 
 def _event(number: int) -> dict:
@@ -91,7 +91,7 @@ def test_writer_killed_inside_append_many(sweep_dirs: SweepDirs) -> None:
     ledger.append(_event(1))
     code = textwrap.dedent(f"""
         import os, signal
-        from tmgg.orchestration.ledger import Ledger
+        from tmgg.jobs.ledger import Ledger
         real_write = os.write
         def write_then_die(fd, data):
             real_write(fd, bytes(data[:len(data) // 2 + 20]))  # 2nd line torn

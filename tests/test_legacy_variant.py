@@ -241,7 +241,7 @@ def test_defaults_are_todays_task_and_each_legacy_option_changes_the_job_id(
         tmp_path: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
 
     # An empty ledger: the config ids themselves (stage 1's records are pinned apart).
     base = ["stage=stage1", "model=self_attention", "optimizer.lr=1e-3",
@@ -266,8 +266,8 @@ def test_defaults_are_todays_task_and_each_legacy_option_changes_the_job_id(
 def test_model_and_objective_options_fuse_and_data_options_split_the_stream() -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tmgg.orchestration.compose import compose_sweep
-    from tmgg.orchestration.fusion import stream_key
+    from tmgg.jobs.compose import compose_sweep
+    from tmgg.jobs.fusion import stream_key
 
     sweep = compose_sweep(["stage=smoke", "seed=1", "model=self_attention"])
     HydraConfig.instance().cfg = None
@@ -283,8 +283,8 @@ def test_model_and_objective_options_fuse_and_data_options_split_the_stream() ->
 
 
 def test_bad_values_are_refused_naming_the_field() -> None:
-    from tmgg.orchestration.compose import compose_sweep
-    from tmgg.orchestration.plan import PlanError
+    from tmgg.jobs.compose import compose_sweep
+    from tmgg.jobs.plan import PlanError
 
     for override, field in (("data.self_loops=1", "data.self_loops"),
                             ("data.test_split=overlap", "data.test_split"),
@@ -305,9 +305,9 @@ NEW_STAGES = {"stage1_legacy": 108, "stage1b": 144,
 def test_issue14_stages_plan_unique_jobs_at_the_team_destination(tmp_path: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tmgg.orchestration.compose import compose_sweep
-    from tmgg.reporting.compare import LEGACY_VALUES
-    from tmgg.reporting.report import select
+    from tmgg.cli.reporting.compare import LEGACY_VALUES
+    from tmgg.cli.reporting.report import select
+    from tmgg.jobs.compose import compose_sweep
 
     for stage, count in NEW_STAGES.items():
         jobs = compose_sweep([f"stage={stage}", f"experiments_dir={tmp_path}"]).jobs

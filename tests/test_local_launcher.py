@@ -16,11 +16,11 @@ from conftest import REPO, SweepDirs, run_cli, tmgg_sweep, tmgg_train
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
+from tmgg.jobs.ledger import DISPATCHED, FAILED, FINISHED, LOST, RUNNING, Ledger
+from tmgg.jobs.plan import PlannedJob
+from tmgg.jobs.sweep import record_lost_job
 from tmgg.launch.local import worker_crash
 from tmgg.launch.worker_pool import Died
-from tmgg.orchestration.ledger import DISPATCHED, FAILED, FINISHED, LOST, RUNNING, Ledger
-from tmgg.orchestration.plan import PlannedJob
-from tmgg.orchestration.sweep import record_lost_job
 
 LOCAL = ["hydra/launcher=local", "hydra.launcher.n_workers=2"]
 
@@ -187,7 +187,7 @@ def test_sigkill_then_resume_runs_exactly_the_unfinished_jobs(sweep_dirs: SweepD
                  "hydra/launcher=local", "hydra.launcher.n_workers=1", *sweep_dirs.overrides]
     release = sweep_dirs.root / "release"
     env = {**os.environ, "TMGG_TEST_HOLD_AT_STEP": "2", "TMGG_TEST_HOLD_FILE": str(release)}
-    process = subprocess.Popen([sys.executable, "-m", "tmgg.app", "-m", *overrides], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True, env=env)
     ledger = Ledger(sweep_dirs.experiments, "smoke")
@@ -253,7 +253,7 @@ import probe
 from hydra import compose, initialize_config_dir
 
 from tmgg.config import CONF_DIR
-from tmgg.orchestration.hydra_callbacks import LocalWorkersCallback
+from tmgg.jobs.hydra_callbacks import LocalWorkersCallback
 
 with initialize_config_dir(str(CONF_DIR), version_base=None):
     cfg = compose("train", overrides=sys.argv[2:], return_hydra_config=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from packaging.markers import Marker
 
-from tmgg.lockfile import (
+from tmgg.config.lockfile import (
     REQUIREMENTS_LOCK,
     TORCH_LOCK,
     UV_LOCK,
@@ -88,8 +88,9 @@ def test_a_pin_without_hashes_fails_the_check(tmp_path: Path) -> None:
 
 def test_checked_versions_are_the_locked_ones() -> None:
     """Moving wandb or modal in the lock fails here until the code is re-checked."""
-    from tmgg.launch import modal_app, modal_transport
-    from tmgg.orchestration import reconcile
+    from tmgg.cli import reconcile
+    from tmgg.launch.modal import app as modal_app
+    from tmgg.launch.modal import transport as modal_transport
     from tmgg.task import loggers, wandb_guard
 
     wandb = locked_version("wandb", REQUIREMENTS_LOCK)
@@ -102,7 +103,7 @@ def test_image_build_warns_when_local_pickle_packages_are_not_the_locked_ones(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from importlib import metadata
 
-    from tmgg.launch import modal_app
+    from tmgg.launch.modal import app as modal_app
 
     local = metadata.version("omegaconf")
     lock = tmp_path / "requirements.lock"
@@ -130,7 +131,7 @@ def _checkout_copy(destination: Path) -> Path:
 
 _IMAGE_PROBE = """
 import json
-from tmgg.launch.modal_app import ImageSources, build_image
+from tmgg.launch.modal.app import ImageSources, build_image
 sources = ImageSources.installed()
 build_image(sources)
 print(json.dumps({"lock": str(sources.requirements_lock), "torch": str(sources.torch_lock),

@@ -26,16 +26,16 @@ import pytest
 from conftest import SweepDirs
 from hydra.core.utils import JobReturn, JobStatus
 
-from tmgg.launch import modal_calls
-from tmgg.launch.modal_calls import PENDING, cancel_main, poll_detached, write_call_record
-from tmgg.launch.modal_results import LAUNCHER
-from tmgg.launch.modal_settings import ModalSettings
-from tmgg.launch.modal_transport import CallInFlight, _ModalRunner, client_error_cause
-from tmgg.orchestration import claims
-from tmgg.orchestration.executor import serialize
-from tmgg.orchestration.ledger import CANCELLED, DISPATCHED, FAILED, FINISHED, Ledger
-from tmgg.orchestration.plan import PlannedJob
-from tmgg.orchestration.sweep import ledger_for, record_dispatched
+from tmgg.jobs import claims
+from tmgg.jobs.ledger import CANCELLED, DISPATCHED, FAILED, FINISHED, Ledger
+from tmgg.jobs.plan import PlannedJob
+from tmgg.jobs.sweep import ledger_for, record_dispatched
+from tmgg.launch.modal import calls as modal_calls
+from tmgg.launch.modal.calls import PENDING, cancel_main, poll_detached, write_call_record
+from tmgg.launch.modal.results import LAUNCHER
+from tmgg.launch.modal.settings import ModalSettings
+from tmgg.launch.modal.transport import CallInFlight, _ModalRunner, client_error_cause
+from tmgg.run.executor import serialize
 
 MODAL = ModalSettings(transport="modal", wandb_secret=None)
 RUNNING = "running"  # a call's answer while it runs
@@ -105,7 +105,7 @@ def modal_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> StandInClie
 
 @pytest.fixture(scope="module")
 def smoke_jobs() -> list[PlannedJob]:
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
 
     return list(compose_sweep(["stage=smoke", "hydra/launcher=modal",
                                "hydra.launcher.fuse=off", "logger=csv"]).jobs)
@@ -329,7 +329,7 @@ def test_modal_signatures_accept_tmggs_calls(function: Any, args: tuple, kwargs:
 def test_with_options_takes_every_setting_and_the_image_builds_offline() -> None:
     """The function as the launcher configures it, built for real (nothing talks to
     Modal before app.run); every exception class tmgg sorts exists."""
-    from tmgg.launch.modal_app import CONTAINER_CONF_DIR, CONTAINER_ROOT, build_app
+    from tmgg.launch.modal.app import CONTAINER_CONF_DIR, CONTAINER_ROOT, build_app
 
     built = build_app("tmgg", "tmgg-outputs", "wandb", timeout_s=600)
     settings = ModalSettings(gpu="A100-80GB", max_containers=4, wandb_secret="wandb")

@@ -22,16 +22,16 @@ import pytest
 from conftest import REPO, SweepDirs, run_cli, tmgg_sweep, tmgg_train
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
-from tmgg.identity import wandb_run_id
+from tmgg.config.identity import wandb_run_id
+from tmgg.jobs import claims
+from tmgg.jobs.ledger import CANCELLED, FAILED, FINISHED, IN_FLIGHT, Ledger
+from tmgg.jobs.process_identity import ProcessIdentity
 from tmgg.launch import snapshot_volume
 from tmgg.launch.cost import LauncherSettingError, normalize_gpu, plan_estimates
-from tmgg.launch.modal_calls import local_call_process, poll_detached
-from tmgg.launch.modal_settings import ModalSettings
-from tmgg.launch.modal_transport import LocalContainers
-from tmgg.launch.process_identity import ProcessIdentity
-from tmgg.orchestration import claims
-from tmgg.orchestration.executor import JobFailure, serialize
-from tmgg.orchestration.ledger import CANCELLED, FAILED, FINISHED, IN_FLIGHT, Ledger
+from tmgg.launch.modal.calls import local_call_process, poll_detached
+from tmgg.launch.modal.settings import ModalSettings
+from tmgg.launch.modal.transport import LocalContainers
+from tmgg.run.executor import JobFailure, serialize
 
 LOCAL = ["hydra/launcher=modal", "hydra.launcher.transport=local"]
 ONE_CONTAINER = [*LOCAL, "hydra.launcher.local_containers=1"]
@@ -98,7 +98,7 @@ def test_smoke_stage_finishes_with_every_job_in_the_ledger(sweep_dirs: SweepDirs
 
 FAILING_APP = """
 import hydra
-from tmgg.app import train
+from tmgg.cli.app import train
 from tmgg.config import CONF_DIR
 
 
@@ -140,7 +140,7 @@ def test_killed_job_resumes_from_its_checkpoint_with_the_same_wandb_run(
             "trainer.max_steps=300", "trainer.val_check_interval=20", *LOCAL,
             f"hydra.launcher.local_volume_dir={volume}", *sweep_dirs.overrides]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "tmgg.app", *args], cwd=REPO, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", *args], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 240
@@ -155,7 +155,7 @@ def test_killed_job_resumes_from_its_checkpoint_with_the_same_wandb_run(
     (job_dir,) = list(volume.glob("outputs/smoke/*"))
     assert not (job_dir / "metrics.json").exists()  # killed mid-training
 
-    rerun = run_cli(["-m", "tmgg.app", *args], env={"WANDB_MODE": "offline"})
+    rerun = run_cli(["-m", "tmgg.cli.app", *args], env={"WANDB_MODE": "offline"})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     metrics = json.loads((job_dir / "metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 20 and metrics["global_step"] == 300
@@ -259,7 +259,7 @@ def test_gpu_names() -> None:
 
 
 def test_a10g_plans_as_a10_and_the_plan_compares_cpu_only(sweep_dirs: SweepDirs) -> None:
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
 
     sweep = compose_sweep(["stage=smoke", "hydra/launcher=modal", "hydra.launcher.gpu=A10G",
                            "hydra.launcher.fuse=off", *sweep_dirs.overrides])
@@ -289,7 +289,7 @@ def test_modal_transport_without_credentials_fails_fast(sweep_dirs: SweepDirs,
                                                         tmp_path: Path) -> None:
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "tmgg.app", "-m", "stage=smoke", "logger=csv",
+        [sys.executable, "-m", "tmgg.cli.app", "-m", "stage=smoke", "logger=csv",
          "hydra/launcher=modal", *sweep_dirs.overrides],
         cwd=REPO, env=_no_modal_env(tmp_path / "home"), text=True, capture_output=True,
         timeout=60)
@@ -303,7 +303,7 @@ def test_modal_transport_without_credentials_fails_fast(sweep_dirs: SweepDirs,
 MISSING_SECRET_APP = """
 import modal
 
-from tmgg.app import main
+from tmgg.cli.app import main
 
 
 class MissingSecret:
@@ -423,7 +423,7 @@ class _SpawningFunction:
 
 def test_modal_runner_yields_each_output_as_its_call_finishes() -> None:
     """One slow job holds back no finished one, and a failure stays pinned on its input."""
-    from tmgg.launch.modal_transport import _ModalRunner
+    from tmgg.launch.modal.transport import _ModalRunner
 
     lost = RuntimeError("container lost")
     inputs = [((1.0, b"slow"), "vol"), ((0.0, lost), "vol"), ((0.3, b"fast"), "vol")]
@@ -460,7 +460,7 @@ def test_detached_sweep_is_polled_and_cancelled(sweep_dirs: SweepDirs) -> None:
         time.sleep(0.2)
     assert held() == 2
     # The first job finished, the second is held at step 1. Cancel it.
-    cancel = run_cli(["-m", "tmgg.orchestration.cli", "cancel", "stage=smoke",
+    cancel = run_cli(["-m", "tmgg.cli.tmgg_sweep", "cancel", "stage=smoke",
                       *sweep_dirs.overrides])
     assert cancel.returncode == 0, cancel.stderr
     states = sorted(ledger.states().values(), key=lambda s: s.status)
@@ -479,7 +479,7 @@ def test_detached_sweep_is_polled_and_cancelled(sweep_dirs: SweepDirs) -> None:
 
 def test_credentials_are_read_from_the_modal_config_file(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from tmgg.launch.modal_settings import modal_credentials_available
+    from tmgg.launch.modal.settings import modal_credentials_available
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("MODAL_CONFIG_PATH", raising=False)
@@ -492,8 +492,8 @@ def test_credentials_are_read_from_the_modal_config_file(tmp_path: Path,
 
 
 def test_wandb_jobs_on_modal_need_the_secret() -> None:
-    from tmgg.launch.modal_settings import check_wandb_secret
-    from tmgg.orchestration.plan import PlannedJob
+    from tmgg.jobs.plan import PlannedJob
+    from tmgg.launch.modal.settings import check_wandb_secret
 
     def job(logger: dict) -> PlannedJob:
         return PlannedJob(index=0, job_id="smoke-0", run_name="smoke_x", stage="smoke",
@@ -559,7 +559,7 @@ def test_connection_lost_during_a_blocking_sweep_leaves_jobs_in_flight(
 def test_ctrl_c_during_a_blocking_sweep_stops_or_leaves_the_calls(
         sweep_dirs: SweepDirs, answer: str) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "tmgg.app", *ONE_LOCAL_CALL, "trainer.max_steps=100000",
+        [sys.executable, "-m", "tmgg.cli.app", *ONE_LOCAL_CALL, "trainer.max_steps=100000",
          "trainer.val_check_interval=50", *sweep_dirs.overrides],
         cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

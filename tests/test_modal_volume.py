@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from conftest import REPO, SweepDirs, run_cli
 
+from tmgg.jobs import claims
+from tmgg.jobs.ledger import FINISHED, Ledger
 from tmgg.launch import snapshot_volume
-from tmgg.orchestration import claims
-from tmgg.orchestration.ledger import FINISHED, Ledger
 
 LOCAL = ["hydra/launcher=modal", "hydra.launcher.transport=local"]
 

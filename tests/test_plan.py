@@ -11,8 +11,9 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from tmgg.cli.reporting.report import REPORT_FILE, write_report
 from tmgg.config import CONF_DIR
-from tmgg.identity import (
+from tmgg.config.identity import (
     config_job_id,
     identity_config,
     job_suffix,
@@ -20,11 +21,10 @@ from tmgg.identity import (
     short_float,
     wandb_run_id,
 )
-from tmgg.orchestration.compose import compose_sweep, hydra_session
-from tmgg.orchestration.ledger import FINISHED, Ledger
-from tmgg.orchestration.plan import PlanError
-from tmgg.orchestration.sweep import split_finished
-from tmgg.reporting.report import REPORT_FILE, write_report
+from tmgg.jobs.compose import compose_sweep, hydra_session
+from tmgg.jobs.ledger import FINISHED, Ledger
+from tmgg.jobs.plan import PlanError
+from tmgg.jobs.sweep import split_finished
 
 COMMITTED = REPO / "experiments"
 
@@ -140,14 +140,14 @@ def test_plan_cli_json_lists_jobs_and_dispatches_nothing(sweep_dirs: SweepDirs) 
     assert "noise.levels" in refused.stderr and "smoke_linear_pe" in refused.stderr
 
 
-@pytest.mark.parametrize("module", ["tmgg.launch.cost", "tmgg.orchestration.wandb_check"])
+@pytest.mark.parametrize("module", ["tmgg.launch.cost", "tmgg.jobs.wandb_check"])
 def test_plan_refuses_when_a_check_cannot_run(module: str, sweep_dirs: SweepDirs,
                                               monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """A destination or cost check that cannot be imported is not skipped silently."""
     import sys
 
-    from tmgg.orchestration.commands import plan_main
+    from tmgg.cli.commands import plan_main
 
     monkeypatch.setitem(sys.modules, module, None)  # what a broken import looks like
     assert plan_main(["stage=smoke", *sweep_dirs.overrides]) == 2

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from conftest import REPO
 
-from tmgg.orchestration.ledger import Ledger
+from tmgg.jobs.ledger import Ledger
 
 # --------------------------------------------------------------------------- stacked bank
 
@@ -160,7 +160,7 @@ def test_an_append_after_a_torn_line_starts_a_line_of_its_own_on_disk(tmp_path: 
 # One process of the race: appends its events one call at a time once the go file exists.
 APPENDER = textwrap.dedent("""
     import os, sys, time
-    from tmgg.orchestration.ledger import Ledger
+    from tmgg.jobs.ledger import Ledger
     root, writer, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     while not os.path.exists(go):
         time.sleep(0.005)
@@ -177,7 +177,7 @@ APPENDER = textwrap.dedent("""
 # more bytes and dies (os._exit: its lock goes with it), its line torn.
 DYING_WRITER = textwrap.dedent("""
     import os, sys, time
-    from tmgg.orchestration.ledger import Ledger
+    from tmgg.jobs.ledger import Ledger
     root, go, appenders = sys.argv[1], sys.argv[2], int(sys.argv[3])
     real_write = os.write
     pieces = []
@@ -271,7 +271,7 @@ def offline_run(wandb_server: Any, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("offline_run")
     args = [*TINY, "logger.mode=offline", "logger.project=sync_refused",
             f"logger.base_url={wandb_server.base_url}"]
-    ran = _run_module(root, "tmgg.app", args, online_env(root, None))
+    ran = _run_module(root, "tmgg.cli.app", args, online_env(root, None))
     assert ran.returncode == 0, ran.stderr[-3000:]
     return root, args
 
@@ -286,7 +286,7 @@ def test_sync_exits_non_zero_when_the_uploader_fails(wandb_server: Any,
 
     root, args = offline_run
     env = online_env(root, None, NETRC=str(root / "no-netrc"), HOME=str(root / "home"))
-    synced = subprocess.run([sys.executable, "-m", "tmgg.orchestration.cli", "sync", *args,
+    synced = subprocess.run([sys.executable, "-m", "tmgg.cli.tmgg_sweep", "sync", *args,
                              *_dirs(root)], cwd=root, text=True, capture_output=True,
                             env=env, timeout=600, stdin=subprocess.DEVNULL)
     assert synced.returncode != 0, synced.stdout[-2000:] + synced.stderr[-2000:]
@@ -306,7 +306,7 @@ def test_sync_exits_non_zero_when_the_server_refuses_the_upload(
 
     root, args = offline_run
     mallory = user(wandb_server, "mallory").api_key
-    synced = _run_module(root, "tmgg.orchestration.cli", ["sync", *args],
+    synced = _run_module(root, "tmgg.cli.tmgg_sweep", ["sync", *args],
                          online_env(root, mallory))
     assert not wandb_server.runs_in(project="sync_refused")
     assert synced.returncode != 0, synced.stdout[-2000:] + synced.stderr[-2000:]
@@ -342,10 +342,10 @@ def test_reconcile_of_a_superseded_job_still_reports_the_current_jobs_problems(
     current job's own run is missing (or it failed), and reconcile must say so."""
     from test_identity import _Run, _Runs
 
-    from tmgg.identity import wandb_run_id
-    from tmgg.orchestration.compose import compose_sweep
-    from tmgg.orchestration.ledger import FAILED, FINISHED, JobState
-    from tmgg.orchestration.reconcile import reconcile_jobs
+    from tmgg.cli.reconcile import reconcile_jobs
+    from tmgg.config.identity import wandb_run_id
+    from tmgg.jobs.compose import compose_sweep
+    from tmgg.jobs.ledger import FAILED, FINISHED, JobState
 
     (job,) = compose_sweep(["stage=smoke", "model=linear_pe", "seed=1",
                             f"experiments_dir={tmp_path}"]).jobs
@@ -380,7 +380,7 @@ def test_composing_in_process_leaves_hydras_global_state_as_it_was(tmp_path: Pat
     from hydra.core.hydra_config import HydraConfig
     from hydra.version import VersionBase
 
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
     from tmgg.task.train import job_output_dir
 
     before = VersionBase.instance().getbase()
@@ -409,7 +409,7 @@ def _fold(tmp_path: Path, events: list[dict[str, Any]],
 
 
 def test_events_fold_into_one_state_per_job(tmp_path: Path) -> None:
-    from tmgg.orchestration.ledger import CANCELLED, DISPATCHED, FINISHED, PLANNED
+    from tmgg.jobs.ledger import CANCELLED, DISPATCHED, FINISHED, PLANNED
 
     states = _fold(tmp_path, [
         {"event": "planned", "job_id": "a", "run_name": "ra", "overrides": ["x=1"]},
@@ -456,7 +456,7 @@ def test_supersede_events_and_a_new_plan_of_the_same_job(tmp_path: Path) -> None
 
 
 def test_a_jobs_own_record_is_the_truth_except_a_stale_running(tmp_path: Path) -> None:
-    from tmgg.orchestration.ledger import DISPATCHED, FAILED, FINISHED, PLANNED, RUNNING
+    from tmgg.jobs.ledger import DISPATCHED, FAILED, FINISHED, PLANNED, RUNNING
 
     planned = [{"event": "planned", "job_id": j, "run_name": f"r{j}"} for j in "abcdefg"]
     states = _fold(tmp_path, [
@@ -523,7 +523,7 @@ def test_the_ledgers_files_and_their_exact_layout(tmp_path: Path) -> None:
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(
         tmp_path: Path) -> None:
-    from tmgg.orchestration.ledger import atomic_write_json
+    from tmgg.jobs.ledger import atomic_write_json
 
     target = tmp_path / "new" / "dir" / "record.json"
     atomic_write_json(target, {"v": 1})

@@ -12,11 +12,8 @@ import pytest
 from wandb_server import FakeWandbServer
 from wandb_server.fixtures import user
 
-from tmgg.identity import wandb_run_id
-from tmgg.orchestration import cli
-from tmgg.orchestration.compose import compose_sweep
-from tmgg.orchestration.plan import PlannedJob
-from tmgg.orchestration.reconcile import (
+from tmgg.cli import tmgg_sweep as cli
+from tmgg.cli.reconcile import (
     iter_records,
     parse_args,
     print_table,
@@ -24,6 +21,9 @@ from tmgg.orchestration.reconcile import (
     reconcile_jobs,
     search_paths,
 )
+from tmgg.config.identity import wandb_run_id
+from tmgg.jobs.compose import compose_sweep
+from tmgg.jobs.plan import PlannedJob
 
 TINY = ["stage=smoke", "model=linear_pe", "trainer.max_steps=4", "trainer.val_check_interval=2"]
 PINNED = "graph_denoise_team/spectral_denoising"
@@ -44,7 +44,7 @@ CRASH_SCRIPT = textwrap.dedent("""
     original = train.run_training
     train.run_training = lambda cfg, extra_callbacks=None: original(cfg, [Crash()])
 
-    from tmgg.app import main
+    from tmgg.cli.app import main
 
     main()
 """)
@@ -66,7 +66,7 @@ def test_offline_reconcile_of_a_partly_failed_sweep(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     script = tmp_path / "crash.py"
     script.write_text(CRASH_SCRIPT)
-    run_job(tmp_path, ["-m", "tmgg.app", "-m"], [*TINY, "seed=1"])  # finishes
+    run_job(tmp_path, ["-m", "tmgg.cli.app", "-m"], [*TINY, "seed=1"])  # finishes
     run_job(tmp_path, [str(script)], [*TINY, "seed=2"])  # crashes at step 1
     # seed=3 never runs.
     overrides = [*TINY, "seed=1,2,3", *dirs(tmp_path)]

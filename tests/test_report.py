@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from tmgg.orchestration.ledger import FAILED, FINISHED, RUNNING, Ledger
-from tmgg.reporting.plots import MSE_PLOT, SPREAD_PLOT
-from tmgg.reporting.report import NOTES_FILE, REPORT_FILE, error_line, main, write_report
+from tmgg.cli.reporting.plots import MSE_PLOT, SPREAD_PLOT
+from tmgg.cli.reporting.report import NOTES_FILE, REPORT_FILE, error_line, main, write_report
+from tmgg.jobs.ledger import FAILED, FINISHED, RUNNING, Ledger
 
 IDENTITY = ["stage=smoke", "logger=csv"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -59,7 +59,7 @@ def _table(section: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
-    from tmgg.orchestration.compose import compose_sweep
+    from tmgg.jobs.compose import compose_sweep
 
     result = Sweep(tmp_path_factory.mktemp("report"))
     jobs = {(j.task_config["model"]["name"], j.task_config["seed"]): j
@@ -75,7 +75,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     env.pop("MODAL_TOKEN_ID", None)
     env.pop("MODAL_TOKEN_SECRET", None)
     run = subprocess.run(
-        [sys.executable, "-m", "tmgg.app", "-m", *result.overrides,
+        [sys.executable, "-m", "tmgg.cli.app", "-m", *result.overrides,
          f"outputs_dir={result.outputs}"],
         cwd=result.root, env=env, capture_output=True, text=True, timeout=600)
     records = result.records()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import SweepDirs, tmgg_sweep, tmgg_train
 
-from tmgg.orchestration import claims, schema
-from tmgg.orchestration.ledger import FINISHED, LOST, RUNNING, Ledger, LinkRefused
+from tmgg.jobs import claims, schema
+from tmgg.jobs.ledger import FINISHED, LOST, RUNNING, Ledger, LinkRefused
 
 JOB = "smoke-0123456789ab"
 SMOKE = ["stage=smoke", "logger=csv", "model=linear_pe", "trainer.max_steps=20",

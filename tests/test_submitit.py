@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SweepDirs, tmgg_train
 
-from tmgg.identity import wandb_run_id
+from tmgg.config.identity import wandb_run_id
+from tmgg.jobs.ledger import FINISHED, Ledger
 from tmgg.launch.slurm_resources import (
     describe_launcher,
     format_minutes,
     format_resources,
     slurm_minutes,
 )
-from tmgg.orchestration.ledger import FINISHED, Ledger
 
 LOCAL_PRESET = "submitit_local_tmgg"
 LOCAL = [f"hydra/launcher={LOCAL_PRESET}", "trainer.num_threads=1"]
@@ -103,7 +103,7 @@ def test_interrupted_job_is_requeued_and_resumes_from_its_checkpoint(
                  "trainer.val_check_interval=25", *LOCAL, *sweep_dirs.overrides]
     log_path = sweep_dirs.root / "sweep.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "tmgg.app", "-m", *overrides],
+        process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides],
                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                    start_new_session=True)
@@ -160,7 +160,7 @@ def test_slurm_minutes_follow_the_trainer_budget() -> None:
 
 
 def _master_config(overrides: list[str]):
-    from tmgg.orchestration.compose import hydra_session, load_master_config
+    from tmgg.jobs.compose import hydra_session, load_master_config
 
     with hydra_session() as loader:
         return load_master_config(loader, overrides)
@@ -220,7 +220,7 @@ def test_submitit_writes_the_sbatch_script_of_stage1_jobs(sweep_dirs: SweepDirs)
     env = {key: value for key, value in os.environ.items() if key not in SBATCH_VARIABLES}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SBATCH_ACCOUNT="graph_lab")
     result = subprocess.run(
-        [sys.executable, "-m", "tmgg.app", "-m", "stage=stage1", "hydra/launcher=slurm",
+        [sys.executable, "-m", "tmgg.cli.app", "-m", "stage=stage1", "hydra/launcher=slurm",
          "model=linear_pe", "optimizer.lr=1e-3", "optimizer.weight_decay=1e-2", "model.k=8",
          "hydra.launcher.partition=gpu", *sweep_dirs.overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -22,9 +22,9 @@ import pytest
 from wandb_server import FakeWandbServer
 from wandb_server.fixtures import PROJECT, TEAM, online_env, require_pinned_wandb
 
-from tmgg.identity import wandb_run_id
-from tmgg.orchestration.compose import compose_sweep
-from tmgg.orchestration.plan import PlannedJob
+from tmgg.config.identity import wandb_run_id
+from tmgg.jobs.compose import compose_sweep
+from tmgg.jobs.plan import PlannedJob
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sync-template")
     env = online_env(root, None)
     for extra in (["seed=1"], ["seed=2", "logger.mode=disabled"]):
-        ran = subprocess.run([sys.executable, "-m", "tmgg.app", "-m", *SWEEP, *extra,
+        ran = subprocess.run([sys.executable, "-m", "tmgg.cli.app", "-m", *SWEEP, *extra,
                               f"logger.base_url={NOWHERE}", *dirs(root)], cwd=root,
                              text=True, capture_output=True, env=env, timeout=600)
         assert ran.returncode == 0, ran.stderr[-3000:]
@@ -82,7 +82,7 @@ class Case:
 
     def reconcile(self, api_timeout: int = 60) -> tuple[int, dict[str, object]]:
         """``tmgg-sweep reconcile --online`` in this process: exit code, rows by job."""
-        from tmgg.orchestration.reconcile import main, reconcile_jobs
+        from tmgg.cli.reconcile import main, reconcile_jobs
 
         os.environ["WANDB_API_KEY"] = self.env()["WANDB_API_KEY"]
         code = main(["--online", "--api-timeout", str(api_timeout), *self.overrides])
@@ -267,7 +267,7 @@ def test_advice_for_duplicated_foreign_running_and_unknown(case: Case) -> None:
 def test_verification_waits_for_a_listing_that_lags_behind_a_finish(tmp_path: Path) -> None:
     import wandb
 
-    from tmgg.orchestration.sync import verify_at_destination
+    from tmgg.cli.sync import verify_at_destination
 
     require_pinned_wandb()
     server = FakeWandbServer().start()

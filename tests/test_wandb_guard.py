@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tmgg.identity import wandb_run_id
-from tmgg.orchestration.compose import compose_sweep
-from tmgg.orchestration.plan import PlanError
-from tmgg.orchestration.reconcile import read_run_file, run_files
-from tmgg.orchestration.wandb_check import check_wandb_destinations, expected_destination
+from tmgg.cli.reconcile import read_run_file, run_files
+from tmgg.config.identity import wandb_run_id
+from tmgg.jobs.compose import compose_sweep
+from tmgg.jobs.plan import PlanError
+from tmgg.jobs.wandb_check import check_wandb_destinations, expected_destination
 
 PINNED = ("graph_denoise_team", "spectral_denoising")
 TINY = ["stage=smoke", "model=linear_pe", "trainer.max_steps=4", "trainer.val_check_interval=2"]
@@ -57,7 +57,7 @@ JOB_SCRIPT = textwrap.dedent("""
     original = train.run_training
     train.run_training = lambda cfg, extra_callbacks=None: original(cfg, [Probe()])
 
-    from tmgg.app import main
+    from tmgg.cli.app import main
 
     main()
 """)
@@ -79,7 +79,7 @@ def dirs(tmp_path: Path) -> list[str]:
 
 def run_app(tmp_path: Path, args: list[str], script: bool = False, **env: str
             ) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "tmgg.app"]
+    command = [sys.executable, "-m", "tmgg.cli.app"]
     if script:
         path = tmp_path / "job_script.py"
         path.write_text(JOB_SCRIPT)
@@ -196,7 +196,7 @@ def test_finished_job_is_not_rerun_and_relaunch_resumes_the_same_run(tmp_path: P
 @pytest.mark.parametrize("override", ["~logger.entity", "logger.entity=''"])
 def test_sweep_without_entity_is_refused_at_plan_time(tmp_path: Path, override: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tmgg.app", "-m", *TINY, override, *dirs(tmp_path)],
+        [sys.executable, "-m", "tmgg.cli.app", "-m", *TINY, override, *dirs(tmp_path)],
         cwd=tmp_path, text=True, capture_output=True, env=job_env(tmp_path), timeout=120)
     assert result.returncode != 0
     assert "job smoke_linear_pe_lr1e-3_wd1e-2_k8_s1: logger.entity: " in result.stderr

@@ -11,7 +11,7 @@ import pytest
 from wandb_server import FakeWandbServer
 from wandb_server.fixtures import PROJECT, TEAM, online_env, user
 
-from tmgg.orchestration.compose import compose_sweep
+from tmgg.jobs.compose import compose_sweep
 
 LOCAL_MODAL = ["hydra/launcher=modal", "hydra.launcher.transport=local",
                "hydra.launcher.local_containers=1"]
@@ -28,7 +28,7 @@ def test_workers_key_without_write_access_is_refused_before_dispatch_naming_both
     env = online_env(tmp_path, user(wandb_server, "alice").api_key,
                      TMGG_LOCAL_WANDB_SECRET_KEY=user(wandb_server, "mallory").api_key)
     result = subprocess.run(
-        [sys.executable, "-m", "tmgg.app", "-m", "stage=smoke", "model=linear_pe", *TINY,
+        [sys.executable, "-m", "tmgg.cli.app", "-m", "stage=smoke", "model=linear_pe", *TINY,
          *LOCAL_MODAL, "logger.mode=online", f"logger.base_url={wandb_server.base_url}",
          *dirs(tmp_path)], cwd=tmp_path, text=True, capture_output=True, env=env,
         timeout=600)
@@ -46,9 +46,9 @@ def test_workers_key_without_write_access_is_refused_before_dispatch_naming_both
 def test_workers_key_of_a_service_account_passes_and_names_its_default_entity(
         wandb_server: FakeWandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ) -> None:
-    from tmgg.launch.modal_app import LOCAL_WANDB_SECRET_ENV, check_workers_wandb_key
-    from tmgg.launch.modal_settings import check_settings
-    from tmgg.orchestration.plan import PlanError
+    from tmgg.jobs.plan import PlanError
+    from tmgg.launch.modal.app import LOCAL_WANDB_SECRET_ENV, check_workers_wandb_key
+    from tmgg.launch.modal.settings import check_settings
 
     bot = wandb_server.add_service_account("team-bot", TEAM)
     newcomer = wandb_server.add_user("newcomer", teams=["vision_team"],
@@ -96,7 +96,7 @@ def test_view_only_member_and_restricted_project_are_refused_with_the_services_4
         "data": {"upsertBucket": None}}
     import wandb
 
-    from tmgg.orchestration.wandb_check import write_refusal
+    from tmgg.jobs.wandb_check import write_refusal
 
     # The viewer is in the team's list, as on the service; the project says read-only.
     wandb_server.plant_run(TEAM, "viewed_project", "v1")

@@ -22,8 +22,8 @@ import pytest
 from wandb_server import FakeWandbServer
 from wandb_server.fixtures import PROJECT, TEAM, online_env, user
 
-from tmgg.identity import wandb_run_id
-from tmgg.orchestration.compose import compose_sweep
+from tmgg.config.identity import wandb_run_id
+from tmgg.jobs.compose import compose_sweep
 
 TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2"]
 ONE_JOB = ["stage=smoke", "model=linear_pe", "seed=1", *TINY]
@@ -107,7 +107,7 @@ def online_sweep(wandb_server: FakeWandbServer, decoy_server: FakeWandbServer,
                      WANDB_ENTITY="someone_personal", WANDB_PROJECT="elsewhere",
                      WANDB_RUN_ID="strayrun1", WANDB_RUN_GROUP="stray_group")
     # Two jobs are enough to show every run lands pinned (and keep this test cheap).
-    result = run_module(root, "tmgg.app", ["-m", "stage=smoke", "model=linear_pe",
+    result = run_module(root, "tmgg.cli.app", ["-m", "stage=smoke", "model=linear_pe",
                                            "logger.mode=online",
                                            f"logger.base_url={wandb_server.base_url}",
                                            "hydra.launcher.n_workers=2", *TINY], env)
@@ -158,7 +158,7 @@ def test_online_smoke_sweep_lands_every_run_in_the_pinned_destination(
 def test_key_without_access_to_the_entity_is_refused_before_dispatch(
         wandb_server: FakeWandbServer, tmp_path: Path) -> None:
     env = online_env(tmp_path, user(wandb_server, "mallory").api_key)
-    result = run_module(tmp_path, "tmgg.app",
+    result = run_module(tmp_path, "tmgg.cli.app",
                         ["-m", "stage=smoke", "model=linear_pe", "logger.mode=online",
                          f"logger.base_url={wandb_server.base_url}", *TINY], env)
     assert result.returncode != 0
@@ -172,8 +172,8 @@ def test_key_without_access_to_the_entity_is_refused_before_dispatch(
 def test_plan_check_asks_the_pinned_host_for_the_keys_access(
         wandb_server: FakeWandbServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         ) -> None:
-    from tmgg.orchestration.plan import PlanError
-    from tmgg.orchestration.wandb_check import check_wandb_destinations
+    from tmgg.jobs.plan import PlanError
+    from tmgg.jobs.wandb_check import check_wandb_destinations
 
     online = ["stage=smoke", "model=linear_pe", "logger.mode=online", *dirs(tmp_path)]
     sweep = compose_sweep([*online, f"logger.base_url={wandb_server.base_url}"])
@@ -196,7 +196,7 @@ def test_plan_check_asks_the_pinned_host_for_the_keys_access(
 def test_online_run_that_cannot_be_created_fails_the_job_before_training(
         wandb_server: FakeWandbServer, tmp_path: Path) -> None:
     env = online_env(tmp_path, user(wandb_server, "mallory").api_key)
-    result = run_module(tmp_path, "tmgg.app", [*ONE_JOB, "logger.mode=online",
+    result = run_module(tmp_path, "tmgg.cli.app", [*ONE_JOB, "logger.mode=online",
                                                f"logger.base_url={wandb_server.base_url}"],
                         env)
     assert result.returncode != 0
@@ -213,10 +213,10 @@ def test_online_run_that_cannot_be_created_fails_the_job_before_training(
 # -- the mode is the config's -----------------------------------------------------------
 def test_environment_cannot_disable_a_run(tmp_path: Path) -> None:
     """WANDB_MODE=disabled with logger.mode=auto and no key: the run is offline, not off."""
-    from tmgg.orchestration.reconcile import read_run_file, run_files
+    from tmgg.cli.reconcile import read_run_file, run_files
 
     env = online_env(tmp_path, None, WANDB_MODE="disabled")
-    result = run_module(tmp_path, "tmgg.app", ONE_JOB, env)
+    result = run_module(tmp_path, "tmgg.cli.app", ONE_JOB, env)
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = job_records(tmp_path).values()
     assert record["status"] == "FINISHED" and record["wandb"]["mode"] == "offline"
@@ -276,8 +276,8 @@ def test_guard_refuses_a_run_whose_mode_is_not_the_jobs(tmp_path: Path) -> None:
 def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
         wandb_server: FakeWandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ) -> None:
-    from tmgg.orchestration.reconcile import main as reconcile_main
-    from tmgg.orchestration.reconcile import reconcile_jobs
+    from tmgg.cli.reconcile import main as reconcile_main
+    from tmgg.cli.reconcile import reconcile_jobs
 
     host = f"logger.base_url={wandb_server.base_url}"
     project = "deleted_case"  # this test's own project on the module's server
@@ -289,7 +289,7 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
     alice = user(wandb_server, "alice").api_key
     # The service answers 409 and wandb retries until init_timeout: keep the wait short.
     env = online_env(tmp_path, alice, WANDB_INIT_TIMEOUT="20")
-    refused = run_module(tmp_path, "tmgg.app", args, env)
+    refused = run_module(tmp_path, "tmgg.cli.app", args, env)
     assert refused.returncode != 0
     record = job_records(tmp_path)[job.job_id]
     assert record["status"] == "FAILED"
@@ -383,7 +383,7 @@ def init_only(root: Path, jobs: list, server: FakeWandbServer, workers: int = 4
 @pytest.mark.slow
 def test_108_concurrent_inits_under_a_rate_limit_land_pinned_or_fail_before_training(
         tmp_path: Path) -> None:
-    from tmgg.orchestration.reconcile import reconcile_jobs
+    from tmgg.cli.reconcile import reconcile_jobs
 
     server = FakeWandbServer().start()
     try:

@@ -1,6 +1,6 @@
 """tmgg's locked environment: ``make lock`` writes it, ``make lock-check`` (CI) checks it.
 
-Three files under ``src/tmgg/lock/`` (package data, ``tmgg.lockfile``, so a Modal
+Three files under ``src/tmgg/lock/`` (package data, ``tmgg.config.lockfile``, so a Modal
 image can be built from a non-editable install too):
 
 - ``requirements.lock``: every dependency of ``tmgg[dev]`` except torch, pinned with
@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from tmgg.lockfile import (
+from tmgg.config.lockfile import (
     LOCK_DIR,
     REQUIREMENTS_LOCK,
     TORCH_LOCK,

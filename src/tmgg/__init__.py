@@ -6,7 +6,7 @@ Hydra imports this at start-up through the launcher plugins.
 """
 
 import tmgg.launch.slurm_resources  # noqa: F401  (registers tmgg.slurm_minutes)
-from tmgg.identity import register_resolvers
+from tmgg.config.identity import register_resolvers
 
 register_resolvers()
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import modal
 
-from tmgg.app import main
-from tmgg.launch import modal_calls
+from tmgg.cli.app import main
+from tmgg.launch.modal import calls as modal_calls
 
 
 def _connection_lost(self: Any, timeout: float | None = None) -> Any:

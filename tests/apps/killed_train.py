@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from tmgg.app import train
+from tmgg.cli.app import train
 from tmgg.config import CONF_DIR
 
 

@@ -20,6 +20,6 @@ if __name__ == "__mp_main__":  # imported by multiprocessing in a local containe
     os.link = _no_hard_links
 
 if __name__ == "__main__":
-    from tmgg.app import main
+    from tmgg.cli.app import main
 
     main()

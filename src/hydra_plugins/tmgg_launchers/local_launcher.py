@@ -35,7 +35,7 @@ class LocalLauncherConf:
     worker_crash_retries: int = 0
     # auto (default): jobs that share a batch stream (data, noise, seed, trainer
     # settings) train together as one task, each still its own job
-    # (tmgg.orchestration.fusion). off: every job is its own task. A crash of a fused
+    # (tmgg.jobs.fusion). off: every job is its own task. A crash of a fused
     # group's worker fails every member of the group (worker_crash_retries re-runs the
     # group, each member from its checkpoint).
     fuse: str = "auto"
@@ -61,7 +61,7 @@ class TmggLocalLauncher(TmggLauncher):
 
     @classmethod
     def preflight(cls, config: DictConfig, jobs: Sequence[object]) -> None:
-        from tmgg.orchestration.fusion import fusion_settings
+        from tmgg.jobs.fusion import fusion_settings
 
         fusion_settings(config)  # a bad fuse setting is refused before the plan
 

@@ -98,7 +98,7 @@ class ModalLauncherConf:
     local_volume_snapshots: bool = True
     # auto: jobs that share a batch stream (data, noise, seed, trainer settings) train
     # together in one container, each still its own job with its own record, outputs
-    # and W&B run (tmgg.orchestration.fusion); off: one container per job. A group's
+    # and W&B run (tmgg.jobs.fusion); off: one container per job. A group's
     # container gets timeout_s times the group's time factor (tmgg/launch/cost.py).
     fuse: str = "auto"
     # The most jobs in one fused group; a larger set is split into near-equal groups.
@@ -114,20 +114,20 @@ class TmggModalLauncher(TmggLauncher):
     def before_plan(cls, config: DictConfig) -> None:
         # Fail fast (bad GPU name, missing Modal credentials) before any job is
         # composed; the check reads no network and imports no modal.
-        from tmgg.launch.modal_settings import check_settings
+        from tmgg.launch.modal.settings import check_settings
 
         check_settings(config.hydra.launcher)
 
     @classmethod
     def preflight(cls, config: DictConfig, jobs: Sequence[Any]) -> None:
-        from tmgg.launch.modal_dispatch import preflight
-        from tmgg.orchestration.sweep import split_finished
+        from tmgg.jobs.sweep import split_finished
+        from tmgg.launch.modal.dispatch import preflight
 
         _, pending = split_finished(jobs)  # the cost limit counts what is left to run
         preflight(config, [jobs[position] for position in pending])
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        from tmgg.launch.modal_dispatch import launch_modal
+        from tmgg.launch.modal.dispatch import launch_modal
 
         return launch_modal(self, job_overrides, initial_job_idx)

@@ -31,7 +31,7 @@ _PREFIX = "hydra_plugins.tmgg_launchers.submitit_launchers."
 class TmggSlurmQueueConf(submitit_config.SlurmQueueConf):
     _target_: str = _PREFIX + "TmggSlurmLauncher"
     # auto: jobs that share a batch stream (data, noise, seed, trainer settings) run as
-    # one array task, trained together, each still its own job (tmgg.orchestration.
+    # one array task, trained together, each still its own job (tmgg.jobs.
     # fusion); the task's time limit is timeout_min times the largest group's time
     # factor (tmgg/launch/cost.py). off: one array task per job.
     fuse: str = "auto"

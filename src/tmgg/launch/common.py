@@ -9,8 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tmgg.orchestration.executor import JobPayload, serialize
-from tmgg.orchestration.plan import PlannedJob
+from tmgg.jobs.plan import PlannedJob
+from tmgg.run.executor import JobPayload, serialize
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,11 @@ def dispatch_tasks(jobs: Sequence[PlannedJob], pending: Sequence[int],
                    config: DictConfig, task_function: Any = None) -> list[list[int]]:
     """The launcher's tasks: positions of ``jobs`` (among ``pending``), one list per task.
 
-    Jobs of one batch stream form a fused group (``tmgg.orchestration.fusion``) when
+    Jobs of one batch stream form a fused group (``tmgg.jobs.fusion``) when
     the launcher's ``fuse`` is auto and the task is tmgg's own training (an app with
     its own task function is run job by job); every other job is a task of its own.
     """
-    from tmgg.orchestration.fusion import fusion_settings, group_jobs
+    from tmgg.jobs.fusion import fusion_settings, group_jobs
 
     mode, cap = fusion_settings(config)
     if not is_tmgg_training(task_function):
@@ -147,11 +147,11 @@ def task_payload(task_jobs: Sequence[PlannedJob], task_function: Any,
     """A solo job's payload, or a fused group's (one JobReturn per member comes back).
 
     ``claim_ticket``: the ticket every job of the task was claimed with, so that the
-    jobs' own process takes their claims over (``tmgg.orchestration.claims``).
+    jobs' own process takes their claims over (``tmgg.jobs.claims``).
     """
     if len(task_jobs) == 1:
         return build_payload(task_jobs[0], task_function, env, claim_ticket=claim_ticket)
-    from tmgg.orchestration.fused_jobs import build_group_payload
+    from tmgg.run.fused_jobs import build_group_payload
 
     return build_group_payload(list(task_jobs), task_function, env,
                                claim_ticket=claim_ticket)
@@ -163,10 +163,11 @@ def task_results(returned: Any) -> list[Any]:
 
 
 def is_tmgg_training(task_function: Any) -> bool:
-    """Whether a task function is ``tmgg-train``'s own (also when run as ``-m tmgg.app``)."""
+    """Whether a task function is ``tmgg-train``'s own (also when run as ``-m tmgg.cli.app``)."""
     import tmgg
 
     code = getattr(task_function, "__code__", None)
     if code is None:
         return False
-    return Path(code.co_filename).resolve() == (Path(tmgg.__file__).parent / "app.py").resolve()
+    app = Path(tmgg.__file__).parent / "cli" / "app.py"
+    return Path(code.co_filename).resolve() == app.resolve()

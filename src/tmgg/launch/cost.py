@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tmgg.orchestration.plan import PlanError
+from tmgg.jobs.plan import PlanError
 
 # Modal pricing page (https://modal.com/pricing), as documented in 2025; edit when
 # prices change. USD per second of one GPU of each type; Modal bills per second of
@@ -51,7 +51,7 @@ MAX_GPUS = {"A10": 4}
 SECONDS_PER_STEP = 0.0144
 STARTUP_SECONDS = 20.0
 
-# A fused group (tmgg.orchestration.fusion) is one container, running its members
+# A fused group (tmgg.jobs.fusion) is one container, running its members
 # together. Its time is modelled as the longest member's solo estimate times
 # ``group_time_factor(n) = 1 + (n - 1) * FUSED_MEMBER_SHARE``: every further member
 # costs a quarter of a solo job. Conservative on purpose: issue 13's CPU probe of a
@@ -136,7 +136,7 @@ def group_time_factor(members: int) -> float:
 
 
 def _launcher(master_config: DictConfig) -> tuple[str, dict[str, Any]]:
-    from tmgg.orchestration.sweep import launcher_name
+    from tmgg.jobs.sweep import launcher_name
 
     node = OmegaConf.select(master_config, "hydra.launcher")
     params = OmegaConf.to_container(node, resolve=True) if node is not None else {}
@@ -201,7 +201,7 @@ def plan_estimates(master_config: DictConfig, jobs: Sequence[Any],
 def launcher_groups(master_config: DictConfig, jobs: Sequence[Any]) -> list[list[int]]:
     """Positions of ``jobs`` per task (a Modal container, a SLURM array task, a local
     worker's task) as the configured launcher will dispatch them."""
-    from tmgg.orchestration.fusion import (
+    from tmgg.jobs.fusion import (
         balance_groups,
         bank_key,
         fusion_settings,

@@ -21,6 +21,18 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from tmgg.jobs.claims import new_ticket
+from tmgg.jobs.fusion import balance_groups, bank_key, local_workers
+from tmgg.jobs.plan import PlannedJob
+from tmgg.jobs.sweep import (
+    claim_for_dispatch,
+    planned_jobs,
+    record_dispatched,
+    record_lost_job,
+    record_outcome,
+    release_dispatch,
+    split_finished,
+)
 from tmgg.launch.common import (
     dispatch_tasks,
     outcome_rows,
@@ -32,19 +44,7 @@ from tmgg.launch.common import (
 )
 from tmgg.launch.sweep_console import SweepConsole, job_log_path
 from tmgg.launch.worker_pool import Died, WorkerPool
-from tmgg.orchestration.claims import new_ticket
-from tmgg.orchestration.executor import JobFailure, deserialize, execute_payload, serialize
-from tmgg.orchestration.fusion import balance_groups, bank_key, local_workers
-from tmgg.orchestration.plan import PlannedJob
-from tmgg.orchestration.sweep import (
-    claim_for_dispatch,
-    planned_jobs,
-    record_dispatched,
-    record_lost_job,
-    record_outcome,
-    release_dispatch,
-    split_finished,
-)
+from tmgg.run.executor import JobFailure, deserialize, execute_payload, serialize
 
 log = logging.getLogger(__name__)
 LAUNCHER = "local"
@@ -59,7 +59,7 @@ def preload_modules(config: Any) -> list[str]:
     """
     from omegaconf import OmegaConf
 
-    from tmgg.orchestration.plan import is_tmgg_config
+    from tmgg.jobs.plan import is_tmgg_config
 
     if not is_tmgg_config(config):
         return []
@@ -209,7 +209,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]],
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
         _record_interrupted(jobs, results, held)
-        from tmgg.identity import task_overrides
+        from tmgg.config.identity import task_overrides
 
         stage = jobs[0].stage if jobs else str(config.stage.name)
         print(display.interrupted_line(stage, task_overrides(config)), file=sys.stderr,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tmgg.config_schema import boolean, integer_at_least, one_of, optional, positive_int
+from tmgg.config.schema import boolean, integer_at_least, one_of, optional, positive_int
 from tmgg.launch.cost import LauncherSettingError
 
 RULES = {
@@ -21,7 +21,7 @@ RULES = {
     "start_method": one_of(("forkserver", "spawn", "fork")),
     "progress": boolean,
     "worker_crash_retries": integer_at_least(0),
-    # Fused training (branch fused13; tmgg.orchestration.fusion checks them too).
+    # Fused training (branch fused13; tmgg.jobs.fusion checks them too).
     "fuse": one_of(("auto", "off")),
     "fuse_max_members": positive_int,
 }

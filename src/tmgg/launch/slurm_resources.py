@@ -63,7 +63,7 @@ def is_submitit_launcher(master_config: DictConfig) -> bool:
 
 
 def _resource_rules() -> dict[str, Any]:
-    from tmgg.config_schema import (
+    from tmgg.config.schema import (
         integer_at_least,
         non_negative_int,
         optional,
@@ -97,7 +97,7 @@ def check_submitit_settings(master_config: DictConfig) -> None:
         problem = rule(value)
         if problem:
             raise LauncherSettingError(f"hydra.launcher.{key}", problem)
-    from tmgg.orchestration.fusion import fusion_settings
+    from tmgg.jobs.fusion import fusion_settings
 
     fusion_settings(master_config)  # fuse, fuse_max_members: the local launcher's rules
 

@@ -3,7 +3,7 @@
 ``launch_submitit`` replaces hydra-submitit-launcher's ``launch`` (the launchers in
 ``hydra_plugins.tmgg_launchers.submitit_launchers``). It groups the sweep like the
 local and Modal launchers (``tmgg.launch.common.dispatch_tasks``), submits one array of
-tasks, each running its payload through ``tmgg.orchestration.executor.execute_payload``
+tasks, each running its payload through ``tmgg.run.executor.execute_payload``
 (the body of the local workers and of the Modal function), and returns one JobReturn
 per job in the sweep's order. The jobs write their own records where they run, as
 solo submitit jobs do; the launcher appends the dispatched and outcome events, and
@@ -23,11 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tmgg.launch.common import dispatch_tasks, task_payload, task_results
-from tmgg.launch.cost import group_time_factor
-from tmgg.orchestration.executor import JobFailure
-from tmgg.orchestration.plan import PlannedJob
-from tmgg.orchestration.sweep import (
+from tmgg.jobs.plan import PlannedJob
+from tmgg.jobs.sweep import (
     launcher_name,
     planned_jobs,
     record_dispatched,
@@ -35,6 +32,9 @@ from tmgg.orchestration.sweep import (
     record_outcome,
     split_finished,
 )
+from tmgg.launch.common import dispatch_tasks, task_payload, task_results
+from tmgg.launch.cost import group_time_factor
+from tmgg.run.executor import JobFailure
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class SubmititTask:
     """
 
     def __call__(self, payload: bytes) -> Any:
-        from tmgg.orchestration.executor import deserialize, execute_payload
+        from tmgg.run.executor import deserialize, execute_payload
 
         return deserialize(execute_payload(payload))
 

@@ -1,7 +1,7 @@
 """Fused training: jobs that share a batch stream, trained together, each still its own job.
 
 Jobs with the same data, noise, seed, batch size, step budget and evaluation schedule
-(``tmgg.orchestration.fusion.stream_key``) see the very same batches. A fused group
+(``tmgg.jobs.fusion.stream_key``) see the very same batches. A fused group
 trains them in one Lightning Trainer: every step draws one batch and decomposes it
 once (``symmetric_eigh``); members of the same architecture and k are evaluated as one
 batched model (their parameters stacked on a leading member dim); each member keeps

@@ -69,7 +69,7 @@ class WandbDestinationGuard(Callback):
     @classmethod
     def for_job(cls, cfg: DictConfig) -> WandbDestinationGuard:
         """The guard pinned to a composed job config's logger, host, mode and run id."""
-        from tmgg.identity import job_wandb_run_id
+        from tmgg.config.identity import job_wandb_run_id
         from tmgg.task.loggers import job_wandb_mode, pinned_base_url
 
         return cls(str(cfg.logger.entity), str(cfg.logger.project),

@@ -1,0 +1,435 @@
+"""``tmgg-sweep compare``: stage 1 against the earlier system's results (issue 14).
+
+One markdown file, ``experiments/COMPARISON.md`` by default, made from the records of
+finished stages (their ledgers, read as ``tmgg-sweep report --ledger`` reads them)
+and from the earlier system's table, committed as data with its provenance
+(``experiments/earlier_system/stage1.json``):
+
+- per stage-1 configuration (model, k, lr, wd): the earlier system's mean test mse,
+  the legacy stage (``stage1_legacy``, the earlier system's variant of the task) and
+  today's stage 1, each as mean ± std over seeds beside its own "no edges" score;
+- the best configuration of each model in each, and the order of the models;
+- every ablation stage of the legacy variant that has records
+  (``stage1_legacy_ablate_*``): test mse per model and value of the swept option;
+- stage 1b (lr 1e-2 .. 2e-1): whether any model beats "return the noisy input".
+
+A stage without records is said to be not run yet. Like REPORT.md the file is a
+pure function of the records: fixed order, fixed formats, no timestamp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tmgg.cli.reporting.fields import (
+    BASE_KEYS,
+    LABELS,
+    MSE,
+    NO_EDGES,
+    NOISY_INPUT,
+    NONE_TEXT,
+    format_value,
+    sort_key,
+)
+from tmgg.cli.reporting.report import Row, StageReport, build_report
+from tmgg.config.identity import short_float
+from tmgg.jobs.ledger import Ledger
+
+COMPARISON_FILE = "COMPARISON.md"
+EARLIER_FILE = Path("earlier_system") / "stage1.json"
+ABLATION_PREFIX = "stage1_legacy_ablate_"
+MODEL_ORDER = ("linear_pe", "filter_bank", "self_attention")
+#: The earlier system's variant: each option's legacy value (conf/stage/stage1_legacy.yaml).
+LEGACY_VALUES: dict[str, Any] = {
+    "data.self_loops": True,
+    "data.test_split": "outside_train",
+    "model.symmetrize": False,
+    "objective.loss_diagonal": True,
+    "objective.metrics_diagonal": True,
+    "trainer.test_checkpoint": "last",
+    "trainer.precision": "32-true",  # the trainer default: the earlier system's fp32
+}
+
+# (model, k, lr, wd) in one spelling: floats in short exponent form.
+CellKey = tuple[str, int, str, str]
+
+
+def cell_key(model: Any, k: Any, lr: Any, wd: Any) -> CellKey:
+    return str(model), int(k), short_float(lr), short_float(wd)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of one stage: test mse over seeds and its references."""
+
+    values: tuple[float, ...]
+    no_edges: float | None
+    noisy_input: float | None
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def text(self) -> str:
+        if self.mean is None:
+            return NONE_TEXT
+        spread = "" if self.std is None else f" ± {self.std:.4f}"
+        return f"{self.mean:.4f}{spread} ({len(self.values)})"
+
+
+def _cell(row: Row) -> Cell:
+    return Cell(tuple(row.values(MSE)), row.mean(f"{NO_EDGES}/mse"),
+                row.mean(f"{NOISY_INPUT}/mse"))
+
+
+@dataclass
+class StageCells:
+    """A finished (or partly finished) stage's cells, or None when it has no records."""
+
+    name: str
+    report: StageReport | None
+
+    @property
+    def ran(self) -> bool:
+        return self.report is not None and any(row.finished for row in self.report.rows)
+
+    def cells(self) -> dict[tuple[Any, ...], Cell]:
+        """Cells by (model, k, lr, wd, *other swept values) with at least one result."""
+        if self.report is None:
+            return {}
+        out = {}
+        for row in self.report.rows:
+            if not row.finished:
+                continue
+            base = cell_key(row.value(BASE_KEYS[0]), row.value(BASE_KEYS[3]),
+                            row.value(BASE_KEYS[1]), row.value(BASE_KEYS[2]))
+            extras = tuple(row.value(key) for key in self.report.extra_keys)
+            out[(*base, *extras)] = _cell(row)
+        return out
+
+
+def load_stage(experiments: Path, stage: str) -> StageCells:
+    """The stage's records as ``tmgg-sweep report --ledger`` reads them (None if none)."""
+    root = experiments / stage
+    if not (root / "ledger.jsonl").is_file() and not (root / "jobs").is_dir():
+        return StageCells(stage, None)
+    return StageCells(stage, build_report(Ledger(experiments, stage)))
+
+
+def load_earlier(path: Path) -> tuple[dict[str, Any], dict[CellKey, float]]:
+    """The earlier system's table: its document and mean test mse per cell."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    cells = {cell_key(r["model"], r["k"], r["lr"], r["weight_decay"]): float(r["test_mse"])
+             for r in document["results"]}
+    return document, cells
+
+
+# --------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------
+def _fixed(value: float | None) -> str:
+    return NONE_TEXT if value is None else f"{value:.4f}"
+
+
+def _signed(value: float | None, reference: Any) -> str:
+    if value is None or not isinstance(reference, float):
+        return NONE_TEXT
+    return f"{value - reference:+.4f}"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _cell_order(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    model = key[0]
+    rank = MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER)
+    return (rank, model, *(sort_key(as_float(v)) for v in key[1:]))
+
+
+def as_float(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _stage_state(stage: StageCells) -> str:
+    if stage.report is None:
+        return f"`{stage.name}`: not run yet (no records under experiments/{stage.name}/)"
+    counts = stage.report.counts()
+    return (f"`{stage.name}`: {counts['finished']} of {len(stage.report.jobs)} jobs "
+            f"finished")
+
+
+def side_by_side(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
+                 legacy: StageCells, today: StageCells) -> list[str]:
+    legacy_cells, today_cells = legacy.cells(), today.cells()
+    keys = sorted({*earlier, *legacy_cells, *today_cells}, key=_cell_order)
+    spread = earlier_doc.get("seed_std_max", {})
+    lines = [
+        "## Side by side per configuration", "",
+        f"Test mse, mean ± std over seeds (finished seeds in brackets), each stage beside "
+        f"its own \"no edges\" score (averaged over the same seeds). The earlier system's "
+        f"column is its 3-seed mean; its \"no edges\" was "
+        f"{earlier_doc.get('no_edges_mse', NONE_TEXT)} over all compositions. "
+        f"*legacy − earlier* is marked † where it exceeds the seed spread (the larger of "
+        f"the legacy cell's std and the earlier system's largest std for that model). "
+        f"Test sets differ between the systems (and between seeds), and \"no edges\" "
+        f"moves with them, so the last two columns compare each system with its own "
+        f"\"no edges\" (the earlier system's: its value over all compositions).", "",
+        _md_row(["model", "k", "lr", "wd", "earlier system", f"legacy (`{legacy.name}`)",
+                 "legacy no edges", f"today (`{today.name}`)", "today no edges",
+                 "legacy − earlier", "earlier − its no edges", "legacy − its no edges"]),
+        "|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for key in keys:
+        old = earlier.get(key)  # type: ignore[arg-type]
+        then, now = legacy_cells.get(key), today_cells.get(key)
+        gap = NONE_TEXT
+        if old is not None and then is not None and then.mean is not None:
+            difference = then.mean - old
+            bound = max(then.std or 0.0, float(spread.get(key[0], 0.0)))
+            gap = f"{difference:+.4f}" + (" †" if abs(difference) > bound else "")
+        old_no_edges = as_float(earlier_doc.get("no_edges_mse"))
+        lines.append(_md_row([
+            f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]), _fixed(old),
+            then.text() if then else NONE_TEXT, _fixed(then.no_edges if then else None),
+            now.text() if now else NONE_TEXT, _fixed(now.no_edges if now else None), gap,
+            _signed(old, old_no_edges), _signed(then.mean if then else None,
+                                                then.no_edges if then else None)]))
+    return [*lines, ""]
+
+
+def _best_by_model(cells: dict[Any, float | None]) -> dict[str, tuple[Any, float]]:
+    best: dict[str, tuple[Any, float]] = {}
+    for key, value in sorted(cells.items(), key=lambda item: _cell_order(item[0])):
+        if value is not None and (key[0] not in best or value < best[key[0]][1]):
+            best[key[0]] = (key, value)
+    return best
+
+
+def best_section(earlier: dict[CellKey, float], legacy: StageCells,
+                 today: StageCells) -> list[str]:
+    sources = [("earlier system", dict(earlier)),
+               (f"legacy (`{legacy.name}`)",
+                {key: cell.mean for key, cell in legacy.cells().items()}),
+               (f"today (`{today.name}`)",
+                {key: cell.mean for key, cell in today.cells().items()})]
+    lines = ["## Best configuration per model", "",
+             "Lowest mean test mse of each model, and the models in that order.", "",
+             _md_row(["source", *MODEL_ORDER, "order (best first)"]),
+             "|---|---|---|---|---|"]
+    for label, cells in sources:
+        best = _best_by_model(cells)
+        row = [label]
+        for model in MODEL_ORDER:
+            if model in best:
+                key, value = best[model]
+                row.append(f"{value:.4f} (k {key[1]}, lr {key[2]}, wd {key[3]})")
+            else:
+                row.append(NONE_TEXT)
+        order = sorted(best, key=lambda model: best[model][1])
+        row.append(" < ".join(order) if order else NONE_TEXT)
+        lines.append(_md_row(row))
+    return [*lines, ""]
+
+
+def ablation_section(ablations: Sequence[StageCells]) -> list[str]:
+    lines = ["## Ablations of the legacy variant", "",
+             "Each ablation stage keeps every legacy option on but one, which it sweeps "
+             "over its legacy and its SPEC.md value (k 8, wd 1e-2, lr 1e-3, 3 seeds). "
+             "*Δ* is the row's mean minus the legacy value's mean for the same model; † "
+             "marks a Δ larger than the larger of the two rows' seed std. An option that "
+             "changes the metrics (objective.metrics_diagonal) changes the measure, not the "
+             "model: its Δ is not a training effect.", ""]
+    ran = [stage for stage in ablations if stage.ran]
+    if not ran:
+        return [*lines, "No ablation stage has finished jobs yet.", ""]
+    for stage in ran:
+        assert stage.report is not None
+        swept = stage.report.extra_keys
+        lines += [f"### `{stage.name}`", ""]
+        if len(swept) != 1:
+            lines += [f"Swept keys beyond model, lr, wd and k: {swept or 'none'}; expected "
+                      "exactly one.", ""]
+        label = swept[0] if swept else "(option)"
+        cells = stage.cells()
+        legacy_value = LEGACY_VALUES.get(label)
+        lines += [_md_row(["model", "k", "lr", "wd", LABELS.get(label, label), "test mse",
+                           "no edges", "Δ"]),
+                  "|---|---:|---:|---:|---|---|---:|---:|"]
+        for key in sorted(cells, key=_cell_order):
+            cell = cells[key]
+            reference = cells.get((*key[:4], legacy_value)) if swept else None
+            delta = NONE_TEXT
+            if (reference is not None and reference is not cell and cell.mean is not None
+                    and reference.mean is not None):
+                difference = cell.mean - reference.mean
+                bound = max(cell.std or 0.0, reference.std or 0.0)
+                delta = f"{difference:+.4f}" + (" †" if abs(difference) > bound else "")
+            lines.append(_md_row([f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]),
+                                  format_value(key[4]) if len(key) > 4 else NONE_TEXT,
+                                  cell.text(), _fixed(cell.no_edges), delta]))
+        lines.append("")
+    return lines
+
+
+def fp64_section(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
+                 legacy: StageCells, fp64: StageCells) -> list[str]:
+    """The legacy stage's cells again in float64, beside float32 and the earlier system:
+    does the † gap close when precision is the only change?"""
+    lines = [f"## The legacy variant in float64 (`{fp64.name}`)", ""]
+    if not fp64.ran:
+        return [*lines, f"{_stage_state(fp64)}.", ""]
+    spread = earlier_doc.get("seed_std_max", {})
+    legacy_cells, cells = legacy.cells(), fp64.cells()
+    lines += ["The same jobs as the legacy stage with `trainer.precision=64-true` "
+              "(eigendecomposition, forward and optimiser in float64), every other legacy "
+              "option unchanged, so each row's test sets and \"no edges\" are the legacy "
+              "row's. *float64 − earlier* is marked † as *legacy − earlier* is above (the "
+              "larger of the float64 cell's std and the earlier system's largest std for "
+              "that model).", "",
+              _md_row(["model", "k", "lr", "wd", "earlier system", "legacy float32",
+                       "legacy float64", "no edges", "float64 − float32",
+                       "legacy − earlier", "float64 − earlier"]),
+              "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+    for key in sorted(cells, key=_cell_order):
+        cell, base, old = cells[key], legacy_cells.get(key[:4]), earlier.get(key[:4])
+        columns = []
+        for value in (base, cell):
+            gap = NONE_TEXT
+            if old is not None and value is not None and value.mean is not None:
+                bound = max(value.std or 0.0, float(spread.get(key[0], 0.0)))
+                gap = f"{value.mean - old:+.4f}" + (" †" if abs(value.mean - old) > bound
+                                                     else "")
+            columns.append(gap)
+        lines.append(_md_row([
+            f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]), _fixed(old),
+            base.text() if base else NONE_TEXT, cell.text(), _fixed(cell.no_edges),
+            _signed(cell.mean, base.mean if base else None), *columns]))
+    return [*lines, ""]
+
+
+def stage1b_section(stage1b: StageCells) -> list[str]:
+    lines = ["## Stage 1b: does any model beat \"noisy input\"?", ""]
+    if not stage1b.ran:
+        return [*lines, f"{_stage_state(stage1b)}.", ""]
+    cells = stage1b.cells()
+    lines += [_md_row(["model", "k", "lr", "wd", "test mse", "no edges", "noisy input",
+                       "beats noisy input"]),
+              "|---|---:|---:|---:|---|---:|---:|---|"]
+    winners = []
+    for key in sorted(cells, key=_cell_order):
+        cell = cells[key]
+        beats = (cell.mean is not None and cell.noisy_input is not None
+                 and cell.mean < cell.noisy_input)
+        if beats:
+            winners.append((key, cell))
+        lines.append(_md_row([f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]),
+                              cell.text(), _fixed(cell.no_edges), _fixed(cell.noisy_input),
+                              "yes" if beats else "no"]))
+    lines.append("")
+    if winners:
+        names = ", ".join(f"`{k[0]}` (k {k[1]}, lr {k[2]}, wd {k[3]}: {c.mean:.4f} < "
+                          f"{c.noisy_input:.4f})" for k, c in winners)
+        lines.append(f"**Yes**: {len(winners)} configuration(s) beat \"noisy input\" on "
+                     f"their mean test mse: {names}.")
+    else:
+        scored = [(k, c) for k, c in cells.items() if c.mean is not None]
+        best_key, best = min(scored, key=lambda item: (item[1].mean, _cell_order(item[0])))
+        lines.append(f"**No**: no configuration beats \"noisy input\". The best is "
+                     f"`{best_key[0]}` (k {best_key[1]}, lr {best_key[2]}, wd {best_key[3]}) "
+                     f"at {best.mean:.4f}, against {_fixed(best.noisy_input)} for "
+                     f"\"noisy input\".")
+    return [*lines, ""]
+
+
+def comparison_markdown(experiments: Path, earlier_path: Path, today: str, legacy: str,
+                        stage1b: str, ablations: Sequence[str] | None = None,
+                        fp64: str = "stage1_legacy_fp64") -> str:
+    """COMPARISON.md from the records under ``experiments`` and the earlier table."""
+    earlier_doc, earlier = load_earlier(earlier_path)
+    today_cells, legacy_cells = load_stage(experiments, today), load_stage(experiments, legacy)
+    b_cells, fp64_cells = load_stage(experiments, stage1b), load_stage(experiments, fp64)
+    if ablations is None:
+        ablations = sorted(path.name for path in experiments.glob(f"{ABLATION_PREFIX}*")
+                           if path.is_dir())
+    ablation_cells = [load_stage(experiments, name) for name in ablations]
+    lines = [
+        "# Stage 1 against the earlier system (issue 14)", "",
+        "Written by `tmgg-sweep compare` from the records of the stages below "
+        "(`experiments/<stage>/`) and the earlier system's table "
+        f"(`{earlier_path.name}`: {earlier_doc.get('provenance', 'no provenance given')}); "
+        "regenerate with `tmgg-sweep compare`.", "",
+        "Stages:", "",
+        *(f"- {_stage_state(stage)}" for stage in
+          (today_cells, legacy_cells, b_cells, fp64_cells, *ablation_cells)), "",
+    ]
+    lines += side_by_side(earlier, earlier_doc, legacy_cells, today_cells)
+    lines += best_section(earlier, legacy_cells, today_cells)
+    lines += ablation_section(ablation_cells)
+    lines += fp64_section(earlier, earlier_doc, legacy_cells, fp64_cells)
+    lines += stage1b_section(b_cells)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tmgg-sweep compare",
+        description="Write COMPARISON.md: stage 1 and its legacy variant side by side with "
+                    "the earlier system's results, the legacy ablations and stage 1b, from "
+                    "the stages' records (issue 14).")
+    parser.add_argument("--experiments", type=Path, default=Path("experiments"),
+                        help="the experiments folder holding the stage folders")
+    parser.add_argument("--earlier", type=Path, default=None,
+                        help=f"the earlier system's table (default: <experiments>/"
+                             f"{EARLIER_FILE})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where to write (default: <experiments>/{COMPARISON_FILE})")
+    parser.add_argument("--today", default="stage1", help="today's stage-1 stage name")
+    parser.add_argument("--legacy", default="stage1_legacy", help="the legacy stage name")
+    parser.add_argument("--stage1b", default="stage1b", help="the stage-1b stage name")
+    parser.add_argument("--fp64", default="stage1_legacy_fp64",
+                        help="the legacy stage's float64 variant")
+    parser.add_argument("--ablation", action="append", default=None, metavar="STAGE",
+                        help=f"an ablation stage (repeatable; default: every "
+                             f"{ABLATION_PREFIX}* folder)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    experiments = args.experiments
+    earlier = args.earlier or experiments / EARLIER_FILE
+    if not earlier.is_file():
+        print(f"tmgg-sweep compare: the earlier system's table {earlier} is missing",
+              file=sys.stderr)
+        return 2
+    text = comparison_markdown(experiments, earlier, args.today, args.legacy, args.stage1b,
+                               args.ablation, args.fp64)
+    out = args.out or experiments / COMPARISON_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,614 @@
+"""What every launcher shares: planning, skipping, ledger events, outcome table.
+
+Launchers stay transport code; the rules of a sweep live here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from tmgg.config.identity import task_overrides
+from tmgg.jobs import claims
+from tmgg.jobs.composer import (
+    composition_key,
+    keep_compositions_for_the_sweeper,
+    master_overrides,
+    share_config_cache,
+)
+from tmgg.jobs.ledger import FAILED, FINISHED, RUNNING, Ledger, refuse_links
+from tmgg.jobs.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
+from tmgg.jobs.records import code_version, host, package_versions, utc_now
+from tmgg.jobs.supersede import describe, superseded_records
+
+log = logging.getLogger(__name__)
+
+# Plans composed at multirun start, keyed by override tuple, reused by our launchers
+# so every job is composed once.
+_PLAN_CACHE: dict[tuple[str, ...], PlannedJob] = {}
+
+
+@dataclass
+class JobSkipped:
+    """What a job not run returns instead of a result: it was finished already
+    (``reason="finished"``, with the recorded ``metrics``) or another dispatch holds
+    its claim (``reason="claimed"``). Launchers record it as a ``skipped`` event, never
+    as an outcome: a skip is never FINISHED."""
+
+    job_id: str
+    run_name: str
+    reason: str
+    detail: str
+    metrics: dict[str, Any] | None = None
+    recorded: bool = False  # its skipped event is in the ledger already
+
+    def __str__(self) -> str:
+        return f"{self.run_name}: not run, {self.detail}"
+
+
+@dataclass
+class HeldJob:
+    """A job this process runs: its claim (the fencing token) and the heartbeat."""
+
+    claim: claims.Claim
+    heartbeat: claims.Heartbeat
+
+    def check(self) -> None:
+        """``claims.ClaimLost`` once this process may no longer train the job."""
+        self.heartbeat.check(self.claim.job_id)
+
+    def latest_claim(self) -> claims.Claim:
+        return self.heartbeat.claims.get(self.claim.job_id, self.claim)
+
+
+# What this process decided for each job it was handed: skipped, or held and running.
+_SKIPPED: dict[str, JobSkipped] = {}
+_HELD: dict[str, HeldJob] = {}
+
+
+def finished_metrics(task_config: DictConfig) -> dict[str, Any] | None:
+    """The recorded metrics of an already finished job, else None."""
+    if not is_tmgg_config(task_config):
+        return None
+    record = ledger_for(task_config).job_record(str(task_config.job.id))
+    if record and record.get("status") == FINISHED:
+        return record.get("metrics") or {}
+    return None
+
+
+def skipped_value(result: Any) -> JobSkipped | None:
+    """The JobSkipped a JobReturn carries, if its job was not run."""
+    value = getattr(result, "_return_value", None)
+    return value if isinstance(value, JobSkipped) else None
+
+
+def begin_job(task_config: DictConfig) -> JobSkipped | HeldJob | None:
+    """In the job's process, from the task function (where an exception fails the job
+    with tmgg's own message; Hydra would only warn about one in a callback): take the
+    job's claim and write its RUNNING record, or decide that it is not run.
+
+    Idempotent: the ledger callback's ``on_job_start`` may have done it already.
+    None for a config that is not a tmgg job.
+    """
+    if not is_tmgg_config(task_config):
+        return None
+    job_id = str(task_config.job.id)
+    if job_id in _SKIPPED:
+        return _SKIPPED[job_id]
+    if job_id in _HELD:
+        return _HELD[job_id]
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    choices = OmegaConf.select(hydra_cfg, "runtime.choices") or {}
+    launcher = str(choices["hydra/launcher"]) if "hydra/launcher" in choices else "unknown"
+    from tmgg.config.identity import override_lines
+
+    return _start(_task_dict(task_config), override_lines(hydra_cfg.overrides.task),
+                  launcher, OmegaConf.select(hydra_cfg, "runtime.output_dir"))
+
+
+def experiments_root(cfg: DictConfig | dict[str, Any]) -> Path:
+    value = cfg["experiments_dir"] if isinstance(cfg, dict) else cfg.experiments_dir
+    path = Path(str(value))
+    return path if path.is_absolute() else Path(os.getcwd()) / path
+
+
+def ledger_for(task_config: dict[str, Any] | DictConfig) -> Ledger:
+    stage = task_config["stage"]["name"]
+    return Ledger(experiments_root(task_config), str(stage))
+
+
+def launcher_name(config: DictConfig) -> str:
+    choice = OmegaConf.select(config, "hydra.runtime.choices")
+    if choice is not None and "hydra/launcher" in choice:
+        return str(choice["hydra/launcher"])
+    return "unknown"
+
+
+
+def record_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
+                arguments: Sequence[str]) -> None:
+    """Write plan.json and one 'planned' event per job, before anything is dispatched."""
+    tmgg_jobs = [job for job in jobs if job.is_tmgg_job]
+    if not tmgg_jobs:
+        return
+    launcher = launcher_name(master_config)
+    by_stage: dict[Path, list[PlannedJob]] = {}
+    for job in tmgg_jobs:
+        by_stage.setdefault(ledger_for(job.task_config).root, []).append(job)
+    now = utc_now()
+    for jobs_of_stage in by_stage.values():
+        ledger = ledger_for(jobs_of_stage[0].task_config)
+        superseded = superseded_records(jobs_of_stage, ledger.states(), ledger.stage)
+        if superseded:
+            log.warning("stage %s: %s", ledger.stage, describe(superseded))
+        ledger.write_plan({
+            "stage": ledger.stage,
+            "created_at": now,
+            "arguments": list(arguments),
+            "launcher": launcher,
+            "code": code_version(),
+            "composition": composition_key(master_overrides(master_config)),
+            "sweep_jobs": len(tmgg_jobs),  # all stages' (a plan.json holds its stage's)
+            "jobs": [{**job.summary(), "config": job.task_config} for job in jobs_of_stage],
+        })
+        ledger.append_many([*({
+            "event": "planned", "time": now, "job_id": job.job_id, "run_name": job.run_name,
+            "overrides": job.overrides, "wandb": job.wandb, "launcher": launcher,
+        } for job in jobs_of_stage), *(s.event(now) for s in superseded)])
+
+
+def record_plan_for_multirun(config: DictConfig) -> None:
+    """Hydra multirun start: compose, validate and record every job of the sweep."""
+    if not is_tmgg_config(config):
+        return
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tmgg.jobs.workdirs import check_work_dirs, ledger_path
+
+    check_work_dirs(config)  # before composing: one line, nothing recorded
+    arguments = task_overrides(config)
+    loader = GlobalHydra.instance().config_loader()
+    share_config_cache(loader)  # the plan, BasicSweeper's checks and the launcher
+    keep_compositions_for_the_sweeper(loader)
+    jobs = compose_plan(loader, config, expand_grid(config, arguments))
+    _PLAN_CACHE.clear()
+    from tmgg.jobs.wandb_check import check_wandb_destinations
+
+    check_wandb_destinations(jobs, config)  # before any job is recorded or dispatched
+    from tmgg.launch.common import launcher_preflight
+
+    launcher_preflight(config, jobs)
+    for job in jobs:
+        _PLAN_CACHE[tuple(job.overrides)] = job
+    record_plan(jobs, config, arguments)
+    log.info("Planned %d jobs of stage %s; ledger %s", len(jobs),
+             jobs[0].stage if jobs else "?", ledger_path(config))
+    for root in sorted({ledger_for(job.task_config).root for job in jobs if job.is_tmgg_job}):
+        for damaged in Ledger(root.parent, root.name).damaged_files():
+            print(f"warning: {damaged} (skipped; `tmgg-sweep status` lists it)",
+                  file=sys.stderr, flush=True)
+
+
+def planned_jobs(config_loader: Any, master_config: DictConfig,
+                 job_overrides: Sequence[Sequence[str]], initial_index: int) -> list[PlannedJob]:
+    """The launcher's jobs: from the multirun plan when available, else composed now."""
+    jobs: list[PlannedJob] = []
+    missing = [list(o) for o in job_overrides if tuple(o) not in _PLAN_CACHE]
+    composed = {}
+    if missing:
+        for job in compose_plan(config_loader, master_config, missing, initial_index):
+            composed[tuple(job.overrides)] = job
+        from tmgg.jobs.wandb_check import check_wandb_destinations
+
+        check_wandb_destinations(list(composed.values()), master_config)
+    for offset, overrides in enumerate(job_overrides):
+        key = tuple(overrides)
+        job = _PLAN_CACHE.get(key) or composed[key]
+        job.index = initial_index + offset
+        with read_write(job.sweep_config.hydra), open_dict(job.sweep_config.hydra.job):
+            job.sweep_config.hydra.job.num = job.index
+            job.sweep_config.hydra.job.id = f"job{job.index}"
+        jobs.append(job)
+    return jobs
+
+
+def is_finished(job: PlannedJob) -> dict[str, Any] | None:
+    """The finished record of a job, if the ledger has one (then it is not re-run)."""
+    if not job.is_tmgg_job:
+        return None
+    record = ledger_for(job.task_config).job_record(job.job_id)
+    if record and record.get("status") == FINISHED:
+        return record
+    return None
+
+
+def split_finished(jobs: Sequence[PlannedJob]) -> tuple[list[Any], list[int]]:
+    """JobReturns with finished jobs already filled in, and the positions still to run."""
+    results: list[Any] = [None] * len(jobs)
+    pending: list[int] = []
+    for position, job in enumerate(jobs):
+        record = is_finished(job)
+        if record is not None:
+            results[position] = skipped_return(job, record)
+        else:
+            pending.append(position)
+    return results, pending
+
+
+def skipped_return(job: PlannedJob, record: dict[str, Any]) -> Any:
+    """A JobReturn for a job that already finished: not run (its recorded metrics ride
+    along in the JobSkipped), with a ``skipped`` event in the ledger."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    task_cfg = OmegaConf.create(job.task_config)
+    ret = JobReturn(overrides=job.overrides, cfg=task_cfg, hydra_cfg=None,
+                    working_dir=os.getcwd(), task_name=None, status=JobStatus.COMPLETED)
+    ret.return_value = JobSkipped(job.job_id, job.run_name, "finished", "finished already",
+                                  record.get("metrics") or {})
+    ret.skipped = True  # type: ignore[attr-defined]
+    record_skipped(job, ret.return_value)
+    return ret
+
+
+def record_skipped(job: PlannedJob, skipped: JobSkipped, launcher: str | None = None) -> None:
+    """The ledger's ``skipped`` event: this sweep did not run the job (not an outcome)."""
+    if job.is_tmgg_job and not skipped.recorded:
+        _append_skipped(ledger_for(job.task_config), skipped, launcher)
+
+
+def _append_skipped(ledger: Ledger, skipped: JobSkipped, launcher: str | None) -> None:
+    ledger.append({"event": "skipped", "time": utc_now(), "job_id": skipped.job_id,
+                   "run_name": skipped.run_name, "status": "SKIPPED",
+                   "reason": skipped.detail, "launcher": launcher})
+    skipped.recorded = True
+
+
+def call_alive_in(ledger: Ledger) -> Callable[[str], bool]:
+    """Polls a detached Modal call that holds a claim (and folds its result if it ended)."""
+
+    def alive(call_id: str) -> bool:
+        from tmgg.launch.modal.calls import call_in_flight
+
+        return call_in_flight(ledger, call_id)
+
+    return alive
+
+
+def claim_for_dispatch(job: PlannedJob, launcher: str, ticket: str | None = None
+                       ) -> tuple[claims.Claim | None, Any]:
+    """Claim a job right before dispatching it: ``(claim, None)`` to dispatch it, or
+    ``(None, JobReturn)`` for a job another dispatch holds or that finished meanwhile.
+
+    The claim's ticket travels with the job, whose own process takes the claim over;
+    a retry of the same dispatch (a worker that replaces a crashed one) passes the
+    ticket it had, and takes the claim back even from its dead predecessor.
+    """
+    if not job.is_tmgg_job:
+        return None, None
+    ledger = ledger_for(job.task_config)
+    taken, claim = claims.take(
+        ledger.root, job.job_id, ticket=ticket or claims.new_ticket(),
+        transport={"kind": launcher},
+        call_alive=call_alive_in(ledger),
+        extra={"run_name": job.run_name, "dispatcher": claims.this_process()})
+    if not taken:
+        print(f"{job.run_name}: not dispatched, {claim.describe()}", file=sys.stderr,
+              flush=True)
+        return None, claimed_return(job, claim)
+    record = is_finished(job)  # checked after claiming: it may have finished meanwhile
+    if record is not None:
+        claims.release(claim, FINISHED)
+        return None, skipped_return(job, record)
+    return claim, None
+
+
+def claimed_return(job: PlannedJob, claim: claims.Claim) -> Any:
+    """A JobReturn for a job left to the dispatch that holds it: not run, not failed."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    ret = JobReturn(overrides=job.overrides, cfg=OmegaConf.create(job.task_config),
+                    hydra_cfg=None, working_dir=os.getcwd(), task_name=None,
+                    status=JobStatus.COMPLETED)
+    ret.return_value = JobSkipped(job.job_id, job.run_name, "claimed", claim.describe())
+    ret.claimed_by = claim.describe()  # type: ignore[attr-defined]
+    record_skipped(job, ret.return_value)
+    return ret
+
+
+def release_dispatch(job: PlannedJob, claim: claims.Claim | None, result: Any) -> None:
+    """After a job's outcome: release its claim if its own process could not (crashed)."""
+    if claim is None or not job.is_tmgg_job or claim.ticket is None:
+        return
+    status = FINISHED if result.status.name == "COMPLETED" else FAILED
+    claims.release_ticket(ledger_for(job.task_config).root, job.job_id, claim.ticket, status)
+
+
+def record_dispatched(job: PlannedJob, launcher: str, call_id: str | None = None) -> None:
+    if job.is_tmgg_job:
+        ledger_for(job.task_config).append({
+            "event": "dispatched", "time": utc_now(), "job_id": job.job_id,
+            "run_name": job.run_name, "launcher": launcher, "call_id": call_id,
+        })
+
+
+def record_outcome(job: PlannedJob, result: Any, launcher: str,
+                   write_job_record: bool = False, claim: claims.Claim | None = None) -> None:
+    """Append the outcome event; for remote jobs also write the job's own record.
+
+    A job that was not run (``JobSkipped``) gets a ``skipped`` event instead, never an
+    outcome. With ``claim`` (the launcher's claim of the dispatch), the outcome is
+    fenced: refused once another dispatch holds a newer generation of the job.
+    """
+    if not job.is_tmgg_job:
+        return
+    skipped = skipped_value(result)
+    if skipped is not None:
+        record_skipped(job, skipped, launcher)
+        return
+    if claim is not None:
+        newer = claims.fence_ticket(ledger_for(job.task_config).root, job.job_id,
+                                    claim.ticket)
+        if newer is not None:
+            log.warning("%s: its outcome is not recorded by this sweep: the job is now %s",
+                        job.run_name, newer.describe())
+            return
+    status = FINISHED if result.status.name == "COMPLETED" else FAILED
+    error = None if status == FINISHED else str(result._return_value)
+    metrics = result._return_value if status == FINISHED else None
+    duration = getattr(result, "duration_s", None)
+    ledger = ledger_for(job.task_config)
+    event = {"event": "outcome", "time": utc_now(), "job_id": job.job_id,
+             "run_name": job.run_name, "status": status, "duration_s": duration,
+             "error": _first_lines(error), "launcher": launcher}
+    ledger.append(event)
+    if write_job_record:
+        record = base_record(job.task_config, job.overrides, launcher)
+        record.update(status=status, finished_at=utc_now(), duration_s=duration, error=error,
+                      metrics=metrics if isinstance(metrics, dict) else None)
+        _record_live_run(record, metrics)
+        ledger.write_job_record(job.job_id, record)
+
+
+def record_lost_job(job: PlannedJob, result: Any, launcher: str) -> Any:
+    """The launcher's outcome for a job whose process died before recording its own.
+
+    Call it only once that process is dead: then nothing writes the job's record after
+    the launcher, and the job's last RUNNING record cannot hide the crash. That record
+    (start time, attempts, output dir) becomes FAILED with the launcher's error. A job
+    that recorded FINISHED just before dying stays finished. Returns the JobReturn to
+    report (``result``, or the finished one).
+    """
+    if not job.is_tmgg_job:
+        return result
+    ledger = ledger_for(job.task_config)
+    record = ledger.job_record(job.job_id)
+    if record and record.get("status") == FINISHED:  # a real run's result, not a skip
+        from hydra.core.utils import JobReturn, JobStatus
+
+        finished = JobReturn(overrides=job.overrides, cfg=OmegaConf.create(job.task_config),
+                             hydra_cfg=None, working_dir=os.getcwd(), task_name=None,
+                             status=JobStatus.COMPLETED)
+        finished.return_value = record.get("metrics") or {}
+        finished.skipped = False  # type: ignore[attr-defined]
+        return finished
+    record = record or base_record(job.task_config, job.overrides, launcher)
+    record.update(status=FAILED, finished_at=utc_now(), metrics=None,
+                  error=str(result._return_value))
+    ledger.write_job_record(job.job_id, record)
+    return result
+
+
+def _first_lines(text: str | None, limit: int = 2000) -> str | None:
+    if text is None:
+        return None
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def base_record(task_config: dict[str, Any], overrides: Sequence[str], launcher: str,
+                output_dir: str | None = None) -> dict[str, Any]:
+    logger = task_config.get("logger", {})
+    return {
+        "job_id": task_config["job"]["id"],
+        "run_name": task_config["job"]["run_name"],
+        "stage": task_config["stage"]["name"],
+        "overrides": list(overrides),
+        "launcher": launcher,
+        "host": host(),
+        "pid": os.getpid(),
+        "output_dir": output_dir,
+        "code": code_version(),
+        "versions": package_versions(),
+        "wandb": {
+            "entity": logger.get("entity"),
+            "project": logger.get("project"),
+            "group": logger.get("group"),
+            "run_id": _wandb_run_id(task_config),
+            "base_url": _pinned_base_url(logger),
+            # The mode this job uses where it runs (auto resolved); the live run's mode
+            # replaces it when the job ends.
+            "mode": _job_wandb_mode(task_config),
+            "path": None,
+        } if logger.get("name") == "wandb" else None,
+        "config": task_config,
+    }
+
+
+def _wandb_run_id(task_config: dict[str, Any]) -> str:
+    from tmgg.config.identity import job_wandb_run_id
+
+    return job_wandb_run_id(task_config)
+
+
+def _pinned_base_url(logger: dict[str, Any]) -> str:
+    from tmgg.task.loggers import pinned_base_url
+
+    return pinned_base_url(logger)
+
+
+def _job_wandb_mode(task_config: dict[str, Any]) -> str | None:
+    from tmgg.task.loggers import job_wandb_mode
+
+    return job_wandb_mode(task_config)
+
+
+def _record_live_run(record: dict[str, Any], metrics: Any) -> None:
+    """The W&B path and mode the job's live run actually had (from its metrics)."""
+    if not isinstance(metrics, dict) or not record.get("wandb"):
+        return
+    if metrics.get("wandb_path"):
+        record["wandb"]["path"] = metrics["wandb_path"]
+    if metrics.get("wandb_mode"):
+        record["wandb"]["mode"] = metrics["wandb_mode"]
+
+
+def _task_dict(config: DictConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(config, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    return container
+
+
+# Set in a Modal container (tmgg.launch.modal.app.run_job): the job's claim is the
+# launcher's, on the launching machine. A claim taken on the volume would protect
+# nothing (each container works on its own snapshot until it commits) and would rest
+# on hard links, which Modal does not document for volumes.
+LAUNCHER_HOLDS_CLAIMS_ENV = "TMGG_LAUNCHER_HOLDS_CLAIMS"
+
+
+def job_record_start(config: DictConfig) -> JobSkipped | HeldJob | None:
+    """In the job's process (a solo job's callback, a fused member): ``begin_job`` from
+    a full config (with its ``hydra`` node)."""
+    if not is_tmgg_config(config):
+        return None
+    task = _task_dict(config)
+    job_id = str(task["job"]["id"])
+    if job_id in _SKIPPED:
+        return _SKIPPED[job_id]
+    if job_id in _HELD:
+        return _HELD[job_id]
+    return _start(task, task_overrides(config), launcher_name(config),
+                  OmegaConf.select(config, "hydra.runtime.output_dir"))
+
+
+def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
+           output_dir: str | None) -> JobSkipped | HeldJob | None:
+    """Claim the job for this process and record it RUNNING, or skip it. Where the
+    launcher's claim is the only authority (``LAUNCHER_HOLDS_CLAIMS_ENV``: a job on a
+    Modal volume) no claim is taken here, and None says the job runs unfenced."""
+    ledger = ledger_for(task)
+    job_id = str(task["job"]["id"])
+    run_name = str(task["job"]["run_name"])
+    if output_dir is not None and task.get("outputs_dir"):
+        outputs = Path(str(task["outputs_dir"]))
+        refuse_links(Path(output_dir), outputs if outputs.is_absolute()
+                     else Path(os.getcwd()) / outputs)
+    record = base_record(task, overrides, launcher, output_dir=output_dir)
+    if os.environ.get(LAUNCHER_HOLDS_CLAIMS_ENV):
+        return _start_under_launcher_claim(ledger, job_id, run_name, record, launcher)
+    taken, claim = claims.take(ledger.root, job_id, ticket=claims.dispatch_ticket(),
+                               transport={"kind": launcher},
+                               call_alive=call_alive_in(ledger),
+                               extra={"run_name": run_name})
+    if not taken:
+        log.warning("Job %s not run: %s", run_name, claim.describe())
+        _SKIPPED[job_id] = JobSkipped(job_id, run_name, "claimed", claim.describe())
+        _append_skipped(ledger, _SKIPPED[job_id], launcher)
+        return _SKIPPED[job_id]
+    previous = ledger.job_record(job_id)
+    if previous and previous.get("status") == FINISHED:
+        claims.release(claim, FINISHED)  # keep the finished record intact
+        log.info("Job %s already finished; skipped", run_name)
+        _SKIPPED[job_id] = JobSkipped(job_id, run_name, "finished", "finished already",
+                                      previous.get("metrics") or {})
+        _append_skipped(ledger, _SKIPPED[job_id], launcher)
+        return _SKIPPED[job_id]
+    held = HeldJob(claim, claims.Heartbeat(claim))
+    record.update(status=RUNNING, started_at=utc_now(),
+                  attempts=(previous or {}).get("attempts", 0) + 1,
+                  claim={"generation": claim.generation, "ticket": claim.ticket,
+                         "pid_start": claim.owner.get("start")})
+    try:
+        ledger.write_job_record(job_id, record, fence=claim)
+    except BaseException:
+        held.heartbeat.stop()
+        with contextlib.suppress(Exception):  # not begun: the claim is nobody's now
+            claims.release(claim, FAILED)
+        raise
+    _HELD[job_id] = held
+    return held
+
+
+def _start_under_launcher_claim(ledger: Ledger, job_id: str, run_name: str,
+                                record: dict[str, Any], launcher: str) -> JobSkipped | None:
+    """A Modal container's start: the launcher holds the claim; skip a finished job, else
+    record RUNNING (no fence: this process holds no claim generation of its own)."""
+    previous = ledger.job_record(job_id)
+    if previous and previous.get("status") == FINISHED:
+        log.info("Job %s already finished; skipped", run_name)
+        _SKIPPED[job_id] = JobSkipped(job_id, run_name, "finished", "finished already",
+                                      previous.get("metrics") or {})
+        _append_skipped(ledger, _SKIPPED[job_id], launcher)
+        return _SKIPPED[job_id]
+    record.update(status=RUNNING, started_at=utc_now(),
+                  attempts=(previous or {}).get("attempts", 0) + 1)
+    ledger.write_job_record(job_id, record)
+    return None
+
+
+def job_record_end(config: DictConfig, job_return: Any) -> None:
+    """In the job's process: FINISHED with metrics, or FAILED with the error text."""
+    if not is_tmgg_config(config):
+        return
+    task = _task_dict(config)
+    ledger = ledger_for(task)
+    job_id = task["job"]["id"]
+    if _SKIPPED.pop(job_id, None) is not None:
+        return  # not run here: finished already, or another dispatch keeps its record
+    held = _HELD.pop(job_id, None)
+    if held is None:
+        return  # never claimed by this process: it has nothing to record
+    claim = held.heartbeat.discard(job_id)
+    held.heartbeat.stop()
+    value = job_return._return_value
+    lost = held.heartbeat.lost.get(job_id)
+    if claim is None or lost is not None or isinstance(value, claims.ClaimLost):
+        log.error("%s", lost or value or f"job {job_id}: its claim was lost")
+        return  # fenced off: a newer generation holds the job and keeps its record
+    record = ledger.job_record(job_id) or base_record(task, [], launcher_name(config))
+    completed = job_return.status.name == "COMPLETED"
+    started = record.get("started_at")
+    record.update(status=FINISHED if completed else FAILED, finished_at=utc_now(),
+                  metrics=value if completed and isinstance(value, dict) else None,
+                  error=None if completed else _error_text(value))
+    if started:
+        from datetime import datetime
+
+        delta = datetime.fromisoformat(record["finished_at"]) - datetime.fromisoformat(started)
+        record["duration_s"] = round(delta.total_seconds(), 3)
+    if completed:
+        _record_live_run(record, value)
+    try:
+        ledger.write_job_record(job_id, record, fence=claim)
+    except claims.ClaimLost as error:
+        log.error("%s", error)
+        return
+    # after the record: a released claim means the outcome is written
+    claims.release(claim, record["status"])
+
+
+def _error_text(error: Any) -> str:
+    import traceback
+
+    if isinstance(error, BaseException) and error.__traceback__ is not None:
+        return "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return str(error)

@@ -1,0 +1,1 @@
+"""The Modal transport: app, dispatch, settings, calls, results."""

@@ -1,0 +1,1 @@
+"""The executor: one job or a fused group, in any process; knows no launcher."""
