@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 
 from tmgg.config.identity import job_wandb_run_id, run_generation
-from tmgg.launch.modal.volume_files import off_volume
+from tmgg.task.scratch import off_volume
 
 log = logging.getLogger(__name__)
 # Checked against wandb 0.31.0 (how init weighs arguments, environment, sweep/launch
@@ -388,7 +388,7 @@ def build_logger(cfg: DictConfig, output_dir: Path, concurrent: bool = False) ->
         finish_leftover_run()
     extra = {"reinit": "create_new"} if concurrent else {}
     # wandb keeps its files open while the run lives: off a Modal Volume, which cannot
-    # commit with open files (tmgg.launch.modal.volume_files); output_dir everywhere else.
+    # commit with open files (tmgg.task.scratch); output_dir everywhere else.
     save_dir = off_volume(output_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     with pinned_wandb_environment(entity, project, job=run_name, base_url=base_url,

@@ -7,12 +7,12 @@ output directory on the volume:
 
 - the W&B run's files (wandb writes them for as long as the run lives): the run
   writes to a scratch mirror of its output directory off the volume instead
-  (``off_volume``), copied back onto the volume after the job (``copy_back``);
+  (``tmgg.task.scratch.off_volume``), copied back onto the volume after the job (``copy_back``);
 - Hydra's job log (a ``logging.FileHandler``): closed before each commit or reload
   (``close_log_files_under``); the handler reopens the file at its next record;
 - Lightning's CSV logger opens and closes its files per write: nothing to do.
 
-Light on purpose (os, pathlib, logging): ``tmgg.task.loggers`` imports it.
+Light on purpose (os, pathlib, logging).
 """
 
 from __future__ import annotations
@@ -22,21 +22,12 @@ import os
 import shutil
 from pathlib import Path
 
-# Set by the Modal function (tmgg.launch.modal.app.run_job) while a job runs.
-VOLUME_ROOT_ENV = "TMGG_VOLUME_ROOT"
-SCRATCH_ROOT_ENV = "TMGG_VOLUME_SCRATCH"
+# Set by the Modal function (tmgg.launch.modal.app.run_job) while a job runs; the job
+# reads them (tmgg.task.scratch.off_volume): the task knows no launcher.
+from tmgg.task.scratch import SCRATCH_ROOT_ENV, VOLUME_ROOT_ENV
 
-
-def off_volume(path: Path) -> Path:
-    """``path``, or its mirror under the scratch root when it lies on the volume."""
-    volume, scratch = os.environ.get(VOLUME_ROOT_ENV), os.environ.get(SCRATCH_ROOT_ENV)
-    if not volume or not scratch:
-        return path
-    try:
-        relative = Path(path).resolve().relative_to(Path(volume).resolve())
-    except ValueError:
-        return path
-    return Path(scratch) / relative
+__all__ = ["SCRATCH_ROOT_ENV", "VOLUME_ROOT_ENV", "close_log_files_under", "copy_back",
+           "open_files_under"]
 
 
 def copy_back(scratch: Path, volume: Path) -> int:
