@@ -1,12 +1,20 @@
 """tmgg: declarative Hydra sweeps of spectral graph denoising.
 
 Importing the package registers the OmegaConf resolvers the configs use
-(``tmgg.short``, ``tmgg.job_id``, ``tmgg.suffix``). It imports nothing heavy:
-Hydra imports this at start-up through the launcher plugins.
+(``tmgg.short``, ``tmgg.job_id``, ``tmgg.suffix``, ``tmgg.slurm_minutes``). It imports
+the config layer only, nothing heavy and no launcher: Hydra imports this at start-up
+through the launcher plugins.
 """
 
-import tmgg.launch.slurm_resources  # noqa: F401  (registers tmgg.slurm_minutes)
-from tmgg.config.identity import register_resolvers
+from tmgg.config.identity import register_resolvers as register_identity_resolvers
+from tmgg.config.slurm_time import register_slurm_resolver
+
+
+def register_resolvers() -> None:
+    """Register every ``tmgg.*`` resolver (idempotent)."""
+    register_identity_resolvers()
+    register_slurm_resolver()
+
 
 register_resolvers()
 

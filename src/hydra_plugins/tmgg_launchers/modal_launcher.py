@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
 from omegaconf import DictConfig
 
+import tmgg.launch.modal  # noqa: F401  (hands the state machine its probe of Modal calls)
 from tmgg.launch.plugin_base import TmggLauncher
 
 

@@ -24,6 +24,8 @@ from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher import config as submitit_config
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
+from tmgg.launch.slurm_resources import register_submitit_hooks
+
 _PREFIX = "hydra_plugins.tmgg_launchers.submitit_launchers."
 
 
@@ -66,3 +68,8 @@ class TmggSubmititLocalLauncher(submitit_launcher.LocalLauncher):
         from tmgg.launch.submitit_tasks import launch_submitit
 
         return launch_submitit(self, job_overrides, initial_job_idx)
+
+
+# The submitit launchers are not TmggLauncher subclasses: their settings checks are
+# handed to the state machine here, for tmgg's and hydra-submitit-launcher's classes.
+register_submitit_hooks()

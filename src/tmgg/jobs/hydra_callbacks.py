@@ -102,13 +102,10 @@ class LocalWorkersCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from tmgg.jobs.launcher_hooks import run_before_plan
         from tmgg.jobs.plan import PlanError
-        from tmgg.launch.plugin_base import configured_launcher
 
-        launcher = configured_launcher(config)
-        if launcher is None:
-            return
         try:
-            launcher.before_plan(config)
+            run_before_plan(config)
         except PlanError as error:
             _refuse(error)

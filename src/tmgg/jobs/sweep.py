@@ -185,9 +185,9 @@ def record_plan_for_multirun(config: DictConfig) -> None:
     from tmgg.jobs.wandb_check import check_wandb_destinations
 
     check_wandb_destinations(jobs, config)  # before any job is recorded or dispatched
-    from tmgg.launch.common import launcher_preflight
+    from tmgg.jobs.launcher_hooks import run_preflight
 
-    launcher_preflight(config, jobs)
+    run_preflight(config, jobs)
     for job in jobs:
         _PLAN_CACHE[tuple(job.overrides)] = job
     record_plan(jobs, config, arguments)
@@ -274,12 +274,13 @@ def _append_skipped(ledger: Ledger, skipped: JobSkipped, launcher: str | None) -
 
 
 def call_alive_in(ledger: Ledger) -> Callable[[str], bool]:
-    """Polls a detached Modal call that holds a claim (and folds its result if it ended)."""
+    """Polls a detached call that holds a claim (and folds its result if it ended), through
+    the probe its launcher registered (``tmgg.jobs.launcher_hooks``)."""
 
     def alive(call_id: str) -> bool:
-        from tmgg.launch.modal.calls import call_in_flight
+        from tmgg.jobs.launcher_hooks import call_alive
 
-        return call_in_flight(ledger, call_id)
+        return call_alive(ledger, call_id)
 
     return alive
 

@@ -17,21 +17,6 @@ log = logging.getLogger(__name__)
 CLAIMED_ELSEWHERE = "SKIPPED (claimed)"
 
 
-def launcher_preflight(config: DictConfig, jobs: Sequence[PlannedJob]) -> None:
-    """The configured launcher's own refusals, run by the ledger before it records the plan.
-
-    A launcher that checked its settings only when Hydra sets it up or launches would
-    leave a refused sweep's jobs in the ledger as planned.
-    """
-    from tmgg.launch.plugin_base import configured_launcher
-    from tmgg.launch.slurm_resources import check_submitit_settings
-
-    check_submitit_settings(config)
-    launcher = configured_launcher(config)
-    if launcher is not None:
-        launcher.preflight(config, jobs)
-
-
 def prepare_sweep_dir(config: DictConfig) -> None:
     """Create the sweep dir and save multirun.yaml, as Hydra's launchers do."""
     sweep_dir = Path(str(config.hydra.sweep.dir))

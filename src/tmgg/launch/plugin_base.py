@@ -5,10 +5,12 @@ only. ``TmggLauncher`` leaves ``launch`` abstract: Hydra's plugin scan registers
 concrete classes, so the base is never offered as a launcher itself.
 
 Besides Hydra's ``setup``/``launch``, a tmgg launcher has two class-level hooks that
-tmgg's multirun start calls for whichever launcher the sweep is configured with
-(``configured_launcher``): ``before_plan`` (before the sweep is composed: start
-warming up, fail fast on settings) and ``preflight`` (after it is composed, before
-the plan is recorded: every refusal that needs the jobs).
+tmgg's multirun start calls for whichever launcher the sweep is configured with:
+``before_plan`` (before the sweep is composed: start warming up, fail fast on
+settings) and ``preflight`` (after it is composed, before the plan is recorded: every
+refusal that needs the jobs). Each concrete launcher hands them to the state machine
+(``tmgg.jobs.launcher_hooks``) when its class is defined, so tmgg.jobs imports no
+launcher.
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ from typing import Any
 
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from tmgg.jobs.launcher_hooks import register_launcher
 
 
 class TmggLauncher(Launcher):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The class path is what a sweep's hydra.launcher._target_ names.
+        register_launcher(f"{cls.__module__}.{cls.__qualname__}", cls)
+
     def __init__(self, **params: Any) -> None:
         self.params = params
         self.config: DictConfig | None = None
@@ -44,16 +53,3 @@ class TmggLauncher(Launcher):
     def preflight(cls, config: DictConfig, jobs: Sequence[Any]) -> None:
         """Refusals (PlanError) for the sweep's planned jobs, before the plan is recorded."""
 
-
-def configured_launcher(config: DictConfig) -> type[TmggLauncher] | None:
-    """The class of the sweep's ``hydra/launcher`` when it is a tmgg launcher."""
-    target = OmegaConf.select(config, "hydra.launcher._target_")
-    if not target:
-        return None
-    from hydra.utils import get_class
-
-    try:
-        launcher = get_class(str(target))
-    except Exception:  # noqa: BLE001 - Hydra reports an unloadable launcher itself
-        return None
-    return launcher if issubclass(launcher, TmggLauncher) else None

@@ -1,11 +1,11 @@
 """SLURM resources of a submitit sweep: the time-limit resolver and the plan's view.
 
-Light on purpose (omegaconf only): ``tmgg/__init__`` imports it at Hydra start-up to
-register ``tmgg.slurm_minutes``, which the launcher presets in ``conf/hydra/launcher/``
-(``slurm``, ``submitit_local_tmgg``) use to derive a job's time limit from the trainer
-budget. ``describe_launcher`` gives ``tmgg-sweep plan`` the resources every job will
-request, read from the same composed config the launcher is built from, so the plan
-shows what sbatch will get without submitting anything.
+The time-limit resolver ``tmgg.slurm_minutes``, which the launcher presets in
+``conf/hydra/launcher/`` (``slurm``, ``submitit_local_tmgg``) use to derive a job's time
+limit from the trainer budget, lives in ``tmgg.config.slurm_time``: ``import tmgg``
+registers it, below every launcher. ``describe_launcher`` gives ``tmgg-sweep plan`` the
+resources every job will request, read from the same composed config the launcher is
+built from, so the plan shows what sbatch will get without submitting anything.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from tmgg.config.slurm_time import slurm_minutes  # noqa: F401  (importable from here)
 
 SUBMITIT_TARGET_PREFIXES = ("hydra_plugins.hydra_submitit_launcher.",
                             "hydra_plugins.tmgg_launchers.submitit_launchers.")
@@ -28,25 +30,6 @@ SBATCH_ENV = {"partition": "SBATCH_PARTITION", "account": "SBATCH_ACCOUNT",
 _RESOURCE_KEYS = ("partition", "account", "qos", "nodes", "tasks_per_node", "gpus_per_node",
                   "cpus_per_task", "mem_gb", "timeout_min", "max_num_timeout",
                   "signal_delay_s", "array_parallelism", "name", "submitit_folder")
-
-
-def slurm_minutes(max_steps: Any, seconds_per_step: Any, margin: Any = 2,
-                  startup_minutes: Any = 5) -> int:
-    """Whole minutes for one job: steps x seconds a step x margin, plus start-up.
-
-    Start-up covers imports, data set-up and the final test; the margin a slower node.
-    A job that still runs out of time is requeued by submitit and resumes from its last
-    checkpoint (``max_num_timeout``), so the limit needs not be generous.
-    """
-    steps = int(max_steps)
-    per_step, factor, startup = float(seconds_per_step), float(margin), float(startup_minutes)
-    if steps < 0 or per_step < 0 or factor < 1 or startup < 0:
-        raise ValueError(
-            "tmgg.slurm_minutes needs max_steps >= 0, seconds_per_step >= 0, margin >= 1 and "
-            f"startup_minutes >= 0; got {max_steps}, {seconds_per_step}, {margin}, "
-            f"{startup_minutes}"
-        )
-    return max(1, math.ceil(steps * per_step * factor / 60 + startup))
 
 
 def format_minutes(minutes: int) -> str:
@@ -173,10 +156,22 @@ def format_resources(resources: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def register_resolvers() -> None:
-    """Register ``tmgg.slurm_minutes`` (idempotent)."""
-    if not OmegaConf.has_resolver("tmgg.slurm_minutes"):
-        OmegaConf.register_new_resolver("tmgg.slurm_minutes", slurm_minutes)
+class SubmititHooks:
+    """The submitit launchers' refusals, run before the plan is recorded (they are
+    hydra-submitit-launcher's classes, not ``TmggLauncher``)."""
+
+    @staticmethod
+    def before_plan(config: DictConfig) -> None:
+        """Nothing to check before the jobs are composed."""
+
+    @staticmethod
+    def preflight(config: DictConfig, jobs: Any) -> None:
+        check_submitit_settings(config)
 
 
-register_resolvers()
+def register_submitit_hooks() -> None:
+    """Hand ``SubmititHooks`` to the state machine for every submitit launcher class."""
+    from tmgg.jobs.launcher_hooks import register_launcher
+
+    for prefix in SUBMITIT_TARGET_PREFIXES:
+        register_launcher(prefix, SubmititHooks)

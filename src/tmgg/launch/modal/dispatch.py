@@ -119,7 +119,7 @@ def preflight(config: DictConfig, pending: Sequence[PlannedJob],
 
     Settings, credentials, the cost limit and the W&B secret (that it is set when jobs
     log to W&B online, and, on Modal, that it exists: one lookup). The ledger runs it before
-    it records the plan (``tmgg.launch.common.launcher_preflight``), so a refused sweep
+    it records the plan (``tmgg.jobs.launcher_hooks.run_preflight``), so a refused sweep
     leaves no trace; ``launch_modal`` runs it again for apps without the ledger (and
     for the jobs still unfinished when the launch begins).
     """
