@@ -33,7 +33,7 @@ else
 LAUNCH_ARGS = hydra/launcher=$(LAUNCHER)
 endif
 
-.PHONY: help install lock lock-check test test-fast lint docs mutate smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
+.PHONY: help install lock lock-check test test-fast lint docs mutate layers smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -91,6 +91,9 @@ mutate: $(READY)  ## mutation score of the core (mutmut; MUTANTS='tmgg.jobs.ledg
 
 lint: $(READY)  ## ruff
 	$(PYTHON) -m ruff check src tests benchmarks tools
+
+layers: $(READY)  ## the import-layer contract (import-linter)
+	$(VENV)/bin/lint-imports
 
 smoke: $(READY)  ## the CPU smoke sweep: 3 models x 2 seeds, a few steps (W&B offline if no key)
 	$(TRAIN) -m stage=smoke $(LAUNCH_ARGS) $(OVERRIDES)
