@@ -2,10 +2,11 @@
 
 A job id is ``<stage>-<digest>`` of the job's composed task config: model, optimizer,
 scheduler, data, noise, trainer, logger, stage and seed, resolved and written as
-canonical JSON (sorted keys, floats as composed, so ``1e-3`` and ``0.001`` are one
-job). Keys that only say where or how a job runs (output folders, W&B mode, thread
-count, resume switch, launcher settings under ``hydra``, the run-name label, the
-cost estimate) are left out: the same training relaunched elsewhere is the same job.
+canonical JSON (sorted keys; a value the schema declares a real number written as a
+float, so ``1e-3``, ``0.001`` and ``0``, ``0.0`` are one job each). Keys that only
+say where or how a job runs (output folders, W&B mode, thread count, resume switch,
+launcher settings under ``hydra``, the run-name label, the cost estimate) are left
+out: the same training relaunched elsewhere is the same job.
 Editing a stage or a config group therefore gives new ids, new output folders and
 new W&B runs; the records of the earlier config stay in the ledger, superseded.
 
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from tmgg.config.schema import canonical_numbers, number_fields
 
 # Config paths that do not change what a job computes (a path covers its subtree).
 NON_IDENTITY_KEYS = frozenset(
@@ -68,6 +71,23 @@ LEGACY_NON_IDENTITY_KEYS = frozenset(
     {"experiments_dir", "outputs_dir", "logger.mode", "trainer.num_threads", "trainer.resume"}
 )
 
+# Keys tmgg computes from the job's config (conf/train.yaml holds these expressions):
+# the job's identity and the name and folder derived from it. Set by hand, any of them
+# would let one job pass for another, so a config that changes one is refused.
+COMPUTED_KEYS: dict[str, tuple[str, str]] = {
+    "job.id": ("${tmgg.job_id:${stage.name}}",
+               "the job's identity, computed from its task config (tmgg.job_id)"),
+    "job.run_name": ("${stage.run_name}",
+                     "computed from the stage's run-name template (set stage.run_name)"),
+    "hydra.sweep.subdir": ("${job.run_name}-${tmgg.suffix:${job.id}}",
+                           "the job's output folder, computed from its run name and id"),
+    "hydra.run.dir": ("${outputs_dir}/${stage.name}/${job.run_name}-${tmgg.suffix:${job.id}}",
+                      "the job's output folder, computed from its run name and id"),
+}
+SWEEP_COMPUTED_KEYS = ("job.id", "job.run_name", "hydra.sweep.subdir")
+RUN_COMPUTED_KEYS = ("job.id", "job.run_name", "hydra.run.dir")
+_ABSENT = object()
+
 DIGEST_LENGTH = 10
 _HYDRA_RESOLVER = "${hydra:"
 
@@ -95,6 +115,37 @@ def short_float(value: float | int | str) -> str:
     mantissa, exponent = f"{number:.6e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
+
+
+# -- computed keys are tmgg's own --------------------------------------------------------
+def _written(config: DictConfig, path: str) -> Any:
+    """The value at ``path`` as written (an interpolation stays its text), or _ABSENT."""
+    node: Any = config
+    for key in path.split("."):
+        if not isinstance(node, DictConfig):
+            return _ABSENT
+        node = node._get_node(key, validate_access=False, throw_on_missing_key=False)
+        if node is None:
+            return _ABSENT
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) \
+        else node._value()
+
+
+def computed_key_problems(config: DictConfig, keys: Iterable[str] = SWEEP_COMPUTED_KEYS
+                          ) -> list[tuple[str, str]]:
+    """``(field, problem)`` for each computed key of a composed, unresolved job config
+    that is not tmgg's own expression: an override (``job.id=...``), a config file that
+    sets it, or its removal."""
+    problems = []
+    for key in keys:
+        expression, what = COMPUTED_KEYS[key]
+        written = _written(config, key)
+        if written == expression:
+            continue
+        found = "removed" if written is _ABSENT else f"set to {written!r}"
+        problems.append((key, f"is {what} and cannot be set; here it is {found}, "
+                              f"drop that override or config value"))
+    return problems
 
 
 # -- identity of a composed config ---------------------------------------------------
@@ -132,7 +183,7 @@ def identity_config(config: DictConfig | dict[str, Any]) -> dict[str, Any]:
             source = config
     plain = _plain_tree(source, "")
     assert isinstance(plain, dict)
-    return plain
+    return canonical_numbers(plain)
 
 
 def _mentions_hydra(config: DictConfig) -> bool:
@@ -233,8 +284,10 @@ def canonical_overrides(overrides: Iterable[str]) -> list[str]:
         if override.is_delete():
             lines.append(f"~{override.key_or_group}")
             continue
-        value = override.value()
-        lines.append(f"{key}={json.dumps(_plain(value), sort_keys=True)}")
+        value = _plain(override.value())
+        if bare_key in number_fields():  # optimizer.weight_decay=0 is =0.0
+            value = _as_float(value)
+        lines.append(f"{key}={json.dumps(value, sort_keys=True)}")
     return sorted(lines)
 
 
@@ -244,6 +297,15 @@ def _plain(value: object) -> object:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value  # floats stay floats: 1.0 is not the int 1, as in the config
+
+
+def _as_float(value: object) -> object:
+    """An integer (or a list's integers) as a float; anything else as it is."""
+    if isinstance(value, list):
+        return [_as_float(item) for item in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 @functools.lru_cache(maxsize=4096)

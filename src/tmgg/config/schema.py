@@ -14,6 +14,7 @@ Pure Python and omegaconf: Hydra imports this at start-up (through tmgg.config).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -48,6 +49,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def declares_a_number(rule: Rule) -> Rule:
+    """Mark ``rule`` as one for a real number, which accepts ``0`` and ``0.0`` alike: the
+    job's identity writes such a value as a float (``canonical_numbers``)."""
+    rule.declared_type = float  # type: ignore[attr-defined]
+    return rule
+
+
+@declares_a_number
 def positive_number(value: Any) -> str | None:
     number = _number(value)
     if number is None:
@@ -57,6 +66,7 @@ def positive_number(value: Any) -> str | None:
     return None
 
 
+@declares_a_number
 def non_negative_number(value: Any) -> str | None:
     number = _number(value)
     if number is None or not math.isfinite(number) or number < 0:
@@ -81,6 +91,7 @@ non_negative_int = integer_at_least(0)
 
 
 def number_in(low: float, high: float, *, high_open: bool = False) -> Rule:
+    @declares_a_number
     def rule(value: Any) -> str | None:
         number = _number(value)
         inside = number is not None and low <= number and (
@@ -121,6 +132,7 @@ def optional(rule: Rule) -> Rule:
         problem = None if value is None else rule(value)
         return f"{problem} (null is allowed too)" if problem else None
 
+    nullable.inner_rule = rule  # type: ignore[attr-defined]
     return nullable
 
 
@@ -163,6 +175,7 @@ def list_of(item: Rule, *, min_length: int = 0, max_length: int | None = None) -
                 return f"item {index}: {problem}"
         return None
 
+    rule.item_rule = item  # type: ignore[attr-defined]
     return rule
 
 
@@ -312,6 +325,69 @@ SCHEMA: dict[str, Node] = {
     # part of the job's config and identity, read by no tmgg code.
     "extra": Omittable(FreeForm()),
 }
+
+
+# -- numbers by their declared type --------------------------------------------------------
+
+
+def _is_number_rule(rule: Any) -> bool:
+    while isinstance(rule, Omittable) or hasattr(rule, "inner_rule"):
+        rule = rule.rule if isinstance(rule, Omittable) else rule.inner_rule
+    return getattr(rule, "declared_type", None) is float
+
+
+def _canonical_value(value: Any, rule: Any) -> Any:
+    if isinstance(rule, Omittable):
+        rule = rule.rule
+    while hasattr(rule, "inner_rule"):
+        rule = rule.inner_rule
+    if isinstance(rule, Options) and isinstance(value, dict):
+        option = rule.options.get(value.get("name"))  # type: ignore[arg-type]
+        return _canonical_mapping(value, option) if option is not None else value
+    if isinstance(rule, Mapping) and isinstance(value, dict):
+        return _canonical_mapping(value, rule)
+    if hasattr(rule, "item_rule") and isinstance(value, list):
+        return [_canonical_value(item, rule.item_rule) for item in value]
+    if _is_number_rule(rule) and _is_int(value):
+        return float(value)
+    return value
+
+
+def _canonical_mapping(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: _canonical_value(value, schema.get(key)) for key, value in config.items()}
+
+
+def canonical_numbers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain task config with each value the schema declares a real number written as a
+    float: ``optimizer.weight_decay=0`` and ``=0.0`` are one job (one id, one output
+    folder, one W&B run). Integer keys need nothing: their rules refuse ``1.0``. Keys the
+    schema does not know are left as they are (validation names them)."""
+    return _canonical_mapping(config, SCHEMA)
+
+
+@functools.lru_cache(maxsize=1)
+def number_fields() -> frozenset[str]:
+    """Dotted keys (``optimizer.lr``) declared a real number by every option that has them:
+    what a command-line override of a number can be canonical by, before the option of
+    its group is known."""
+    found: dict[str, set[bool]] = {}
+
+    def walk(schema: Any, prefix: str) -> None:
+        if isinstance(schema, Options):
+            for option in schema.options.values():
+                walk(option, prefix)
+            return
+        if isinstance(schema, Mapping):
+            for key, rule in schema.items():
+                walk(rule, f"{prefix}{key}.")
+            return
+        rule = schema.rule if isinstance(schema, Omittable) else schema
+        item = getattr(rule, "item_rule", None)
+        found.setdefault(prefix.rstrip("."), set()).add(
+            _is_number_rule(item if item is not None else rule))
+
+    walk(SCHEMA, "")
+    return frozenset(path for path, kinds in found.items() if kinds == {True})
 
 
 # -- the walk ----------------------------------------------------------------------------

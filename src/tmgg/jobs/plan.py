@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from tmgg.config import JobConfigError, validate_job_config
+from tmgg.config.identity import RUN_COMPUTED_KEYS, SWEEP_COMPUTED_KEYS, computed_key_problems
 
 
 class PlanError(RuntimeError):
@@ -240,6 +241,8 @@ def check_run(config: DictConfig) -> None:
     job = job_label(config)
     output_dir = _output_dir(config, "hydra.run.dir")
     try:
+        for key, problem in computed_key_problems(config, RUN_COMPUTED_KEYS)[:1]:
+            raise JobConfigError(job, key, problem)
         with _hydra_runtime(config, output_dir):
             validate_job_config(config, job=job)
             check_paths(config, job, output_dir, "hydra.run.dir")
@@ -283,6 +286,8 @@ def compose_job(config_loader: Any, master_config: DictConfig, overrides: Sequen
                           stage="", overrides=list(overrides), sweep_config=sweep_config,
                           task_config={}, is_tmgg_job=False)
     label = f"#{index} ({' '.join(overrides)})"
+    for key, problem in computed_key_problems(sweep_config, SWEEP_COMPUTED_KEYS)[:1]:
+        raise PlanError(str(JobConfigError(label, key, problem)))  # before job.id resolves
     try:
         frozen, task, kept = _freeze(sweep_config)
     except PlanError as error:
