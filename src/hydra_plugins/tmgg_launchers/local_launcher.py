@@ -65,6 +65,13 @@ class TmggLocalLauncher(TmggLauncher):
 
         fusion_settings(config)  # a bad fuse setting is refused before the plan
 
+    @classmethod
+    def check(cls, config: DictConfig, jobs: Sequence[object]) -> None:
+        from tmgg.launch.local_settings import check_local_settings
+
+        check_local_settings(OmegaConf.to_container(config.hydra.launcher, resolve=True))
+        cls.preflight(config, jobs)
+
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
         from tmgg.launch.local import launch_local

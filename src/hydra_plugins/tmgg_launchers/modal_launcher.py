@@ -127,6 +127,15 @@ class TmggModalLauncher(TmggLauncher):
         _, pending = split_finished(jobs)  # the cost limit counts what is left to run
         preflight(config, [jobs[position] for position in pending])
 
+    @classmethod
+    def check(cls, config: DictConfig, jobs: Sequence[Any]) -> None:
+        # preflight's refusals but credentials and the secret's lookup (the network)
+        from tmgg.jobs.sweep import split_finished
+        from tmgg.launch.modal.dispatch import offline_preflight
+
+        _, pending = split_finished(jobs)
+        offline_preflight(config, [jobs[position] for position in pending])
+
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
         from tmgg.launch.modal.dispatch import launch_modal

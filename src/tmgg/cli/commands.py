@@ -78,6 +78,9 @@ def build_plan_rows(overrides: list[str]) -> tuple[Any, list[dict[str, Any]], di
     plan_estimates = required_check("tmgg.launch.cost", "plan_estimates")
     check_limit = required_check("tmgg.launch.cost", "check_cost_limit")
     check_wandb(sweep.jobs, sweep.master_config)
+    # The launcher's own refusals, as the launch makes them (less credentials and network).
+    run_checks = required_check("tmgg.jobs.launcher_hooks", "run_checks")
+    run_checks(sweep.master_config, sweep.jobs)
     estimates: list[dict[str, Any]] = plan_estimates(sweep.master_config, sweep.jobs)
     resources = None
     groups = fused_groups(sweep)

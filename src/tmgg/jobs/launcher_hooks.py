@@ -1,12 +1,14 @@
 """What launchers hand the job state machine, so that it imports no launcher.
 
-The state machine (plan, claims, records) needs three things only a launcher knows:
-its checks before the sweep is composed (``before_plan``), its refusals once the jobs
-are known (``preflight``), and whether a detached call that holds a claim still runs
-(Modal's calls). Launchers register them here when Hydra discovers its plugins (the
-plugin modules under ``hydra_plugins/tmgg_launchers`` import ``tmgg.launch``, which
-registers); the state machine looks them up by the sweep's ``hydra.launcher._target_``.
-Imports point down only (DESIGN.md, Layers): this module imports hydra and omegaconf.
+The state machine (plan, claims, records) needs what only a launcher knows: its checks
+before the sweep is composed (``before_plan``), its refusals once the jobs are known
+(``preflight``), the part of those that needs neither credentials nor the network,
+which the dry run (``tmgg-sweep plan``) makes too (``check``), and whether a detached
+call that holds a claim still runs (Modal's calls). Launchers register them here when
+Hydra discovers its plugins (the plugin modules under ``hydra_plugins/tmgg_launchers``
+import ``tmgg.launch``, which registers); the state machine looks them up by the
+sweep's ``hydra.launcher._target_``. Imports point down only (DESIGN.md, Layers): this
+module imports hydra and omegaconf.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class LauncherHooks(Protocol):
 
     def preflight(self, config: DictConfig, jobs: Sequence[Any]) -> None:
         """Refusals (PlanError) for the planned jobs, before the plan is recorded."""
+
+    def check(self, config: DictConfig, jobs: Sequence[Any]) -> None:
+        """The refusals of ``before_plan`` and ``preflight`` that need no credentials, no
+        network and change nothing: settings, limits. ``tmgg-sweep plan`` runs them."""
 
 
 # hydra.launcher._target_ (a class path, or a prefix ending in ".") -> its hooks
@@ -98,6 +104,14 @@ def run_preflight(config: DictConfig, jobs: Sequence[Any]) -> None:
     hooks = configured_launcher(config)
     if hooks is not None:
         hooks.preflight(config, jobs)
+
+
+def run_checks(config: DictConfig, jobs: Sequence[Any]) -> None:
+    """The configured launcher's refusals a dry run can make (``LauncherHooks.check``):
+    a plan that passes them is not refused by the launch for its settings."""
+    hooks = configured_launcher(config)
+    if hooks is not None:
+        hooks.check(config, jobs)
 
 
 def call_alive(ledger: Any, call_id: str) -> bool:

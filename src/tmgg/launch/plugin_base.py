@@ -53,3 +53,8 @@ class TmggLauncher(Launcher):
     def preflight(cls, config: DictConfig, jobs: Sequence[Any]) -> None:
         """Refusals (PlanError) for the sweep's planned jobs, before the plan is recorded."""
 
+    @classmethod
+    def check(cls, config: DictConfig, jobs: Sequence[Any]) -> None:
+        """The refusals ``before_plan`` and ``preflight`` make that need no credentials, no
+        network and change nothing; ``tmgg-sweep plan`` runs them. Nothing by default."""
+

@@ -168,6 +168,10 @@ class SubmititHooks:
     def preflight(config: DictConfig, jobs: Any) -> None:
         check_submitit_settings(config)
 
+    @staticmethod
+    def check(config: DictConfig, jobs: Any) -> None:
+        check_submitit_settings(config)
+
 
 def register_submitit_hooks() -> None:
     """Hand ``SubmititHooks`` to the state machine for every submitit launcher class."""

@@ -124,15 +124,24 @@ def preflight(config: DictConfig, pending: Sequence[PlannedJob],
     for the jobs still unfinished when the launch begins).
     """
     settings = check_settings(config.hydra.launcher)
-    # One container per fused group (``groups``: positions of ``pending`` per container;
-    # by default the launcher's grouping of tmgg-train's jobs).
-    check_cost_limit(config, plan_estimates(config, pending, groups))
-    check_wandb_secret(settings, pending)
+    offline_preflight(config, pending, groups)
     if pending:
         require_wandb_secret(settings)
         from tmgg.launch.modal.app import check_workers_wandb_key
 
         check_workers_wandb_key(settings, pending)  # the Secret's key, asked where it runs
+    return settings
+
+
+def offline_preflight(config: DictConfig, pending: Sequence[PlannedJob],
+                      groups: Sequence[Sequence[int]] | None = None) -> ModalSettings:
+    """``preflight`` less what needs credentials or the network: every setting, the cost
+    limit, a W&B secret for W&B jobs. ``tmgg-sweep plan`` refuses what this refuses."""
+    settings = ModalSettings.from_params(config.hydra.launcher)
+    # One container per fused group (``groups``: positions of ``pending`` per container;
+    # by default the launcher's grouping of tmgg-train's jobs).
+    check_cost_limit(config, plan_estimates(config, pending, groups))
+    check_wandb_secret(settings, pending)
     return settings
 
 
