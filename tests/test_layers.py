@@ -72,6 +72,21 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path, module: str,
     assert broken in result.stdout, result.stdout
 
 
+def test_no_import_cycle_spans_two_layers() -> None:
+    """The circle of launch/ and orchestration/ (19 modules with tmgg/__init__) is gone:
+    what cycles remain stay inside one package (claims and ledger, say)."""
+    import grimp
+    import networkx as nx
+
+    graph = grimp.build_graph("tmgg", cache_dir=None)
+    imports = nx.DiGraph((module, imported) for module in graph.modules
+                         for imported in graph.find_modules_directly_imported_by(module))
+    cycles = [sorted(c) for c in nx.strongly_connected_components(imports) if len(c) > 1]
+    for cycle in cycles:
+        assert len({module.rsplit(".", 1)[0] for module in cycle}) == 1, cycle
+    assert all(len(cycle) <= 3 for cycle in cycles), cycles
+
+
 def run_python(code: str) -> str:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
