@@ -194,7 +194,8 @@ def plan_main(argv: list[str]) -> int:
             unit = "array tasks"
         cost_text = (f" in {tasks} {unit} (about {facts['est_container_seconds']:.0f} s of "
                      f"{unit} run time in all){cost_text}")
-    console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched; ledger {sweep.ledger.root}")
+    console.print(f"{len(rows)} jobs{cost_text}; nothing dispatched; ledger {sweep.ledger.root}",
+                  soft_wrap=True)  # a path is never cut in two (it is copied)
     return 0
 
 
