@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,20 @@ def hold_callbacks() -> list[Any]:
     class HoldAtStep(Callback):
         def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
             if trainer.global_step == int(step):
-                hold(Path(path))
+                # Lightning's own SIGTERM handler only flags the trainer: a held job
+                # stops holding on it, so a cancelled job still stops at this step.
+                hold(Path(path), lambda: bool(getattr(trainer, "received_sigterm", False)))
 
     return [HoldAtStep()]
 
 
-def hold(release: Path) -> None:
-    """Say this process is held, then wait until ``release`` exists and take it."""
+def hold(release: Path, stopped: Callable[[], bool] = lambda: False) -> None:
+    """Say this process is held, then wait until ``release`` exists and take it (or
+    until ``stopped()``: the process was told to stop)."""
     pid = os.getpid()
     release.with_name(f"{release.name}.held.{pid}.{next(_holds)}").write_text(str(pid))
     taken = release.with_name(f"{release.name}.taken.{pid}.{time.monotonic_ns()}")
-    while True:
+    while not stopped():
         try:
             os.rename(release, taken)
             return
