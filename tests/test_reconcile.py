@@ -165,7 +165,7 @@ def test_online_reconcile_of_stage1_with_planted_runs(
     # unasked; a project that is not there in an entity she belongs to is no failure.
     assert notes == [f"no project {path} (searched; the key's user belongs to "
                      f"{path.split('/')[0]})"
-                     for path in (f"{team}/uncategorized", "alice/uncategorized")]
+                     for path in ("alice/uncategorized", f"{team}/uncategorized")]
     # mallory's entity is not alice's to read: what it holds is unknown, and so is
     # every job that W&B evidence there could change.
     unread = {row.job_id: row for row in reconcile_jobs(
