@@ -72,6 +72,9 @@ class HeldJob:
 # What this process decided for each job it was handed: skipped, or held and running.
 _SKIPPED: dict[str, JobSkipped] = {}
 _HELD: dict[str, HeldJob] = {}
+# Jobs begun under their launcher's claim (LAUNCHER_HOLDS_CLAIMS_ENV, a Modal container):
+# running here, unfenced; their outcome is recorded here all the same.
+_UNFENCED: set[str] = set()
 
 
 def finished_metrics(task_config: DictConfig) -> dict[str, Any] | None:
@@ -105,6 +108,8 @@ def begin_job(task_config: DictConfig) -> JobSkipped | HeldJob | None:
         return _SKIPPED[job_id]
     if job_id in _HELD:
         return _HELD[job_id]
+    if job_id in _UNFENCED:
+        return None  # begun already, under the launcher's claim
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
@@ -497,6 +502,8 @@ def job_record_start(config: DictConfig) -> JobSkipped | HeldJob | None:
         return _SKIPPED[job_id]
     if job_id in _HELD:
         return _HELD[job_id]
+    if job_id in _UNFENCED:
+        return None  # begun already, under the launcher's claim
     return _start(task, task_overrides(config), launcher_name(config),
                   OmegaConf.select(config, "hydra.runtime.output_dir"))
 
@@ -563,6 +570,7 @@ def _start_under_launcher_claim(ledger: Ledger, job_id: str, run_name: str,
     record.update(status=RUNNING, started_at=utc_now(),
                   attempts=(previous or {}).get("attempts", 0) + 1)
     ledger.write_job_record(job_id, record)
+    _UNFENCED.add(job_id)
     return None
 
 
@@ -575,16 +583,22 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
     job_id = task["job"]["id"]
     if _SKIPPED.pop(job_id, None) is not None:
         return  # not run here: finished already, or another dispatch keeps its record
-    held = _HELD.pop(job_id, None)
-    if held is None:
-        return  # never claimed by this process: it has nothing to record
-    claim = held.heartbeat.discard(job_id)
-    held.heartbeat.stop()
     value = job_return._return_value
-    lost = held.heartbeat.lost.get(job_id)
-    if claim is None or lost is not None or isinstance(value, claims.ClaimLost):
-        log.error("%s", lost or value or f"job {job_id}: its claim was lost")
-        return  # fenced off: a newer generation holds the job and keeps its record
+    claim: claims.Claim | None = None
+    if job_id in _UNFENCED:
+        # Begun under the launcher's claim (a Modal container): no claim of its own to
+        # fence the outcome with or release; the launcher releases its claim.
+        _UNFENCED.discard(job_id)
+    else:
+        held = _HELD.pop(job_id, None)
+        if held is None:
+            return  # never begun by this process: it has nothing to record
+        claim = held.heartbeat.discard(job_id)
+        held.heartbeat.stop()
+        lost = held.heartbeat.lost.get(job_id)
+        if claim is None or lost is not None or isinstance(value, claims.ClaimLost):
+            log.error("%s", lost or value or f"job {job_id}: its claim was lost")
+            return  # fenced off: a newer generation holds the job and keeps its record
     record = ledger.job_record(job_id) or base_record(task, [], launcher_name(config))
     completed = job_return.status.name == "COMPLETED"
     started = record.get("started_at")
@@ -598,6 +612,9 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
         record["duration_s"] = round(delta.total_seconds(), 3)
     if completed:
         _record_live_run(record, value)
+    if claim is None:
+        ledger.write_job_record(job_id, record)
+        return
     try:
         ledger.write_job_record(job_id, record, fence=claim)
     except claims.ClaimLost as error:
