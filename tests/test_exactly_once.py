@@ -171,9 +171,14 @@ def _running_jobs(ledger: Ledger, launcher_pid: int) -> set[str]:
 
 
 def _training_starts(output_dir: Path, run_name: str) -> list[int]:
-    """The step each training attempt of the job started from, from the job's own log."""
+    """The step each training attempt of the job started from, from the job's own log.
+
+    Not from ``console.log`` (branch firsthour): it is the job's console, which repeats
+    every line of the job's log, and reading both counted each attempt twice."""
     starts = []
     for log_file in output_dir.glob("*.log"):
+        if log_file.name == "console.log":
+            continue
         for line in log_file.read_text().splitlines():
             marker = f"Training {run_name} from step "
             if marker in line:

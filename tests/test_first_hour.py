@@ -150,7 +150,12 @@ def test_a_smoke_sweep_prints_a_line_per_job_and_wandb_goes_to_each_jobs_log(
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) <= 12, "\n".join(lines)
-    assert not [line for line in lines if "wandb" in line or "GPU available" in line]
+    # Branch wandb's notice that auto logs offline (WANDB_MODE=offline here): said once,
+    # loudly, naming the W&B host (api.wandb.ai); nothing else of wandb's on the console.
+    offline = [line for line in lines if "W&B OFFLINE" in line]
+    assert len(offline) == 1 and offline[0].startswith("*** W&B OFFLINE: "), offline
+    assert not [line for line in lines if line not in offline
+                and ("wandb" in line or "GPU available" in line)]
     ended = [line for line in lines if line.startswith("FINISHED ")]
     assert len(ended) == 6 and all("test/mse=0." in line for line in ended)
     assert lines[-1] == ("6 finished, 0 skipped (already finished), 0 left to the sweep "

@@ -469,16 +469,20 @@ def test_a_jobs_own_record_is_the_truth_except_a_stale_running(tmp_path: Path) -
         "a": {"job_id": "a", "status": RUNNING},  # running now: RUNNING
         "b": {"job_id": "b", "status": FINISHED, "metrics": {"m": 1}},  # ended: FINISHED
         "d": {"job_id": "d", "status": RUNNING},  # stale, after its outcome
-        "e": {"job_id": "e"},  # no status: planned stays planned
+        "e": {"job_id": "e"},  # no status: damaged (fence's schema), planned stays planned
         "f": {"job_id": "f", "status": RUNNING},  # stale, after a cancel
         "g": {"job_id": "g", "status": FINISHED},
         "h": {"job_id": "h", "run_name": "rh", "status": FAILED, "overrides": ["y=1"]},
-        "other": {"status": FINISHED},  # a record without an id: its file's name
+        # A record without an id has the wrong shape for the typed schema (branch fence):
+        # it is damaged, left out of the fold, and named, never trusted under its file's name.
+        "other": {"status": FINISHED},
     })
     status = {job_id: s.status for job_id, s in states.items()}
     assert status == {"a": RUNNING, "b": FINISHED, "c": DISPATCHED, "d": FAILED,
-                      "e": PLANNED, "f": "CANCELLED", "g": FINISHED, "h": FAILED,
-                      "other": FINISHED}
+                      "e": PLANNED, "f": "CANCELLED", "g": FINISHED, "h": FAILED}
+    damaged = Ledger(tmp_path, "s").damaged_files()
+    assert [d.path.name for d in damaged] == ["e.json", "other.json"]
+    assert "status" in damaged[0].reason and "job_id" in damaged[1].reason
     assert states["b"].metrics == {"m": 1}
     assert states["d"].record == {"job_id": "d", "status": RUNNING}  # the record wins
     assert (states["h"].run_name, states["h"].overrides) == ("rh", ["y=1"])
@@ -501,10 +505,17 @@ def test_the_ledgers_files_and_their_exact_layout(tmp_path: Path) -> None:
         '{"event": "planned", "job_id": "a", "when": "/x"}\n')  # sorted keys, str()
     assert stat.S_IMODE(ledger.events_path.stat().st_mode) == 0o644
 
-    ledger.write_plan({"jobs": [1], "when": Path("/y")})
-    assert ledger.plan_path.read_text() == '{\n  "jobs": [\n    1\n  ],\n  "when": "/y"\n}\n'
+    # A plan of the typed schema's shape (branch fence: a stage, jobs with their ids).
+    ledger.write_plan({"stage": "s", "jobs": [{"job_id": "a"}], "when": Path("/y")})
+    assert ledger.plan_path.read_text() == (
+        '{\n  "stage": "s",\n  "jobs": [\n    {\n      "job_id": "a"\n    }\n  ],\n'
+        '  "when": "/y"\n}\n')  # indented, str()
     assert stat.S_IMODE(ledger.plan_path.stat().st_mode) == 0o644
-    assert ledger.plan() == {"jobs": [1], "when": "/y"}
+    assert ledger.plan() == {"stage": "s", "jobs": [{"job_id": "a"}], "when": "/y"}
+    ledger.write_plan({"jobs": [1], "when": Path("/y")})  # the wrong shape: damaged
+    assert ledger.plan() is None
+    assert [d.path.name for d in ledger.damaged_files()] == ["plan.json"]
+    ledger.write_plan({"stage": "s", "jobs": [{"job_id": "a"}], "when": Path("/y")})
     ledger.write_job_record("a", {"job_id": "a", "status": "FINISHED"})
     assert ledger.is_finished("a") and not ledger.is_finished("b")
     ledger.write_job_record("b", {"job_id": "b", "status": "FAILED"})

@@ -150,8 +150,33 @@ def has_wandb_credentials(base_url: str = DEFAULT_BASE_URL) -> bool:
 _ANNOUNCED_OFFLINE: set[tuple[str, str]] = set()
 
 
+def _is_console(handler: logging.Handler) -> bool:
+    """A handler writing to this process's terminal streams (Hydra's console handler)."""
+    import sys
+
+    return (isinstance(handler, logging.StreamHandler)
+            and not isinstance(handler, logging.FileHandler)
+            and handler.stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__))
+
+
+def _log_off_console(level: int, message: str) -> None:
+    """``log.log(level, message)`` to every handler but the console ones: the console
+    already has the banner, and a log line there would say it twice."""
+    if not log.isEnabledFor(level):
+        return
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None,
+                            "announce_auto_offline")
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for handler in logger.handlers:
+            if not _is_console(handler) and record.levelno >= handler.level:
+                handler.handle(record)
+        logger = logger.parent if logger.propagate else None
+
+
 def announce_auto_offline(base_url: str, reason: str) -> None:
-    """Say once, loudly (stderr and the log), that ``logger.mode=auto`` runs offline."""
+    """Say once, loudly, that ``logger.mode=auto`` runs offline: one banner on stderr,
+    and the same message in the log files (never a second time on the console)."""
     import sys
 
     if (base_url, reason) in _ANNOUNCED_OFFLINE:
@@ -160,7 +185,7 @@ def announce_auto_offline(base_url: str, reason: str) -> None:
     message = (f"W&B OFFLINE: logger.mode=auto logs offline, not to {base_url}: {reason}. "
                "Runs are written to the jobs' output dirs; upload them with `tmgg-sweep sync "
                "<overrides>`, or set logger.mode=online to fail instead.")
-    log.warning(message)
+    _log_off_console(logging.WARNING, message)
     print(f"\n*** {message} ***\n", file=sys.stderr, flush=True)
 
 
