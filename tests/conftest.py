@@ -82,3 +82,29 @@ def tmgg_train(*overrides: str, **kwargs: Any) -> subprocess.CompletedProcess[st
 
 def tmgg_sweep(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return run_cli(["-m", "tmgg.cli.tmgg_sweep", *args], **kwargs)
+
+
+# -- committed records are written by real sweeps only ---------------------------------
+def _experiments_changes() -> set[str] | None:
+    """``git status`` lines under experiments/ (None outside a git checkout)."""
+    listed = subprocess.run(["git", "status", "--porcelain", "--", "experiments"], cwd=REPO,
+                            capture_output=True, text=True)
+    return set(listed.stdout.splitlines()) if listed.returncode == 0 else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller (or a plain run)
+        session.config._tmgg_experiments_before = _experiments_changes()  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A test that writes into the committed experiments/ fails the run, naming the files
+    (a skip check once appended 108 events to experiments/stage1/ledger.jsonl)."""
+    before = getattr(session.config, "_tmgg_experiments_before", None)
+    if before is None:
+        return
+    new = sorted((_experiments_changes() or set()) - before)
+    if new:
+        print("\nthe tests changed committed records under experiments/:\n  "
+              + "\n  ".join(new), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

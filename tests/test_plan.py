@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -181,10 +182,16 @@ def test_stage1_job_ids_are_pinned_to_the_committed_records(stage1) -> None:
     assert config_job_id("stage1", identity_config(first["config"])) == "stage1-f89055d663"
 
 
-def test_resuming_stage1_runs_nothing(stage1) -> None:
-    """Every launcher's skip check and resume's to-run list find all 108 jobs finished."""
+def test_resuming_stage1_runs_nothing(tmp_path: Path) -> None:
+    """Every launcher's skip check and resume's to-run list find all 108 jobs finished.
+    On a copy of the committed records: a skip check appends its ``skipped`` events, and
+    committed ledgers are written by real sweeps only."""
+    shutil.copytree(COMMITTED / "stage1", tmp_path / "stage1")
+    stage1 = compose_sweep(["stage=stage1", f"experiments_dir={tmp_path}"])
     results, pending = split_finished(stage1.jobs)
     assert pending == [] and len(results) == 108
+    skipped = [e for e in stage1.ledger.events() if e["event"] == "skipped"]
+    assert len(skipped) == 108 and {e["reason"] for e in skipped} == {"finished already"}
     states = stage1.ledger.states()
     assert [job for job in stage1.jobs if states[job.job_id].status != FINISHED] == []
     assert not any(state.superseded_by for state in states.values())
