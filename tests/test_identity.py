@@ -117,11 +117,22 @@ class _Run:
     state: str = "finished"
 
 
-class _Runs:
-    """The runs of one project, as the API lists them (filters aside)."""
+@dataclass(frozen=True)
+class _Viewer:
+    """``wandb.Api().viewer``: the key's user (reconcile fails closed without one)."""
 
-    def __init__(self, runs: list[_Run]) -> None:
+    entity: str = "alice"
+    username: str = "alice"
+    teams: tuple[str, ...] = ("graph_denoise_team",)
+
+
+class _Runs:
+    """The runs of one project, as the API lists them (filters aside), and the key's
+    user, whom reconcile asks first (it searches that user's entities too)."""
+
+    def __init__(self, runs: list[_Run], viewer: _Viewer | None = None) -> None:
         self._runs = runs
+        self.viewer = viewer or _Viewer()
 
     def runs(self, path: str, filters: dict[str, Any] | None = None) -> list[_Run]:
         return [run for run in self._runs if f"{run.entity}/{run.project}" == path]

@@ -362,7 +362,7 @@ def test_reconcile_of_a_superseded_job_still_reports_the_current_jobs_problems(
 
     assert verdict(FINISHED, [old_run, own_run])[0] == "ok"
     status, detail = verdict(FINISHED, [old_run])
-    assert status == "missing" and "no run was found at graph_denoise_team/" in detail
+    assert status == "missing" and "no run of this job was found at graph_denoise_team/" in detail
     status, detail = verdict(FAILED, [old_run, own_run], "RuntimeError: out of memory")
     assert status == "failed" and "out of memory" in detail
     # A third run under the job's name, of neither config, is still a duplicate.

@@ -103,6 +103,8 @@ def test_offline_reconcile_of_a_partly_failed_sweep(tmp_path: Path,
                              overrides=overrides)
     (command,) = {row.advice for row in advised if row.status != "ok"}
     assert command.startswith("tmgg-sweep resume stage=smoke")
+    # Printed under the table once for both jobs, whole on one line, as it is run here.
+    assert table.count(command) == 1 and f"\n  {command}\n" in table
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MODAL_TOKEN"))}
     env.update(WANDB_MODE="offline", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
                TMGG_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{env['PATH']}")

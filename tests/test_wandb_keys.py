@@ -27,6 +27,8 @@ def test_workers_key_without_write_access_is_refused_before_dispatch_naming_both
     """The shell's key (alice) may write to the team; the Secret's (mallory) may not."""
     env = online_env(tmp_path, user(wandb_server, "alice").api_key,
                      TMGG_LOCAL_WANDB_SECRET_KEY=user(wandb_server, "mallory").api_key)
+    # The server is the module's: other tests' runs (planted or logged) may be on it.
+    runs_before = wandb_server.runs_in()
     result = subprocess.run(
         [sys.executable, "-m", "tmgg.cli.app", "-m", "stage=smoke", "model=linear_pe", *TINY,
          *LOCAL_MODAL, "logger.mode=online", f"logger.base_url={wandb_server.base_url}",
@@ -40,7 +42,7 @@ def test_workers_key_without_write_access_is_refused_before_dispatch_naming_both
             "this shell's key belongs to 'alice', which can write there") in message
     assert "Nothing was dispatched" in message
     assert not list((tmp_path / "out").rglob("app.log"))  # no job started
-    assert not wandb_server.runs_in()
+    assert wandb_server.runs_in() == runs_before  # no run was created, anywhere
 
 
 def test_workers_key_of_a_service_account_passes_and_names_its_default_entity(

@@ -240,13 +240,20 @@ def test_mode_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(netrc))
     assert decide_wandb_mode("auto", url, no_key).mode == "offline"
-    netrc.write_text("machine api.wandb.ai login user password x\n")
+    # wandb's own lookup: the entry is the pinned URL's netloc (port included), as
+    # `wandb login --host` writes it, and its key has wandb's 40+ characters.
+    key = "k" * 40
+    netrc.write_text(f"machine api.wandb.ai login user password {key}\n")
     assert decide_wandb_mode("auto", url, no_key).mode == "offline"  # another host's
-    netrc.write_text("machine 127.0.0.1 login user password x\n")
+    netrc.write_text(f"machine 127.0.0.1 login user password {key}\n")
+    assert decide_wandb_mode("auto", url, no_key).mode == "offline"  # no port: another's
+    netrc.write_text("machine 127.0.0.1:9 login user password x\n")
+    assert decide_wandb_mode("auto", url, no_key).mode == "offline"  # not a key wandb takes
+    netrc.write_text(f"machine 127.0.0.1:9 login user password {key}\n")
     assert decide_wandb_mode("auto", url, no_key).mode == "online"
     netrc.unlink()
-    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert decide_wandb_mode("auto", url, no_key).mode == "online"
+    # the key in the environment decide_wandb_mode is given (the netrc is gone)
+    assert decide_wandb_mode("auto", url, {"WANDB_API_KEY": key}).mode == "online"
     online = decide_wandb_mode("online", url, {"WANDB_MODE": "offline"})
     assert (online.mode, online.ignored) == ("online", ("WANDB_MODE=offline",))
     offline = decide_wandb_mode("offline", url, {"WANDB_MODE": "disabled"})

@@ -649,16 +649,17 @@ def print_table(rows: Sequence[Row], title: str, mode: str,
                      min_width=max((len(row.run_name) for row in rows), default=3))
     table.add_column("status", no_wrap=True)
     table.add_column("ledger", no_wrap=True)
-    for column in (*(() if shared else ("destination",)), "run id", "detail", "advice"):
+    for column in (*(() if shared else ("destination",)), "run id", "detail"):
         table.add_column(column, overflow="fold")
     styles = {OK: "green", MISSING: "yellow", RUNNING_STATUS: "cyan"}
     for row in rows:
         style = styles.get(row.status, "red")
         table.add_row(row.run_name, f"[{style}]{row.status}[/{style}]", row.ledger_status,
                       *(() if shared else (row.destination,)), ", ".join(row.run_ids),
-                      row.detail, escape(row.advice))
+                      escape(row.detail))
     console = Console()
     console.print(table)
+    print_advice(console, rows, styles)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1
@@ -667,6 +668,32 @@ def print_table(rows: Sequence[Row], title: str, mode: str,
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"{len(rows)} expected jobs ({mode} evidence): {summary or 'none'}",
                   soft_wrap=True)
+
+
+def advice_groups(rows: Sequence[Row]) -> list[tuple[str, dict[str, list[str]]]]:
+    """(command, {status: run names}): each distinct advice once, in the table's order,
+    with the jobs it applies to grouped by their status."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for row in rows:
+        if row.advice:
+            groups.setdefault(row.advice, {}).setdefault(row.status, []).append(row.run_name)
+    return list(groups.items())
+
+
+def print_advice(console: Any, rows: Sequence[Row], styles: dict[str, str]) -> None:
+    """Under the table (a column would not fit 80 columns): each distinct command once,
+    after the jobs it brings back to ok by status, whole on one line to run as printed."""
+    from rich.markup import escape
+
+    groups = advice_groups(rows)
+    if not groups:
+        return
+    console.print("advice: run each command as printed to bring its jobs back to ok")
+    for command, by_status in groups:
+        console.print("; ".join(
+            f"[{styles.get(status, 'red')}]{status}[/]: " + escape(", ".join(names))
+            for status, names in by_status.items()))
+        console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
