@@ -14,10 +14,14 @@ TORCH_FIND_LINKS ?= $(shell $(BOOTSTRAP_PYTHON) -m pip config list 2>/dev/null \
 	| sed -n "s/^[^=]*find-links='\(.*\)'$$/\1/p" | tr ' ' '\n' | sort -u)
 PYTEST_ARGS ?=
 # The suite runs in parallel (pytest-xdist; most of a test's time is a subprocess starting
-# torch and Lightning) and in random order (pytest-randomly prints its seed at the top;
-# `PYTEST_ARGS=-p no:randomly` keeps file order, `--randomly-seed=N` repeats an order).
+# torch and Lightning) and in random order (pytest-randomly). The order's seed is printed
+# first: `make test TEST_SEED=N` repeats an order, `TEST_ORDER=-p no:randomly` keeps file order.
 TEST_WORKERS ?= auto
-PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist worksteal
+ifndef TEST_SEED
+TEST_SEED := $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+endif
+TEST_ORDER ?= -p randomly --randomly-seed=$(TEST_SEED)
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist worksteal $(TEST_ORDER)
 # Recipes (and the tests' subprocesses) find .venv's tools first, as if it were active.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAGE ?= stage1
@@ -73,9 +77,11 @@ lock-check: $(READY)  ## fail unless src/tmgg/lock/ was written from this pyproj
 	$(PYTHON) tools/envlock.py check
 
 test: $(READY)  ## run the whole test suite (unit tests, real sweeps on CPU), in parallel
+	@echo "test order: $(TEST_ORDER)"
 	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: $(READY)  ## run the tests that train nothing for long (no slow marker)
+	@echo "test order: $(TEST_ORDER)"
 	$(PYTHON) -m pytest -q $(PYTEST_PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
 docs: $(READY)  ## the documentation site from docs/ into site/ (mkdocs build --strict: a dead link fails)
