@@ -178,6 +178,19 @@ def test_rerun_skips_finished_jobs(sweep_dirs: SweepDirs) -> None:
     assert sweep_dirs.job_records("smoke") == first  # untouched: nothing re-ran
 
 
+def _wait_until_the_group_is_gone(group: int) -> None:
+    """Until every process of the killed group is reaped: a killed worker stays a zombie
+    (whose pid still answers, so its claim still looks alive) until init reaps it."""
+    deadline = time.monotonic() + 60  # a bound for a broken kill, not a race
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process group {group} still has members 60 s after SIGKILL")
+
+
 def test_sigkill_then_resume_runs_exactly_the_unfinished_jobs(sweep_dirs: SweepDirs) -> None:
     """The launcher is killed with one fused group (seed 1) finished and the other held
     at step 2 (``tmgg.task.hold``: one release lets the first group through), whatever
@@ -209,6 +222,7 @@ def test_sigkill_then_resume_runs_exactly_the_unfinished_jobs(sweep_dirs: SweepD
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers, no cleanup
         process.wait()
+        _wait_until_the_group_is_gone(process.pid)
     before = {job_id: dict(record) for job_id, record in sweep_dirs.job_records("smoke").items()}
     finished_before = {j for j, r in before.items() if r["status"] == FINISHED}
     assert len(finished_before) == 3
