@@ -93,6 +93,21 @@ def skipped_value(result: Any) -> JobSkipped | None:
     return value if isinstance(value, JobSkipped) else None
 
 
+_NOT_BEGUN = object()
+
+
+def _begun_already(job_id: str) -> Any:
+    """What an earlier begin of this job in this process decided (its skip, its held
+    claim, or None when begun under the launcher's claim), else ``_NOT_BEGUN``."""
+    if job_id in _SKIPPED:
+        return _SKIPPED[job_id]
+    if job_id in _HELD:
+        return _HELD[job_id]
+    if job_id in _UNFENCED:
+        return None
+    return _NOT_BEGUN
+
+
 def begin_job(task_config: DictConfig) -> JobSkipped | HeldJob | None:
     """In the job's process, from the task function (where an exception fails the job
     with tmgg's own message; Hydra would only warn about one in a callback): take the
@@ -104,12 +119,9 @@ def begin_job(task_config: DictConfig) -> JobSkipped | HeldJob | None:
     if not is_tmgg_config(task_config):
         return None
     job_id = str(task_config.job.id)
-    if job_id in _SKIPPED:
-        return _SKIPPED[job_id]
-    if job_id in _HELD:
-        return _HELD[job_id]
-    if job_id in _UNFENCED:
-        return None  # begun already, under the launcher's claim
+    earlier = _begun_already(job_id)
+    if earlier is not _NOT_BEGUN:
+        return earlier
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
@@ -498,12 +510,9 @@ def job_record_start(config: DictConfig) -> JobSkipped | HeldJob | None:
         return None
     task = _task_dict(config)
     job_id = str(task["job"]["id"])
-    if job_id in _SKIPPED:
-        return _SKIPPED[job_id]
-    if job_id in _HELD:
-        return _HELD[job_id]
-    if job_id in _UNFENCED:
-        return None  # begun already, under the launcher's claim
+    earlier = _begun_already(job_id)
+    if earlier is not _NOT_BEGUN:
+        return earlier
     return _start(task, task_overrides(config), launcher_name(config),
                   OmegaConf.select(config, "hydra.runtime.output_dir"))
 
