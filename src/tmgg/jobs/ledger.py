@@ -129,8 +129,14 @@ class Ledger:
         self.plan_path = self.root / "plan.json"
 
     # -- writing ---------------------------------------------------------------
-    def append(self, event: dict[str, Any]) -> None:
-        """Append one event line durably (see ``append_many``)."""
+    def append(self, event: dict[str, Any], fence: Any = None) -> None:
+        """Append one event line durably (see ``append_many``); with ``fence`` (the
+        writer's claim), only while that claim is the job's newest generation
+        (``claims.ClaimLost`` otherwise)."""
+        if fence is not None:
+            from tmgg.jobs.claims import verify
+
+            verify(fence)
         self.append_many([event])
 
     def append_many(self, events: Iterable[dict[str, Any]]) -> None:

@@ -56,10 +56,16 @@ class JobSkipped:
 
 @dataclass
 class HeldJob:
-    """A job this process runs: its claim (the fencing token) and the heartbeat."""
+    """A job this process runs: its claim (the fencing token) and the heartbeat.
+
+    ``records_outcome``: this process appends the job's outcome event itself, fenced,
+    the moment the job ends (a fused member: its group's launcher hears of it only
+    when the whole group returns).
+    """
 
     claim: claims.Claim
     heartbeat: claims.Heartbeat
+    records_outcome: bool = False
 
     def check(self) -> None:
         """``claims.ClaimLost`` once this process may no longer train the job."""
@@ -75,6 +81,13 @@ _HELD: dict[str, HeldJob] = {}
 # Jobs begun under their launcher's claim (LAUNCHER_HOLDS_CLAIMS_ENV, a Modal container):
 # running here, unfenced; their outcome is recorded here all the same.
 _UNFENCED: set[str] = set()
+
+
+# Attributes a job's process sets on its JobReturn for the launcher that records it:
+# the ticket of the claim the job ran under (the launcher's outcome is fenced with it)
+# and whether the job's outcome event is in the ledger already.
+CLAIM_TICKET = "claim_ticket"
+OUTCOME_RECORDED = "outcome_recorded"
 
 
 def finished_metrics(task_config: DictConfig) -> dict[str, Any] | None:
@@ -360,55 +373,79 @@ def record_dispatched(job: PlannedJob, launcher: str, call_id: str | None = None
 
 
 def record_outcome(job: PlannedJob, result: Any, launcher: str,
-                   write_job_record: bool = False, claim: claims.Claim | None = None) -> None:
+                   write_job_record: bool = False, claim: claims.Claim | None = None,
+                   ticket: str | None = None) -> bool:
     """Append the outcome event; for remote jobs also write the job's own record.
 
     A job that was not run (``JobSkipped``) gets a ``skipped`` event instead, never an
-    outcome. With ``claim`` (the launcher's claim of the dispatch), the outcome is
-    fenced: refused once another dispatch holds a newer generation of the job.
+    outcome. The write is fenced: refused once another dispatch holds a newer
+    generation of the job's claim than the one the job ran under (``claim``, the
+    launcher's claim of the dispatch, or its ``ticket``, or the ticket the job's
+    process reported on its JobReturn). A job whose own process recorded its outcome
+    already (a fused member) gets no second event. False when the write was refused.
     """
     if not job.is_tmgg_job:
-        return
+        return False
     skipped = skipped_value(result)
     if skipped is not None:
         record_skipped(job, skipped, launcher)
-        return
-    if claim is not None:
-        newer = claims.fence_ticket(ledger_for(job.task_config).root, job.job_id,
-                                    claim.ticket)
-        if newer is not None:
-            log.warning("%s: its outcome is not recorded by this sweep: the job is now %s",
-                        job.run_name, newer.describe())
-            return
+        return True
+    ledger = ledger_for(job.task_config)
+    if _fenced_off(ledger, job, result, claim.ticket if claim is not None else ticket):
+        return False
     status = FINISHED if result.status.name == "COMPLETED" else FAILED
     error = None if status == FINISHED else str(result._return_value)
     metrics = result._return_value if status == FINISHED else None
     duration = getattr(result, "duration_s", None)
-    ledger = ledger_for(job.task_config)
-    event = {"event": "outcome", "time": utc_now(), "job_id": job.job_id,
-             "run_name": job.run_name, "status": status, "duration_s": duration,
-             "error": _first_lines(error), "launcher": launcher}
-    ledger.append(event)
+    if not getattr(result, OUTCOME_RECORDED, False):
+        ledger.append(outcome_event(job.job_id, job.run_name, status, duration, error,
+                                    launcher))
     if write_job_record:
         record = base_record(job.task_config, job.overrides, launcher)
         record.update(status=status, finished_at=utc_now(), duration_s=duration, error=error,
                       metrics=metrics if isinstance(metrics, dict) else None)
         _record_live_run(record, metrics)
         ledger.write_job_record(job.job_id, record)
+    return True
 
 
-def record_lost_job(job: PlannedJob, result: Any, launcher: str) -> Any:
+def _fenced_off(ledger: Ledger, job: PlannedJob, result: Any, ticket: str | None) -> bool:
+    """Whether a launcher's write about ``job`` is refused: a newer generation of another
+    dispatch than ``ticket`` (else the ticket the job's process reported) holds the
+    job's claim (then it is logged, naming the holder)."""
+    ticket = ticket or getattr(result, CLAIM_TICKET, None)
+    newer = claims.fence_ticket(ledger.root, job.job_id, ticket)
+    if newer is None:
+        return False
+    log.warning("%s: its outcome is not recorded by this sweep: the job is now %s",
+                job.run_name, newer.describe())
+    return True
+
+
+def outcome_event(job_id: str, run_name: str, status: str, duration: float | None,
+                  error: str | None, launcher: str) -> dict[str, Any]:
+    """The ledger's ``outcome`` event of a job (FINISHED or FAILED)."""
+    return {"event": "outcome", "time": utc_now(), "job_id": job_id, "run_name": run_name,
+            "status": status, "duration_s": duration, "error": _first_lines(error),
+            "launcher": launcher}
+
+
+def record_lost_job(job: PlannedJob, result: Any, launcher: str,
+                    claim: claims.Claim | None = None) -> Any:
     """The launcher's outcome for a job whose process died before recording its own.
 
     Call it only once that process is dead: then nothing writes the job's record after
     the launcher, and the job's last RUNNING record cannot hide the crash. That record
     (start time, attempts, output dir) becomes FAILED with the launcher's error. A job
     that recorded FINISHED just before dying stays finished. Returns the JobReturn to
-    report (``result``, or the finished one).
+    report (``result``, or the finished one). Fenced as ``record_outcome`` is: nothing
+    is written once another dispatch holds a newer generation of the job's claim.
     """
     if not job.is_tmgg_job:
         return result
     ledger = ledger_for(job.task_config)
+    if _fenced_off(ledger, job, result, claim.ticket if claim is not None else None):
+        return result
     record = ledger.job_record(job.job_id)
     if record and record.get("status") == FINISHED:  # a real run's result, not a skip
         from hydra.core.utils import JobReturn, JobStatus
@@ -594,6 +631,7 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
         return  # not run here: finished already, or another dispatch keeps its record
     value = job_return._return_value
     claim: claims.Claim | None = None
+    records_outcome = False
     if job_id in _UNFENCED:
         # Begun under the launcher's claim (a Modal container): no claim of its own to
         # fence the outcome with or release; the launcher releases its claim.
@@ -602,6 +640,9 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
         held = _HELD.pop(job_id, None)
         if held is None:
             return  # never begun by this process: it has nothing to record
+        # The launcher's outcome for this job is fenced with the ticket it ran under.
+        setattr(job_return, CLAIM_TICKET, held.claim.ticket)
+        records_outcome = held.records_outcome
         claim = held.heartbeat.discard(job_id)
         held.heartbeat.stop()
         lost = held.heartbeat.lost.get(job_id)
@@ -626,10 +667,16 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
         return
     try:
         ledger.write_job_record(job_id, record, fence=claim)
+        if records_outcome:
+            ledger.append(outcome_event(job_id, str(task["job"]["run_name"]),
+                                        record["status"], record.get("duration_s"),
+                                        record.get("error"), launcher_name(config)),
+                          fence=claim)
+            setattr(job_return, OUTCOME_RECORDED, True)
     except claims.ClaimLost as error:
         log.error("%s", error)
         return
-    # after the record: a released claim means the outcome is written
+    # after the record and outcome: a released claim means the outcome is written
     claims.release(claim, record["status"])
 
 

@@ -246,7 +246,8 @@ def _run_tasks(jobs: list[PlannedJob], results: list[Any], queue: deque[tuple[in
             for position in task:
                 job = jobs[position]
                 failed = _failed_return(job, worker_crash(job, died))
-                finish(position, record_lost_job(job, failed, LAUNCHER))
+                finish(position, record_lost_job(job, failed, LAUNCHER,
+                                                 claim=held.get(position)))
 
         while queue or pool.busy():
             while queue and (worker := pool.idle_worker()) is not None:

@@ -146,6 +146,9 @@ def _run_group(payload: GroupPayload) -> list[Any]:
                              output_dir=Path(run.config.hydra.runtime.output_dir))
         if isinstance(begun, HeldJob):  # stops this member alone once its claim is lost
             member.extra["fence"] = begun.check
+            # Its outcome event is written the moment its own test ends, not when the
+            # group's last member is done and the launcher hears of the group.
+            begun.records_outcome = True
         run_of[id(member)] = run
         to_train.append(member)
 

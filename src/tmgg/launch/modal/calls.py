@@ -241,7 +241,8 @@ def poll_detached(ledger: Ledger) -> int:
             result = group_returns([job] * size, output, settings, root)[member]
         else:
             result = to_job_return(job, output)
-        record_result(job, result, settings, root, call_id=state.call_id)
+        record_result(job, result, settings, root, call_id=state.call_id,
+                      ticket=record.get("ticket"))
         folded += 1
     return folded
 
@@ -303,12 +304,13 @@ def cancel_main(argv: list[str]) -> int:
 
 def write_call_record(job: PlannedJob, call_id: str, settings: ModalSettings,
                       root: str | None, member: int | None = None,
-                      group_size: int | None = None) -> None:
+                      group_size: int | None = None, ticket: str | None = None) -> None:
     """What ``status`` needs to fold the call's result later, beside the ledger.
 
     A fused group's members share one call: ``member`` is the job's place in the
     group's payload (its result's place in the call's output), ``group_size`` the
-    group's members.
+    group's members. ``ticket``: the launcher's claim ticket, which fences the folded
+    outcome (refused once another dispatch holds a newer generation).
     """
     if not job.is_tmgg_job:
         return
@@ -316,7 +318,8 @@ def write_call_record(job: PlannedJob, call_id: str, settings: ModalSettings,
     atomic_write_json(path, {
         "member": member, "group_size": group_size,
         "job_id": job.job_id, "run_name": job.run_name, "index": job.index,
-        "call_id": call_id, "dispatched_at": utc_now(), "overrides": list(job.overrides),
+        "call_id": call_id, "ticket": ticket, "dispatched_at": utc_now(),
+        "overrides": list(job.overrides),
         "settings": dataclasses.asdict(settings), "volume_root": root,
         "task_config": job.task_config,
     })

@@ -206,7 +206,8 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
         if results[position] is None:  # the transport returned fewer outputs than inputs
             results[position] = to_job_return(jobs[position], RuntimeError(
                 "the transport returned no result for this job"))
-            record_result(jobs[position], results[position], settings, root)
+            record_result(jobs[position], results[position], settings, root,
+                          ticket=_ticket(held[position]))
             release_dispatch(jobs[position], held[position], results[position])
     if settings.detach:
         _print_detached(jobs, pending, results, settings)
@@ -229,7 +230,13 @@ def _hand_to_call(jobs: Sequence[PlannedJob], members: Sequence[int], held: dict
                 "kind": LAUNCHER, "call_id": call_id}) or held[position]
         record_dispatched(job, LAUNCHER, call_id)
         write_call_record(job, call_id, settings, root, member=member if grouped else None,
-                          group_size=len(members) if grouped else None)
+                          group_size=len(members) if grouped else None,
+                          ticket=_ticket(held[position]))
+
+
+def _ticket(claim: Any) -> str | None:
+    """The fencing ticket of the launcher's claim of a job (None: no claim)."""
+    return claim.ticket if claim is not None else None
 
 
 class _BlockingSweep:
@@ -299,7 +306,8 @@ class _BlockingSweep:
                         task_jobs, output, self.settings, self.root), strict=True):
                     job = self.jobs[position]
                     self.results[position] = result
-                    record_result(job, result, self.settings, self.root)
+                    record_result(job, result, self.settings, self.root,
+                                  ticket=_ticket(self.held[position]))
                     if self.held[position] is not None:
                         keeper.discard(job.job_id)
                     release_dispatch(job, self.held[position], result)

@@ -63,8 +63,12 @@ def _output_dir(result: Any) -> str | None:
 
 
 def record_result(job: PlannedJob, result: Any, settings: ModalSettings, root: str | None,
-            call_id: str | None = None) -> None:
-    """Outcome event plus the job's record, written here: the job wrote its own remotely."""
+                  call_id: str | None = None, ticket: str | None = None) -> None:
+    """Outcome event plus the job's record, written here: the job wrote its own remotely.
+
+    ``ticket``: the ticket of the launcher's claim of the dispatch (the fencing token):
+    nothing is written once another dispatch holds a newer generation of the job's claim.
+    """
     if not job.is_tmgg_job:
         return
     ledger = ledger_for(job.task_config)
@@ -72,7 +76,9 @@ def record_result(job: PlannedJob, result: Any, settings: ModalSettings, root: s
     if skipped_value(result) is not None:  # not run: a skipped event, no record
         record_outcome(job, result, LAUNCHER)
         return
-    record_outcome(job, result, LAUNCHER, write_job_record=True)
+    if not record_outcome(job, result, LAUNCHER, write_job_record=True,
+                          ticket=ticket):
+        return  # fenced off: the job is another dispatch's now
     record = ledger.job_record(job.job_id) or {}
     if before.get("status") == record.get("status") and before.get("started_at"):
         # transport=local on this disk: the job's own record had its timing and attempts.
