@@ -12,12 +12,18 @@ Hydra runs it whichever launcher dispatches the jobs — ours, ``basic`` or subm
 
 ``LocalWorkersCallback`` runs the launcher's ``before_plan`` hook at multirun start
 (the local launcher starts its fork server there).
+
+Hydra turns an exception raised in a callback into a warning and launches anyway, so
+every step here that a sweep depends on runs under ``refusing``: any failure stops the
+sweep with tmgg's message before anything is dispatched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -41,6 +47,27 @@ def _refuse(error: Exception, what: str = "sweep refused, nothing dispatched") -
     raise SystemExit(2) from error
 
 
+@contextlib.contextmanager
+def refusing(what: str = "sweep refused, nothing dispatched",
+             step: str | None = None) -> Iterator[None]:
+    """Run a callback's step so that any failure stops the sweep with tmgg's message.
+
+    Hydra catches an exception raised in a callback, logs it as a warning and goes on
+    to launch: a check that crashed would count as passed. Here a ``PlanError`` is
+    refused with its own message, any other exception with ``what`` and the ``step``
+    that failed, naming the error's type.
+    """
+    from tmgg.jobs.plan import PlanError
+
+    try:
+        yield
+    except PlanError as error:
+        _refuse(error, what)
+    except Exception as error:  # noqa: BLE001 - Hydra would only warn, then dispatch
+        where = f"{step}: " if step else ""
+        _refuse(error, f"{what} ({where}{type(error).__name__})")
+
+
 class LedgerCallback(Callback):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -48,29 +75,19 @@ class LedgerCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
             return
-        from tmgg.jobs.plan import PlanError
         from tmgg.jobs.sweep import record_plan_for_multirun
 
-        try:
+        with refusing(step="its plan could not be recorded"):
             record_plan_for_multirun(config)
-        except PlanError as error:
-            _refuse(error)
-        except Exception as error:  # noqa: BLE001 - Hydra would only warn, then dispatch
-            _refuse(error, "sweep refused, nothing dispatched (its plan could not be "
-                           f"recorded: {type(error).__name__})")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A single run is checked like a sweep's jobs, before its output dir exists."""
         if not self.enabled:
             return
-        from tmgg.jobs.plan import PlanError, check_run
+        from tmgg.jobs.plan import check_run
 
-        try:
+        with refusing("run refused, nothing ran"):
             check_run(config)
-        except PlanError as error:
-            _refuse(error, "run refused, nothing ran")
-        except Exception as error:  # noqa: BLE001 - Hydra would only warn, then run
-            _refuse(error, f"run refused, nothing ran ({type(error).__name__})")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Early, and safe to skip: the task function (``tmgg.cli.app.train``) begins the
@@ -103,9 +120,6 @@ class LocalWorkersCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from tmgg.jobs.launcher_hooks import run_before_plan
-        from tmgg.jobs.plan import PlanError
 
-        try:
+        with refusing(step="the launcher's checks before the plan failed"):
             run_before_plan(config)
-        except PlanError as error:
-            _refuse(error)
