@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from claim_helpers import HOLDER as _HOLDER
+from claim_helpers import events_of as _events
+from claim_helpers import plan_jobs as _plan
 from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
 
 from tmgg.jobs import claims
@@ -22,40 +24,6 @@ from tmgg.jobs.records import host
 
 LOCAL = ["hydra/launcher=local", "hydra.launcher.n_workers=2"]
 TWO_JOBS = ["stage=smoke", "logger=csv", "model=linear_pe"]
-
-# Stands in for another sweep's worker running a job: it claims the job, records it
-# dispatched and RUNNING as a worker does, and stays alive until killed.
-_HOLDER = """
-import sys, time
-from pathlib import Path
-from tmgg.jobs import claims
-from tmgg.jobs.ledger import Ledger
-from tmgg.jobs.records import utc_now
-
-ledger = Ledger(sys.argv[1], "smoke")
-job_id, run_name = sys.argv[2], sys.argv[3]
-taken, claim = claims.take(ledger.root, job_id, ticket="other-sweep",
-                           transport={"kind": "local"})
-assert taken, claim.describe()
-ledger.append({"event": "dispatched", "time": utc_now(), "job_id": job_id,
-               "run_name": run_name, "launcher": "local"})
-ledger.write_job_record(job_id, {"job_id": job_id, "run_name": run_name,
-                                 "status": "RUNNING", "started_at": utc_now()})
-claims.Heartbeat(claim, interval_s=1.0)
-print("holding", flush=True)
-time.sleep(600)
-"""
-
-
-def _plan(overrides: list[str]) -> list[dict[str, Any]]:
-    result = tmgg_sweep("plan", "--json", *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)["jobs"]
-
-
-def _events(ledger: Ledger, kind: str, job_id: str) -> list[dict[str, Any]]:
-    return [e for e in ledger.events() if e["event"] == kind and e["job_id"] == job_id]
-
 
 def test_a_job_running_elsewhere_is_neither_dispatched_nor_resumed_until_lost(
         sweep_dirs: SweepDirs) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from claim_helpers import age_claims as _age_claims
+from claim_helpers import can_unshare as _can_unshare
+from claim_helpers import events_of as _events
+from claim_helpers import hold_job as _hold
+from claim_helpers import plan_jobs as _plan
+from claim_helpers import pretend_other_host as _pretend_other_host
 from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
 
 from tmgg.jobs import claims
@@ -28,63 +33,6 @@ TWO_JOBS = [*CHEAP, "model=linear_pe"]
 MODAL_LOCAL = ["hydra/launcher=modal", "hydra.launcher.transport=local",
                "hydra.launcher.local_containers=1"]
 SUBMITIT_LOCAL = ["hydra/launcher=submitit_local_tmgg"]
-
-# Another sweep's worker running a job: claims it, records it dispatched and RUNNING
-# as a worker does, renews its claim, and stays alive until killed.
-HOLDER = """
-import sys, time
-from tmgg.jobs import claims
-from tmgg.jobs.ledger import Ledger
-from tmgg.jobs.records import utc_now
-
-ledger = Ledger(sys.argv[1], "smoke")
-job_id, run_name = sys.argv[2], sys.argv[3]
-taken, claim = claims.take(ledger.root, job_id, ticket="other-sweep",
-                           transport={"kind": "local"})
-assert taken, claim.describe()
-ledger.append({"event": "dispatched", "time": utc_now(), "job_id": job_id,
-               "run_name": run_name, "launcher": "local"})
-ledger.write_job_record(job_id, {"job_id": job_id, "run_name": run_name,
-                                 "status": "RUNNING", "started_at": utc_now()})
-claims.Heartbeat(claim, interval_s=1.0)
-print("holding", flush=True)
-time.sleep(600)
-"""
-
-
-def _plan(overrides: list[str]) -> list[dict[str, Any]]:
-    result = tmgg_sweep("plan", "--json", *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)["jobs"]
-
-
-def _events(ledger: Ledger, kind: str, job_id: str) -> list[dict[str, Any]]:
-    return [e for e in ledger.events() if e["event"] == kind and e["job_id"] == job_id]
-
-
-def _hold(experiments: Path, job: dict[str, Any], prefix: list[str] | None = None,
-          env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    holder = subprocess.Popen([*(prefix or []), sys.executable, "-c", HOLDER, str(experiments),
-                               job["job_id"], job["run_name"]], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
-    return holder
-
-
-def _age_claims(ledger: Ledger, seconds: float) -> None:
-    for path in claims.claims_dir(ledger.root).glob("*.json"):
-        then = path.stat().st_mtime - seconds
-        os.utime(path, (then, then))
-
-
-def _can_unshare(*flags: str) -> str | None:
-    """None when ``unshare`` with these flags works here, else why not."""
-    if shutil.which("unshare") is None:
-        return "no unshare command"
-    probe = subprocess.run(["unshare", *flags, "true"], capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"unshare {' '.join(flags)} is not permitted: " \
-        f"{probe.stderr.strip()}"
-
 
 # -- the fencing token ---------------------------------------------------------------
 
@@ -107,16 +55,6 @@ def test_a_newer_generation_fences_off_the_older_holder(tmp_path: Path) -> None:
     assert f"claimed by {host()}:{os.getpid()}" in message  # the new holder, named
     assert ledger.job_record(JOB)["status"] == RUNNING  # the stale write was refused
     assert claims.renew(mine) is None and not claims.release(mine, FINISHED)
-
-
-def _pretend_other_host(ledger: Ledger, job_id: str) -> None:
-    """Rewrite the newest claim as if its owner ran on another machine (mtime kept)."""
-    claim = claims.current(ledger.root, job_id)
-    assert claim is not None
-    stat = claim.path.stat()
-    data = {**claim.data, "owner": {**claim.owner, "host": "gpu-node-7"}}
-    claim.path.write_text(json.dumps(data))
-    os.utime(claim.path, (stat.st_atime, stat.st_mtime))
 
 
 def test_the_heartbeat_stops_a_holder_that_lost_its_claim(tmp_path: Path) -> None:

@@ -200,29 +200,10 @@ class Ledger:
         """Every damaged line of the ledger, job record, claim and the plan, named."""
         damaged = [Damaged(self.events_path, reason, number)
                    for number, _, _, reason in self._checked_lines() if reason]
-        if self.jobs_dir.exists():
-            for path in sorted(self.jobs_dir.glob("*.json")):
-                try:
-                    schema.read(path, schema.JobRecordFile)
-                except schema.Damaged as error:
-                    damaged.append(error)
-                except FileNotFoundError:
-                    pass
-        try:
-            schema.read(self.plan_path, schema.PlanFile)
-        except schema.Damaged as error:
-            damaged.append(error)
-        except FileNotFoundError:
-            pass
-        claims_dir = self.root / "claims"
-        if claims_dir.exists():
-            for path in sorted(claims_dir.glob("*.g*.json")):
-                try:
-                    schema.read(path, schema.ClaimFile)
-                except schema.Damaged as error:
-                    damaged.append(error)
-                except FileNotFoundError:
-                    pass
+        for paths, kind in ((_listed(self.jobs_dir, "*.json"), schema.JobRecordFile),
+                            ([self.plan_path], schema.PlanFile),
+                            (_listed(self.root / "claims", "*.g*.json"), schema.ClaimFile)):
+            damaged += [read for read in _read_files(paths, kind) if isinstance(read, Damaged)]
         return damaged
 
     def _checked_lines(self) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
@@ -264,15 +245,10 @@ class Ledger:
             return None
 
     def job_records(self) -> dict[str, dict[str, Any]]:
-        records = {}
-        if self.jobs_dir.exists():
-            for path in sorted(self.jobs_dir.glob("*.json")):
-                try:
-                    record = schema.read(path, schema.JobRecordFile)
-                except (FileNotFoundError, schema.Damaged):
-                    continue
-                records[record["job_id"]] = record
-        return records
+        """Every job's record by job id; damaged ones are left out (``damaged_files``)."""
+        return {read["job_id"]: read for read in _read_files(
+            _listed(self.jobs_dir, "*.json"), schema.JobRecordFile)
+            if not isinstance(read, Damaged)}
 
     def plan(self) -> dict[str, Any] | None:
         try:
@@ -343,6 +319,23 @@ class Ledger:
             elif recorded == RUNNING and state.status in (DISPATCHED, SKIPPED):
                 state.status = RUNNING
         return states
+
+
+def _listed(directory: Path, pattern: str) -> list[Path]:
+    """The files of ``directory`` matching ``pattern``, sorted; none if it is missing."""
+    return sorted(directory.glob(pattern)) if directory.exists() else []
+
+
+def _read_files(paths: Iterable[Path], kind: Any) -> Iterator[Any]:
+    """Each file read through its schema (``kind``): its content, or the ``Damaged``
+    that says why it is not one; a file removed meanwhile is skipped."""
+    for path in paths:
+        try:
+            yield schema.read(path, kind)
+        except schema.Damaged as error:
+            yield error
+        except FileNotFoundError:
+            continue
 
 
 def _write_all(fd: int, data: bytes) -> None:
