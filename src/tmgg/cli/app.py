@@ -33,10 +33,12 @@ def train(cfg: DictConfig) -> Any:
         return begun
     from tmgg.task.train import run_training
 
-    if isinstance(begun, HeldJob):
+    if isinstance(begun, HeldJob) and begun.holds_own_claim:
         from tmgg.jobs.claims import lightning_fence, verify
 
-        verify(begun.latest_claim())  # fenced: nothing (W&B run included) starts after a loss
+        latest = begun.latest_claim()
+        assert latest is not None
+        verify(latest)  # fenced: nothing (W&B run included) starts after a loss
         metrics = run_training(cfg, extra_callbacks=[lightning_fence(begun.check)])
     else:
         metrics = run_training(cfg)

@@ -56,31 +56,56 @@ class JobSkipped:
 
 @dataclass
 class HeldJob:
-    """A job this process runs: its claim (the fencing token) and the heartbeat.
+    """A job this process runs, and who holds its claim.
+
+    ``claim`` is this process's own generation of the job's claim (its fencing token,
+    renewed by ``heartbeat``), or None where the launcher holds the claim for it
+    (``LAUNCHER_HOLDS_CLAIMS_ENV``: a Modal container working on a volume); then the
+    launcher fences and releases it, and this process's writes carry no token.
 
     ``records_outcome``: this process appends the job's outcome event itself, fenced,
-    the moment the job ends (a fused member: its group's launcher hears of it only
-    when the whole group returns).
+    the moment the job ends (a fused member holding its own claim: its group's launcher
+    hears of it only when the whole group returns).
     """
 
-    claim: claims.Claim
-    heartbeat: claims.Heartbeat
+    claim: claims.Claim | None
+    heartbeat: claims.Heartbeat | None = None
     records_outcome: bool = False
 
-    def check(self) -> None:
-        """``claims.ClaimLost`` once this process may no longer train the job."""
-        self.heartbeat.check(self.claim.job_id)
+    @property
+    def holds_own_claim(self) -> bool:
+        return self.claim is not None
 
-    def latest_claim(self) -> claims.Claim:
+    def check(self) -> None:
+        """``claims.ClaimLost`` once this process may no longer train the job (never
+        under the launcher's claim: the launcher's outcome is fenced instead)."""
+        if self.claim is not None and self.heartbeat is not None:
+            self.heartbeat.check(self.claim.job_id)
+
+    def latest_claim(self) -> claims.Claim | None:
+        if self.claim is None or self.heartbeat is None:
+            return self.claim
         return self.heartbeat.claims.get(self.claim.job_id, self.claim)
 
+    def end(self) -> tuple[claims.Claim | None, claims.ClaimLost | None]:
+        """Stop renewing: the claim as last written (None under the launcher's claim)
+        and the ``ClaimLost`` that ended it, if it was lost."""
+        if self.claim is None or self.heartbeat is None:
+            return None, None
+        job_id = self.claim.job_id
+        latest = self.heartbeat.discard(job_id)
+        self.heartbeat.stop()
+        lost = self.heartbeat.lost.get(job_id)
+        if latest is None and lost is None:
+            lost = claims.ClaimLost(self.claim, claims.current(self.claim.path.parents[1],
+                                                                job_id))
+        return latest, lost
 
-# What this process decided for each job it was handed: skipped, or held and running.
+
+# What this process decided for each job it was handed: skipped, or held and running
+# (under its own claim or its launcher's).
 _SKIPPED: dict[str, JobSkipped] = {}
 _HELD: dict[str, HeldJob] = {}
-# Jobs begun under their launcher's claim (LAUNCHER_HOLDS_CLAIMS_ENV, a Modal container):
-# running here, unfenced; their outcome is recorded here all the same.
-_UNFENCED: set[str] = set()
 
 
 # Attributes a job's process sets on its JobReturn for the launcher that records it:
@@ -110,14 +135,12 @@ _NOT_BEGUN = object()
 
 
 def _begun_already(job_id: str) -> Any:
-    """What an earlier begin of this job in this process decided (its skip, its held
-    claim, or None when begun under the launcher's claim), else ``_NOT_BEGUN``."""
+    """What an earlier begin of this job in this process decided (its skip or its held
+    job), else ``_NOT_BEGUN``."""
     if job_id in _SKIPPED:
         return _SKIPPED[job_id]
     if job_id in _HELD:
         return _HELD[job_id]
-    if job_id in _UNFENCED:
-        return None
     return _NOT_BEGUN
 
 
@@ -555,10 +578,10 @@ def job_record_start(config: DictConfig) -> JobSkipped | HeldJob | None:
 
 
 def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
-           output_dir: str | None) -> JobSkipped | HeldJob | None:
+           output_dir: str | None) -> JobSkipped | HeldJob:
     """Claim the job for this process and record it RUNNING, or skip it. Where the
     launcher's claim is the only authority (``LAUNCHER_HOLDS_CLAIMS_ENV``: a job on a
-    Modal volume) no claim is taken here, and None says the job runs unfenced."""
+    Modal volume) no claim is taken here: the held job names no claim of its own."""
     ledger = ledger_for(task)
     job_id = str(task["job"]["id"])
     run_name = str(task["job"]["run_name"])
@@ -568,7 +591,7 @@ def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
                      else Path(os.getcwd()) / outputs)
     record = base_record(task, overrides, launcher, output_dir=output_dir)
     if os.environ.get(LAUNCHER_HOLDS_CLAIMS_ENV):
-        return _start_under_launcher_claim(ledger, job_id, run_name, record, launcher)
+        return _begin_held(ledger, job_id, run_name, record, launcher, None)
     taken, claim = claims.take(ledger.root, job_id, ticket=claims.dispatch_ticket(),
                                transport={"kind": launcher},
                                call_alive=call_alive_in(ledger),
@@ -578,36 +601,17 @@ def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
         _SKIPPED[job_id] = JobSkipped(job_id, run_name, "claimed", claim.describe())
         _append_skipped(ledger, _SKIPPED[job_id], launcher)
         return _SKIPPED[job_id]
-    previous = ledger.job_record(job_id)
-    if previous and previous.get("status") == FINISHED:
-        claims.release(claim, FINISHED)  # keep the finished record intact
-        log.info("Job %s already finished; skipped", run_name)
-        _SKIPPED[job_id] = JobSkipped(job_id, run_name, "finished", "finished already",
-                                      previous.get("metrics") or {})
-        _append_skipped(ledger, _SKIPPED[job_id], launcher)
-        return _SKIPPED[job_id]
-    held = HeldJob(claim, claims.Heartbeat(claim))
-    record.update(status=RUNNING, started_at=utc_now(),
-                  attempts=(previous or {}).get("attempts", 0) + 1,
-                  claim={"generation": claim.generation, "ticket": claim.ticket,
-                         "pid_start": claim.owner.get("start")})
-    try:
-        ledger.write_job_record(job_id, record, fence=claim)
-    except BaseException:
-        held.heartbeat.stop()
-        with contextlib.suppress(Exception):  # not begun: the claim is nobody's now
-            claims.release(claim, FAILED)
-        raise
-    _HELD[job_id] = held
-    return held
+    return _begin_held(ledger, job_id, run_name, record, launcher, claim)
 
 
-def _start_under_launcher_claim(ledger: Ledger, job_id: str, run_name: str,
-                                record: dict[str, Any], launcher: str) -> JobSkipped | None:
-    """A Modal container's start: the launcher holds the claim; skip a finished job, else
-    record RUNNING (no fence: this process holds no claim generation of its own)."""
+def _begin_held(ledger: Ledger, job_id: str, run_name: str, record: dict[str, Any],
+                launcher: str, claim: claims.Claim | None) -> JobSkipped | HeldJob:
+    """With the claim held (``claim``: this process's own; None: the launcher's), skip
+    a job that finished meanwhile, else record it RUNNING (fenced by its own claim)."""
     previous = ledger.job_record(job_id)
     if previous and previous.get("status") == FINISHED:
+        if claim is not None:
+            claims.release(claim, FINISHED)  # keep the finished record intact
         log.info("Job %s already finished; skipped", run_name)
         _SKIPPED[job_id] = JobSkipped(job_id, run_name, "finished", "finished already",
                                       previous.get("metrics") or {})
@@ -615,9 +619,22 @@ def _start_under_launcher_claim(ledger: Ledger, job_id: str, run_name: str,
         return _SKIPPED[job_id]
     record.update(status=RUNNING, started_at=utc_now(),
                   attempts=(previous or {}).get("attempts", 0) + 1)
-    ledger.write_job_record(job_id, record)
-    _UNFENCED.add(job_id)
-    return None
+    if claim is None:
+        held = HeldJob(None)
+    else:
+        held = HeldJob(claim, claims.Heartbeat(claim))
+        record["claim"] = {"generation": claim.generation, "ticket": claim.ticket,
+                           "pid_start": claim.owner.get("start")}
+    try:
+        ledger.write_job_record(job_id, record, fence=claim)
+    except BaseException:
+        held.end()
+        if claim is not None:
+            with contextlib.suppress(Exception):  # not begun: the claim is nobody's now
+                claims.release(claim, FAILED)
+        raise
+    _HELD[job_id] = held
+    return held
 
 
 def job_record_end(config: DictConfig, job_return: Any) -> None:
@@ -630,25 +647,16 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
     if _SKIPPED.pop(job_id, None) is not None:
         return  # not run here: finished already, or another dispatch keeps its record
     value = job_return._return_value
-    claim: claims.Claim | None = None
-    records_outcome = False
-    if job_id in _UNFENCED:
-        # Begun under the launcher's claim (a Modal container): no claim of its own to
-        # fence the outcome with or release; the launcher releases its claim.
-        _UNFENCED.discard(job_id)
-    else:
-        held = _HELD.pop(job_id, None)
-        if held is None:
-            return  # never begun by this process: it has nothing to record
+    held = _HELD.pop(job_id, None)
+    if held is None:
+        return  # never begun by this process: it has nothing to record
+    if held.claim is not None:
         # The launcher's outcome for this job is fenced with the ticket it ran under.
         setattr(job_return, CLAIM_TICKET, held.claim.ticket)
-        records_outcome = held.records_outcome
-        claim = held.heartbeat.discard(job_id)
-        held.heartbeat.stop()
-        lost = held.heartbeat.lost.get(job_id)
-        if claim is None or lost is not None or isinstance(value, claims.ClaimLost):
-            log.error("%s", lost or value or f"job {job_id}: its claim was lost")
-            return  # fenced off: a newer generation holds the job and keeps its record
+    claim, lost = held.end()
+    if lost is not None or isinstance(value, claims.ClaimLost):
+        log.error("%s", lost or value)
+        return  # fenced off: a newer generation holds the job and keeps its record
     record = ledger.job_record(job_id) or base_record(task, [], launcher_name(config))
     completed = job_return.status.name == "COMPLETED"
     started = record.get("started_at")
@@ -662,12 +670,11 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
         record["duration_s"] = round(delta.total_seconds(), 3)
     if completed:
         _record_live_run(record, value)
-    if claim is None:
-        ledger.write_job_record(job_id, record)
-        return
     try:
+        # Fenced by this process's claim; under the launcher's claim (None) the
+        # launcher fences its own outcome and releases its claim.
         ledger.write_job_record(job_id, record, fence=claim)
-        if records_outcome:
+        if held.records_outcome and claim is not None:
             ledger.append(outcome_event(job_id, str(task["job"]["run_name"]),
                                         record["status"], record.get("duration_s"),
                                         record.get("error"), launcher_name(config)),
@@ -676,8 +683,8 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
     except claims.ClaimLost as error:
         log.error("%s", error)
         return
-    # after the record and outcome: a released claim means the outcome is written
-    claims.release(claim, record["status"])
+    if claim is not None:  # after the record and outcome: released means recorded
+        claims.release(claim, record["status"])
 
 
 def _error_text(error: Any) -> str:

@@ -146,9 +146,10 @@ def _run_group(payload: GroupPayload) -> list[Any]:
                              output_dir=Path(run.config.hydra.runtime.output_dir))
         if isinstance(begun, HeldJob):  # stops this member alone once its claim is lost
             member.extra["fence"] = begun.check
-            # Its outcome event is written the moment its own test ends, not when the
-            # group's last member is done and the launcher hears of the group.
-            begun.records_outcome = True
+            # Under its own claim, its outcome event is written the moment its own test
+            # ends, not when the group's last member is done and the launcher hears of
+            # the group (under the launcher's claim, the launcher records it).
+            begun.records_outcome = begun.holds_own_claim
         run_of[id(member)] = run
         to_train.append(member)
 
