@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -156,6 +158,74 @@ def format_resources(resources: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+# What decides a W&B job's identity where it runs: the key, the entity a run falls back
+# to, the host, and where wandb looks a key up (``.netrc``, ``wandb login``).
+_WANDB_IDENTITY = re.compile(
+    r"\b(WANDB_API_KEY|WANDB_ENTITY|WANDB_BASE_URL|NETRC)\b|\.netrc\b|\bwandb\s+login\b")
+
+
+def check_workers_wandb_environment(master_config: DictConfig, jobs: Sequence[Any]) -> None:
+    """Refuse a submitit sweep whose W&B jobs would log with a key nobody checked.
+
+    The plan-time check uses this shell's ``WANDB_API_KEY``. A submitit job inherits the
+    environment of the shell that submits it (submitit's local executor starts it with
+    this process's environment; sbatch exports the whole environment unless told
+    otherwise), so the checked key is the workers' key unless the launcher config or
+    sbatch's own input variable changes what the workers get: a ``setup`` line that
+    sets or logs in a W&B key, entity, host or netrc, or an ``--export`` (in
+    ``additional_parameters``, ``srun_args`` or ``SBATCH_EXPORT``) that withholds this
+    shell's environment or sets one of those. Those keys cannot be checked from here
+    before dispatch, so such a sweep is refused, naming the job and the field.
+    """
+    if not is_submitit_launcher(master_config):
+        return
+    job = next((job for job in jobs if getattr(job, "is_tmgg_job", False) and job.wandb
+                and job.wandb.get("config_mode") in ("online", "auto")), None)
+    if job is None:
+        return
+    from tmgg.launch.cost import LauncherSettingError
+
+    launcher = OmegaConf.to_container(master_config.hydra.launcher, resolve=False)
+    assert isinstance(launcher, dict)
+    unchecked = ("the plan checked this shell's W&B key, and a key set for the workers "
+                 "cannot be checked before dispatch. Export the key (and WANDB_ENTITY) in "
+                 "this shell instead, or log with logger.mode=offline")
+    where = f"job {job.run_name} logs to W&B (logger.mode={job.wandb['config_mode']})"
+    for number, line in enumerate(launcher.get("setup") or []):
+        found = _WANDB_IDENTITY.search(str(line))
+        if found:
+            raise LauncherSettingError(
+                f"hydra.launcher.setup[{number}]",
+                f"{where}, but this line changes the workers' {found.group(0)}: {unchecked}")
+    exports = [("hydra.launcher.additional_parameters.export",
+                (launcher.get("additional_parameters") or {}).get("export")),
+               ("SBATCH_EXPORT (this shell's sbatch variable)", os.environ.get("SBATCH_EXPORT"))]
+    srun_export = re.search(r"--export[= ](\S+)", " ".join(map(str, launcher.get("srun_args")
+                                                             or [])))
+    if srun_export:
+        exports.append(("hydra.launcher.srun_args", srun_export.group(1)))
+    for field, value in exports:
+        problem = _export_problem(value)
+        if problem:
+            raise LauncherSettingError(field, f"{where}, but {problem}: {unchecked}")
+
+
+def _export_problem(value: Any) -> str | None:
+    """Why an sbatch/srun ``--export`` value gives the workers another W&B identity
+    than this shell's (None when they get this shell's)."""
+    if value is None:
+        return None
+    items = [item.strip() for item in str(value).split(",") if item.strip()]
+    names = {item.split("=", 1)[0] for item in items}
+    for item in items:
+        name = item.split("=", 1)[0]
+        if "=" in item and _WANDB_IDENTITY.search(name):
+            return f"--export={value} sets the workers' {name}"
+    if "ALL" not in names and "WANDB_API_KEY" not in names:
+        return f"--export={value} does not pass this shell's WANDB_API_KEY to the workers"
+    return None
+
+
 class SubmititHooks:
     """The submitit launchers' refusals, run before the plan is recorded (they are
     hydra-submitit-launcher's classes, not ``TmggLauncher``)."""
@@ -167,10 +237,12 @@ class SubmititHooks:
     @staticmethod
     def preflight(config: DictConfig, jobs: Any) -> None:
         check_submitit_settings(config)
+        check_workers_wandb_environment(config, jobs)
 
     @staticmethod
     def check(config: DictConfig, jobs: Any) -> None:
         check_submitit_settings(config)
+        check_workers_wandb_environment(config, jobs)
 
 
 def register_submitit_hooks() -> None:
