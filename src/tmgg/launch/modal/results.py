@@ -19,7 +19,13 @@ from typing import Any
 from omegaconf import open_dict, read_write
 
 from tmgg.jobs.plan import PlannedJob
-from tmgg.jobs.sweep import ledger_for, record_outcome, skipped_value
+from tmgg.jobs.sweep import (
+    CLAIM_TICKET,
+    OUTCOME_RECORDED,
+    ledger_for,
+    record_outcome,
+    skipped_value,
+)
 from tmgg.launch.modal.settings import ModalSettings
 from tmgg.run.executor import JobFailure, deserialize
 
@@ -218,6 +224,9 @@ def result_data(output: Any) -> dict[str, Any]:
         value = output._return_value
         data["duration_s"] = getattr(output, "duration_s", None)
         data["output_dir"] = _output_dir(output)
+        # What the job's process reports for the launcher's fenced outcome.
+        data["claim_ticket"] = getattr(output, CLAIM_TICKET, None)
+        data["outcome_recorded"] = bool(getattr(output, OUTCOME_RECORDED, False))
         if output.status.name == "COMPLETED":
             data["status"] = "COMPLETED"
             data["metrics"] = json.loads(json.dumps(value, default=str)) \
@@ -269,6 +278,10 @@ def _result_problem(data: Any) -> str | None:
         return "duration_s is not a number"
     if data.get("output_dir") is not None and not isinstance(data["output_dir"], str):
         return "output_dir is not text"
+    if data.get("claim_ticket") is not None and not isinstance(data["claim_ticket"], str):
+        return "claim_ticket is not text"
+    if not isinstance(data.get("outcome_recorded", False), bool):
+        return "outcome_recorded is not true or false"
     return None
 
 
@@ -284,6 +297,8 @@ def job_return_from_data(job: PlannedJob, data: dict[str, Any]) -> Any:
         result.hydra_cfg = OmegaConf.create(
             {"hydra": {"runtime": {"output_dir": data["output_dir"]}}})
     result.duration_s = data.get("duration_s")  # type: ignore[attr-defined]
+    setattr(result, CLAIM_TICKET, data.get("claim_ticket"))
+    setattr(result, OUTCOME_RECORDED, bool(data.get("outcome_recorded")))
     if completed:
         result.return_value = data.get("metrics")
     else:
