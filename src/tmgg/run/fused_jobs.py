@@ -6,8 +6,9 @@ per member. For every member, in the process that trains it, this does what Hydr
 ``run_job`` does for a solo job: the member's output directory and ``.hydra`` files,
 the job callbacks' ``on_job_start`` (the ledger's RUNNING record) before training,
 and ``on_job_end`` (FINISHED with metrics, or FAILED with the error, and the member's
-outcome event, fenced by its own claim) as soon as the member is done or has failed. Resume, status, reconcile and report read those records
-and files and cannot tell a member from a solo job.
+outcome event, fenced by its own claim) as soon as the member is done or has failed.
+Resume, status, reconcile and report read those records and files and cannot tell a
+member from a solo job.
 """
 
 from __future__ import annotations
