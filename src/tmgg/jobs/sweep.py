@@ -26,6 +26,7 @@ from tmgg.jobs.composer import (
 )
 from tmgg.jobs.ledger import FAILED, FINISHED, RUNNING, Ledger, refuse_links
 from tmgg.jobs.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
+from tmgg.jobs.platform_info import platform_info
 from tmgg.jobs.records import code_version, host, package_versions, utc_now
 from tmgg.jobs.supersede import describe, superseded_records
 
@@ -390,7 +391,7 @@ def record_outcome(job: PlannedJob, result: Any, launcher: str,
              "error": _first_lines(error), "launcher": launcher}
     ledger.append(event)
     if write_job_record:
-        record = base_record(job.task_config, job.overrides, launcher)
+        record = base_record(job.task_config, job.overrides, launcher, in_job_process=False)
         record.update(status=status, finished_at=utc_now(), duration_s=duration, error=error,
                       metrics=metrics if isinstance(metrics, dict) else None)
         _record_live_run(record, metrics)
@@ -419,7 +420,8 @@ def record_lost_job(job: PlannedJob, result: Any, launcher: str) -> Any:
         finished.return_value = record.get("metrics") or {}
         finished.skipped = False  # type: ignore[attr-defined]
         return finished
-    record = record or base_record(job.task_config, job.overrides, launcher)
+    record = record or base_record(job.task_config, job.overrides, launcher,
+                                   in_job_process=False)
     record.update(status=FAILED, finished_at=utc_now(), metrics=None,
                   error=str(result._return_value))
     ledger.write_job_record(job.job_id, record)
@@ -433,7 +435,9 @@ def _first_lines(text: str | None, limit: int = 2000) -> str | None:
 
 
 def base_record(task_config: dict[str, Any], overrides: Sequence[str], launcher: str,
-                output_dir: str | None = None) -> dict[str, Any]:
+                output_dir: str | None = None, in_job_process: bool = True) -> dict[str, Any]:
+    """A job record's fixed part. ``in_job_process``: this process runs the job, so its
+    platform is the job's; a launcher writing a remote job's record leaves it None."""
     logger = task_config.get("logger", {})
     return {
         "job_id": task_config["job"]["id"],
@@ -446,6 +450,7 @@ def base_record(task_config: dict[str, Any], overrides: Sequence[str], launcher:
         "output_dir": output_dir,
         "code": code_version(),
         "versions": package_versions(),
+        "platform": platform_info() if in_job_process else None,
         "wandb": {
             "entity": logger.get("entity"),
             "project": logger.get("project"),
