@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_platform_info_names_cpu_threads_and_torch_build() -> None:
     info = platform_info()
-    assert info is platform_info()  # collected once per process
+    assert info["cpu"] is platform_info()["cpu"]  # collected once per process
     assert info["cpu"]["logical_cores"] >= 1
     assert info["torch"]["num_threads"] >= 1
     assert "BLAS_INFO=" in info["torch"]["build_config"]
@@ -36,7 +36,7 @@ def test_fingerprint_changes_with_the_thread_count_and_cpu() -> None:
 
 
 def test_a_job_record_carries_its_platform(sweep_dirs: SweepDirs) -> None:
-    result = tmgg_train("model=linear_pe", "trainer.max_steps=4",
+    result = tmgg_train("model=linear_pe", "trainer.max_steps=4", "trainer.num_threads=1",
                         "trainer.val_check_interval=2", "logger=csv", *sweep_dirs.overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = sweep_dirs.job_records("adhoc").values()
@@ -45,6 +45,7 @@ def test_a_job_record_carries_its_platform(sweep_dirs: SweepDirs) -> None:
     assert platform["torch"]["version"] == record["versions"]["torch"]
     assert platform["cpu"]["logical_cores"] >= 1
     assert "LAPACK" in platform["torch"]["build_config"]
+    assert platform["torch"]["num_threads"] == 1  # as it trained, not as it started
 
 
 def test_committed_records_without_platform_still_parse() -> None:

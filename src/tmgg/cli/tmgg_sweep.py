@@ -30,6 +30,9 @@ COMMANDS = {
                 "earlier system side by side (issue 14)"),
     "fsck": ("tmgg.cli.fsck", "main",
              "check stages' ledgers, records, claims and plans for consistency (issue 24)"),
+    "verify": ("tmgg.cli.verify", "main",
+               "re-run recorded jobs into a scratch dir and compare their test metrics "
+               "(issue 24)"),
     "cancel": ("tmgg.launch.modal.calls", "cancel_main",
                "cancel a detached Modal sweep's running calls"),
 }

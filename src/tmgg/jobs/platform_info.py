@@ -5,8 +5,9 @@ builds (``eigh`` above all) and thread counts. Every job record carries
 ``platform_info()`` so ``tmgg-sweep verify`` can say whether a re-run is on the same
 platform as the record, and a reader can see which records came from another one.
 
-Collected once per process (cached): reading ``/proc/cpuinfo`` and torch's build
-configuration costs milliseconds, but a fused group writes many records. torch is
+The fixed part is collected once per process (cached): reading ``/proc/cpuinfo`` and
+torch's build configuration costs milliseconds, but a fused group writes many
+records; thread counts and determinism settings are read live. torch is
 imported lazily, only where a record is written (a job's own process).
 """
 
@@ -66,13 +67,12 @@ def _cpuinfo() -> dict[str, Any]:
     }
 
 
-def _torch_info() -> dict[str, Any]:
+def _torch_threads_and_settings() -> dict[str, Any]:
+    """What a job may change after start (threads, determinism): read at each call."""
     import torch
 
     cudnn = torch.backends.cudnn
     return {
-        "version": torch.__version__,
-        "build_config": torch.__config__.show(),
         "num_threads": torch.get_num_threads(),
         "num_interop_threads": torch.get_num_interop_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
@@ -98,16 +98,26 @@ def _cuda_info() -> dict[str, Any] | None:
 
 
 @functools.lru_cache(maxsize=1)
-def platform_info() -> dict[str, Any]:
-    """This process's platform: CPU, cores and threads, torch build and settings, CUDA."""
+def _fixed_platform() -> dict[str, Any]:
+    """What cannot change while the process runs: collected once."""
+    import torch
+
     return {
         "os": platform.platform(),
         "python": platform.python_version(),
         "cpu": _cpuinfo(),
-        "torch": _torch_info(),
+        "torch": {"version": torch.__version__, "build_config": torch.__config__.show()},
         "cuda": _cuda_info(),
-        "thread_env": {name: os.environ.get(name) for name in THREAD_ENV_VARS},
     }
+
+
+def platform_info() -> dict[str, Any]:
+    """This process's platform: CPU, cores, torch build, CUDA (cached), and torch's
+    thread and determinism settings as they are now (a job sets its threads after
+    its record is first written, so the final record reads them again)."""
+    fixed = _fixed_platform()
+    return {**fixed, "torch": {**fixed["torch"], **_torch_threads_and_settings()},
+            "thread_env": {name: os.environ.get(name) for name in THREAD_ENV_VARS}}
 
 
 def platform_fingerprint(info: dict[str, Any] | None) -> str | None:

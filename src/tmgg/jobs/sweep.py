@@ -626,6 +626,7 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
         record["duration_s"] = round(delta.total_seconds(), 3)
     if completed:
         _record_live_run(record, value)
+    record["platform"] = platform_info()  # threads as the job trained with them
     if claim is None:
         ledger.write_job_record(job_id, record)
         return
