@@ -112,3 +112,21 @@ def test_usage_errors(recorded_stage: Path, capsys: pytest.CaptureFixture[str]) 
     assert verify_main(["stage=adhoc", f"experiments_dir={recorded_stage}", "--scratch",
                         str(recorded_stage / "adhoc" / "x")]) == 2
     capsys.readouterr()
+
+
+def test_an_older_record_is_completed_only_where_it_lacks_keys(tmp_path: Path) -> None:
+    """Committed stage-1 records predate model.symmetrize and the objective group: the
+    re-run takes those keys (only those) from today's composition and names them."""
+    from tmgg.cli.verify import complete_config
+
+    repo = Path(__file__).resolve().parents[1]
+    record_path = sorted((repo / "experiments" / "stage1" / "jobs").glob("*.json"))[0]
+    record = json.loads(record_path.read_text())
+    config, filled = complete_config(record, tmp_path)
+    assert "model.symmetrize" in filled
+    assert config["model"]["symmetrize"] is True
+    for key, value in record["config"]["model"].items():
+        assert config["model"][key] == value  # recorded values kept
+    assert config["optimizer"] == record["config"]["optimizer"]
+    assert config["seed"] == record["config"]["seed"]
+    assert not (repo / "experiments" / "stage1" / "claims").exists()

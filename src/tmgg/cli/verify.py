@@ -18,11 +18,12 @@ provenance is for. Exit 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ IDENTICAL = "identical"
 WITHIN = "within tolerance"
 DIFFERENT = "different"
 NOT_RUN = "not re-run"
+# Keys each re-run took from today's composition (its record was older than them).
+FILLED: dict[str, list[str]] = {}
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Verdict:
     same_platform: bool | None = None  # None: the record names no platform
     same_code: bool = False
     record_platform: str = ""
+    filled_from_today: list[str] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -92,11 +96,48 @@ def same_code(recorded: dict[str, Any] | None, current: dict[str, Any]) -> bool:
         and recorded.get("git_diff_sha256") == current.get("git_diff_sha256"))
 
 
-def rerun_config(record: dict[str, Any], scratch: Path) -> Any:
-    """The record's config, pointed at ``scratch``: CSV logger, no resume."""
+def _fill_missing(target: dict[str, Any], source: dict[str, Any], prefix: str,
+                  filled: list[str]) -> None:
+    for key, value in source.items():
+        if key not in target:
+            target[key] = copy.deepcopy(value)
+            filled.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and isinstance(target[key], dict):
+            _fill_missing(target[key], value, f"{prefix}{key}.", filled)
+
+
+def complete_config(record: dict[str, Any], scratch: Path) -> tuple[dict[str, Any], list[str]]:
+    """The record's config; where it lacks keys today's schema requires (a record older
+    than the key), those keys only are taken from today's composition of the record's
+    overrides, and named (the recorded values are never replaced)."""
     from omegaconf import OmegaConf
 
-    config = OmegaConf.create(record["config"])
+    from tmgg.config import validate_job_config
+
+    config = copy.deepcopy(record["config"])
+    try:
+        validate_job_config(OmegaConf.create(config))
+        return config, []
+    except Exception:  # noqa: BLE001 - completed below, or the re-run reports it
+        pass
+    from tmgg.jobs.compose import compose_sweep
+
+    overrides = [o for o in record.get("overrides") or []
+                 if not o.startswith(("experiments_dir=", "outputs_dir="))]
+    composed = compose_sweep([*overrides, f"experiments_dir={scratch / 'compose'}",
+                              f"outputs_dir={scratch / 'compose'}"]).jobs[0].task_config
+    filled: list[str] = []
+    _fill_missing(config, composed, "", filled)
+    return config, filled
+
+
+def rerun_config(record: dict[str, Any], scratch: Path) -> Any:
+    """The record's (completed) config, pointed at ``scratch``: CSV logger, no resume."""
+    from omegaconf import OmegaConf
+
+    completed, filled = complete_config(record, scratch)
+    FILLED[record["job_id"]] = filled
+    config = OmegaConf.create(completed)
     config.outputs_dir = str(scratch / "outputs")
     config.experiments_dir = str(scratch / "experiments")
     config.logger = {"name": "csv"}
@@ -132,13 +173,17 @@ def _rerun_fused(records: list[dict[str, Any]], scratch: Path) -> dict[str, Any]
     from tmgg.task.fused import FusedMember, _stream_settings, run_fused_training
 
     groups: dict[str, list[Any]] = {}
+    results: dict[str, Any] = {}
     for record in records:
-        config = rerun_config(record, scratch)
+        try:
+            config = rerun_config(record, scratch)
+        except Exception as error:  # noqa: BLE001 - reported per job
+            results[record["job_id"]] = error
+            continue
         member = FusedMember(cfg=config, output_dir=scratch / "outputs" / str(
             config.stage.name) / str(config.job.run_name))
         groups.setdefault(json.dumps(_stream_settings(config), default=str), []).append(
             (record, member))
-    results: dict[str, Any] = {}
     for members in groups.values():
         _set_recorded_threads(members[0][0])
         try:
@@ -187,7 +232,8 @@ def verify(records: list[dict[str, Any]], scratch: Path, tolerance: float,
             same_platform=None if not recorded_platform
             else platform_fingerprint(recorded_platform) == here,
             same_code=same_code(record.get("code"), here_code),
-            record_platform=platform_summary(recorded_platform))
+            record_platform=platform_summary(recorded_platform),
+            filled_from_today=FILLED.get(record["job_id"], []))
         if isinstance(value, dict):
             (verdict.result, verdict.max_abs_diff, verdict.worst_metric,
              verdict.metrics_compared) = compare_metrics(record.get("metrics") or {}, value,
@@ -259,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                   if v.max_abs_diff else "") if v.error is None else v.error
         print(f"  {v.run_name}: {v.result}{'; ' + detail if detail else ''} [{platform}, "
               f"{code}]{'  <- NOT REPRODUCED' if v.fails else ''}")
+        if v.filled_from_today:
+            print(f"    keys absent from the record, taken from today's config: "
+                  f"{', '.join(v.filled_from_today)}")
     if args.json:
         args.json.write_text(json.dumps([asdict(v) for v in verdicts], indent=2))
     failing = [v for v in verdicts if v.fails or (v.error is not None)]
