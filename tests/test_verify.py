@@ -80,6 +80,8 @@ def test_compare_metrics_verdicts() -> None:
     assert compare_metrics(recorded, {**recorded, "test/mse": 0.26}, 1e-6)[0] == DIFFERENT
     missing = {k: v for k, v in recorded.items() if k != "test/mse"}
     assert compare_metrics(recorded, missing, 1e-6)[0] == DIFFERENT
+    newer = {**recorded, "test_eps0.1_reference_noisy_input/mse": 0.1}  # logged since
+    assert compare_metrics(recorded, newer, 1e-6)[0] == IDENTICAL
     assert compare_metrics(recorded, {**recorded, "test/mse": float("nan")}, 1.0)[0] \
         == DIFFERENT
 

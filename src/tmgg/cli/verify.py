@@ -68,12 +68,13 @@ def test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def compare_metrics(recorded: dict[str, Any], rerun: dict[str, Any],
                     tolerance: float) -> tuple[str, float, str | None, int]:
-    """(verdict, largest absolute difference, its metric, metrics compared). A metric
-    in one and not the other is a difference (infinite)."""
+    """(verdict, largest absolute difference, its metric, metrics compared): every test
+    metric of the record; one the re-run lacks is a difference (infinite). Metrics the
+    re-run has and the record lacks (logged by later code) are not compared."""
     before, after = test_metrics(recorded), test_metrics(rerun)
     worst, worst_name = 0.0, None
-    for name in sorted(set(before) | set(after)):
-        if name not in before or name not in after:
+    for name in sorted(before):
+        if name not in after:
             return DIFFERENT, float("inf"), name, len(before)
         diff = abs(before[name] - after[name])
         if diff != diff or diff > worst:  # NaN counts as a difference
