@@ -283,22 +283,26 @@ def _best_by_model(cells: dict[Any, float | None]) -> dict[str, tuple[Any, float
 
 def best_section(earlier: dict[CellKey, float], legacy: StageCells,
                  today: StageCells) -> list[str]:
-    sources = [("earlier system", dict(earlier)),
-               (f"legacy (`{legacy.name}`)",
-                {key: cell.mean for key, cell in legacy.cells().items()}),
-               (f"today (`{today.name}`)",
-                {key: cell.mean for key, cell in today.cells().items()})]
+    sources: list[tuple[str, dict[Any, float | None], dict[Any, Cell]]] = [
+        ("earlier system", dict(earlier), {})]
+    for label, stage in ((f"legacy (`{legacy.name}`)", legacy),
+                         (f"today (`{today.name}`)", today)):
+        cells = stage.cells()
+        sources.append((label, {key: cell.mean for key, cell in cells.items()}, cells))
     lines = ["## Best configuration per model", "",
-             "Lowest mean test mse of each model, and the models in that order.", "",
+             "Lowest mean test mse of each model (tmgg's with its 95 % interval), and the "
+             "models in that order of their means; overlapping intervals mean the order "
+             "is not resolved by these seeds.", "",
              _md_row(["source", *MODEL_ORDER, "order (best first)"]),
              "|---|---|---|---|---|"]
-    for label, cells in sources:
-        best = _best_by_model(cells)
+    for label, means, cells in sources:
+        best = _best_by_model(means)
         row = [label]
         for model in MODEL_ORDER:
             if model in best:
                 key, value = best[model]
-                row.append(f"{value:.4f} (k {key[1]}, lr {key[2]}, wd {key[3]})")
+                shown = cells[key].text() if key in cells else f"{value:.4f}"
+                row.append(f"{shown} (k {key[1]}, lr {key[2]}, wd {key[3]})")
             else:
                 row.append(NONE_TEXT)
         order = sorted(best, key=lambda model: best[model][1])
@@ -421,8 +425,9 @@ def stage1b_section(stage1b: StageCells) -> list[str]:
         best_key, best = min(scored, key=lambda item: (item[1].mean, _cell_order(item[0])))
         lines.append(f"**No**: no configuration beats \"noisy input\". The best is "
                      f"`{best_key[0]}` (k {best_key[1]}, lr {best_key[2]}, wd {best_key[3]}) "
-                     f"at {best.mean:.4f}, against {_fixed(best.noisy_input)} for "
-                     f"\"noisy input\".")
+                     f"at {best.text()}, against {_fixed(best.noisy_input)} for "
+                     f"\"noisy input\" (noisy input − it per seed: "
+                     f"{_margin(best.below(best.noisy_input_values))}).")
     return [*lines, ""]
 
 
