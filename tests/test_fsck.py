@@ -137,3 +137,43 @@ def test_usage_errors(stage_copy: Ledger, capsys: pytest.CaptureFixture[str]) ->
     assert fsck_main(["stage=nope", f"experiments_dir={stage_copy.experiments_dir}"]) == 2
     assert fsck_main(["model=x", "--all"]) == 2
     capsys.readouterr()
+
+
+def test_a_takeover_of_a_dead_claim_records_a_lost_event(tmp_path: Path) -> None:
+    """Resuming a LOST job leaves a `lost` event before its new dispatch, so fsck finds
+    no redispatch without an end."""
+    import subprocess
+    import sys
+
+    from tmgg.jobs import claims
+    from tmgg.jobs.records import host
+    from tmgg.jobs.sweep import record_takeover
+
+    ledger = Ledger(tmp_path / "experiments", "smoke")
+    job_id = "smoke-0123456789"
+    ledger.append_many([{"event": "planned", "job_id": job_id, "run_name": "r"},
+                        {"event": "dispatched", "job_id": job_id, "run_name": "r"}])
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    start = claims.process_start(process.pid)
+    process.kill()
+    process.wait()
+    dead = claims.claims_dir(ledger.root) / f"{job_id}.g1.json"
+    dead.parent.mkdir(parents=True)
+    dead.write_text(json.dumps({
+        "job_id": job_id, "released": False, "ticket": "first",
+        "owner": {"host": host(), "boot_id": claims._boot_id(), "pid": process.pid,
+                  "start": start, "pid_ns": claims.pid_namespace()}}))
+    taken, claim = claims.take(ledger.root, job_id, ticket="second", transport={})
+    assert taken and claim.generation == 2
+    record_takeover(ledger, job_id, "r", claim, "local")
+    ledger.append({"event": "dispatched", "job_id": job_id, "run_name": "r"})
+    lost = [e for e in _lines(ledger) if e["event"] == "lost"]
+    assert len(lost) == 1 and lost[0]["generation"] == 1
+    assert str(process.pid) in lost[0]["reason"]
+    assert not [f for f in check_stage(ledger).findings
+                if f.kind == "redispatched-without-end"]
+    # A hand-over within one dispatch (same ticket) is no loss.
+    handed, again = claims.take(ledger.root, job_id, ticket="second", transport={})
+    assert handed
+    record_takeover(ledger, job_id, "r", again, "local")
+    assert len([e for e in _lines(ledger) if e["event"] == "lost"]) == 1

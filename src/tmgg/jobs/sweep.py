@@ -324,11 +324,31 @@ def claim_for_dispatch(job: PlannedJob, launcher: str, ticket: str | None = None
         print(f"{job.run_name}: not dispatched, {claim.describe()}", file=sys.stderr,
               flush=True)
         return None, claimed_return(job, claim)
+    record_takeover(ledger, job.job_id, job.run_name, claim, launcher)
     record = is_finished(job)  # checked after claiming: it may have finished meanwhile
     if record is not None:
         claims.release(claim, FINISHED)
         return None, skipped_return(job, record)
     return claim, None
+
+
+def record_takeover(ledger: Ledger, job_id: str, run_name: str, claim: claims.Claim,
+                    launcher: str) -> None:
+    """A ``lost`` event when ``claim`` took over another dispatch's unreleased claim
+    (its holder was dead: the job was LOST): the ledger then says why the job is
+    dispatched again (``tmgg-sweep fsck``'s redispatched-without-end). A hand-over
+    within one dispatch (the same ticket) is no loss."""
+    took = claim.data.get("took_over")
+    if not took or (took.get("ticket") is not None and took.get("ticket") == claim.ticket):
+        return
+    owner = took.get("owner") or {}
+    ledger.append({"event": "lost", "time": utc_now(), "job_id": job_id,
+                   "run_name": run_name, "generation": took.get("generation"),
+                   "launcher": launcher,
+                   "reason": f"claim generation {took.get('generation')} of "
+                             f"{owner.get('host')}:{owner.get('pid')} was no longer alive"
+                             + (f" ({took.get('damaged')})" if took.get("damaged") else "")
+                             + "; taken over by a new dispatch"})
 
 
 def claimed_return(job: PlannedJob, claim: claims.Claim) -> Any:
@@ -541,6 +561,8 @@ def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
                                transport={"kind": launcher},
                                call_alive=call_alive_in(ledger),
                                extra={"run_name": run_name})
+    if taken:
+        record_takeover(ledger, job_id, run_name, claim, launcher)
     if not taken:
         log.warning("Job %s not run: %s", run_name, claim.describe())
         _SKIPPED[job_id] = JobSkipped(job_id, run_name, "claimed", claim.describe())
