@@ -37,7 +37,7 @@ else
 LAUNCH_ARGS = hydra/launcher=$(LAUNCHER)
 endif
 
-.PHONY: help install lock lock-check test test-fast lint docs mutate layers smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
+.PHONY: help install lock lock-check test test-fast lint docs mutate layers fsck smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -100,6 +100,9 @@ lint: $(READY)  ## ruff
 
 layers: $(READY)  ## the import-layer contract (import-linter)
 	$(VENV)/bin/lint-imports
+
+fsck: $(READY)  ## check every committed stage's ledger, records, claims and plan (issue 24)
+	$(SWEEP) fsck --all
 
 smoke: $(READY)  ## the CPU smoke sweep: 3 models x 2 seeds, a few steps (W&B offline if no key)
 	$(TRAIN) -m stage=smoke $(LAUNCH_ARGS) $(OVERRIDES)

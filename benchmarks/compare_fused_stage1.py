@@ -36,6 +36,23 @@ def _wall(records: dict[str, dict[str, Any]]) -> tuple[str, str, float] | None:
     return first, last, seconds
 
 
+def _ledger_wall(stage_dir: Path) -> tuple[str, str, float] | None:
+    """First ``dispatched`` to last ``outcome`` event: the sweep's wall time as its
+    launcher saw it. Records' own times can mislead: a record re-made later (fused
+    stage 1's seed 1, NOTES.md) starts when it was re-made (issue 24)."""
+    path = stage_dir / "ledger.jsonl"
+    if not path.exists():
+        return None
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    dispatched = [e["time"] for e in events if e.get("event") == "dispatched" and e.get("time")]
+    outcomes = [e["time"] for e in events if e.get("event") == "outcome" and e.get("time")]
+    if not dispatched or not outcomes:
+        return None
+    first, last = min(dispatched), max(outcomes)
+    seconds = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+    return first, last, seconds
+
+
 def main(argv: list[str]) -> int:
     unfused_dir = Path(argv[0]) if argv else Path("experiments/stage1")
     fused_dir = Path(argv[1]) if len(argv) > 1 else Path("experiments/fused/stage1")
@@ -53,12 +70,18 @@ def main(argv: list[str]) -> int:
                      "mse": b["test/mse"], "loss": b["test/loss"]})
     rows.sort(key=lambda r: -max(abs(r["d_mse"]), abs(r["d_loss"])))
     lines = ["# Fused stage 1 against the committed unfused stage 1", ""]
-    for name, records in (("unfused", unfused), ("fused", fused)):
+    for name, records, stage_dir in (("unfused", unfused, unfused_dir),
+                                     ("fused", fused, fused_dir)):
         wall = _wall({k: v for k, v in records.items() if v.get("status") == "FINISHED"})
         done = sum(1 for r in records.values() if r.get("status") == "FINISHED")
         if wall:
             lines.append(f"- {name}: {done}/{len(records)} jobs finished, first start "
-                         f"{wall[0]}, last finish {wall[1]}: {wall[2] / 60:.1f} min wall")
+                         f"{wall[0]}, last finish {wall[1]} (job records): "
+                         f"{wall[2] / 60:.1f} min")
+        ledger_wall = _ledger_wall(stage_dir)
+        if ledger_wall:
+            lines.append(f"  - ledger: first dispatch {ledger_wall[0]}, last outcome "
+                         f"{ledger_wall[1]}: {ledger_wall[2] / 60:.1f} min wall")
     lines += ["", f"Jobs compared: {len(rows)}.", ""]
     if rows:
         worst_mse = max(abs(r["d_mse"]) for r in rows)

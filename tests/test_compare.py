@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO
 
 from tmgg.cli.reporting.compare import LEGACY_VALUES, main
+from tmgg.cli.reporting.precision import decimals_for, t_quantile
 from tmgg.jobs.ledger import FINISHED, Ledger
 
 TINY = ["trainer.max_steps=20", "trainer.val_check_interval=10", "data.val_samples=20",
@@ -76,7 +77,11 @@ def _rows(text: str, heading: str) -> list[dict[str, str]]:
 
 
 def _text(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)})"
+    """Mean ± 95 % t half-width (n), rounded to the half-width's 2nd significant digit."""
+    mean = statistics.fmean(values)
+    half = t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    places = decimals_for(half)
+    return f"{mean:.{places}f} ± {half:.{places}f} (n {len(values)})"
 
 
 @pytest.mark.slow
@@ -100,7 +105,10 @@ def test_side_by_side_rows_are_the_records_means_beside_the_earlier_table(
         # Self-loops scored as missed edges: the legacy "no edges" is the harder one.
         assert float(row["legacy no edges"]) > float(row["today no edges"])
         gap = statistics.fmean(stages.mse("stage1_legacy", name)) - float(old)
-        assert row["legacy − earlier"].startswith(f"{gap:+.4f}")
+        shown = row["legacy − earlier"]
+        assert "Welch t" in shown  # a stated test, not a one-SD rule
+        places = len(shown.split(" ")[0].split(".")[1])
+        assert shown.startswith(f"{gap:+.{places}f}")
     assert rows[("`filter_bank`", "8", "1e-3", "1e-2")]["today (`stage1`)"] == "—"
 
 
@@ -115,7 +123,9 @@ def test_ablation_and_stage1b_sections_answer_from_the_records(stages: Stages) -
     assert by_value["True"]["Δ"] == "—"  # the legacy value is the reference
     records = {r["config"]["data"]["self_loops"]: r["metrics"]["test/mse"]
                for r in stages.records(ABLATION)}
-    assert by_value["False"]["Δ"].startswith(f"{records[False] - records[True]:+.4f}")
+    delta = by_value["False"]["Δ"]  # one seed a side: a difference, no test
+    assert delta.startswith(f"{records[False] - records[True]:+.4f}")
+    assert "no test" in delta or "Welch t" in delta
 
     b_rows = _rows(text, "## Stage 1b")
     mse = stages.mse("stage1b", "linear_pe")
@@ -152,5 +162,10 @@ def test_the_float64_section_sets_each_cell_beside_its_float32_legacy_cell(
         "stage1_legacy_fp64")} == {"64-true"}
     assert row["legacy float32"] == _text(fp32) and row["legacy float64"] == _text(fp64)
     assert row["earlier system"] == "0.3075"
-    assert row["float64 − float32"] == f"{statistics.fmean(fp64) - statistics.fmean(fp32):+.4f}"
-    assert row["float64 − earlier"].startswith(f"{statistics.fmean(fp64) - 0.3075:+.4f}")
+    for column, difference in (
+            ("float64 − float32", statistics.fmean(fp64) - statistics.fmean(fp32)),
+            ("float64 − earlier", statistics.fmean(fp64) - 0.3075)):
+        shown = row[column]
+        assert "Welch t" in shown
+        places = len(shown.split(" ")[0].split(".")[1])
+        assert shown.startswith(f"{difference:+.{places}f}")

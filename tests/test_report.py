@@ -138,7 +138,9 @@ def test_table_rows_have_seed_counts_and_means_of_the_records(sweep: Sweep) -> N
     mean = sum(mse) / 2
     std = math.sqrt(sum((x - mean) ** 2 for x in mse))  # n - 1 = 1
     row = rows["self_attention"][0]
-    assert row["test mse"] == f"{mean:.4f} ± {std:.4f}"
+    half = 12.706204736 * std / math.sqrt(2)  # 95 % t quantile at 1 degree of freedom
+    places = max(0, 1 - math.floor(math.log10(half)))
+    assert row["test mse"] == f"{mean:.{places}f} ± {half:.{places}f} (n 2)"
     no_edges = sum(m["test_reference_no_edges/mse"] for m in finished) / 2
     noisy = sum(m["test_reference_noisy_input/mse"] for m in finished) / 2
     assert row["no edges mse"] == f"{no_edges:.4f}"
@@ -148,7 +150,7 @@ def test_table_rows_have_seed_counts_and_means_of_the_records(sweep: Sweep) -> N
     # A single finished seed: its own value, no std.
     linear = [r["metrics"]["test/mse"] for r in sweep.records().values()
               if r["config"]["model"]["name"] == "linear_pe" and r["status"] == FINISHED]
-    assert rows["linear_pe"][0]["test mse"] == f"{linear[0]:.4f}"
+    assert rows["linear_pe"][0]["test mse"] == f"{linear[0]:.4f} (n 1)"
 
     best = _table(_section(text, "## Best configuration per model"))
     assert [row["model"] for row in best] == ["`filter_bank`", "`linear_pe`",
@@ -240,7 +242,7 @@ def test_groups_by_every_swept_key_but_the_seed(tmp_path: Path) -> None:
     rows = _table(_section(text, "### `linear_pe`"))
     assert [(r["data"], r["k"], r["seeds"]) for r in rows] == [
         ("er", "8", "2/2"), ("er", "16", "2/2"), ("tree", "8", "2/2"), ("tree", "16", "1/2")]
-    assert rows[0]["test mse"] == "0.3150 ± 0.0071"
+    assert rows[0]["test mse"] == "0.315 ± 0.064 (n 2)"  # 0.31, 0.32: t(1) = 12.71
     assert rows[0]["notes"] == ""  # 0.315 beats no edges (0.35)
     assert rows[3]["notes"] == "⚠ not below no edges; 1 running"  # 0.38 does not
     assert "- Total compute time (sum of job durations): 1 min 20 s (80.0 s) over 8 jobs" \

@@ -28,6 +28,11 @@ COMMANDS = {
     "compare": ("tmgg.cli.reporting.compare", "main",
                 "write experiments/COMPARISON.md: stage 1, its legacy variant and the "
                 "earlier system side by side (issue 14)"),
+    "fsck": ("tmgg.cli.fsck", "main",
+             "check stages' ledgers, records, claims and plans for consistency (issue 24)"),
+    "verify": ("tmgg.cli.verify", "main",
+               "re-run recorded jobs into a scratch dir and compare their test metrics "
+               "(issue 24)"),
     "cancel": ("tmgg.launch.modal.calls", "cancel_main",
                "cancel a detached Modal sweep's running calls"),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import socket
 import subprocess
 from datetime import datetime, timezone
@@ -27,7 +28,14 @@ def code_version() -> dict[str, Any]:
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                 cwd=REPO_ROOT, text=True, capture_output=True, timeout=5,
                                 check=True).stdout
-        return {"git_commit": commit, "git_dirty": bool(status.strip())}
+        version: dict[str, Any] = {"git_commit": commit, "git_dirty": bool(status.strip())}
+        if version["git_dirty"]:
+            # Which uncommitted changes: two dirty runs of one commit ran the same code
+            # only if their diffs agree (``tmgg-sweep verify`` compares this).
+            diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=REPO_ROOT,
+                                  capture_output=True, timeout=10, check=True).stdout
+            version["git_diff_sha256"] = hashlib.sha256(diff).hexdigest()
+        return version
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
 

@@ -100,6 +100,8 @@ class JobRecordFile(_Open):
     duration_s: float | None = None
     output_dir: str | None = None
     claim: dict[str, Any] | None = None
+    # Where the job ran (tmgg.jobs.platform_info); absent in records older than issue 24.
+    platform: dict[str, Any] | None = None
 
 
 class PlanJob(_Open):

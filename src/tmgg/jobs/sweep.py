@@ -26,6 +26,7 @@ from tmgg.jobs.composer import (
 )
 from tmgg.jobs.ledger import FAILED, FINISHED, RUNNING, Ledger, refuse_links
 from tmgg.jobs.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
+from tmgg.jobs.platform_info import platform_info
 from tmgg.jobs.records import code_version, host, package_versions, utc_now
 from tmgg.jobs.supersede import describe, superseded_records
 
@@ -359,11 +360,31 @@ def claim_for_dispatch(job: PlannedJob, launcher: str, ticket: str | None = None
         print(f"{job.run_name}: not dispatched, {claim.describe()}", file=sys.stderr,
               flush=True)
         return None, claimed_return(job, claim)
+    record_takeover(ledger, job.job_id, job.run_name, claim, launcher)
     record = is_finished(job)  # checked after claiming: it may have finished meanwhile
     if record is not None:
         claims.release(claim, FINISHED)
         return None, skipped_return(job, record)
     return claim, None
+
+
+def record_takeover(ledger: Ledger, job_id: str, run_name: str, claim: claims.Claim,
+                    launcher: str) -> None:
+    """A ``lost`` event when ``claim`` took over another dispatch's unreleased claim
+    (its holder was dead: the job was LOST): the ledger then says why the job is
+    dispatched again (``tmgg-sweep fsck``'s redispatched-without-end). A hand-over
+    within one dispatch (the same ticket) is no loss."""
+    took = claim.data.get("took_over")
+    if not took or (took.get("ticket") is not None and took.get("ticket") == claim.ticket):
+        return
+    owner = took.get("owner") or {}
+    ledger.append({"event": "lost", "time": utc_now(), "job_id": job_id,
+                   "run_name": run_name, "generation": took.get("generation"),
+                   "launcher": launcher,
+                   "reason": f"claim generation {took.get('generation')} of "
+                             f"{owner.get('host')}:{owner.get('pid')} was no longer alive"
+                             + (f" ({took.get('damaged')})" if took.get("damaged") else "")
+                             + "; taken over by a new dispatch"})
 
 
 def claimed_return(job: PlannedJob, claim: claims.Claim) -> Any:
@@ -424,7 +445,7 @@ def record_outcome(job: PlannedJob, result: Any, launcher: str,
         ledger.append(outcome_event(job.job_id, job.run_name, status, duration, error,
                                     launcher))
     if write_job_record:
-        record = base_record(job.task_config, job.overrides, launcher)
+        record = base_record(job.task_config, job.overrides, launcher, in_job_process=False)
         record.update(status=status, finished_at=utc_now(), duration_s=duration, error=error,
                       metrics=metrics if isinstance(metrics, dict) else None)
         _record_live_run(record, metrics)
@@ -479,7 +500,8 @@ def record_lost_job(job: PlannedJob, result: Any, launcher: str,
         finished.return_value = record.get("metrics") or {}
         finished.skipped = False  # type: ignore[attr-defined]
         return finished
-    record = record or base_record(job.task_config, job.overrides, launcher)
+    record = record or base_record(job.task_config, job.overrides, launcher,
+                                   in_job_process=False)
     record.update(status=FAILED, finished_at=utc_now(), metrics=None,
                   error=str(result._return_value))
     ledger.write_job_record(job.job_id, record)
@@ -493,7 +515,9 @@ def _first_lines(text: str | None, limit: int = 2000) -> str | None:
 
 
 def base_record(task_config: dict[str, Any], overrides: Sequence[str], launcher: str,
-                output_dir: str | None = None) -> dict[str, Any]:
+                output_dir: str | None = None, in_job_process: bool = True) -> dict[str, Any]:
+    """A job record's fixed part. ``in_job_process``: this process runs the job, so its
+    platform is the job's; a launcher writing a remote job's record leaves it None."""
     logger = task_config.get("logger", {})
     return {
         "job_id": task_config["job"]["id"],
@@ -506,6 +530,7 @@ def base_record(task_config: dict[str, Any], overrides: Sequence[str], launcher:
         "output_dir": output_dir,
         "code": code_version(),
         "versions": package_versions(),
+        "platform": platform_info() if in_job_process else None,
         "wandb": {
             "entity": logger.get("entity"),
             "project": logger.get("project"),
@@ -596,6 +621,8 @@ def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
                                transport={"kind": launcher},
                                call_alive=call_alive_in(ledger),
                                extra={"run_name": run_name})
+    if taken:
+        record_takeover(ledger, job_id, run_name, claim, launcher)
     if not taken:
         log.warning("Job %s not run: %s", run_name, claim.describe())
         _SKIPPED[job_id] = JobSkipped(job_id, run_name, "claimed", claim.describe())
@@ -670,6 +697,7 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
         record["duration_s"] = round(delta.total_seconds(), 3)
     if completed:
         _record_live_run(record, value)
+    record["platform"] = platform_info()  # threads as the job trained with them
     try:
         # Fenced by this process's claim; under the launcher's claim (None) the
         # launcher fences its own outcome and releases its claim.

@@ -273,7 +273,8 @@ class DenoisingModule(L.LightningModule):
 
 def reference_metrics(levels: list[EvalLevel], prefix: str,
                       diagonal: bool = False) -> dict[str, float]:
-    """The "no edges" and "noisy input" scores, averaged over noise levels (SPEC.md 6).
+    """The "no edges" and "noisy input" scores, averaged over noise levels (SPEC.md 6),
+    and "noisy input" per level.
 
     ``diagonal``: scored over all n x n entries (``objective.metrics_diagonal``).
 
@@ -298,5 +299,12 @@ def reference_metrics(levels: list[EvalLevel], prefix: str,
         for name in per_level[0][reference]:
             values = torch.stack([scores[reference][name] for scores in per_level])
             out[f"{prefix}_reference_{reference}/{name}"] = float(values.mean())
+    # "noisy input" at each level, beside that level's metrics (``test_eps0.1/mse``):
+    # a model may beat it at one noise level and not at another (issue 24). Already
+    # computed above; "no edges" is the same at every level.
+    for level, scores in zip(levels, per_level, strict=True):
+        for name, value in scores["noisy_input"].items():
+            out[f"{prefix}_eps{level_tag(level.eps)}_reference_noisy_input/{name}"] = \
+                float(value)
     return out
 

@@ -7,7 +7,9 @@ and from the earlier system's table, committed as data with its provenance
 
 - per stage-1 configuration (model, k, lr, wd): the earlier system's mean test mse,
   the legacy stage (``stage1_legacy``, the earlier system's variant of the task) and
-  today's stage 1, each as mean ± std over seeds beside its own "no edges" score;
+  today's stage 1, each as mean ± 95 % t interval over seeds beside its own "no
+  edges" score; differences between systems are Welch's t tests (issue 24), each
+  stage's distance to its own "no edges" a paired interval over seeds;
 - the best configuration of each model in each, and the order of the models;
 - every ablation stage of the legacy variant that has records
   (``stage1_legacy_ablate_*``): test mse per model and value of the swept option;
@@ -38,11 +40,21 @@ from tmgg.cli.reporting.fields import (
     format_value,
     sort_key,
 )
-from tmgg.cli.reporting.report import Row, StageReport, build_report
+from tmgg.cli.reporting.precision import (
+    Interval,
+    WelchResult,
+    decimals_for,
+    interval,
+    paired_difference,
+    welch,
+    welch_samples,
+)
+from tmgg.cli.reporting.report import Row, StageReport, beats_text, build_report
 from tmgg.config.identity import short_float
 from tmgg.jobs.ledger import Ledger
 
 COMPARISON_FILE = "COMPARISON.md"
+SIGNIFICANCE = 0.05  # † marks a difference whose two-sided p is below this
 EARLIER_FILE = Path("earlier_system") / "stage1.json"
 ABLATION_PREFIX = "stage1_legacy_ablate_"
 MODEL_ORDER = ("linear_pe", "filter_bank", "self_attention")
@@ -72,6 +84,10 @@ class Cell:
     values: tuple[float, ...]
     no_edges: float | None
     noisy_input: float | None
+    # Per seed, in the order of ``values`` (for paired differences); empty where a job
+    # lacks the reference.
+    no_edges_values: tuple[float, ...] = ()
+    noisy_input_values: tuple[float, ...] = ()
 
     @property
     def mean(self) -> float | None:
@@ -82,15 +98,49 @@ class Cell:
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
     def text(self) -> str:
-        if self.mean is None:
-            return NONE_TEXT
-        spread = "" if self.std is None else f" ± {self.std:.4f}"
-        return f"{self.mean:.4f}{spread} ({len(self.values)})"
+        found = interval(self.values)
+        return NONE_TEXT if found is None else found.text()
+
+    def below(self, reference: tuple[float, ...]) -> Interval | None:
+        """``reference - value`` per seed with its interval (None without references)."""
+        if len(reference) != len(self.values) or not reference:
+            return None
+        return paired_difference(reference, self.values)
 
 
 def _cell(row: Row) -> Cell:
+    pairs = [(job.metrics.get(MSE), job.metrics.get(f"{NO_EDGES}/mse"),
+              job.metrics.get(f"{NOISY_INPUT}/mse")) for job in row.finished]
+    complete = [p for p in pairs if all(isinstance(v, int | float) for v in p)]
+    if len(complete) != len(row.values(MSE)):
+        complete = []
     return Cell(tuple(row.values(MSE)), row.mean(f"{NO_EDGES}/mse"),
-                row.mean(f"{NOISY_INPUT}/mse"))
+                row.mean(f"{NOISY_INPUT}/mse"),
+                tuple(float(p[1]) for p in complete), tuple(float(p[2]) for p in complete))
+
+
+def difference_text(result: WelchResult | None, difference: float | None) -> str:
+    """A difference of means with its Welch test; † where p < 0.05."""
+    if difference is None:
+        return NONE_TEXT
+    if result is None:
+        return f"{difference:+.4f} (no test: one seed or no spread)"
+    places = decimals_for(result.half_width)
+    return (f"{difference:+.{places}f} ± {result.half_width:.{places}f} ({result.text()})"
+            + (" †" if result.p < SIGNIFICANCE else ""))
+
+
+def against_earlier(cell: Cell, earlier_mean: float, earlier_sd: float | None,
+                    earlier_n: int) -> str:
+    """A stage's cell minus the earlier system's, with Welch's t where the earlier
+    system's spread is known (as the upper end of its model's stated std range)."""
+    if cell.mean is None:
+        return NONE_TEXT
+    result = None
+    if earlier_sd is not None and len(cell.values) > 1:
+        result = welch(cell.mean, cell.std or 0.0, len(cell.values), earlier_mean,
+                       earlier_sd, earlier_n)
+    return difference_text(result, cell.mean - earlier_mean)
 
 
 @dataclass
@@ -142,6 +192,10 @@ def _fixed(value: float | None) -> str:
     return NONE_TEXT if value is None else f"{value:.4f}"
 
 
+def _margin(found: Interval | None) -> str:
+    return NONE_TEXT if found is None else found.text(signed=True)
+
+
 def _signed(value: float | None, reference: Any) -> str:
     if value is None or not isinstance(reference, float):
         return NONE_TEXT
@@ -178,37 +232,44 @@ def side_by_side(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
     legacy_cells, today_cells = legacy.cells(), today.cells()
     keys = sorted({*earlier, *legacy_cells, *today_cells}, key=_cell_order)
     spread = earlier_doc.get("seed_std_max", {})
+    earlier_n = len(earlier_doc.get("seeds") or []) or 3
     lines = [
         "## Side by side per configuration", "",
-        f"Test mse, mean ± std over seeds (finished seeds in brackets), each stage beside "
-        f"its own \"no edges\" score (averaged over the same seeds). The earlier system's "
-        f"column is its 3-seed mean; its \"no edges\" was "
+        f"Test mse, mean ± half-width of the 95 % Student-t interval over seeds (n "
+        f"seeds), rounded to what the interval supports, each stage beside its own \"no "
+        f"edges\" score (averaged over the same seeds). The earlier system's column is "
+        f"its {earlier_n}-seed mean; its \"no edges\" was "
         f"{earlier_doc.get('no_edges_mse', NONE_TEXT)} over all compositions. "
-        f"*legacy − earlier* is marked † where it exceeds the seed spread (the larger of "
-        f"the legacy cell's std and the earlier system's largest std for that model). "
-        f"Test sets differ between the systems (and between seeds), and \"no edges\" "
-        f"moves with them, so the last two columns compare each system with its own "
-        f"\"no edges\" (the earlier system's: its value over all compositions).", "",
+        f"*legacy − earlier* is the difference of means with Welch's unequal-variance t "
+        f"test (two-sided p; † where p < {SIGNIFICANCE}); the earlier system's per-cell "
+        f"std is not known, so its model's largest stated std stands in for it (n "
+        f"{earlier_n}), which makes the test conservative. With three seeds a side the "
+        f"test is weak: no † means *not shown to differ*, not *shown equal*. Test sets "
+        f"differ between the systems (and between seeds), and \"no edges\" moves with "
+        f"them, so the last columns compare each system with its own \"no edges\" (the "
+        f"earlier system's: its value over all compositions; tmgg's: per seed, \"no "
+        f"edges\" minus the model, as mean ± 95 % interval).", "",
         _md_row(["model", "k", "lr", "wd", "earlier system", f"legacy (`{legacy.name}`)",
                  "legacy no edges", f"today (`{today.name}`)", "today no edges",
-                 "legacy − earlier", "earlier − its no edges", "legacy − its no edges"]),
-        "|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|",
+                 "legacy − earlier", "earlier: its no edges − it",
+                 "legacy: its no edges − it", "today: its no edges − it"]),
+        "|---|---:|---:|---:|---:|---|---:|---|---:|---|---:|---|---|",
     ]
     for key in keys:
         old = earlier.get(key)  # type: ignore[arg-type]
         then, now = legacy_cells.get(key), today_cells.get(key)
         gap = NONE_TEXT
-        if old is not None and then is not None and then.mean is not None:
-            difference = then.mean - old
-            bound = max(then.std or 0.0, float(spread.get(key[0], 0.0)))
-            gap = f"{difference:+.4f}" + (" †" if abs(difference) > bound else "")
+        if old is not None and then is not None:
+            sd = spread.get(key[0])
+            gap = against_earlier(then, old, None if sd is None else float(sd), earlier_n)
         old_no_edges = as_float(earlier_doc.get("no_edges_mse"))
         lines.append(_md_row([
             f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]), _fixed(old),
             then.text() if then else NONE_TEXT, _fixed(then.no_edges if then else None),
             now.text() if now else NONE_TEXT, _fixed(now.no_edges if now else None), gap,
-            _signed(old, old_no_edges), _signed(then.mean if then else None,
-                                                then.no_edges if then else None)]))
+            _signed(old_no_edges, old) if old is not None else NONE_TEXT,
+            _margin(then.below(then.no_edges_values) if then else None),
+            _margin(now.below(now.no_edges_values) if now else None)]))
     return [*lines, ""]
 
 
@@ -222,22 +283,26 @@ def _best_by_model(cells: dict[Any, float | None]) -> dict[str, tuple[Any, float
 
 def best_section(earlier: dict[CellKey, float], legacy: StageCells,
                  today: StageCells) -> list[str]:
-    sources = [("earlier system", dict(earlier)),
-               (f"legacy (`{legacy.name}`)",
-                {key: cell.mean for key, cell in legacy.cells().items()}),
-               (f"today (`{today.name}`)",
-                {key: cell.mean for key, cell in today.cells().items()})]
+    sources: list[tuple[str, dict[Any, float | None], dict[Any, Cell]]] = [
+        ("earlier system", dict(earlier), {})]
+    for label, stage in ((f"legacy (`{legacy.name}`)", legacy),
+                         (f"today (`{today.name}`)", today)):
+        cells = stage.cells()
+        sources.append((label, {key: cell.mean for key, cell in cells.items()}, cells))
     lines = ["## Best configuration per model", "",
-             "Lowest mean test mse of each model, and the models in that order.", "",
+             "Lowest mean test mse of each model (tmgg's with its 95 % interval), and the "
+             "models in that order of their means; overlapping intervals mean the order "
+             "is not resolved by these seeds.", "",
              _md_row(["source", *MODEL_ORDER, "order (best first)"]),
              "|---|---|---|---|---|"]
-    for label, cells in sources:
-        best = _best_by_model(cells)
+    for label, means, cells in sources:
+        best = _best_by_model(means)
         row = [label]
         for model in MODEL_ORDER:
             if model in best:
                 key, value = best[model]
-                row.append(f"{value:.4f} (k {key[1]}, lr {key[2]}, wd {key[3]})")
+                shown = cells[key].text() if key in cells else f"{value:.4f}"
+                row.append(f"{shown} (k {key[1]}, lr {key[2]}, wd {key[3]})")
             else:
                 row.append(NONE_TEXT)
         order = sorted(best, key=lambda model: best[model][1])
@@ -250,8 +315,8 @@ def ablation_section(ablations: Sequence[StageCells]) -> list[str]:
     lines = ["## Ablations of the legacy variant", "",
              "Each ablation stage keeps every legacy option on but one, which it sweeps "
              "over its legacy and its SPEC.md value (k 8, wd 1e-2, lr 1e-3, 3 seeds). "
-             "*Δ* is the row's mean minus the legacy value's mean for the same model; † "
-             "marks a Δ larger than the larger of the two rows' seed std. An option that "
+             "*Δ* is the row's mean minus the legacy value's mean for the same model, with "
+             f"Welch's t test (two-sided p; † where p < {SIGNIFICANCE}). An option that "
              "changes the metrics (objective.metrics_diagonal) changes the measure, not the "
              "model: its Δ is not a training effect.", ""]
     ran = [stage for stage in ablations if stage.ran]
@@ -276,9 +341,8 @@ def ablation_section(ablations: Sequence[StageCells]) -> list[str]:
             delta = NONE_TEXT
             if (reference is not None and reference is not cell and cell.mean is not None
                     and reference.mean is not None):
-                difference = cell.mean - reference.mean
-                bound = max(cell.std or 0.0, reference.std or 0.0)
-                delta = f"{difference:+.4f}" + (" †" if abs(difference) > bound else "")
+                delta = difference_text(welch_samples(cell.values, reference.values),
+                                        cell.mean - reference.mean)
             lines.append(_md_row([f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]),
                                   format_value(key[4]) if len(key) > 4 else NONE_TEXT,
                                   cell.text(), _fixed(cell.no_edges), delta]))
@@ -294,13 +358,14 @@ def fp64_section(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
     if not fp64.ran:
         return [*lines, f"{_stage_state(fp64)}.", ""]
     spread = earlier_doc.get("seed_std_max", {})
+    earlier_n = len(earlier_doc.get("seeds") or []) or 3
     legacy_cells, cells = legacy.cells(), fp64.cells()
     lines += ["The same jobs as the legacy stage with `trainer.precision=64-true` "
               "(eigendecomposition, forward and optimiser in float64), every other legacy "
               "option unchanged, so each row's test sets and \"no edges\" are the legacy "
-              "row's. *float64 − earlier* is marked † as *legacy − earlier* is above (the "
-              "larger of the float64 cell's std and the earlier system's largest std for "
-              "that model).", "",
+              "row's. *float64 − float32* is Welch's t test between the two stages' seeds, "
+              "*float64 − earlier* and *legacy − earlier* as *legacy − earlier* above (†: "
+              f"p < {SIGNIFICANCE}).", "",
               _md_row(["model", "k", "lr", "wd", "earlier system", "legacy float32",
                        "legacy float64", "no edges", "float64 − float32",
                        "legacy − earlier", "float64 − earlier"]),
@@ -310,15 +375,19 @@ def fp64_section(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
         columns = []
         for value in (base, cell):
             gap = NONE_TEXT
-            if old is not None and value is not None and value.mean is not None:
-                bound = max(value.std or 0.0, float(spread.get(key[0], 0.0)))
-                gap = f"{value.mean - old:+.4f}" + (" †" if abs(value.mean - old) > bound
-                                                     else "")
+            if old is not None and value is not None:
+                sd = spread.get(key[0])
+                gap = against_earlier(value, old, None if sd is None else float(sd),
+                                      earlier_n)
             columns.append(gap)
+        precision = NONE_TEXT
+        if base is not None and base.mean is not None and cell.mean is not None:
+            precision = difference_text(welch_samples(cell.values, base.values),
+                                        cell.mean - base.mean)
         lines.append(_md_row([
             f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]), _fixed(old),
             base.text() if base else NONE_TEXT, cell.text(), _fixed(cell.no_edges),
-            _signed(cell.mean, base.mean if base else None), *columns]))
+            precision, *columns]))
     return [*lines, ""]
 
 
@@ -327,9 +396,12 @@ def stage1b_section(stage1b: StageCells) -> list[str]:
     if not stage1b.ran:
         return [*lines, f"{_stage_state(stage1b)}.", ""]
     cells = stage1b.cells()
-    lines += [_md_row(["model", "k", "lr", "wd", "test mse", "no edges", "noisy input",
-                       "beats noisy input"]),
-              "|---|---:|---:|---:|---|---:|---:|---|"]
+    lines += ["*beats noisy input*: on the mean test mse; *noisy input − it* per seed (the "
+              "same test set) as mean ± 95 % interval: the win is shown only where the whole "
+              "interval is above 0.", "",
+              _md_row(["model", "k", "lr", "wd", "test mse", "no edges", "noisy input",
+                       "beats noisy input", "noisy input − it"]),
+              "|---|---:|---:|---:|---|---:|---:|---|---|"]
     winners = []
     for key in sorted(cells, key=_cell_order):
         cell = cells[key]
@@ -339,11 +411,13 @@ def stage1b_section(stage1b: StageCells) -> list[str]:
             winners.append((key, cell))
         lines.append(_md_row([f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]),
                               cell.text(), _fixed(cell.no_edges), _fixed(cell.noisy_input),
-                              "yes" if beats else "no"]))
+                              "yes" if beats else "no",
+                              beats_text(cell.below(cell.noisy_input_values))]))
     lines.append("")
     if winners:
-        names = ", ".join(f"`{k[0]}` (k {k[1]}, lr {k[2]}, wd {k[3]}: {c.mean:.4f} < "
-                          f"{c.noisy_input:.4f})" for k, c in winners)
+        names = ", ".join(f"`{k[0]}` (k {k[1]}, lr {k[2]}, wd {k[3]}: {c.text()} < "
+                          f"{c.noisy_input:.4f}; noisy input − it "
+                          f"{_margin(c.below(c.noisy_input_values))})" for k, c in winners)
         lines.append(f"**Yes**: {len(winners)} configuration(s) beat \"noisy input\" on "
                      f"their mean test mse: {names}.")
     else:
@@ -351,8 +425,9 @@ def stage1b_section(stage1b: StageCells) -> list[str]:
         best_key, best = min(scored, key=lambda item: (item[1].mean, _cell_order(item[0])))
         lines.append(f"**No**: no configuration beats \"noisy input\". The best is "
                      f"`{best_key[0]}` (k {best_key[1]}, lr {best_key[2]}, wd {best_key[3]}) "
-                     f"at {best.mean:.4f}, against {_fixed(best.noisy_input)} for "
-                     f"\"noisy input\".")
+                     f"at {best.text()}, against {_fixed(best.noisy_input)} for "
+                     f"\"noisy input\" (noisy input − it per seed: "
+                     f"{_margin(best.below(best.noisy_input_values))}).")
     return [*lines, ""]
 
 

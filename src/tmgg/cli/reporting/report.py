@@ -5,7 +5,8 @@ plan.json when that is safe: ``compose.recorded_or_composed_sweep``), or,
 from the records alone, every job the ledger ever planned. Each expected job is
 folded with its ledger state; finished jobs are grouped by every swept key except
 the seed (model, lr, weight decay, k, plus any other key the grid varies, such as
-``data`` in stage 2) and summarised as mean ± std over seeds beside the reference
+``data`` in stage 2) and summarised as the mean over seeds with its 95 % t confidence
+interval (``precision``: rounded to what the interval supports) beside the reference
 scores of SPEC.md §6.
 
 REPORT.md is a pure function of the records: rows and columns in a fixed order,
@@ -47,6 +48,7 @@ from tmgg.cli.reporting.fields import (
     sort_key,
 )
 from tmgg.cli.reporting.plots import write_plots
+from tmgg.cli.reporting.precision import Interval, interval, paired_difference
 from tmgg.config.identity import NON_IDENTITY_KEYS
 from tmgg.jobs.ledger import (
     CANCELLED,
@@ -146,6 +148,14 @@ class Row:
         values = self.values(metric)
         return statistics.stdev(values) if len(values) > 1 else None
 
+    def paired(self, minuend: str, subtrahend: str) -> Interval | None:
+        """``minuend - subtrahend`` per finished job (the same seed's test set), with its
+        interval: how far a row is from its own reference."""
+        pairs = [(as_number(job.metrics.get(minuend)), as_number(job.metrics.get(subtrahend)))
+                 for job in self.finished]
+        complete = [(a, b) for a, b in pairs if a is not None and b is not None]
+        return paired_difference([a for a, _ in complete], [b for _, b in complete])
+
     def count(self, category: str) -> int:
         return sum(1 for job in self.jobs if job.category == category)
 
@@ -241,6 +251,7 @@ class StageReport:
         out += self._outcome_section()
         out += self._results_section()
         out += self._best_section()
+        out += self._noise_level_section()
         out += self._reference_section()
         out += self._plots_section(plots)
         out += self._job_lists()
@@ -307,11 +318,13 @@ class StageReport:
         lines = [
             "## Results",
             "",
-            "Mean ± sample standard deviation over the finished seeds of the test metrics "
-            "(each averaged over the noise levels), beside the two reference scores of "
-            "SPEC.md §6 averaged over the same seeds: \"no edges\" predicts the empty graph, "
-            "\"noisy input\" returns the corrupted graph. *seeds* = finished / expected; "
-            "the std is left out for a single seed. "
+            "Mean over the finished seeds of the test metrics (each averaged over the "
+            "noise levels) ± the half-width of its 95 % Student-t confidence interval, "
+            "with the number of seeds *n*; mean and half-width are rounded to the "
+            "half-width's second significant digit (a single seed has no interval and "
+            "shows four decimals). Beside them the two reference scores of SPEC.md §6 "
+            "averaged over the same seeds: \"no edges\" predicts the empty graph, "
+            "\"noisy input\" returns the corrupted graph. *seeds* = finished / expected. "
             f"{WARNING} marks a row whose mean test mse does not beat \"no edges\": "
             "that configuration learned nothing.",
             "",
@@ -341,7 +354,10 @@ class StageReport:
         lines = ["## Best configuration per model", "",
                  "Lowest mean test mse of each model"
                  + (" and " + ", ".join(LABELS.get(k, k) for k in self.extra_keys)
-                    if self.extra_keys else "") + ".", ""]
+                    if self.extra_keys else "") + ". *vs no edges*: \"no edges\" mse "
+                 "minus the model's test mse, per seed on that seed's test set, as mean ± "
+                 "95 % interval; it beats \"no edges\" where the whole interval is above 0.",
+                 ""]
         best = self.best_rows()
         if not best:
             return [*lines, "No finished job with test metrics yet.", ""]
@@ -349,18 +365,47 @@ class StageReport:
                    "subspace distance", "vs no edges"]
         lines += [_md_row(headers), "|" + "|".join(["---"] * len(headers)) + "|"]
         for row in best:
-            mse, no_edges = row.mean(MSE), row.mean(f"{NO_EDGES}/mse")
-            if mse is None or no_edges is None:
-                verdict = NONE_TEXT
-            elif mse < no_edges:
-                verdict = f"beats it by {no_edges - mse:.4f}"
-            else:
-                verdict = f"{WARNING} does not beat it ({no_edges:.4f})"
+            verdict = beats_text(row.paired(f"{NO_EDGES}/mse", MSE))
             lines.append(_md_row([
                 *self._config_cells(row, with_model=True),
                 f"{len(row.finished)}/{len(row.jobs)}",
                 _mean_std(row, MSE), _mean_std(row, F1), _mean_std(row, SUBSPACE), verdict,
             ]))
+        return [*lines, ""]
+
+    def _noise_level_section(self) -> list[str]:
+        """The best rows per noise level beside "noisy input" at that level: a model may
+        beat the noisy input at one ε and not at another (issue 24)."""
+        best = [row for row in self.best_rows() if row.finished]
+        levels = sorted({name[len("test_eps"):-len("/mse")] for row in best
+                         for job in row.finished for name in job.metrics
+                         if name.startswith("test_eps") and name.endswith("/mse")
+                         and "_reference_" not in name}, key=float)
+        lines = ["## Best configurations per noise level", "",
+                 "Test mse of each best configuration at each noise level ε (mean ± 95 % "
+                 "interval over seeds) beside \"noisy input\" at the same ε; *vs noisy "
+                 "input* is noisy input's mse minus the model's, per seed, as in *vs no "
+                 "edges* above.", ""]
+        if not best or not levels:
+            return [*lines, "No finished job with per-level test metrics yet.", ""]
+        with_reference = any(f"test_eps{levels[0]}_{NOISY_INPUT[len('test_'):]}/mse"
+                             in job.metrics for row in best for job in row.finished)
+        if not with_reference:
+            return [*lines, "These records were made before the per-level \"noisy input\" "
+                    "reference was logged (issue 24); re-running the stage adds it.", ""]
+        headers = [*self._config_headers(with_model=True), "ε", "test mse",
+                   "noisy input mse", "vs noisy input"]
+        lines += [_md_row(headers), "|" + "|".join(["---"] * len(headers)) + "|"]
+        for row in best:
+            for level in levels:
+                metric = f"test_eps{level}/mse"
+                reference = f"test_eps{level}_{NOISY_INPUT[len('test_'):]}/mse"
+                found = interval(row.values(metric))
+                lines.append(_md_row([
+                    *self._config_cells(row, with_model=True), level,
+                    NONE_TEXT if found is None else found.text(),
+                    _fixed(row.mean(reference)),
+                    beats_text(row.paired(reference, metric))]))
         return [*lines, ""]
 
     def _reference_section(self) -> list[str]:
@@ -582,10 +627,24 @@ def _fixed(value: float | None) -> str:
 
 
 def _mean_std(row: Row, metric: str) -> str:
-    mean, std = row.mean(metric), row.std(metric)
-    if mean is None:
+    """The row's mean with its 95 % interval and n, rounded to what the interval supports."""
+    found = interval(row.values(metric))
+    return NONE_TEXT if found is None else found.text()
+
+
+def beats_text(margin: Interval | None) -> str:
+    """A reference minus a model's score (lower is better), as a verdict: beaten where the
+    whole interval is above 0, not beaten where it is below, else not resolved."""
+    if margin is None:
         return NONE_TEXT
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+    if margin.half_width is None:
+        verdict = "beats it" if margin.mean > 0 else f"{WARNING} does not beat it"
+        return f"{verdict} (one seed: {margin.text(signed=True)})"
+    if margin.mean - margin.half_width > 0:
+        return f"beats it by {margin.text()}"
+    if margin.mean + margin.half_width < 0:
+        return f"{WARNING} does not beat it ({margin.text(signed=True)})"
+    return f"not resolved ({margin.text(signed=True)})"
 
 
 def _row_notes(row: Row) -> str:

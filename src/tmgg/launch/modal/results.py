@@ -88,7 +88,7 @@ def record_result(job: PlannedJob, result: Any, settings: ModalSettings, root: s
     record = ledger.job_record(job.job_id) or {}
     if before.get("status") == record.get("status") and before.get("started_at"):
         # transport=local on this disk: the job's own record had its timing and attempts.
-        for key in ("started_at", "attempts", "output_dir"):
+        for key in ("started_at", "attempts", "output_dir", "platform"):
             if record.get(key) is None:
                 record[key] = before.get(key)
     output_dir = _output_dir(result) or record.get("output_dir")
