@@ -255,10 +255,11 @@ def refuse_grid_without_multirun(config: DictConfig) -> None:
     defaults, beside the grid's own jobs under a new id. Allowed only when the command
     line sets every swept key (then it is one of the grid's jobs)."""
     from tmgg.config.identity import task_overrides
+    from tmgg.jobs.search_space import is_adaptive
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    if not params:
-        return
+    if not params or is_adaptive(config):
+        return  # an adaptive stage without -m: one job of the given values
     arguments = task_overrides(config)
     given = {argument.split("=", 1)[0].lstrip("+~") for argument in arguments}
     swept = [str(key) for key in params]

@@ -184,8 +184,57 @@ def record_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
         } for job in jobs_of_stage), *(s.event(now) for s in superseded)])
 
 
+def ledger_for_stage(config: DictConfig) -> Ledger:
+    """The ledger of a master config's stage."""
+    return Ledger(experiments_root(config), str(config.stage.name))
+
+
+def remember_planned(jobs: Sequence[PlannedJob]) -> None:
+    """Jobs composed outside the multirun start (an adaptive stage's trials): the
+    launcher's ``planned_jobs`` finds them and does not compose them again."""
+    for job in jobs:
+        _PLAN_CACHE[tuple(job.overrides)] = job
+
+
+def record_trial_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
+                      arguments: Sequence[str], study: dict[str, Any]) -> None:
+    """An adaptive stage's plan grows by a trial: its jobs join plan.json (the jobs
+    planned before stay, so status, report and reconcile see every trial) and get their
+    ``planned`` events. Callers hold the stage's study lock (one writer at a time)."""
+    tmgg_jobs = [job for job in jobs if job.is_tmgg_job]
+    if not tmgg_jobs:
+        return
+    ledger = ledger_for(tmgg_jobs[0].task_config)
+    launcher = launcher_name(master_config)
+    earlier = ledger.plan() or {}
+    new_ids = {job.job_id for job in tmgg_jobs}
+    entries = [entry for entry in earlier.get("jobs") or []
+               if entry.get("job_id") not in new_ids]
+    entries += [{**job.summary(), "config": job.task_config} for job in tmgg_jobs]
+    now = utc_now()
+    ledger.write_plan({
+        "stage": ledger.stage,
+        "created_at": earlier.get("created_at") or now,
+        "updated_at": now,
+        "arguments": list(arguments),
+        "launcher": launcher,
+        "code": code_version(),
+        "composition": composition_key(master_overrides(master_config)),
+        "sweep_jobs": len(entries),
+        "study": study,
+        "jobs": entries,
+    })
+    ledger.append_many([{
+        "event": "planned", "time": now, "job_id": job.job_id, "run_name": job.run_name,
+        "overrides": job.overrides, "wandb": job.wandb, "launcher": launcher,
+    } for job in tmgg_jobs])
+
+
 def record_plan_for_multirun(config: DictConfig) -> None:
-    """Hydra multirun start: compose, validate and record every job of the sweep."""
+    """Hydra multirun start: compose, validate and record every job of the sweep.
+
+    An adaptive stage (``hydra/sweeper=tmgg_optuna``) has no grid to compose: its
+    search space is checked here and each trial is planned when it is asked."""
     if not is_tmgg_config(config):
         return
     from hydra.core.global_hydra import GlobalHydra
@@ -194,6 +243,16 @@ def record_plan_for_multirun(config: DictConfig) -> None:
 
     check_work_dirs(config)  # before composing: one line, nothing recorded
     arguments = task_overrides(config)
+    from tmgg.jobs.search_space import SearchSpaceError, is_adaptive, stage_space
+
+    if is_adaptive(config):
+        try:
+            stage_space(config, arguments)
+        except SearchSpaceError as error:
+            from tmgg.jobs.plan import PlanError
+
+            raise PlanError(f"stage {config.stage.name}: {error}") from None
+        return
     loader = GlobalHydra.instance().config_loader()
     share_config_cache(loader)  # the plan, BasicSweeper's checks and the launcher
     keep_compositions_for_the_sweeper(loader)
