@@ -136,8 +136,11 @@ def supersede_facts(sweep: Any) -> dict[str, Any]:
 def plan_main(argv: list[str]) -> int:
     parser = _parser("plan", "Compose and validate every job of a sweep; dispatch nothing.")
     args = parser.parse_args(argv)
+    from tmgg.cli.adaptive_plan import adaptive_plan_main, is_adaptive_stage
     from tmgg.jobs.plan import PlanError
 
+    if is_adaptive_stage(args.overrides):
+        return adaptive_plan_main(args.overrides, args.json)
     try:
         sweep, rows, facts = build_plan_rows(args.overrides)
     except PlanError as error:

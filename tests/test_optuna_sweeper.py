@@ -1,0 +1,211 @@
+"""hydra/sweeper=tmgg_optuna (issue 23): adaptive stages whose study lives in the ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
+
+from tmgg.jobs.ledger import FINISHED, LOST, Ledger
+from tmgg.jobs.search_space import SearchSpaceError, parse_space
+
+STAGE = "search_smoke"
+TINY = ["stage=search_smoke", "logger=csv", "trainer.max_steps=20",
+        "trainer.val_check_interval=10", "data.val_samples=20", "data.test_samples=20",
+        "hydra/launcher=local", "hydra.launcher.n_workers=1"]
+
+
+# -- the search space ------------------------------------------------------------------
+def test_search_space_in_hydra_optuna_sweeper_syntax() -> None:
+    space = parse_space({"optimizer.lr": "tag(log, interval(1e-4, 3e-1))",
+                         "model": "choice(linear_pe, filter_bank)",
+                         "model.k": "range(4, 20)",
+                         "optimizer.weight_decay": "interval(0.0, 0.1)",
+                         "trainer.max_steps": 20, "seed": "1,2,3"})
+    by_key = {d.key: d for d in space.dimensions}
+    lr = by_key["optimizer.lr"].distribution()
+    assert (lr.low, lr.high, lr.log) == (1e-4, 3e-1, True)
+    k = by_key["model.k"].distribution()
+    assert (k.low, k.high, k.step) == (4, 20, 1)  # both ends included
+    assert by_key["model"].distribution().choices == ("linear_pe", "filter_bank")
+    assert not by_key["optimizer.weight_decay"].log
+    assert space.fixed == ["trainer.max_steps=20"]
+    jobs = space.trial_overrides({"optimizer.lr": 0.01, "model": "linear_pe", "model.k": 7,
+                                  "optimizer.weight_decay": 0.05})
+    assert [job[-1] for job in jobs] == ["seed=1", "seed=2", "seed=3"]  # one job per seed
+    assert "optimizer.lr=0.01" in jobs[0] and "model.k=7" in jobs[0]
+    params, repeat = space.read_overrides(jobs[1])  # type: ignore[misc]
+    assert params == {"optimizer.lr": 0.01, "model": "linear_pe", "model.k": 7,
+                      "optimizer.weight_decay": 0.05} and repeat == "seed=2"
+    # A job of another space (a value outside it) is not one of its trials.
+    assert space.read_overrides([o.replace("model.k=7", "model.k=40") for o in jobs[0]]) is None
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("interval(1e-4, ", "cannot parse"),
+    ("tag(log, interval(0, 1))", "a log scale needs a positive start"),
+    ("interval(0.3, 0.1)", "must be below its end"),
+    ("tag(cubic, interval(1, 2))", "unknown tag"),
+    ("glob(*)", "cannot be sampled"),
+    ("shuffle(range(1, 4))", "shuffle() cannot be sampled"),
+])
+def test_bad_search_space_is_refused_naming_the_parameter(value: str, problem: str) -> None:
+    with pytest.raises(SearchSpaceError) as refused:
+        parse_space({"optimizer.lr": value, "model.k": "range(4, 8)"})
+    assert "hydra.sweeper.params.optimizer.lr" in str(refused.value)
+    assert problem in str(refused.value)
+
+
+def test_bad_space_refuses_the_sweep_before_any_dispatch(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_train("-m", *TINY, "optimizer.lr=tag(log,interval(0,1))",
+                        *sweep_dirs.overrides)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "sweep refused, nothing dispatched" in result.stderr
+    assert "optimizer.lr" in result.stderr and "positive start" in result.stderr
+    assert not (sweep_dirs.experiments / STAGE / "ledger.jsonl").exists()
+
+
+# -- a study of complete jobs ----------------------------------------------------------
+def _trials(ledger: Ledger) -> dict[str, dict]:
+    """FINISHED job records by their searched values (lr, k)."""
+    found = {}
+    for state in ledger.states().values():
+        given = dict(line.split("=", 1) for line in state.overrides)
+        found[f"{given['optimizer.lr']},{given['model.k']}"] = state
+    return found
+
+
+def test_small_study_runs_n_trials_each_a_complete_job(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_train("-m", *TINY, "hydra.sweeper.n_trials=3", *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = Ledger(sweep_dirs.experiments, STAGE)
+    states = ledger.states()
+    assert len(states) == 3 and {s.status for s in states.values()} == {FINISHED}
+    assert len(_trials(ledger)) == 3  # three distinct configs
+    for state in states.values():
+        record = state.record
+        assert record["config"]["job"]["id"] == state.job_id  # config-derived id
+        assert record["run_name"].startswith("search_smoke_linear_pe_lr")
+        assert record["claim"]["generation"] >= 1 and record["attempts"] == 1
+        assert isinstance(record["metrics"]["val/loss"], float)
+        assert (Path(record["output_dir"]) / "checkpoints" / "last.ckpt").exists()
+    plan = ledger.plan()
+    assert plan is not None and len(plan["jobs"]) == 3
+    assert plan["study"]["n_trials"] == 3 and "optimizer.lr" in plan["study"]["search_space"]
+    assert "3/3 trials complete; best val/loss" in result.stderr
+    status = tmgg_sweep("status", *TINY, *sweep_dirs.overrides)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert status.stdout.count("FINISHED") >= 3
+    # The same command again: the study is complete in the ledger, nothing runs again.
+    dispatched = [e for e in ledger.events() if e["event"] == "dispatched"]
+    again = tmgg_train("-m", *TINY, "hydra.sweeper.n_trials=3", *sweep_dirs.overrides)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [e for e in ledger.events() if e["event"] == "dispatched"] == dispatched
+    # A larger total continues the same study: one more trial, a new config.
+    more = tmgg_train("-m", *TINY, "hydra.sweeper.n_trials=4", *sweep_dirs.overrides)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert len(_trials(ledger)) == 4 and len(ledger.states()) == 4
+    assert {s.status for s in ledger.states().values()} == {FINISHED}
+
+
+def _wait_until_the_group_is_gone(group: int) -> None:
+    deadline = time.monotonic() + 60  # a bound for a broken kill, not a race
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process group {group} still has members 60 s after SIGKILL")
+
+
+def test_sigkilled_study_resumes_to_exactly_n_trials(sweep_dirs: SweepDirs) -> None:
+    """The launcher is killed with trial 1 finished and trial 2 held at step 10
+    (``tmgg.task.hold``: one release lets one job through); the same command then ends
+    the study with exactly 3 trials, trial 2 re-run with its own parameters."""
+    overrides = [*TINY, "hydra.sweeper.n_trials=3", *sweep_dirs.overrides]
+    release = sweep_dirs.root / "release"
+    env = {**os.environ, "TMGG_TEST_HOLD_AT_STEP": "10", "TMGG_TEST_HOLD_FILE": str(release)}
+    process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env=env)
+
+    def wait_for(what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 600  # a bound for a broken run, not a race
+        while not done():
+            assert process.poll() is None, f"the sweep ended before {what}"
+            assert time.monotonic() < deadline, f"never {what}"
+            time.sleep(0.05)
+
+    def held() -> int:
+        return len(list(sweep_dirs.root.glob("release.held.*")))
+
+    try:
+        wait_for("trial 1 held", lambda: held() == 1)
+        release.touch()  # trial 1 finishes; trial 2 holds
+        wait_for("trial 2 held", lambda: held() == 2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        _wait_until_the_group_is_gone(process.pid)
+    ledger = Ledger(sweep_dirs.experiments, STAGE)
+    killed = {s.job_id: s for s in ledger.states().values()}
+    assert sorted(s.status for s in killed.values()) == [FINISHED, LOST]
+    (lost,) = [s for s in killed.values() if s.status == LOST]
+    (finished,) = [s for s in killed.values() if s.status == FINISHED]
+    finished_record = dict(finished.record)
+
+    resumed = tmgg_train("-m", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    states = ledger.states()
+    assert len(states) == 3 and {s.status for s in states.values()} == {FINISHED}
+    assert len(_trials(ledger)) == 3  # no config twice
+    assert states[lost.job_id].overrides == lost.overrides  # re-run with its parameters
+    assert states[lost.job_id].record["attempts"] == 2
+    assert states[finished.job_id].record == finished_record  # never re-run
+
+
+def test_two_shells_share_one_study(sweep_dirs: SweepDirs) -> None:
+    """Two sweeps of one stage at once: n_trials in all, no config run twice."""
+    overrides = [*TINY, "hydra.sweeper.n_trials=4", *sweep_dirs.overrides]
+    shells = [subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    errors = [shell.communicate(timeout=900)[1] for shell in shells]
+    for shell, error in zip(shells, errors, strict=True):
+        assert shell.returncode == 0, error[-3000:]
+    ledger = Ledger(sweep_dirs.experiments, STAGE)
+    states = ledger.states()
+    assert len(states) == 4 and {s.status for s in states.values()} == {FINISHED}
+    assert len(_trials(ledger)) == 4
+    assert all(s.record["attempts"] == 1 for s in states.values())  # none ran twice
+    dispatched = [e["job_id"] for e in ledger.events() if e["event"] == "dispatched"]
+    assert sorted(set(dispatched)) == sorted(states)
+
+
+def test_plan_of_an_adaptive_stage(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_sweep("plan", "stage=stage1_search", *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = " ".join(result.stdout.split())
+    assert "optimizer.lr" in text and "tag(log, interval(1e-4, 3e-1))" in text
+    assert "log float in [0.0001, 0.3]" in text
+    assert "model.k" in text and "int in [4, 20]" in text
+    assert "28 trials x 3 jobs (seed=1, seed=2, seed=3) x 10000 steps = 840000 steps" in text
+    assert "graph_denoise_team/spectral_denoising/stage1_search" in text
+    assert "nothing dispatched" in text
+    as_json = tmgg_sweep("plan", "--json", "stage=stage1_search", *sweep_dirs.overrides)
+    facts = json.loads(as_json.stdout)
+    assert facts["budget_steps"] == 840000 and facts["n_trials"] == 28
+    assert not (sweep_dirs.experiments / "stage1_search").exists()  # a plan records nothing
+    refused = tmgg_sweep("plan", "stage=stage1_search", "model.k=range(20, 4)",
+                         *sweep_dirs.overrides)
+    assert refused.returncode == 2
+    assert "model.k" in refused.stderr and "must be below its end" in refused.stderr
