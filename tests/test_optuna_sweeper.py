@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
 
-from tmgg.jobs.ledger import FINISHED, LOST, Ledger
+from tmgg.jobs.ledger import FINISHED, LOST, PRUNED, Ledger
 from tmgg.jobs.search_space import SearchSpaceError, parse_space
 
 STAGE = "search_smoke"
@@ -209,3 +209,41 @@ def test_plan_of_an_adaptive_stage(sweep_dirs: SweepDirs) -> None:
                          *sweep_dirs.overrides)
     assert refused.returncode == 2
     assert "model.k" in refused.stderr and "must be below its end" in refused.stderr
+
+
+def test_pruner_stops_a_bad_trial_recorded_pruned_never_resumed(sweep_dirs: SweepDirs) -> None:
+    """Trial 1 (lr 0.05, the random sampler's first pick for seed 2) learns; trial 2
+    (lr 1e-9) does not, and the median pruner stops it at its first validation: the job
+    reported val/loss through the ledger, got the decision, stopped at step 10 of 40."""
+    overrides = ["stage=search_smoke", "logger=csv", "trainer.max_steps=40",
+                 "trainer.val_check_interval=10", "data.val_samples=20",
+                 "data.test_samples=20", "scheduler=none", "model.k=8",
+                 "optimizer.lr=choice(0.05,1e-9)", "hydra/launcher=local",
+                 "hydra.launcher.n_workers=1", "hydra.sweeper.n_trials=2",
+                 "hydra.sweeper.sampler=random", "hydra.sweeper.seed=2",
+                 "hydra.sweeper.pruner=median", "hydra.sweeper.pruner_startup_trials=1",
+                 *sweep_dirs.overrides]
+    result = tmgg_train("-m", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = Ledger(sweep_dirs.experiments, STAGE)
+    by_lr = {dict(o.split("=", 1) for o in s.overrides)["optimizer.lr"]: s
+             for s in ledger.states().values()}
+    assert set(by_lr) == {"0.05", "1e-09"}
+    good, bad = by_lr["0.05"], by_lr["1e-09"]
+    assert good.status == FINISHED and good.record["metrics"]["global_step"] == 40
+    assert bad.status == PRUNED, bad.record
+    assert bad.record["pruned_at_step"] == 10 and bad.record["metrics"]["global_step"] == 10
+    assert bad.record["error"] is None and "test/mse" in bad.record["metrics"]
+    reported = [(e["job_id"], e["step"]) for e in ledger.events() if e["event"] == "reported"]
+    assert (bad.job_id, 10) in reported and (good.job_id, 40) in reported
+    assert [e["step"] for e in ledger.events()
+            if e["event"] == "prune" and e["job_id"] == bad.job_id] == [10]
+    # Never resumed: resume has nothing to run, the same command dispatches nothing.
+    resume = tmgg_sweep("resume", "--dry-run", *overrides)
+    assert resume.returncode == 0, resume.stderr[-2000:]
+    assert "2 jobs, 2 finished, 0 in flight elsewhere, 0 to run" in resume.stdout
+    dispatched = [e for e in ledger.events() if e["event"] == "dispatched"]
+    again = tmgg_train("-m", *overrides)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [e for e in ledger.events() if e["event"] == "dispatched"] == dispatched
+    assert ledger.states()[bad.job_id].status == PRUNED

@@ -24,7 +24,7 @@ from tmgg.jobs.composer import (
     master_overrides,
     share_config_cache,
 )
-from tmgg.jobs.ledger import FAILED, FINISHED, RUNNING, Ledger, refuse_links
+from tmgg.jobs.ledger import DONE, FAILED, FINISHED, PRUNED, RUNNING, Ledger, refuse_links
 from tmgg.jobs.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
 from tmgg.jobs.records import code_version, host, package_versions, utc_now
 from tmgg.jobs.supersede import describe, superseded_records
@@ -82,7 +82,7 @@ def finished_metrics(task_config: DictConfig) -> dict[str, Any] | None:
     if not is_tmgg_config(task_config):
         return None
     record = ledger_for(task_config).job_record(str(task_config.job.id))
-    if record and record.get("status") == FINISHED:
+    if record and record.get("status") in DONE:
         return record.get("metrics") or {}
     return None
 
@@ -303,7 +303,7 @@ def is_finished(job: PlannedJob) -> dict[str, Any] | None:
     if not job.is_tmgg_job:
         return None
     record = ledger_for(job.task_config).job_record(job.job_id)
-    if record and record.get("status") == FINISHED:
+    if record and record.get("status") in DONE:
         return record
     return None
 
@@ -439,9 +439,9 @@ def record_outcome(job: PlannedJob, result: Any, launcher: str,
             log.warning("%s: its outcome is not recorded by this sweep: the job is now %s",
                         job.run_name, newer.describe())
             return
-    status = FINISHED if result.status.name == "COMPLETED" else FAILED
-    error = None if status == FINISHED else str(result._return_value)
-    metrics = result._return_value if status == FINISHED else None
+    status = outcome_status(result.status.name == "COMPLETED", result._return_value)
+    error = None if status in DONE else str(result._return_value)
+    metrics = result._return_value if status in DONE else None
     duration = getattr(result, "duration_s", None)
     ledger = ledger_for(job.task_config)
     event = {"event": "outcome", "time": utc_now(), "job_id": job.job_id,
@@ -452,6 +452,8 @@ def record_outcome(job: PlannedJob, result: Any, launcher: str,
         record = base_record(job.task_config, job.overrides, launcher)
         record.update(status=status, finished_at=utc_now(), duration_s=duration, error=error,
                       metrics=metrics if isinstance(metrics, dict) else None)
+        if status == PRUNED:
+            record["pruned_at_step"] = metrics["pruned_at_step"]
         _record_live_run(record, metrics)
         ledger.write_job_record(job.job_id, record)
 
@@ -469,7 +471,7 @@ def record_lost_job(job: PlannedJob, result: Any, launcher: str) -> Any:
         return result
     ledger = ledger_for(job.task_config)
     record = ledger.job_record(job.job_id)
-    if record and record.get("status") == FINISHED:  # a real run's result, not a skip
+    if record and record.get("status") in DONE:  # a real run's result, not a skip
         from hydra.core.utils import JobReturn, JobStatus
 
         finished = JobReturn(overrides=job.overrides, cfg=OmegaConf.create(job.task_config),
@@ -483,6 +485,16 @@ def record_lost_job(job: PlannedJob, result: Any, launcher: str) -> Any:
                   error=str(result._return_value))
     ledger.write_job_record(job.job_id, record)
     return result
+
+
+def outcome_status(completed: bool, value: Any) -> str:
+    """FINISHED, PRUNED (a trial its sweeper stopped: its metrics say at which step,
+    tmgg.jobs.trials) or FAILED."""
+    if not completed:
+        return FAILED
+    from tmgg.jobs.trials import PRUNED_AT_KEY
+
+    return PRUNED if isinstance(value, dict) and PRUNED_AT_KEY in value else FINISHED
 
 
 def _first_lines(text: str | None, limit: int = 2000) -> str | None:
@@ -601,8 +613,8 @@ def _start(task: dict[str, Any], overrides: Sequence[str], launcher: str,
         _append_skipped(ledger, _SKIPPED[job_id], launcher)
         return _SKIPPED[job_id]
     previous = ledger.job_record(job_id)
-    if previous and previous.get("status") == FINISHED:
-        claims.release(claim, FINISHED)  # keep the finished record intact
+    if previous and previous.get("status") in DONE:
+        claims.release(claim, FINISHED)  # keep the finished (or pruned) record intact
         log.info("Job %s already finished; skipped", run_name)
         _SKIPPED[job_id] = JobSkipped(job_id, run_name, "finished", "finished already",
                                       previous.get("metrics") or {})
@@ -629,7 +641,7 @@ def _start_under_launcher_claim(ledger: Ledger, job_id: str, run_name: str,
     """A Modal container's start: the launcher holds the claim; skip a finished job, else
     record RUNNING (no fence: this process holds no claim generation of its own)."""
     previous = ledger.job_record(job_id)
-    if previous and previous.get("status") == FINISHED:
+    if previous and previous.get("status") in DONE:
         log.info("Job %s already finished; skipped", run_name)
         _SKIPPED[job_id] = JobSkipped(job_id, run_name, "finished", "finished already",
                                       previous.get("metrics") or {})
@@ -670,7 +682,7 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
     record = ledger.job_record(job_id) or base_record(task, [], launcher_name(config))
     completed = job_return.status.name == "COMPLETED"
     started = record.get("started_at")
-    record.update(status=FINISHED if completed else FAILED, finished_at=utc_now(),
+    record.update(status=outcome_status(completed, value), finished_at=utc_now(),
                   metrics=value if completed and isinstance(value, dict) else None,
                   error=None if completed else _error_text(value))
     if started:
@@ -680,6 +692,8 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
         record["duration_s"] = round(delta.total_seconds(), 3)
     if completed:
         _record_live_run(record, value)
+    if record["status"] == PRUNED:
+        record["pruned_at_step"] = value["pruned_at_step"]
     if claim is None:
         ledger.write_job_record(job_id, record)
         return

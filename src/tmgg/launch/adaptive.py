@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from tmgg.jobs.ledger import (
     DISPATCHED,
     FINISHED,
+    PRUNED,
     RUNNING,
     SKIPPED,
     JobState,
@@ -48,6 +49,7 @@ MAX_REPEATED_ASKS = 200
 STUDY_LOCK = "study.lock"
 
 COMPLETE = "complete"  # every job of the trial FINISHED with the metric
+PRUNED_TRIAL = "pruned"  # its sweeper pruned it (a job PRUNED, none in flight)
 IN_FLIGHT = "in_flight"  # a job of it is running (here or in another shell)
 TO_RERUN = "to_rerun"  # lost, failed, or planned and never dispatched
 
@@ -61,11 +63,15 @@ class LedgerTrial:
     jobs: dict[str, JobState] = field(default_factory=dict)
     status: str = TO_RERUN
     value: float | None = None
+    reported: dict[int, float] = field(default_factory=dict)  # step -> mean over its jobs
 
 
 def ledger_trials(ledger: Ledger, space: SearchSpace, metric: str) -> dict[tuple[str, ...],
                                                                            LedgerTrial]:
     """The stage's trials, folded from its job states (superseded jobs left out)."""
+    from tmgg.jobs.trials import reported_values
+
+    reports = reported_values(ledger)
     trials: dict[tuple[str, ...], LedgerTrial] = {}
     for state in ledger.states().values():
         if state.superseded_by:
@@ -88,6 +94,13 @@ def ledger_trials(ledger: Ledger, space: SearchSpace, metric: str) -> dict[tuple
                 trial.value = sum(values) / len(values)  # type: ignore[arg-type]
         elif any(s is not None and s.status in (RUNNING, DISPATCHED, SKIPPED) for s in states):
             trial.status = IN_FLIGHT
+        elif any(s is not None and s.status == PRUNED for s in states):
+            trial.status = PRUNED_TRIAL
+        by_step: dict[int, list[float]] = {}
+        for state in trial.jobs.values():
+            for step, value in reports.get(state.job_id, {}).items():
+                by_step.setdefault(step, []).append(value)
+        trial.reported = {step: sum(v) / len(v) for step, v in sorted(by_step.items())}
     return trials
 
 
@@ -99,6 +112,8 @@ class PendingTrial:
     params: dict[str, Any]
     jobs: list[PlannedJob]
     asked: Any = None  # optuna.trial.Trial, None for a re-run of a lost trial
+    pruned: bool = False
+    reported_steps: set[int] = field(default_factory=set)
 
 
 class AdaptiveStudy:
@@ -130,7 +145,10 @@ class AdaptiveStudy:
                        else optuna.samplers.TPESampler(seed=seed, constant_liar=True))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(direction=str(self.settings["direction"]),
-                                         sampler=sampler)
+                                         sampler=sampler, pruner=make_pruner(self.settings))
+        self.prunes = str(self.settings.get("pruner") or "none") != "none"
+        self._active: dict[str, PendingTrial] = {}  # job id -> its trial, while dispatched
+        self._decided: set[tuple[str, int]] = set()  # (job id, step) answered
         self._in_study: set[tuple[str, ...]] = set()  # trials the study knows as done
         self._rerun_here: set[tuple[str, ...]] = set()  # one re-run per lost trial here
         self._lock = threading.Lock()
@@ -157,16 +175,18 @@ class AdaptiveStudy:
 
         trials = ledger_trials(self.ledger, self.space, self.metric)
         for key, trial in trials.items():
-            if trial.status != COMPLETE or key in self._in_study:
+            if trial.status not in (COMPLETE, PRUNED_TRIAL) or key in self._in_study:
                 continue
-            if trial.value is None:
-                frozen = optuna.trial.create_trial(params=trial.params,
-                                                   distributions=self.distributions,
-                                                   state=TrialState.FAIL)
+            if trial.status == PRUNED_TRIAL:
+                state, value = TrialState.PRUNED, None
+            elif trial.value is None:
+                state, value = TrialState.FAIL, None
             else:
-                frozen = optuna.trial.create_trial(params=trial.params,
-                                                   distributions=self.distributions,
-                                                   value=trial.value)
+                state, value = TrialState.COMPLETE, trial.value
+            frozen = optuna.trial.create_trial(params=trial.params,
+                                               distributions=self.distributions,
+                                               value=value, state=state,
+                                               intermediate_values=trial.reported)
             frozen.set_user_attr("job_ids", sorted(s.job_id for s in trial.jobs.values()))
             self.study.add_trial(frozen)
             self._in_study.add(key)
@@ -236,6 +256,9 @@ class AdaptiveStudy:
             if trial is not None and trial.status == COMPLETE and trial.value is not None:
                 self.study.tell(pending.asked, trial.value)
                 self._in_study.add(pending.key)
+            elif trial is not None and trial.status == PRUNED_TRIAL:
+                self.study.tell(pending.asked, state=TrialState.PRUNED)
+                self._in_study.add(pending.key)
             else:
                 # Failed, or run by another shell: not a value of this process; the next
                 # _sync adds it from the ledger once it completes.
@@ -245,7 +268,56 @@ class AdaptiveStudy:
     def _dispatch(self, pending: PendingTrial) -> list[Any]:
         remember_planned(pending.jobs)  # the launcher finds them composed
         overrides = [job.overrides for job in pending.jobs]
-        return list(self.launcher.launch(overrides, initial_job_idx=pending.jobs[0].index))
+        with self._lock:
+            self._active.update({job.job_id: pending for job in pending.jobs})
+        try:
+            return list(self.launcher.launch(overrides,
+                                             initial_job_idx=pending.jobs[0].index))
+        finally:
+            with self._lock:
+                for job in pending.jobs:
+                    self._active.pop(job.job_id, None)
+
+    # -- pruning --------------------------------------------------------------------
+    def _answer_reports(self) -> None:
+        """Answer every report of a job this process dispatched (tmgg.jobs.trials):
+        Optuna's pruner decides from the trial's reported values."""
+        from tmgg.jobs.trials import CONTINUE, PRUNE, REPORTED_EVENT, write_decision
+
+        with self._lock:
+            active = dict(self._active)
+        if not active:
+            return
+        for event in self.ledger.events():
+            if event.get("event") != REPORTED_EVENT or event.get("job_id") not in active:
+                continue
+            job_id, step = str(event["job_id"]), int(event["step"])
+            if (job_id, step) in self._decided:
+                continue
+            pending = active[job_id]
+            decision = CONTINUE
+            value = event.get("value")
+            if pending.pruned:
+                decision = PRUNE
+            elif pending.asked is not None:
+                if step not in pending.reported_steps and isinstance(value, int | float):
+                    pending.asked.report(float(value), step)
+                    pending.reported_steps.add(step)
+                if value is None or pending.asked.should_prune():
+                    pending.pruned = True
+                    decision = PRUNE
+            write_decision(self.ledger.root, job_id, step, decision)
+            self._decided.add((job_id, step))
+            if decision == PRUNE:
+                self.ledger.append({"event": "prune", "time": _now(), "job_id": job_id,
+                                    "run_name": event.get("run_name"), "step": step})
+
+    def _pruning_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(0.1):
+            try:
+                self._answer_reports()
+            except Exception:  # noqa: BLE001 - the jobs go on without a decision (timeout)
+                log.exception("pruning decisions failed")
 
     def _worker(self, errors: list[BaseException]) -> None:
         try:
@@ -259,6 +331,22 @@ class AdaptiveStudy:
 
     def run(self) -> list[Any]:
         """Run trials until the ledger holds ``n_trials`` of them; every job's return."""
+        stop = threading.Event()
+        pruning = threading.Thread(target=self._pruning_loop, args=(stop,),
+                                   name="tmgg-pruner", daemon=True)
+        if self.prunes:
+            pruning.start()
+        try:
+            self._run_trials()
+        finally:
+            stop.set()
+            if self.prunes:
+                pruning.join()
+        self._sync()
+        self._print_best()
+        return self.results
+
+    def _run_trials(self) -> None:
         if self.n_jobs == 1:
             while (pending := self.next_trial()) is not None:
                 self._finish(pending, self._dispatch(pending))
@@ -273,9 +361,6 @@ class AdaptiveStudy:
                 thread.join()
             if errors:
                 raise errors[0]
-        self._sync()
-        self._print_best()
-        return self.results
 
     def _print_best(self) -> None:
         from optuna.trial import TrialState
@@ -289,6 +374,27 @@ class AdaptiveStudy:
             params = ", ".join(f"{k}={v}" for k, v in best.params.items())
             line += f"; best {self.metric} {best.value:.6g} at {params}"
         print(line, file=sys.stderr, flush=True)
+
+
+def make_pruner(settings: dict[str, Any]) -> Any:
+    """Optuna's pruner for ``hydra.sweeper.pruner``: none, median or
+    successive_halving (ASHA), with their warm-up settings."""
+    import optuna
+
+    kind = str(settings.get("pruner") or "none")
+    startup = int(settings.get("pruner_startup_trials") or 0)
+    warmup = int(settings.get("pruner_warmup_steps") or 0)
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(warmup, 1))
+    return optuna.pruners.NopPruner()
+
+
+def _now() -> str:
+    from tmgg.jobs.records import utc_now
+
+    return utc_now()
 
 
 def launcher_without_live_display(launcher: Any, n_jobs: int) -> None:
