@@ -234,6 +234,8 @@ def test_pruner_stops_a_bad_trial_recorded_pruned_never_resumed(sweep_dirs: Swee
     assert bad.status == PRUNED, bad.record
     assert bad.record["pruned_at_step"] == 10 and bad.record["metrics"]["global_step"] == 10
     assert bad.record["error"] is None and "test/mse" in bad.record["metrics"]
+    said = " ".join(result.stderr.split())
+    assert "PRUNED search_smoke_linear_pe_lr1e-9" in said and "1 pruned" in said
     reported = [(e["job_id"], e["step"]) for e in ledger.events() if e["event"] == "reported"]
     assert (bad.job_id, 10) in reported and (good.job_id, 40) in reported
     assert [e["step"] for e in ledger.events()
@@ -247,3 +249,73 @@ def test_pruner_stops_a_bad_trial_recorded_pruned_never_resumed(sweep_dirs: Swee
     assert again.returncode == 0, again.stderr[-3000:]
     assert [e for e in ledger.events() if e["event"] == "dispatched"] == dispatched
     assert ledger.states()[bad.job_id].status == PRUNED
+
+
+def test_trials_are_asynchronous(sweep_dirs: SweepDirs) -> None:
+    """n_jobs=2: two trials train at once, and when one ends a third starts while the
+    other is still held (not batch by batch). Held at step 10 (``tmgg.task.hold``)."""
+    overrides = [*TINY, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",
+                 *sweep_dirs.overrides]
+    release = sweep_dirs.root / "release"
+    env = {**os.environ, "TMGG_TEST_HOLD_AT_STEP": "10", "TMGG_TEST_HOLD_FILE": str(release)}
+    process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True, env=env)
+
+    def wait_for(what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 600  # a bound for a broken run, not a race
+        while not done():
+            assert process.poll() is None, f"the sweep ended before {what}"
+            assert time.monotonic() < deadline, f"never {what}"
+            time.sleep(0.05)
+
+    def held() -> list[Path]:
+        return sorted(sweep_dirs.root.glob("release.held.*"))
+
+    ledger = Ledger(sweep_dirs.experiments, STAGE)
+    try:
+        wait_for("two trials held at once", lambda: len(held()) == 2)
+        release.touch()  # one of them finishes; the other stays held
+        wait_for("a third trial held beside the second", lambda: len(held()) == 3)
+        running = [s for s in ledger.states().values() if s.status != FINISHED]
+        assert len(running) == 2  # the held second trial and the new third one
+        for _ in range(2):
+            wait_for("the release taken", lambda: not release.exists())
+            release.touch()
+        _, errors = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, errors[-3000:]
+    states = ledger.states()
+    assert len(states) == 3 and {s.status for s in states.values()} == {FINISHED}
+    assert len(_trials(ledger)) == 3
+
+
+def test_stage1_search_runs_tiny_and_the_benchmark_counts_its_steps(
+        sweep_dirs: SweepDirs) -> None:
+    """The committed stage, shrunk (2 trials x 3 seeds, 20 steps, a median pruner):
+    six complete jobs; bench_search counts every job's steps, pruned ones included."""
+    result = tmgg_train("-m", "stage=stage1_search", "hydra.sweeper.n_trials=2",
+                        "trainer.max_steps=20", "trainer.val_check_interval=10",
+                        "data.val_samples=20", "data.test_samples=20", "logger=csv",
+                        "hydra.launcher.n_workers=2", "hydra.sweeper.pruner=median",
+                        "hydra.sweeper.pruner_startup_trials=1", *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = sweep_dirs.job_records("stage1_search")
+    assert len(records) == 6
+    assert {r["status"] for r in records.values()} <= {FINISHED, PRUNED}
+    seeds = sorted(dict(o.split("=", 1) for o in r["overrides"])["seed"]
+                   for r in records.values())
+    assert seeds == ["1", "1", "2", "2", "3", "3"]  # every trial runs stage 1's seeds
+    out = sweep_dirs.root / "bench.json"
+    bench = subprocess.run([sys.executable, "benchmarks/bench_search.py", "--experiments",
+                            str(sweep_dirs.experiments), "--json", str(out)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 0, bench.stderr
+    figures = json.loads(out.read_text())["search"]
+    assert figures["jobs"] == 6
+    assert figures["steps"] == sum(r["metrics"]["global_step"] for r in records.values())
+    assert figures["pruned_jobs"] == sum(r["status"] == PRUNED for r in records.values())
+    assert "training steps" in bench.stdout

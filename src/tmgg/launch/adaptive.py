@@ -368,7 +368,10 @@ class AdaptiveStudy:
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         trials = ledger_trials(self.ledger, self.space, self.metric)
         complete = sum(1 for t in trials.values() if t.status == COMPLETE)
+        pruned = sum(1 for t in trials.values() if t.status == PRUNED_TRIAL)
         line = f"stage {self.ledger.stage}: {complete}/{self.n_trials} trials complete"
+        if pruned:
+            line += f", {pruned} pruned"
         if done:
             best = self.study.best_trial
             params = ", ".join(f"{k}={v}" for k, v in best.params.items())
