@@ -211,11 +211,35 @@ def test_plan_of_an_adaptive_stage(sweep_dirs: SweepDirs) -> None:
     assert "model.k" in refused.stderr and "must be below its end" in refused.stderr
 
 
+def _wandb_marks(output_dir: Path) -> tuple[int | None, bool, int | None]:
+    """A job's offline W&B run: its exit code, whether tagged pruned, pruned_at_step."""
+    from wandb.proto import wandb_internal_pb2
+
+    from tmgg.cli.reconcile import iter_records, read_run_file, run_files
+
+    (run_file,) = run_files(output_dir)
+    info = read_run_file(run_file)
+    assert info is not None
+    tags: set[str] = set()
+    summary: dict[str, object] = {}
+    for payload in iter_records(run_file.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            tags |= set(record.run.tags)
+        elif kind == "summary":
+            summary.update({item.key: json.loads(item.value_json)
+                            for item in record.summary.update})
+    step = summary.get("pruned_at_step")
+    return info.exit_code, "pruned" in tags, step if isinstance(step, int) else None
+
+
 def test_pruner_stops_a_bad_trial_recorded_pruned_never_resumed(sweep_dirs: SweepDirs) -> None:
     """Trial 1 (lr 0.05, the random sampler's first pick for seed 2) learns; trial 2
     (lr 1e-9) does not, and the median pruner stops it at its first validation: the job
     reported val/loss through the ledger, got the decision, stopped at step 10 of 40."""
-    overrides = ["stage=search_smoke", "logger=csv", "trainer.max_steps=40",
+    overrides = ["stage=search_smoke", "trainer.max_steps=40",  # W&B offline (conftest)
                  "trainer.val_check_interval=10", "data.val_samples=20",
                  "data.test_samples=20", "scheduler=none", "model.k=8",
                  "optimizer.lr=choice(0.05,1e-9)", "hydra/launcher=local",
@@ -236,6 +260,9 @@ def test_pruner_stops_a_bad_trial_recorded_pruned_never_resumed(sweep_dirs: Swee
     assert bad.record["error"] is None and "test/mse" in bad.record["metrics"]
     said = " ".join(result.stderr.split())
     assert "PRUNED search_smoke_linear_pe_lr1e-9" in said and "1 pruned" in said
+    # Its W&B run finished (exit 0) and is marked pruned; the good trial's is not.
+    assert _wandb_marks(Path(bad.record["output_dir"])) == (0, True, 10)
+    assert _wandb_marks(Path(good.record["output_dir"])) == (0, False, None)
     reported = [(e["job_id"], e["step"]) for e in ledger.events() if e["event"] == "reported"]
     assert (bad.job_id, 10) in reported and (good.job_id, 40) in reported
     assert [e["step"] for e in ledger.events()
