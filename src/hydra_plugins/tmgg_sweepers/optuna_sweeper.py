@@ -35,14 +35,15 @@ class TmggOptunaSweeperConf:
     # The job metric a trial is judged by (the mean over its repeats): a key of the
     # job's recorded metrics (val/loss, test/mse, ...).
     metric: str = "val/loss"
-    # none, median (Optuna's MedianPruner) or successive_halving (ASHA). A pruning
+    # none, median (Optuna's MedianPruner) or percentile (PercentilePruner). A pruning
     # trial's job reports the metric at each validation through the ledger and waits
     # for the decision; a pruned job stops there and is recorded PRUNED (never resumed).
     pruner: str = "none"
-    # median: trials that complete before any is pruned; steps before a trial may be.
-    # successive_halving: pruner_warmup_steps is its min_resource (steps).
+    # Trials that complete before any is pruned; steps before a trial may be.
     pruner_startup_trials: int = 5
     pruner_warmup_steps: int = 0
+    # percentile: prune a trial below this percentile of the others at the same step.
+    pruner_percentile: float = 25.0
     # Seconds a job waits for its sweeper's decision before it trains on (a sweeper
     # that died): never reached while the sweeper runs.
     decision_timeout_s: float = 120.0

@@ -301,8 +301,8 @@ def stage_space(config: DictConfig, arguments: Sequence[str]) -> SearchSpace:
     if settings.get("sampler") not in ("tpe", "random"):
         raise SearchSpaceError(f"hydra.sweeper.sampler: tpe or random, got "
                                f"{settings.get('sampler')!r}")
-    if settings.get("pruner") not in ("none", "median", "successive_halving"):
-        raise SearchSpaceError("hydra.sweeper.pruner: none, median or successive_halving, "
+    if settings.get("pruner") not in ("none", "median", "percentile"):
+        raise SearchSpaceError("hydra.sweeper.pruner: none, median or percentile, "
                                f"got {settings.get('pruner')!r}")
     params = OmegaConf.select(config, "hydra.sweeper.params")
     plain = OmegaConf.to_container(params, resolve=False) if params is not None else {}

@@ -113,7 +113,6 @@ class PendingTrial:
     jobs: list[PlannedJob]
     asked: Any = None  # optuna.trial.Trial, None for a re-run of a lost trial
     pruned: bool = False
-    reported_steps: set[int] = field(default_factory=set)
 
 
 class AdaptiveStudy:
@@ -212,7 +211,7 @@ class AdaptiveStudy:
             for _ in range(MAX_REPEATED_ASKS):
                 asked = self.study.ask(self.distributions)
                 key = self.space.trial_key(asked.params)
-                jobs = self._compose(asked.params)
+                jobs = [] if key in trials else self._compose(asked.params)
                 if key in trials or any(job.job_id in known_ids for job in jobs):
                     # A config the ledger has already: never dispatched twice, ask again.
                     self.study.tell(asked, state=TrialState.FAIL)
@@ -280,37 +279,65 @@ class AdaptiveStudy:
 
     # -- pruning --------------------------------------------------------------------
     def _answer_reports(self) -> None:
-        """Answer every report of a job this process dispatched (tmgg.jobs.trials):
-        Optuna's pruner decides from the trial's reported values."""
+        """Answer every report of a job this process dispatched (tmgg.jobs.trials).
+
+        The decision is the pruner's on a study rebuilt from the ledger for it (the
+        stage's completed and pruned trials, this trial's reports up to the step), not
+        on this process's in-memory study: every shell that sees the report decides the
+        same, so a job handed to two shells (one of them skipped it as claimed) gets
+        one answer whichever writes it."""
         from tmgg.jobs.trials import CONTINUE, PRUNE, REPORTED_EVENT, write_decision
 
         with self._lock:
             active = dict(self._active)
         if not active:
             return
-        for event in self.ledger.events():
-            if event.get("event") != REPORTED_EVENT or event.get("job_id") not in active:
-                continue
+        waiting = [event for event in self.ledger.events()
+                   if event.get("event") == REPORTED_EVENT and event.get("job_id") in active
+                   and (str(event["job_id"]), int(event["step"])) not in self._decided]
+        if not waiting:
+            return
+        trials = ledger_trials(self.ledger, self.space, self.metric)
+        for event in waiting:
             job_id, step = str(event["job_id"]), int(event["step"])
-            if (job_id, step) in self._decided:
-                continue
             pending = active[job_id]
-            decision = CONTINUE
-            value = event.get("value")
-            if pending.pruned:
-                decision = PRUNE
-            elif pending.asked is not None:
-                if step not in pending.reported_steps and isinstance(value, int | float):
-                    pending.asked.report(float(value), step)
-                    pending.reported_steps.add(step)
-                if value is None or pending.asked.should_prune():
-                    pending.pruned = True
-                    decision = PRUNE
+            trial = trials.get(pending.key)
+            pruned = pending.pruned or event.get("value") is None or (
+                trial is not None and (any(s.status == PRUNED for s in trial.jobs.values())
+                                       or self._should_prune(trial, trials, step)))
+            decision = PRUNE if pruned else CONTINUE
+            pending.pruned = pruned
             write_decision(self.ledger.root, job_id, step, decision)
             self._decided.add((job_id, step))
             if decision == PRUNE:
                 self.ledger.append({"event": "prune", "time": _now(), "job_id": job_id,
                                     "run_name": event.get("run_name"), "step": step})
+
+    def _should_prune(self, trial: LedgerTrial,
+                      trials: dict[tuple[str, ...], LedgerTrial], step: int) -> bool:
+        """The pruner's decision for ``trial`` at ``step``, from the ledger alone."""
+        import optuna
+        from optuna.trial import TrialState
+
+        study = optuna.create_study(direction=str(self.settings["direction"]),
+                                    sampler=optuna.samplers.RandomSampler(seed=0),
+                                    pruner=make_pruner(self.settings))
+        for key, other in trials.items():
+            if key == trial.key or other.status not in (COMPLETE, PRUNED_TRIAL):
+                continue
+            if other.status == COMPLETE and other.value is None:
+                continue
+            study.add_trial(optuna.trial.create_trial(
+                params=other.params, distributions=self.distributions,
+                value=other.value if other.status == COMPLETE else None,
+                state=TrialState.COMPLETE if other.status == COMPLETE else TrialState.PRUNED,
+                intermediate_values=other.reported))
+        study.enqueue_trial(trial.params)
+        current = study.ask(self.distributions)
+        for reported_step, value in trial.reported.items():
+            if reported_step <= step:
+                current.report(value, reported_step)
+        return bool(current.should_prune())
 
     def _pruning_loop(self, stop: threading.Event) -> None:
         while not stop.wait(0.1):
@@ -380,8 +407,11 @@ class AdaptiveStudy:
 
 
 def make_pruner(settings: dict[str, Any]) -> Any:
-    """Optuna's pruner for ``hydra.sweeper.pruner``: none, median or
-    successive_halving (ASHA), with their warm-up settings."""
+    """Optuna's pruner for ``hydra.sweeper.pruner``: none, median or percentile.
+
+    Only pruners that decide from the trials' intermediate values: a decision is made
+    on a study rebuilt from the ledger, which keeps those values (``reported`` events)
+    but not a pruner's own bookkeeping (successive halving's rungs)."""
     import optuna
 
     kind = str(settings.get("pruner") or "none")
@@ -389,8 +419,10 @@ def make_pruner(settings: dict[str, Any]) -> Any:
     warmup = int(settings.get("pruner_warmup_steps") or 0)
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
-    if kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(warmup, 1))
+    if kind == "percentile":
+        return optuna.pruners.PercentilePruner(float(settings.get("pruner_percentile") or 25.0),
+                                               n_startup_trials=startup,
+                                               n_warmup_steps=warmup)
     return optuna.pruners.NopPruner()
 
 
