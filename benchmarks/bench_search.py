@@ -13,7 +13,13 @@ Reads ``experiments/<stage>/jobs/*.json`` (no training) and reports, side by sid
 Issue 23's target: the search reaches a test mse at least as good as the grids' best
 cell with at most a third of their steps.
 
-Usage: ``python benchmarks/bench_search.py [--experiments experiments] [--json out.json]``.
+With ``--plots DIR``, the search's study is rebuilt from its ledger (the search space
+recorded in its plan.json) and Optuna's matplotlib plots are written there: the
+optimisation history and the parameter importances (PED-ANOVA: Optuna's default
+fANOVA needs scikit-learn, which the lock does not hold).
+
+Usage: ``python benchmarks/bench_search.py [--experiments experiments] [--json out.json]
+[--plots DIR]``.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiments", default="experiments")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--plots", help="write the study's history and importance plots here")
     args = parser.parse_args(argv)
     root = Path(args.experiments)
     grid_records = [r for stage in GRID_STAGES for r in _records(root, stage)]
@@ -106,7 +113,65 @@ def main(argv: list[str] | None = None) -> int:
             print(f"best {name} cell: {best['cell']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plots:
+        for path in write_plots(root, Path(args.plots)):
+            print(f"wrote {path}")
     return 0
+
+
+def write_plots(root: Path, out: Path) -> list[Path]:
+    """The optimisation history and parameter importances of the search's study,
+    rebuilt from its ledger as the sweeper rebuilds it (tmgg.launch.adaptive)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    warnings.filterwarnings("ignore", message=".*is experimental")  # Optuna's plot labels
+    import optuna
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as plots
+
+    from tmgg.jobs.ledger import Ledger
+    from tmgg.jobs.search_space import parse_space
+    from tmgg.launch.adaptive import COMPLETE, PRUNED_TRIAL, ledger_trials
+
+    ledger = Ledger(root, SEARCH_STAGE)
+    study_facts = (ledger.plan() or {}).get("study") or {}
+    if not study_facts:
+        print(f"no study recorded in {ledger.plan_path}", file=sys.stderr)
+        return []
+    space = parse_space(study_facts["search_space"])
+    distributions = space.distributions()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=study_facts.get("direction", "minimize"))
+    metric = str(study_facts.get("metric") or "val/loss")
+    for trial in ledger_trials(ledger, space, metric).values():
+        if trial.status == COMPLETE and trial.value is not None:
+            state, value = TrialState.COMPLETE, trial.value
+        elif trial.status == PRUNED_TRIAL:
+            state, value = TrialState.PRUNED, None
+        else:
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            params=trial.params, distributions=distributions, value=value, state=state,
+            intermediate_values=trial.reported))
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    importance = optuna.importance.PedAnovaImportanceEvaluator()
+    for name, plot in (
+            ("optimization_history", plots.plot_optimization_history),
+            ("param_importances",
+             lambda s: plots.plot_param_importances(s, evaluator=importance))):
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError) as error:  # too few trials for importances
+            print(f"{name}: not plotted ({error})", file=sys.stderr)
+            continue
+        path = out / f"{SEARCH_STAGE}_{name}.png"
+        axes.figure.savefig(path, dpi=120, bbox_inches="tight")
+        written.append(path)
+    return written
 
 
 def _fmt(value: float | None) -> str:

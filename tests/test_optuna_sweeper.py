@@ -17,8 +17,8 @@ from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
 from tmgg.jobs.ledger import FINISHED, LOST, PRUNED, Ledger
 from tmgg.jobs.search_space import SearchSpaceError, parse_space
 
-STAGE = "search_smoke"
-TINY = ["stage=search_smoke", "logger=csv", "trainer.max_steps=20",
+STAGE = "tiny_search"
+TINY = ["stage=tiny_search", "logger=csv", "trainer.max_steps=20",
         "trainer.val_check_interval=10", "data.val_samples=20", "data.test_samples=20",
         "hydra/launcher=local", "hydra.launcher.n_workers=1"]
 
@@ -93,7 +93,7 @@ def test_small_study_runs_n_trials_each_a_complete_job(sweep_dirs: SweepDirs) ->
     for state in states.values():
         record = state.record
         assert record["config"]["job"]["id"] == state.job_id  # config-derived id
-        assert record["run_name"].startswith("search_smoke_linear_pe_lr")
+        assert record["run_name"].startswith("tiny_search_linear_pe_lr")
         assert record["claim"]["generation"] >= 1 and record["attempts"] == 1
         assert isinstance(record["metrics"]["val/loss"], float)
         assert (Path(record["output_dir"]) / "checkpoints" / "last.ckpt").exists()
@@ -200,6 +200,7 @@ def test_plan_of_an_adaptive_stage(sweep_dirs: SweepDirs) -> None:
     assert "model.k" in text and "int in [4, 20]" in text
     assert "28 trials x 3 jobs (seed=1, seed=2, seed=3) x 10000 steps = 840000 steps" in text
     assert "graph_denoise_team/spectral_denoising/stage1_search" in text
+    assert "pruner: median (after 5 complete trials, from step 2000)" in text
     assert "nothing dispatched" in text
     as_json = tmgg_sweep("plan", "--json", "stage=stage1_search", *sweep_dirs.overrides)
     facts = json.loads(as_json.stdout)
@@ -239,7 +240,7 @@ def test_pruner_stops_a_bad_trial_recorded_pruned_never_resumed(sweep_dirs: Swee
     """Trial 1 (lr 0.05, the random sampler's first pick for seed 2) learns; trial 2
     (lr 1e-9) does not, and the median pruner stops it at its first validation: the job
     reported val/loss through the ledger, got the decision, stopped at step 10 of 40."""
-    overrides = ["stage=search_smoke", "trainer.max_steps=40",  # W&B offline (conftest)
+    overrides = ["stage=tiny_search", "trainer.max_steps=40",  # W&B offline (conftest)
                  "trainer.val_check_interval=10", "data.val_samples=20",
                  "data.test_samples=20", "scheduler=none", "model.k=8",
                  "optimizer.lr=choice(0.05,1e-9)", "hydra/launcher=local",
@@ -259,7 +260,7 @@ def test_pruner_stops_a_bad_trial_recorded_pruned_never_resumed(sweep_dirs: Swee
     assert bad.record["pruned_at_step"] == 10 and bad.record["metrics"]["global_step"] == 10
     assert bad.record["error"] is None and "test/mse" in bad.record["metrics"]
     said = " ".join(result.stderr.split())
-    assert "PRUNED search_smoke_linear_pe_lr1e-9" in said and "1 pruned" in said
+    assert "PRUNED tiny_search_linear_pe_lr1e-9" in said and "1 pruned" in said
     # Its W&B run finished (exit 0) and is marked pruned; the good trial's is not.
     assert _wandb_marks(Path(bad.record["output_dir"])) == (0, True, 10)
     assert _wandb_marks(Path(good.record["output_dir"])) == (0, False, None)
@@ -285,9 +286,11 @@ def test_trials_are_asynchronous(sweep_dirs: SweepDirs) -> None:
                  *sweep_dirs.overrides]
     release = sweep_dirs.root / "release"
     env = {**os.environ, "TMGG_TEST_HOLD_AT_STEP": "10", "TMGG_TEST_HOLD_FILE": str(release)}
-    process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True, env=env)
+    log = sweep_dirs.root / "sweep.log"
+    with log.open("w") as handle:  # a file, not a pipe: nothing blocks the sweep
+        process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides],
+                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=handle,
+                                   start_new_session=True, env=env)
 
     def wait_for(what: str, done: Callable[[], bool]) -> None:
         deadline = time.monotonic() + 600  # a bound for a broken run, not a race
@@ -309,12 +312,15 @@ def test_trials_are_asynchronous(sweep_dirs: SweepDirs) -> None:
         for _ in range(2):
             wait_for("the release taken", lambda: not release.exists())
             release.touch()
-        _, errors = process.communicate(timeout=600)
+        process.wait(timeout=600)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    errors = log.read_text()
     assert process.returncode == 0, errors[-3000:]
+    # The launchers' live displays are off; the sweeper prints each job's line.
+    assert errors.count("FINISHED tiny_search_linear_pe_lr") == 3, errors[-3000:]
     states = ledger.states()
     assert len(states) == 3 and {s.status for s in states.values()} == {FINISHED}
     assert len(_trials(ledger)) == 3
@@ -328,7 +334,8 @@ def test_stage1_search_runs_tiny_and_the_benchmark_counts_its_steps(
                         "trainer.max_steps=20", "trainer.val_check_interval=10",
                         "data.val_samples=20", "data.test_samples=20", "logger=csv",
                         "hydra.launcher.n_workers=2", "hydra.sweeper.pruner=median",
-                        "hydra.sweeper.pruner_startup_trials=1", *sweep_dirs.overrides)
+                        "hydra.sweeper.pruner_startup_trials=1",
+                        "hydra.sweeper.pruner_warmup_steps=0", *sweep_dirs.overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     records = sweep_dirs.job_records("stage1_search")
     assert len(records) == 6
@@ -338,7 +345,8 @@ def test_stage1_search_runs_tiny_and_the_benchmark_counts_its_steps(
     assert seeds == ["1", "1", "2", "2", "3", "3"]  # every trial runs stage 1's seeds
     out = sweep_dirs.root / "bench.json"
     bench = subprocess.run([sys.executable, "benchmarks/bench_search.py", "--experiments",
-                            str(sweep_dirs.experiments), "--json", str(out)], cwd=REPO,
+                            str(sweep_dirs.experiments), "--json", str(out), "--plots",
+                            str(sweep_dirs.root / "plots")], cwd=REPO,
                            capture_output=True, text=True, timeout=120)
     assert bench.returncode == 0, bench.stderr
     figures = json.loads(out.read_text())["search"]
@@ -346,3 +354,11 @@ def test_stage1_search_runs_tiny_and_the_benchmark_counts_its_steps(
     assert figures["steps"] == sum(r["metrics"]["global_step"] for r in records.values())
     assert figures["pruned_jobs"] == sum(r["status"] == PRUNED for r in records.values())
     assert "training steps" in bench.stdout
+    assert (sweep_dirs.root / "plots" / "stage1_search_optimization_history.png").stat().st_size
+
+
+def test_an_adaptive_stage_without_multirun_is_refused(sweep_dirs: SweepDirs) -> None:
+    result = tmgg_train("stage=tiny_search", "logger=csv", *sweep_dirs.overrides)
+    assert result.returncode == 2
+    assert "is an adaptive search over" in result.stderr and "tmgg-train -m" in result.stderr
+    assert not (sweep_dirs.outputs / STAGE).exists()

@@ -71,6 +71,9 @@ def adaptive_plan_facts(overrides: Sequence[str]) -> dict[str, Any]:
         "n_trials": n_trials, "n_jobs": int(settings["n_jobs"]),
         "sampler": settings["sampler"], "seed": settings.get("seed"),
         "direction": settings["direction"], "metric": settings["metric"],
+        "pruner": settings.get("pruner") or "none",
+        "pruner_startup_trials": settings.get("pruner_startup_trials"),
+        "pruner_warmup_steps": settings.get("pruner_warmup_steps"),
         "search_space": [{"key": d.key, "declared": d.text, "samples": d.describe()}
                          for d in space.dimensions],
         "fixed": space.fixed,
@@ -124,6 +127,11 @@ def adaptive_plan_main(overrides: Sequence[str], as_json: bool) -> int:
             else " (hydra/launcher=modal prices it)")
     console.print(f"estimated accelerator time at most {facts['est_gpu_seconds_max']:.0f} s"
                   f"{cost}", soft_wrap=True)
+    pruner = facts["pruner"]
+    if pruner != "none":
+        pruner += (f" (after {facts['pruner_startup_trials']} complete trials, from step "
+                   f"{facts['pruner_warmup_steps']})")
+    console.print(f"pruner: {pruner}", soft_wrap=True)
     console.print(f"destination: {destination}; fixed: {' '.join(facts['fixed']) or '-'}",
                   soft_wrap=True)
     console.print(f"trials are asked as the study runs; nothing dispatched; ledger "

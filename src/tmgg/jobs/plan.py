@@ -258,13 +258,18 @@ def refuse_grid_without_multirun(config: DictConfig) -> None:
     from tmgg.jobs.search_space import is_adaptive
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    if not params or is_adaptive(config):
-        return  # an adaptive stage without -m: one job of the given values
+    if not params:
+        return
     arguments = task_overrides(config)
     given = {argument.split("=", 1)[0].lstrip("+~") for argument in arguments}
     swept = [str(key) for key in params]
     if all(key in given for key in swept):
         return
+    if is_adaptive(config):
+        raise PlanError(
+            f"stage {config.stage.name} is an adaptive search over {', '.join(swept)}; "
+            "without -m, tmgg-train would train one job outside its study. Run the study: "
+            f"tmgg-train -m {' '.join(arguments)}")
     jobs = len(expand_grid(config, arguments))
     raise PlanError(
         f"stage {config.stage.name} is a sweep of {jobs} jobs (it sweeps "

@@ -246,6 +246,8 @@ class AdaptiveStudy:
         """Tell Optuna the trial's outcome as the ledger now records it."""
         from optuna.trial import TrialState
 
+        if self.n_jobs > 1:
+            self._print_trial(pending, returns)
         with self._stage_locked():
             self.results.extend(returns)
             trials = ledger_trials(self.ledger, self.space, self.metric)
@@ -262,6 +264,17 @@ class AdaptiveStudy:
                 # Failed, or run by another shell: not a value of this process; the next
                 # _sync adds it from the ledger once it completes.
                 self.study.tell(pending.asked, state=TrialState.FAIL)
+
+    def _print_trial(self, pending: PendingTrial, returns: Sequence[Any]) -> None:
+        """A line per job of a trial that ended (concurrent trials: the launcher's own
+        display is off, launcher_without_live_display)."""
+        from tmgg.launch.common import outcome_rows
+
+        if len(returns) != len(pending.jobs):
+            return
+        for row in outcome_rows(pending.jobs, returns):
+            print(f"{row['status']:<8} {row['job']}  {row['detail'] or ''}", file=sys.stderr,
+                  flush=True)
 
     # -- dispatch -------------------------------------------------------------------
     def _dispatch(self, pending: PendingTrial) -> list[Any]:
