@@ -362,3 +362,17 @@ def test_an_adaptive_stage_without_multirun_is_refused(sweep_dirs: SweepDirs) ->
     assert result.returncode == 2
     assert "is an adaptive search over" in result.stderr and "tmgg-train -m" in result.stderr
     assert not (sweep_dirs.outputs / STAGE).exists()
+
+
+def test_reconcile_counts_a_pruned_job_as_done() -> None:
+    """A PRUNED csv job is ok (done, nothing to resume); a LOST one is still missing."""
+    from tmgg.cli.reconcile import MISSING, OK, judge
+    from tmgg.jobs.ledger import JobState
+    from tmgg.jobs.plan import PlannedJob
+
+    job = PlannedJob(index=0, job_id="tiny_search-0123456789", run_name="tiny_search_x",
+                     stage=STAGE, overrides=[], sweep_config=None,
+                     task_config={"logger": {"name": "csv"}})
+    pruned = judge(job, JobState(job.job_id, job.run_name, PRUNED), [])
+    assert pruned.status == OK
+    assert judge(job, JobState(job.job_id, job.run_name, LOST), []).status == MISSING
