@@ -321,6 +321,10 @@ def test_trials_are_asynchronous(sweep_dirs: SweepDirs) -> None:
     assert process.returncode == 0, errors[-3000:]
     # The launchers' live displays are off; the sweeper prints each job's line.
     assert errors.count("FINISHED tiny_search_linear_pe_lr") == 3, errors[-3000:]
+    # A trial one thread is dispatching is not "lost" to the other (it used to be run
+    # again beside itself and skipped as claimed by this very process).
+    assert "run again" not in errors and "claimed by" not in errors, errors[-3000:]
+    assert not [e for e in ledger.events() if e["event"] == "skipped"]
     states = ledger.states()
     assert len(states) == 3 and {s.status for s in states.values()} == {FINISHED}
     assert len(_trials(ledger)) == 3

@@ -150,6 +150,9 @@ class AdaptiveStudy:
         self._decided: set[tuple[str, int]] = set()  # (job id, step) answered
         self._in_study: set[tuple[str, ...]] = set()  # trials the study knows as done
         self._rerun_here: set[tuple[str, ...]] = set()  # one re-run per lost trial here
+        # Trials this process's threads are dispatching: their jobs may still be only
+        # planned in the ledger, which alone would read as lost and be run again.
+        self._pending_here: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
         self._next_index = 0
         self.results: list[Any] = []
@@ -199,8 +202,10 @@ class AdaptiveStudy:
         with self._stage_locked():
             trials = self._sync()
             for key, trial in trials.items():
-                if trial.status == TO_RERUN and key not in self._rerun_here:
+                if (trial.status == TO_RERUN and key not in self._rerun_here
+                        and key not in self._pending_here):
                     self._rerun_here.add(key)
+                    self._pending_here.add(key)
                     jobs = self._plan(trial.params)
                     log.info("trial %s: run again (lost or failed) with its parameters",
                              ", ".join(key))
@@ -217,6 +222,7 @@ class AdaptiveStudy:
                     self.study.tell(asked, state=TrialState.FAIL)
                     continue
                 record_trial_plan(jobs, self.config, self.arguments, self._study_facts())
+                self._pending_here.add(key)
                 return PendingTrial(key, dict(asked.params), jobs, asked)
             print(f"stage {self.ledger.stage}: {MAX_REPEATED_ASKS} asks in a row gave only "
                   "configs it ran already; the space looks exhausted, the study stops",
@@ -249,6 +255,7 @@ class AdaptiveStudy:
         if self.n_jobs > 1:
             self._print_trial(pending, returns)
         with self._stage_locked():
+            self._pending_here.discard(pending.key)
             self.results.extend(returns)
             trials = ledger_trials(self.ledger, self.space, self.metric)
             trial = trials.get(pending.key)
