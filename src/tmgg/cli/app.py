@@ -31,17 +31,23 @@ def train(cfg: DictConfig) -> Any:
     if isinstance(begun, JobSkipped):
         log.warning("Job %s skipped: %s", cfg.job.run_name, begun.detail)
         return begun
+    from tmgg.jobs.trials import PRUNED_AT_KEY, trial_reporter
     from tmgg.task.train import run_training
 
+    # A trial of a pruning study reports each validation to its sweeper (tmgg.jobs.trials).
+    reporter = trial_reporter(cfg)
+    extra = [reporter] if reporter is not None else []
     if isinstance(begun, HeldJob) and begun.holds_own_claim:
         from tmgg.jobs.claims import lightning_fence, verify
 
         latest = begun.latest_claim()
         assert latest is not None
         verify(latest)  # fenced: nothing (W&B run included) starts after a loss
-        metrics = run_training(cfg, extra_callbacks=[lightning_fence(begun.check)])
+        metrics = run_training(cfg, extra_callbacks=[lightning_fence(begun.check), *extra])
     else:
-        metrics = run_training(cfg)
+        metrics = run_training(cfg, extra_callbacks=extra)
+    if reporter is not None and reporter.pruned_at is not None:
+        metrics[PRUNED_AT_KEY] = reporter.pruned_at  # recorded PRUNED (tmgg.jobs.sweep)
     print_run_summary(cfg, metrics)
     return metrics
 

@@ -136,8 +136,11 @@ def supersede_facts(sweep: Any) -> dict[str, Any]:
 def plan_main(argv: list[str]) -> int:
     parser = _parser("plan", "Compose and validate every job of a sweep; dispatch nothing.")
     args = parser.parse_args(argv)
+    from tmgg.cli.adaptive_plan import adaptive_plan_main, is_adaptive_stage
     from tmgg.jobs.plan import PlanError
 
+    if is_adaptive_stage(args.overrides):
+        return adaptive_plan_main(args.overrides, args.json)
     try:
         sweep, rows, facts = build_plan_rows(args.overrides)
     except PlanError as error:
@@ -428,7 +431,14 @@ def resume_main(argv: list[str]) -> int:
         print(f"  {job.run_name} ({job.job_id}, {status_of(job).lower()})")
     for job in in_flight:
         print(f"  not run: {job.run_name} ({job.job_id}) {states[job.job_id].claim or ''}")
-    if args.dry_run or not todo:
+    from tmgg.jobs.search_space import is_adaptive
+
+    adaptive = is_adaptive(sweep.master_config)
+    if adaptive:
+        # Its trials so far are listed above; the study itself continues toward n_trials
+        # (re-running LOST and FAILED trials, never a finished or PRUNED one).
+        print(f"stage {sweep.stage} is adaptive: the study continues with its own command")
+    if args.dry_run or not (todo or adaptive):
         return 0
     command = [sys.executable, "-m", "tmgg.cli.app", "-m", *args.overrides]
     return subprocess.call(command)

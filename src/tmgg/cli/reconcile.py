@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tmgg.config.identity import job_suffix, job_wandb_run_id, run_generation, wandb_run_id
-from tmgg.jobs.ledger import DISPATCHED, FAILED, FINISHED, RUNNING, JobState
+from tmgg.jobs.ledger import DISPATCHED, DONE, FAILED, FINISHED, RUNNING, JobState
 from tmgg.jobs.plan import PlannedJob
 from tmgg.jobs.supersede import stale_run_ids, superseded_ids
 
@@ -372,7 +372,7 @@ def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence],
     if wandb is None:  # a csv job: the ledger is the only evidence
         destination = "(no W&B)"
         row = Row(job.job_id, job.run_name, OK, destination, ledger_status=ledger_status)
-        if ledger_status == FINISHED:
+        if ledger_status in DONE:  # FINISHED, or an adaptive trial's PRUNED job
             return row
         row.status = _ledger_only_status(ledger_status)
         if row.status == FAILED_STATUS:
@@ -406,10 +406,10 @@ def judge(job: PlannedJob, state: JobState | None, runs: Sequence[RunEvidence],
         return row
     if not own:
         row.status = _ledger_only_status(ledger_status)
-        if ledger_status == FINISHED:
+        if ledger_status in DONE:
             row.status = MISSING
-            row.detail = ("the ledger says finished, but no run of this job was found "
-                          + (looked or f"at {pinned}"))
+            row.detail = (f"the ledger says {ledger_status.lower()}, but no run of this job "
+                          "was found " + (looked or f"at {pinned}"))
         elif row.status == FAILED_STATUS:
             row.detail = error_line
         elif row.status == MISSING:
@@ -434,7 +434,7 @@ def _missing_detail(ledger_status: str) -> str:
 
 
 def _ledger_only_status(ledger_status: str) -> str:
-    if ledger_status == FINISHED:
+    if ledger_status in DONE:
         return OK
     if ledger_status == FAILED:
         return FAILED_STATUS

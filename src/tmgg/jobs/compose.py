@@ -125,6 +125,14 @@ def compose_jobs(loader: Any, master: DictConfig, overrides: Sequence[str]) -> C
     """Every job of the sweep whose master config ``loader`` composed from ``overrides``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from tmgg.jobs.search_space import is_adaptive
+
+    if is_adaptive(master):
+        # An adaptive stage's jobs are its trials so far, as their plan recorded them.
+        plan = Ledger(experiments_root(master), str(master.stage.name)).plan() or {}
+        return ComposedSweep(master_config=master, arguments=list(overrides),
+                             config_loader=loader, from_plan=True,
+                             jobs=[recorded_job(entry) for entry in plan.get("jobs") or []])
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     task_arguments = [o.input_line for o in parsed if not o.is_hydra_override()]
     jobs = compose_plan(loader, master, expand_grid(master, task_arguments))

@@ -53,7 +53,12 @@ SKIPPED = "SKIPPED"
 # Not a job status: how status shows a record of an earlier config (see supersede.py).
 SUPERSEDED = "SUPERSEDED"
 
-TERMINAL = frozenset({FINISHED, FAILED, CANCELLED})
+# An adaptive stage's trial its sweeper stopped early (tmgg.jobs.trials): done, its
+# record says at which step; never resumed, never re-run.
+PRUNED = "PRUNED"
+TERMINAL = frozenset({FINISHED, FAILED, CANCELLED, PRUNED})
+# Jobs a sweep does not run again: they ran to their end (FINISHED) or were pruned.
+DONE = frozenset({FINISHED, PRUNED})
 
 
 class LinkRefused(RuntimeError):

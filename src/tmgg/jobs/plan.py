@@ -255,6 +255,7 @@ def refuse_grid_without_multirun(config: DictConfig) -> None:
     defaults, beside the grid's own jobs under a new id. Allowed only when the command
     line sets every swept key (then it is one of the grid's jobs)."""
     from tmgg.config.identity import task_overrides
+    from tmgg.jobs.search_space import is_adaptive
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     if not params:
@@ -264,6 +265,11 @@ def refuse_grid_without_multirun(config: DictConfig) -> None:
     swept = [str(key) for key in params]
     if all(key in given for key in swept):
         return
+    if is_adaptive(config):
+        raise PlanError(
+            f"stage {config.stage.name} is an adaptive search over {', '.join(swept)}; "
+            "without -m, tmgg-train would train one job outside its study. Run the study: "
+            f"tmgg-train -m {' '.join(arguments)}")
     jobs = len(expand_grid(config, arguments))
     raise PlanError(
         f"stage {config.stage.name} is a sweep of {jobs} jobs (it sweeps "

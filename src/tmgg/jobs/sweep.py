@@ -24,7 +24,7 @@ from tmgg.jobs.composer import (
     master_overrides,
     share_config_cache,
 )
-from tmgg.jobs.ledger import FAILED, FINISHED, RUNNING, Ledger, refuse_links
+from tmgg.jobs.ledger import DONE, FAILED, FINISHED, PRUNED, RUNNING, Ledger, refuse_links
 from tmgg.jobs.plan import PlannedJob, compose_plan, expand_grid, is_tmgg_config
 from tmgg.jobs.platform_info import platform_info
 from tmgg.jobs.records import code_version, host, package_versions, utc_now
@@ -121,7 +121,7 @@ def finished_metrics(task_config: DictConfig) -> dict[str, Any] | None:
     if not is_tmgg_config(task_config):
         return None
     record = ledger_for(task_config).job_record(str(task_config.job.id))
-    if record and record.get("status") == FINISHED:
+    if record and record.get("status") in DONE:
         return record.get("metrics") or {}
     return None
 
@@ -221,8 +221,57 @@ def record_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
         } for job in jobs_of_stage), *(s.event(now) for s in superseded)])
 
 
+def ledger_for_stage(config: DictConfig) -> Ledger:
+    """The ledger of a master config's stage."""
+    return Ledger(experiments_root(config), str(config.stage.name))
+
+
+def remember_planned(jobs: Sequence[PlannedJob]) -> None:
+    """Jobs composed outside the multirun start (an adaptive stage's trials): the
+    launcher's ``planned_jobs`` finds them and does not compose them again."""
+    for job in jobs:
+        _PLAN_CACHE[tuple(job.overrides)] = job
+
+
+def record_trial_plan(jobs: Sequence[PlannedJob], master_config: DictConfig,
+                      arguments: Sequence[str], study: dict[str, Any]) -> None:
+    """An adaptive stage's plan grows by a trial: its jobs join plan.json (the jobs
+    planned before stay, so status, report and reconcile see every trial) and get their
+    ``planned`` events. Callers hold the stage's study lock (one writer at a time)."""
+    tmgg_jobs = [job for job in jobs if job.is_tmgg_job]
+    if not tmgg_jobs:
+        return
+    ledger = ledger_for(tmgg_jobs[0].task_config)
+    launcher = launcher_name(master_config)
+    earlier = ledger.plan() or {}
+    new_ids = {job.job_id for job in tmgg_jobs}
+    entries = [entry for entry in earlier.get("jobs") or []
+               if entry.get("job_id") not in new_ids]
+    entries += [{**job.summary(), "config": job.task_config} for job in tmgg_jobs]
+    now = utc_now()
+    ledger.write_plan({
+        "stage": ledger.stage,
+        "created_at": earlier.get("created_at") or now,
+        "updated_at": now,
+        "arguments": list(arguments),
+        "launcher": launcher,
+        "code": code_version(),
+        "composition": composition_key(master_overrides(master_config)),
+        "sweep_jobs": len(entries),
+        "study": study,
+        "jobs": entries,
+    })
+    ledger.append_many([{
+        "event": "planned", "time": now, "job_id": job.job_id, "run_name": job.run_name,
+        "overrides": job.overrides, "wandb": job.wandb, "launcher": launcher,
+    } for job in tmgg_jobs])
+
+
 def record_plan_for_multirun(config: DictConfig) -> None:
-    """Hydra multirun start: compose, validate and record every job of the sweep."""
+    """Hydra multirun start: compose, validate and record every job of the sweep.
+
+    An adaptive stage (``hydra/sweeper=tmgg_optuna``) has no grid to compose: its
+    search space is checked here and each trial is planned when it is asked."""
     if not is_tmgg_config(config):
         return
     from hydra.core.global_hydra import GlobalHydra
@@ -231,6 +280,16 @@ def record_plan_for_multirun(config: DictConfig) -> None:
 
     check_work_dirs(config)  # before composing: one line, nothing recorded
     arguments = task_overrides(config)
+    from tmgg.jobs.search_space import SearchSpaceError, is_adaptive, stage_space
+
+    if is_adaptive(config):
+        try:
+            stage_space(config, arguments)
+        except SearchSpaceError as error:
+            from tmgg.jobs.plan import PlanError
+
+            raise PlanError(f"stage {config.stage.name}: {error}") from None
+        return
     loader = GlobalHydra.instance().config_loader()
     share_config_cache(loader)  # the plan, BasicSweeper's checks and the launcher
     keep_compositions_for_the_sweeper(loader)
@@ -281,7 +340,7 @@ def is_finished(job: PlannedJob) -> dict[str, Any] | None:
     if not job.is_tmgg_job:
         return None
     record = ledger_for(job.task_config).job_record(job.job_id)
-    if record and record.get("status") == FINISHED:
+    if record and record.get("status") in DONE:
         return record
     return None
 
@@ -437,9 +496,9 @@ def record_outcome(job: PlannedJob, result: Any, launcher: str,
     ledger = ledger_for(job.task_config)
     if _fenced_off(ledger, job, result, claim.ticket if claim is not None else ticket):
         return False
-    status = FINISHED if result.status.name == "COMPLETED" else FAILED
-    error = None if status == FINISHED else str(result._return_value)
-    metrics = result._return_value if status == FINISHED else None
+    status = outcome_status(result.status.name == "COMPLETED", result._return_value)
+    error = None if status in DONE else str(result._return_value)
+    metrics = result._return_value if status in DONE else None
     duration = getattr(result, "duration_s", None)
     if not getattr(result, OUTCOME_RECORDED, False):
         ledger.append(outcome_event(job.job_id, job.run_name, status, duration, error,
@@ -448,6 +507,8 @@ def record_outcome(job: PlannedJob, result: Any, launcher: str,
         record = base_record(job.task_config, job.overrides, launcher, in_job_process=False)
         record.update(status=status, finished_at=utc_now(), duration_s=duration, error=error,
                       metrics=metrics if isinstance(metrics, dict) else None)
+        if status == PRUNED:
+            record["pruned_at_step"] = metrics["pruned_at_step"]
         _record_live_run(record, metrics)
         ledger.write_job_record(job.job_id, record)
     return True
@@ -491,7 +552,7 @@ def record_lost_job(job: PlannedJob, result: Any, launcher: str,
     if _fenced_off(ledger, job, result, claim.ticket if claim is not None else None):
         return result
     record = ledger.job_record(job.job_id)
-    if record and record.get("status") == FINISHED:  # a real run's result, not a skip
+    if record and record.get("status") in DONE:  # a real run's result, not a skip
         from hydra.core.utils import JobReturn, JobStatus
 
         finished = JobReturn(overrides=job.overrides, cfg=OmegaConf.create(job.task_config),
@@ -506,6 +567,16 @@ def record_lost_job(job: PlannedJob, result: Any, launcher: str,
                   error=str(result._return_value))
     ledger.write_job_record(job.job_id, record)
     return result
+
+
+def outcome_status(completed: bool, value: Any) -> str:
+    """FINISHED, PRUNED (a trial its sweeper stopped: its metrics say at which step,
+    tmgg.jobs.trials) or FAILED."""
+    if not completed:
+        return FAILED
+    from tmgg.jobs.trials import PRUNED_AT_KEY
+
+    return PRUNED if isinstance(value, dict) and PRUNED_AT_KEY in value else FINISHED
 
 
 def _first_lines(text: str | None, limit: int = 2000) -> str | None:
@@ -636,9 +707,9 @@ def _begin_held(ledger: Ledger, job_id: str, run_name: str, record: dict[str, An
     """With the claim held (``claim``: this process's own; None: the launcher's), skip
     a job that finished meanwhile, else record it RUNNING (fenced by its own claim)."""
     previous = ledger.job_record(job_id)
-    if previous and previous.get("status") == FINISHED:
+    if previous and previous.get("status") in DONE:
         if claim is not None:
-            claims.release(claim, FINISHED)  # keep the finished record intact
+            claims.release(claim, FINISHED)  # keep the finished (or pruned) record intact
         log.info("Job %s already finished; skipped", run_name)
         _SKIPPED[job_id] = JobSkipped(job_id, run_name, "finished", "finished already",
                                       previous.get("metrics") or {})
@@ -687,7 +758,7 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
     record = ledger.job_record(job_id) or base_record(task, [], launcher_name(config))
     completed = job_return.status.name == "COMPLETED"
     started = record.get("started_at")
-    record.update(status=FINISHED if completed else FAILED, finished_at=utc_now(),
+    record.update(status=outcome_status(completed, value), finished_at=utc_now(),
                   metrics=value if completed and isinstance(value, dict) else None,
                   error=None if completed else _error_text(value))
     if started:
@@ -697,6 +768,8 @@ def job_record_end(config: DictConfig, job_return: Any) -> None:
         record["duration_s"] = round(delta.total_seconds(), 3)
     if completed:
         _record_live_run(record, value)
+    if record["status"] == PRUNED:
+        record["pruned_at_step"] = value["pruned_at_step"]
     record["platform"] = platform_info()  # threads as the job trained with them
     try:
         # Fenced by this process's claim; under the launcher's claim (None) the

@@ -46,6 +46,8 @@ def outcome_rows(jobs: Sequence[PlannedJob], results: Sequence[Any]) -> list[dic
         elif reason == "claimed":
             claimed_by = getattr(value, "detail", None)
         status = "SKIPPED (finished)" if skipped else ("FINISHED" if ok else "FAILED")
+        if status == "FINISHED" and isinstance(value, dict) and "pruned_at_step" in value:
+            status = "PRUNED"  # an adaptive stage's trial its pruner stopped
         rows.append({
             "job": job.run_name,
             "status": CLAIMED_ELSEWHERE if claimed_by else status,
@@ -101,9 +103,12 @@ def outcome_summary(rows: Sequence[dict[str, Any]]) -> str:
     failed = sum(1 for r in rows if r["status"] == "FAILED")
     claimed = sum(1 for r in rows if r["status"] == CLAIMED_ELSEWHERE)
     skipped = sum(1 for r in rows if r["status"].startswith("SKIPPED")) - claimed
-    text = (f"{len(rows) - failed - skipped - claimed} finished, {skipped} skipped "
+    pruned = sum(1 for r in rows if r["status"] == "PRUNED")
+    text = (f"{len(rows) - failed - skipped - claimed - pruned} finished, {skipped} skipped "
             f"(already finished), {claimed} left to the sweep that holds them, "
             f"{failed} failed")
+    if pruned:
+        text += f", {pruned} pruned"
     if claimed:
         text += ("\nJobs held by another sweep are not failures (exit code 0 if nothing "
                  "failed); follow them with `tmgg-sweep status`.")

@@ -113,6 +113,10 @@ class SweepConsole:
                 return
             self.finished += 1
             status, style, detail = "FINISHED", "green", _metric(result._return_value) + took
+            pruned_at = _pruned_at(result._return_value)
+            if pruned_at is not None:  # an adaptive stage's trial its pruner stopped
+                status, style = "PRUNED", "yellow"
+                detail = f"at step {pruned_at}  {detail}"
         else:
             self.failed += 1
             log = job_log_path(job)
@@ -153,3 +157,8 @@ def _error_line(error: Any) -> str:
     error_type = getattr(error, "error_type", type(error).__name__)
     message = str(getattr(error, "message", error)).strip()
     return f"{error_type}: {message.splitlines()[0] if message else ''}"[:200]
+
+
+def _pruned_at(value: Any) -> int | None:
+    """The step a pruned trial's job stopped at (tmgg.jobs.trials), else None."""
+    return value.get("pruned_at_step") if isinstance(value, dict) else None

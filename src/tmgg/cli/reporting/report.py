@@ -56,6 +56,7 @@ from tmgg.jobs.ledger import (
     FAILED,
     FINISHED,
     PLANNED,
+    PRUNED,
     RUNNING,
     JobState,
     Ledger,
@@ -68,7 +69,13 @@ NOTES_FILE = "NOTES.md"
 # Report categories, in the order the outcome table lists them.
 CATEGORIES = ("finished", "failed", "running", "cancelled", "missing")
 _CATEGORY_OF = {FINISHED: "finished", FAILED: "failed", RUNNING: "running",
-                DISPATCHED: "running", CANCELLED: "cancelled"}
+                DISPATCHED: "running", CANCELLED: "cancelled", PRUNED: "pruned"}
+# An adaptive stage's trials its pruner stopped: listed only where there are some.
+PRUNED_CATEGORY = "pruned"
+
+
+def shown_categories(counts: dict[str, int]) -> tuple[str, ...]:
+    return (*CATEGORIES, PRUNED_CATEGORY) if counts.get(PRUNED_CATEGORY) else CATEGORIES
 WARNING = "⚠"
 
 
@@ -193,7 +200,7 @@ class StageReport:
 
     # -- facts -------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(CATEGORIES, 0)
+        counts = dict.fromkeys((*CATEGORIES, PRUNED_CATEGORY), 0)
         for job in self.jobs:
             counts[job.category] += 1
         return counts
@@ -266,7 +273,8 @@ class StageReport:
     def _outcome_section(self) -> list[str]:
         counts = self.counts()
         lines = ["## Outcome", "", "| outcome | jobs |", "|---|---:|"]
-        lines += [f"| {category} | {counts[category]} |" for category in CATEGORIES]
+        lines += [f"| {category} | {counts[category]} |"
+                  for category in shown_categories(counts)]
         lines += [f"| **expected** | **{len(self.jobs)}** |", ""]
         total, with_duration = self.compute_seconds()
         raw = f" ({total:.1f} s)" if total >= 60 else ""
@@ -822,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                                              else source.ledger.root))
     counts = report.counts()
     print(f"wrote {path}: {len(report.rows)} configurations; "
-          + ", ".join(f"{counts[c]} {c}" for c in CATEGORIES)
+          + ", ".join(f"{counts[c]} {c}" for c in shown_categories(counts))
           + f" of {len(report.jobs)} expected jobs")
     return 0
 
