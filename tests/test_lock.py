@@ -169,7 +169,8 @@ def test_modal_image_builds_from_a_non_editable_install(tmp_path: Path) -> None:
     for path in [found["lock"], found["torch"], *found["packages"].values()]:
         assert Path(path).is_relative_to(purelib), path
     assert Path(found["lock"]).read_text() == REQUIREMENTS_LOCK.read_text()
-    assert set(found["packages"]) == {"tmgg", "hydra_plugins/tmgg_launchers"}
+    assert set(found["packages"]) == {"tmgg", "hydra_plugins/tmgg_launchers",
+                                      "hydra_plugins/tmgg_sweepers"}
     assert found["uv"] == locked_version("uv", UV_LOCK)
     assert found["conf"] == str(conf)
 

@@ -314,7 +314,7 @@ class ImageSources:
         from tmgg.config.lockfile import REQUIREMENTS_LOCK, TORCH_LOCK, UV_LOCK, locked_version
 
         packages = {}
-        for module in ("tmgg", "hydra_plugins.tmgg_launchers"):
+        for module in ("tmgg", "hydra_plugins.tmgg_launchers", "hydra_plugins.tmgg_sweepers"):
             spec = importlib.util.find_spec(module)
             if spec is None or not spec.submodule_search_locations:
                 raise RuntimeError(f"cannot build the Modal image: {module} is not importable")
