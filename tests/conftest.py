@@ -21,16 +21,18 @@ pytest_plugins = ["wandb_server.fixtures"]
 # `make test` hands whole files to its workers (pytest-xdist --dist loadfile: a module's
 # shared sweep is made once) in the order collected. Files that take minutes start first,
 # so the run ends on short files instead of one worker finishing a long one alone.
-# Tiers from `pytest --durations=0` summed per file on this 2-core machine (seconds of
-# the longest first); within a tier, and among all other files, pytest-randomly's
-# seeded order stands. A stale entry only costs time, never a test.
+# Tiers from earlier runs' slowest tests and the number of sweeps each file starts;
+# re-rank them from `pytest --durations=0` summed per file. Within a tier, and among all
+# other files, pytest-randomly's seeded order stands. A stale entry costs time, never a
+# test.
 LONG_FILES_FIRST: tuple[frozenset[str], ...] = (
-    frozenset({"test_composer.py", "test_first_hour.py", "test_modal_launcher.py",
-               "test_fused_launchers.py", "test_exactly_once.py", "test_wandb_online.py"}),
-    frozenset({"test_compare.py", "test_reconcile.py", "test_submitit.py", "test_sync.py",
-               "test_strict_files.py", "test_fused.py", "test_local_launcher.py",
-               "test_fencing.py", "test_config_schema.py", "test_planted_bugs.py",
-               "test_fused_faults.py", "test_report.py"}),
+    frozenset({"test_modal_launcher.py", "test_wandb_online.py", "test_first_hour.py",
+               "test_fused_launchers.py", "test_exactly_once.py", "test_local_launcher.py",
+               "test_composer.py", "test_sync.py"}),
+    frozenset({"test_fencing.py", "test_reconcile.py", "test_compare.py", "test_submitit.py",
+               "test_strict_files.py", "test_fused.py", "test_config_schema.py",
+               "test_planted_bugs.py", "test_fused_faults.py", "test_report.py",
+               "test_files_are_data.py", "test_training_job.py", "test_lock.py"}),
 )
 
 
