@@ -3,7 +3,10 @@
 BOOTSTRAP_PYTHON ?= python3
 VENV ?= .venv
 PYTHON = $(VENV)/bin/python
-UV_INSTALL = $(VENV)/bin/uv pip install --python $(PYTHON)
+# --compile-bytecode: .pyc files written once at install. Without them every process
+# compiles torch's and lightning's sources again where PYTHONDONTWRITEBYTECODE is set
+# (about 5 s of CPU per process that imports lightning; the tests start hundreds).
+UV_INSTALL = $(VENV)/bin/uv pip install --python $(PYTHON) --compile-bytecode
 # The lock (`make lock` writes it from pyproject.toml; tools/envlock.py says how).
 LOCK_DIR = src/tmgg/lock
 EDITABLE_STAMP = $(VENV)/.tmgg-editable
@@ -16,12 +19,14 @@ PYTEST_ARGS ?=
 # The suite runs in parallel (pytest-xdist; most of a test's time is a subprocess starting
 # torch and Lightning) and in random order (pytest-randomly). The order's seed is printed
 # first: `make test TEST_SEED=N` repeats an order, `TEST_ORDER=-p no:randomly` keeps file order.
+# Workers take whole files (--dist loadfile: a module's shared sweep is made once), the
+# longest files first (tests/conftest.py, LONG_FILES_FIRST), so no long file ends the run.
 TEST_WORKERS ?= auto
 ifndef TEST_SEED
 TEST_SEED := $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
 endif
 TEST_ORDER ?= -p randomly --randomly-seed=$(TEST_SEED)
-PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist worksteal $(TEST_ORDER)
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile $(TEST_ORDER)
 # Recipes (and the tests' subprocesses) find .venv's tools first, as if it were active.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAGE ?= stage1

@@ -17,6 +17,38 @@ REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["wandb_server.fixtures"]
 
 
+# -- the order of the run: the longest files first ---------------------------------------
+# `make test` hands whole files to its workers (pytest-xdist --dist loadfile: a module's
+# shared sweep is made once) in the order collected. Files that take minutes start first,
+# so the run ends on short files instead of one worker finishing a long one alone.
+# Tiers from earlier runs' slowest tests and the number of sweeps each file starts;
+# re-rank them from `pytest --durations=0` summed per file. Within a tier, and among all
+# other files, pytest-randomly's seeded order stands. A stale entry costs time, never a
+# test.
+LONG_FILES_FIRST: tuple[frozenset[str], ...] = (
+    frozenset({"test_modal_launcher.py", "test_wandb_online.py", "test_first_hour.py",
+               "test_fused_launchers.py", "test_exactly_once.py", "test_local_launcher.py",
+               "test_composer.py", "test_sync.py"}),
+    frozenset({"test_fencing.py", "test_reconcile.py", "test_compare.py", "test_submitit.py",
+               "test_strict_files.py", "test_fused.py", "test_config_schema.py",
+               "test_planted_bugs.py", "test_fused_faults.py", "test_report.py",
+               "test_files_are_data.py", "test_training_job.py", "test_lock.py"}),
+)
+
+
+def file_tier(item: pytest.Item) -> int:
+    """0 for the longest files, then 1, ...; every other file after them."""
+    name = item.path.name
+    return next((tier for tier, files in enumerate(LONG_FILES_FIRST) if name in files),
+                len(LONG_FILES_FIRST))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest files first; a stable sort keeps pytest-randomly's shuffle (it reorders
+    in a hook wrapper, before this one) within each tier and each file."""
+    items.sort(key=file_tier)
+
+
 @pytest.fixture(autouse=True)
 def _offline_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach W&B or Modal servers."""

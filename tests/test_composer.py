@@ -98,21 +98,41 @@ def _raw_compositions(master_overrides: list[str], jobs: list[list[str]] | None,
         return results, None if cache is None else cache.full_compositions
 
 
+def _sweep_with_raw_compositions(overrides: list[str], shared: bool
+                                 ) -> tuple[list[PlannedJob], list[Any], int | None]:
+    """``compose_sweep``'s jobs, with what ``load_sweep_config`` gave for each of them as
+    ``_structure`` rows (taken before the plan numbers and freezes it) and the count of
+    full compositions: one pass over the grid yields both, as ``_raw_compositions`` and
+    ``compose_sweep`` would each on their own."""
+    with hydra_session(shared_cache=shared) as loader:
+        load = loader.load_sweep_config
+        raw: list[Any] = []
+
+        def load_and_record(master_config: Any, sweep_overrides: list[str]) -> Any:
+            config = load(master_config, sweep_overrides)
+            raw.append(_structure(config))
+            return config
+
+        loader.load_sweep_config = load_and_record
+        master = load_master_config(loader, overrides)
+        jobs = compose_jobs(loader, master, overrides).jobs
+        cache = getattr(loader.repository, "cache", None)
+        return jobs, raw, None if cache is None else cache.full_compositions
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "count", "group_choices"),
                          [("stage1", 108, 3), ("stage2", 216, 3 * 4)])
 def test_every_stage_job_composes_as_with_hydras_uncached_loader(
         stage: str, count: int, group_choices: int) -> None:
     """Every job of stages 1 and 2: Hydra's composition node for node, and the plan."""
-    shared, full = _raw_compositions([f"stage={stage}"], None, shared=True)
-    baseline, _ = _raw_compositions([f"stage={stage}"], None, shared=False)
+    fast, shared, full = _sweep_with_raw_compositions([f"stage={stage}"], shared=True)
+    plain, baseline, _ = _sweep_with_raw_compositions([f"stage={stage}"], shared=False)
     assert len(baseline) == count
     assert full == 1 + group_choices  # the master, then one per model (and data)
     for index, (ours, hydras) in enumerate(zip(shared, baseline, strict=True)):
         assert ours == hydras, f"job #{index}"
-    fast = compose_sweep([f"stage={stage}"])
-    plain = compose_sweep([f"stage={stage}"], shared_cache=False)
-    _assert_same_jobs(fast.jobs, plain.jobs)
+    _assert_same_jobs(fast, plain)
 
 
 # Group choices and values interleaved, appends, deletions, a dict value on a group,

@@ -23,6 +23,9 @@ from tmgg.launch.local import worker_crash
 from tmgg.launch.worker_pool import Died
 
 LOCAL = ["hydra/launcher=local", "hydra.launcher.n_workers=2"]
+# A few steps and samples: the smoke test's assertions are about records, not training.
+TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.val_samples=20",
+        "data.test_samples=20"]
 
 
 @pytest.mark.parametrize("launcher_name, overrides", [("local", ["hydra.launcher.n_workers=2"])])
@@ -37,7 +40,8 @@ class TestLocalLauncherIntegration(IntegrationTestSuite):
 
 
 def test_smoke_sweep_records_every_job(sweep_dirs: SweepDirs) -> None:
-    result = tmgg_train("-m", "stage=smoke", "logger=csv", *LOCAL, *sweep_dirs.overrides)
+    result = tmgg_train("-m", "stage=smoke", "logger=csv", *LOCAL, *TINY,
+                        *sweep_dirs.overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     ledger = Ledger(sweep_dirs.experiments, "smoke")
     states = ledger.states()

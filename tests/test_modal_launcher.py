@@ -34,6 +34,9 @@ from tmgg.launch.modal.transport import LocalContainers
 from tmgg.run.executor import JobFailure, serialize
 
 LOCAL = ["hydra/launcher=modal", "hydra.launcher.transport=local"]
+# A few steps and samples where an assertion is about records and returns, not training.
+TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.val_samples=20",
+        "data.test_samples=20"]
 ONE_CONTAINER = [*LOCAL, "hydra.launcher.local_containers=1"]
 
 
@@ -79,7 +82,7 @@ def test_plugin_import_imports_neither_modal_nor_torch() -> None:
 
 
 def test_smoke_stage_finishes_with_every_job_in_the_ledger(sweep_dirs: SweepDirs) -> None:
-    result = tmgg_train("-m", "stage=smoke", "logger=csv", *LOCAL,
+    result = tmgg_train("-m", "stage=smoke", "logger=csv", *LOCAL, *TINY,
                         "hydra.launcher.local_containers=2", *sweep_dirs.overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     ledger = Ledger(sweep_dirs.experiments, "smoke")
@@ -119,7 +122,7 @@ def test_job_raising_remotely_is_a_failed_return_and_the_others_finish(
     app = tmp_path / "failing_app.py"
     app.write_text(FAILING_APP)
     result = run_cli([str(app), "-m", "stage=smoke", "logger=csv", "model=linear_pe", *LOCAL,
-                      "hydra.launcher.retries.max_retries=0", *sweep_dirs.overrides])
+                      *TINY, "hydra.launcher.retries.max_retries=0", *sweep_dirs.overrides])
     assert result.returncode != 0
     states = {s.run_name: s for s in Ledger(sweep_dirs.experiments, "smoke").states().values()}
     ok, bad = states["smoke_linear_pe_lr1e-3_wd1e-2_k8_s1"], states[

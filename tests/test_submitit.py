@@ -38,6 +38,8 @@ SBATCH_VARIABLES = ("SBATCH_PARTITION", "SBATCH_ACCOUNT", "SBATCH_QOS", "SBATCH_
 
 def test_smoke_stage_through_submitit_local(sweep_dirs: SweepDirs) -> None:
     result = tmgg_train("-m", "stage=smoke", "model=linear_pe", "logger=csv", *LOCAL,
+                        "trainer.max_steps=6", "trainer.val_check_interval=3",
+                        "data.val_samples=20", "data.test_samples=20",
                         *sweep_dirs.overrides, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ledger = Ledger(sweep_dirs.experiments, "smoke")
@@ -62,7 +64,7 @@ def test_smoke_stage_through_submitit_local(sweep_dirs: SweepDirs) -> None:
             f"{state.run_name}-{state.job_id.rsplit('-', 1)[1]}")
         metrics = json.loads((output_dir / "metrics.json").read_text())
         assert metrics["job_id"] == state.job_id
-        assert metrics["global_step"] == 60 and metrics["resumed_from_step"] == 0
+        assert metrics["global_step"] == 6 and metrics["resumed_from_step"] == 0
         assert (output_dir / ".hydra" / "config.yaml").exists()
         job_pids.add(record["pid"])
     assert len(job_pids) == 2  # one process per job

@@ -187,13 +187,18 @@ def write_refusal(api: Any, entity: str, project: str, base_url: str) -> str | N
 
 
 def _default_api(base_url: str) -> Any:
-    """``wandb.Api`` on the host with the key wandb finds for it (any of its names)."""
+    """``wandb.Api`` on the host with the key wandb finds for it (any of its names).
+
+    Waits 60 s for a host that does not answer, or wandb's own ``WANDB_HTTP_TIMEOUT``
+    where that is set (the tests set it: an unreachable host is refused sooner).
+    """
     import wandb
+    from wandb import env as wandb_env
 
     from tmgg.task.loggers import find_wandb_api_key
 
     found = find_wandb_api_key(base_url)
-    return wandb.Api(overrides={"base_url": base_url}, timeout=60,
+    return wandb.Api(overrides={"base_url": base_url}, timeout=wandb_env.get_http_timeout(60),
                      api_key=found.api_key if found else None)
 
 
