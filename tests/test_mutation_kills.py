@@ -204,3 +204,43 @@ def test_the_heartbeat_renews_and_reports_a_lost_claim(tmp_path: Path) -> None:
     assert default.discard(JOB) == claim and default.stop() == []
     other = claims.Heartbeat(claim)
     assert other.stop() == [claim]
+
+
+def test_after_a_pause_the_heartbeat_renews_at_once_or_says_the_lease_ran_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check`` after longer than 1.5 renewal intervals without one (SIGSTOP, a
+    suspended laptop): it renews on the spot; a claim taken over meanwhile, or one that
+    could not be renewed for a whole lease, stops the job."""
+    _, claim = claims.take(tmp_path, JOB, ticket="a", transport={})
+    beat = claims.Heartbeat(claim, interval_s=3600)  # its thread never renews here
+    try:
+        beat._renewed_at[JOB] = time.monotonic() - 2 * 3600  # paused for two intervals
+        beat.check(JOB)  # renewed at once
+        assert time.monotonic() - beat._renewed_at[JOB] < 3600
+        assert claim.mtime is None and beat.claims[JOB].mtime is not None  # renew's claim
+        # A shared file system that refuses the renewal for longer than the lease.
+        monkeypatch.setattr(claims, "renew", lambda claim: (_ for _ in ()).throw(
+            OSError("stale file handle")))
+        beat._renewed_at[JOB] = time.monotonic() - 2 * 3600
+        with pytest.raises(claims.ClaimLost, match=r"its lease could not be renewed for "
+                                                   r"\d+ s"):
+            beat.check(JOB)
+        assert JOB not in beat.claims and JOB in beat.lost
+        with pytest.raises(claims.ClaimLost):  # and keeps saying so
+            beat.check(JOB)
+    finally:
+        beat.stop()
+    monkeypatch.undo()
+    _, claim = claims.take(tmp_path, "smoke-0000000000ff", ticket="b", transport={})
+    beat = claims.Heartbeat(claim, interval_s=3600)
+    try:
+        # Taken over while paused: the renewal at once finds the newer generation.
+        directory = claims.claims_dir(tmp_path)
+        (directory / "smoke-0000000000ff.g2.json").write_text(
+            (directory / "smoke-0000000000ff.g1.json").read_text())
+        beat.check("smoke-0000000000ff")  # not paused: no renewal, nothing known yet
+        beat._renewed_at["smoke-0000000000ff"] = time.monotonic() - 2 * 3600
+        with pytest.raises(claims.ClaimLost, match="generation 2 is newer than ours"):
+            beat.check("smoke-0000000000ff")
+    finally:
+        beat.stop()
