@@ -19,7 +19,7 @@ from claim_helpers import plan_jobs as _plan
 from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
 
 from tmgg.jobs import claims
-from tmgg.jobs.ledger import FINISHED, LOST, RUNNING, Ledger
+from tmgg.jobs.ledger import FAILED, FINISHED, LOST, RUNNING, Ledger
 from tmgg.jobs.records import host
 
 LOCAL = ["hydra/launcher=local", "hydra.launcher.n_workers=2"]
@@ -107,35 +107,16 @@ def test_a_detached_call_in_flight_is_polled_not_sent_again(sweep_dirs: SweepDir
 
 # -- chaos: two sweeps at once, a worker and a launcher killed, then resume ----------
 
-CHAOS_STEPS, CHAOS_CHECKPOINT = 200, 40
-
-
-def _checkpointed_jobs(ledger: Ledger, launcher_pid: int) -> list[tuple[str, int]]:
-    """(job id, worker pid) of jobs this launcher dispatched that run past a checkpoint."""
-    found = []
-    for job_id, record in ledger.job_records().items():
-        claim = claims.current(ledger.root, job_id)
-        if record.get("status") != RUNNING or claim is None or claim.released:
-            continue
-        if (claim.data.get("dispatcher") or {}).get("pid") != launcher_pid:
-            continue
-        worker = int(claim.owner["pid"])
-        output_dir = record.get("output_dir")
-        if worker != launcher_pid and output_dir \
-                and (Path(output_dir) / "checkpoints" / "last.ckpt").exists():
-            found.append((job_id, worker))
-    return found
-
-
-def _running_jobs(ledger: Ledger, launcher_pid: int) -> set[str]:
-    """Jobs RUNNING under a claim this launcher dispatched."""
-    running = set()
-    for job_id, record in ledger.job_records().items():
-        claim = claims.current(ledger.root, job_id)
-        if record.get("status") == RUNNING and claim is not None \
-                and (claim.data.get("dispatcher") or {}).get("pid") == launcher_pid:
-            running.add(job_id)
-    return running
+# Each job holds at its first checkpoint (tmgg.task.hold) until the test lets it on:
+# the kills land at that step whatever the machine's speed.
+CHAOS_STEPS, CHAOS_CHECKPOINT = 8, 4
+CHAOS_DISPATCH = {
+    # Job by job: each sweep's two workers claim a job each, and hold.
+    "solo": ["hydra.launcher.fuse=off", "hydra.launcher.n_workers=2"],
+    # The default, fused: a group per seed (three models each). One worker per sweep,
+    # so that the first sweep claims one group and the second the other.
+    "fused": ["hydra.launcher.n_workers=1"],
+}
 
 
 def _training_starts(output_dir: Path, run_name: str) -> list[int]:
@@ -170,68 +151,89 @@ def _history_span(run_file: Path) -> tuple[float, float] | None:
     return (min(stamps), max(stamps)) if stamps else None
 
 
+def _jobs_of_worker(ledger: Ledger, pid: int) -> set[str]:
+    """The jobs whose claim a job process (a solo job, or a fused group's trainer) holds."""
+    return {job_id for job_id in ledger.job_records()
+            if (claim := claims.current(ledger.root, job_id)) is not None
+            and not claim.released and int(claim.owner["pid"]) == pid}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("dispatch", sorted(CHAOS_DISPATCH))
 def test_chaos_two_sweeps_kills_and_resume_run_every_job_exactly_once(
-        sweep_dirs: SweepDirs) -> None:
+        sweep_dirs: SweepDirs, dispatch: str) -> None:
+    """Two sweeps of one stage; each holds its first jobs at their first checkpoint. One
+    worker of the first sweep (a job, or a whole fused group) is SIGKILLed there, and the
+    second sweep's launcher too. Every member of the killed task is FAILED as its worker
+    crashed; `resume` finishes all six jobs, each trained once (an interrupted one
+    continued from its checkpoint, after the kill) into one W&B run."""
+    from holds import hold_env, released, wait_for_holds, wait_until_gone
+
     from tmgg.cli.reconcile import read_run_file, run_files
     from tmgg.config.identity import wandb_run_id
 
-    # Job by job (fuse=off): with fused groups the first sweep claims all six jobs in
-    # two tasks and the second never runs one; this test races claims job against job.
     overrides = ["stage=smoke", "logger.mode=offline", f"trainer.max_steps={CHAOS_STEPS}",
-                 f"trainer.val_check_interval={CHAOS_CHECKPOINT}", "hydra.launcher.fuse=off",
-                 *sweep_dirs.overrides]
-    command = [sys.executable, "-m", "tmgg.cli.app", "-m", *overrides, *LOCAL]
+                 f"trainer.val_check_interval={CHAOS_CHECKPOINT}", "data.val_samples=20",
+                 "data.test_samples=20", *sweep_dirs.overrides]
+    workers = CHAOS_DISPATCH[dispatch]
+    command = [sys.executable, "-m", "tmgg.cli.app", "-m", *overrides, *workers]
     logs = [sweep_dirs.root / f"sweep{n}.log" for n in (1, 2)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    sweeps = [subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                               start_new_session=True, env=env) for log in logs]
-    first, second = sweeps
+    releases = [sweep_dirs.root / f"release{n}" for n in (1, 2)]
+    base = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    holds_per_sweep = 2 if dispatch == "solo" else 1
     ledger = Ledger(sweep_dirs.experiments, "smoke")
 
     def output() -> str:
-        return "\n".join(log.read_text()[-3000:] for log in logs)
+        return "\n".join(log.read_text()[-3000:] for log in logs if log.exists())
 
+    def start(n: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, cwd=REPO, stdout=logs[n].open("w"),
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=hold_env(CHAOS_CHECKPOINT, releases[n], base))
+
+    sweeps: list[subprocess.Popen[bytes]] = []
     try:
-        # Wait for an observable state, not for a time: each sweep runs a job of its
-        # own past its first checkpoint.
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            of_first = _checkpointed_jobs(ledger, first.pid)
-            of_second = _checkpointed_jobs(ledger, second.pid)
-            if of_first and of_second:
-                break
-            if first.poll() is not None or second.poll() is not None:
-                pytest.fail(f"a sweep ended before both ran a job past a checkpoint:\n"
-                            f"{output()}")
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"the two sweeps never both ran a job past a checkpoint:\n{output()}")
-        killed_job, worker = of_first[0]
-        # Jobs that may legitimately train again: those the kills interrupt (a job of
-        # the first sweep can be cut short beside the killed one until crash isolation
-        # of the local launcher lands: its pool breaks).
-        interrupted = _running_jobs(ledger, first.pid) | _running_jobs(ledger, second.pid)
-        os.kill(worker, signal.SIGKILL)  # one worker of the first sweep, mid-job
+        # The second sweep starts once the first holds its jobs: it claims what is left.
+        sweeps.append(first := start(0))
+        first_workers = wait_for_holds(releases[0], holds_per_sweep, first, describe=output)
+        sweeps.append(second := start(1))
+        second_workers = wait_for_holds(releases[1], holds_per_sweep, first, second,
+                                        describe=output)
+        interrupted = set().union(*(_jobs_of_worker(ledger, pid)
+                                    for pid in first_workers + second_workers))
+        killed_worker = first_workers[0]
+        killed_jobs = _jobs_of_worker(ledger, killed_worker)
+        assert len(killed_jobs) == (1 if dispatch == "solo" else 3), killed_jobs
+        assert len(interrupted) == (4 if dispatch == "solo" else 6), interrupted
+
         os.kill(second.pid, signal.SIGKILL)  # the second sweep's launcher
         second.wait()
-        first.wait(timeout=900)
+        # Its workers (children of its fork server, which lives while they do) end the
+        # job they hold under their own claim, then find no launcher and exit.
+        with released(releases[1]):
+            for pid in second_workers:
+                wait_until_gone(pid)
+        os.kill(killed_worker, signal.SIGKILL)  # a worker of the first sweep, held
+        with released(releases[0]):  # the first sweep's other jobs train on
+            assert first.wait(timeout=900) != 0, output()  # the killed jobs failed
     finally:
         for sweep in sweeps:
             if sweep.poll() is None:
                 os.killpg(sweep.pid, signal.SIGKILL)
                 sweep.wait()
-    # A job the second launcher's workers were running ends under their claim (or is
-    # LOST when they die with the launcher); then nothing is in flight any more.
-    deadline = time.time() + 300
-    while time.time() < deadline and any(
-            s.status == RUNNING for s in ledger.states().values()):
-        time.sleep(0.5)
     for sweep in sweeps:  # what is left of the killed launcher (fork server, idle workers)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sweep.pid, signal.SIGKILL)
 
-    resumed = tmgg_sweep("resume", *overrides)
+    # Each member of the killed task: FAILED, as its worker crashed, its checkpoint kept.
+    records = ledger.job_records()
+    for job_id in killed_jobs:
+        record = records[job_id]
+        assert record["status"] == FAILED, (record, output())
+        assert "WorkerCrashed" in record["error"] and record["run_name"] in record["error"]
+    assert not any(s.status == RUNNING for s in ledger.states().values())
+
+    resumed = tmgg_sweep("resume", *overrides, *workers)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     status = json.loads(tmgg_sweep("status", "--json", *overrides).stdout)
     assert status["counts"] == {FINISHED: 6}, (status, output())
@@ -256,14 +258,14 @@ def test_chaos_two_sweeps_kills_and_resume_run_every_job_exactly_once(
         # began after the interrupted attempt's last step (never two copies at once).
         starts = _training_starts(output_dir, record["run_name"])
         assert record["metrics"]["global_step"] == CHAOS_STEPS
-        if job_id in interrupted:
-            assert 1 <= len(starts) <= 2, (record["run_name"], starts)
+        assert (record["metrics"].get("fused_members", 1) > 1) is (dispatch == "fused")
+        if job_id in killed_jobs:  # resumed from its checkpoint, after the kill
+            assert starts == [0, CHAOS_CHECKPOINT], (record["run_name"], starts)
+            assert record["metrics"]["resumed_from_step"] == CHAOS_CHECKPOINT
+        elif job_id in interrupted:
+            assert starts in ([0], [0, CHAOS_CHECKPOINT]), (record["run_name"], starts)
         else:
             assert starts == [0], (record["run_name"], starts)
         spans = sorted(span for span in map(_history_span, run_files(output_dir)) if span)
         for earlier, later in zip(spans, spans[1:], strict=False):
             assert earlier[1] <= later[0], (record["run_name"], spans)
-    # The killed worker's job resumed from its checkpoint, after the kill, not beside it.
-    assert len(_training_starts(Path(records[killed_job]["output_dir"]),
-                                records[killed_job]["run_name"])) == 2
-    assert records[killed_job]["metrics"]["resumed_from_step"] >= CHAOS_CHECKPOINT

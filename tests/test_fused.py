@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -348,10 +347,19 @@ run_fused_training(members)
 """
 
 
+KILLED_GROUP_STEPS, KILLED_GROUP_CHECKPOINT = 20, 10
+
+
 @pytest.mark.slow
 def test_a_killed_group_resumes_each_member_from_its_own_checkpoint(
         sweep: Sweep, tmp_path: Path) -> None:
+    """The group's process holds at its first checkpoint (``tmgg.task.hold``) and is
+    SIGKILLed there, never before it nor after the group finished; each member then
+    resumes from its own step-10 checkpoint, fused or solo, to the uninterrupted
+    numbers."""
     import shutil
+
+    from holds import hold_env, wait_for_holds
 
     from tmgg.task.fused import FusedMember, run_fused_training
     from tmgg.task.train import run_training
@@ -360,26 +368,26 @@ def test_a_killed_group_resumes_each_member_from_its_own_checkpoint(
     paths = []
     for i, cfg in enumerate(configs):
         cfg.logger = {"name": "csv"}
-        cfg.trainer.max_steps = 300
-        cfg.trainer.val_check_interval = 10
+        cfg.trainer.max_steps = KILLED_GROUP_STEPS
+        cfg.trainer.val_check_interval = KILLED_GROUP_CHECKPOINT
         paths.append(tmp_path / f"job{i}.yaml")
         OmegaConf.save(cfg, paths[-1])
     reference = sweep.run_group("reference", configs)
     group_dir = tmp_path / "group"
+    release = tmp_path / "release"
+    env = hold_env(KILLED_GROUP_CHECKPOINT, release, {**os.environ, "PYTHONPATH": str(REPO)})
     process = subprocess.Popen([sys.executable, "-c", KILLED_GROUP, str(group_dir),
-                                *map(str, paths)], cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO)},
+                                *map(str, paths)], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (held,) = wait_for_holds(release, 1, process)
+        assert held == process.pid
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     lasts = [group_dir / str(c.job.run_name) / "checkpoints" / "last.ckpt" for c in configs]
-    deadline = time.monotonic() + 300
-    while not all(p.exists() for p in lasts) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     steps = [int(_load(p)["global_step"]) for p in lasts]
-    if max(steps) >= 300:
-        pytest.skip("the group finished before it could be killed")
-    assert min(steps) >= 10
+    assert steps == [KILLED_GROUP_CHECKPOINT] * 2
     # Member 1's checkpoints, copied: a member checkpoint resumes a solo job too.
     solo_cfg = OmegaConf.create(OmegaConf.to_container(configs[1]))
     solo_cfg.outputs_dir = str(tmp_path / "solo")

@@ -155,20 +155,29 @@ def test_detached_fused_groups_are_one_call_each_folded_and_cancelled_per_member
         sweep_dirs: SweepDirs, tmp_path: Path) -> None:
     # The jobs write their own records on the stand-in volume: only `status` folding the
     # call's result brings them into this machine's ledger. One container slot: the
-    # second group's call waits for the first, and is cancelled.
+    # second group's call waits for the first. Each group holds at step 1
+    # (``tmgg.task.hold``): the first is let through, the second is cancelled while
+    # held, whatever the machine's speed.
+    from holds import hold_env, wait_for_holds
+
+    release = tmp_path / "release"
     result = tmgg_train("-m", *SWEEP, *MODAL, "hydra.launcher.detach=true",
                         "hydra.launcher.local_containers=1",
                         f"hydra.launcher.local_volume_dir={tmp_path / 'volume'}",
-                        *sweep_dirs.overrides, timeout=300)
+                        *sweep_dirs.overrides, timeout=300, env=hold_env(1, release))
     assert result.returncode == 0, result.stderr[-3000:]
     ledger = Ledger(sweep_dirs.experiments, "smoke")
     dispatched = _events(ledger, "dispatched")
     calls = Counter(e["call_id"] for e in dispatched)
     assert len(dispatched) == 4 and sorted(calls.values()) == [2, 2]  # a call per group
     outs = {call: ledger.root / "modal_calls" / "local" / f"{call}.out" for call in calls}
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(out.exists() for out in outs.values()):
-        time.sleep(0.5)
+    wait_for_holds(release, 1)
+    release.touch()  # the first group trains on and finishes; the second then holds
+    wait_for_holds(release, 2)
+    deadline = time.monotonic() + 600  # a bound for a broken run, not a race
+    while not any(out.exists() for out in outs.values()):  # the first call's result
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     (first,) = [call for call, out in outs.items() if out.exists()]
     # `tmgg-sweep status` folds the one call's result into both members' records.
     status = run_cli(["-m", "tmgg.cli.tmgg_sweep", "status", "--json", "stage=smoke",

@@ -346,94 +346,66 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
 
 
 # -- 108 concurrent inits under a rate limit ----------------------------------------------
-# Each worker process starts its jobs' W&B runs exactly as a fused group does (tmgg's
-# build_logger, concurrent runs in one process), checks each with the in-job guard,
-# logs step 0 and finishes: the init path of stage 1 without its training.
-INIT_ONLY = """
-import json, sys
-from pathlib import Path
-from omegaconf import OmegaConf
-from tmgg.task.loggers import WandbRunError, build_logger, package_list_read_once
-from tmgg.task.wandb_guard import WandbDestinationGuard
-
-configs = [OmegaConf.create(c) for c in json.loads(Path(sys.argv[1]).read_text())]
-outcome, started = {}, []
-with package_list_read_once():
-    for cfg in configs:
-        try:
-            run = build_logger(cfg, Path(sys.argv[2]) / cfg.job.id, concurrent=True).experiment
-            WandbDestinationGuard.for_job(cfg).check_run(run, 0)
-        except WandbRunError as error:
-            outcome[cfg.job.id] = "failed before training: " + str(error)[:200]
-            continue
-        run.log({"trainer/global_step": 0})
-        started.append((cfg.job.id, run))
-for job_id, run in started:
-    run.finish()
-    outcome[job_id] = f"{run.entity}/{run.project}/{run.id}"
-print("OUTCOME " + json.dumps(outcome))
-"""
-
-
-def init_only(root: Path, jobs: list, server: FakeWandbServer, workers: int = 4
-              ) -> dict[str, str]:
-    """Start (and finish) the jobs' runs in ``workers`` concurrent processes."""
-    root.mkdir(parents=True, exist_ok=True)
-    script = root / "init_only.py"
-    script.write_text(INIT_ONLY)
-    env = online_env(root, user(server, "alice").api_key, WANDB_INIT_TIMEOUT="30")
-    processes = []
-    for index in range(workers):
-        configs = root / f"configs{index}.json"
-        configs.write_text(json.dumps([job.task_config for job in jobs[index::workers]]))
-        processes.append(subprocess.Popen([sys.executable, str(script), str(configs),
-                                           str(root / "out")], cwd=root, text=True, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    outcome: dict[str, str] = {}
-    for process in processes:
-        out, err = process.communicate(timeout=900)
-        lines = [line for line in out.splitlines() if line.startswith("OUTCOME ")]
-        assert lines, err[-3000:]
-        outcome.update(json.loads(lines[-1].removeprefix("OUTCOME ")))
-    return outcome
+# Stage 1 as a user runs it (the real app, the local launcher, three fused groups of 36
+# concurrent W&B runs, one per seed), at one training step: 108 real inits against the
+# test server while it answers run creation and streaming with 429s.
+STAGE1_TINY = ["stage=stage1", "logger.mode=online", "trainer.max_steps=1",
+               "trainer.val_check_interval=1", "data.val_samples=10", "data.test_samples=10",
+               "hydra.launcher.n_workers=3"]
 
 
 @pytest.mark.slow
 def test_108_concurrent_inits_under_a_rate_limit_land_pinned_or_fail_before_training(
         tmp_path: Path) -> None:
-    from tmgg.cli.reconcile import reconcile_jobs
-
     server = FakeWandbServer().start()
     try:
         server.add_user("alice", teams=[TEAM])
-        jobs = compose_sweep(["stage=stage1", "logger.mode=online",
-                              f"logger.base_url={server.base_url}", *dirs(tmp_path)]).jobs
-        assert len(jobs) == 108
-        # The service's rate limit: 429 with Retry-After on run creation and streaming.
+        env = online_env(tmp_path, user(server, "alice").api_key, WANDB_INIT_TIMEOUT="30")
+        overrides = [*STAGE1_TINY, f"logger.base_url={server.base_url}"]
+        # The service's rate limit: 429 with Retry-After on run creation and streaming,
+        # and without end for one job of each fused group (its init times out).
+        jobs = compose_sweep([*overrides, *dirs(tmp_path)]).jobs
+        refused_jobs = {job.job_id for job in jobs[::36]}
+        for job_id in refused_jobs:
+            server.inject("UpsertBucket", status=429, retry_after=1, times=10**6,
+                          match={"name": wandb_run_id(job_id)})
         server.inject("UpsertBucket", status=429, retry_after=1, times=150)
         server.inject("file_stream", status=429, retry_after=1, times=100)
-        first = init_only(tmp_path / "first", jobs, server)
-        assert len(first) == 108
-        pinned = {f"{TEAM}/{PROJECT}/{wandb_run_id(job.job_id)}" for job in jobs}
-        assert {o for o in first.values() if not o.startswith("failed before training")} \
-            <= pinned
-        assert {(run.entity, run.project) for run in server.runs_in()} <= {(TEAM, PROJECT)}
+        sweep = run_module(tmp_path, "tmgg.cli.app", ["-m", *overrides], env, timeout=1200)
         assert server.refused.count("429: rate limit exceeded (injected)") >= 150
-        # resume: what did not finish starts again, without the rate limit
-        server.faults.clear()
-        unfinished = [job for job in jobs
-                      if (run := server.run(TEAM, PROJECT, wandb_run_id(job.job_id))) is None
-                      or run.state != "finished"]
-        if unfinished:
-            second = init_only(tmp_path / "resume", unfinished, server)
-            assert set(second.values()) <= pinned
-        os.environ["WANDB_API_KEY"] = user(server, "alice").api_key
-        rows = reconcile_jobs(jobs, {}, "stage1", mode="online")
-        assert {row.status for row in rows} == {"ok"}
-        assert {(run.entity, run.project) for run in server.runs_in()} == {(TEAM, PROJECT)}
+        records = job_records(tmp_path, "stage1")
+        assert len(records) == 108, sweep.stderr[-3000:]
+        pinned = {f"{TEAM}/{PROJECT}/{wandb_run_id(job_id)}" for job_id in records}
+        failed = {job_id for job_id, record in records.items() if record["status"] != "FINISHED"}
+        assert len(refused_jobs) == 3 and refused_jobs <= failed, sweep.stderr[-3000:]
+        for job_id, record in records.items():
+            if job_id in failed:  # failed before training: no step, no checkpoint
+                assert record["status"] == "FAILED", record
+                assert "W&B" in record["error"], record["error"]
+                assert not list(Path(record["output_dir"]).glob("checkpoints/*.ckpt"))
+            else:
+                assert record["wandb"]["path"] in pinned and record["metrics"][
+                    "global_step"] == 1
+        assert (sweep.returncode == 0) is not failed, sweep.stderr[-3000:]
+        # No run anywhere but the pinned place, whatever the 429s did.
+        assert {(run.entity, run.project) for run in server.runs_in()} <= {(TEAM, PROJECT)}
+        assert {f"{run.entity}/{run.project}/{run.name}" for run in server.runs_in()} <= pinned
+
+        server.faults.clear()  # the rate limit passes; `resume` runs what failed
+        resumed = run_module(tmp_path, "tmgg.cli.tmgg_sweep", ["resume", *overrides], env,
+                             timeout=1200)
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+        assert f"{len(failed)} to run" in resumed.stdout, resumed.stdout[-2000:]
+        records = job_records(tmp_path, "stage1")
+        assert {record["status"] for record in records.values()} == {"FINISHED"}
+        reconcile = run_module(tmp_path, "tmgg.cli.tmgg_sweep",
+                               ["reconcile", "--online", *overrides], env)
+        assert reconcile.returncode == 0, reconcile.stdout[-3000:] + reconcile.stderr[-2000:]
+        runs = server.runs_in()
+        assert {f"{run.entity}/{run.project}/{run.name}" for run in runs} == pinned
+        assert len(runs) == 108 and {run.state for run in runs} == {"finished"}
         assert not server.repeated_offsets  # no run id had two writers
     finally:
-        os.environ.pop("WANDB_API_KEY", None)
         server.stop()
 
 

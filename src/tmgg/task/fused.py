@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -838,6 +839,10 @@ def _run_bucket(members: Sequence[FusedMember],
         deterministic=True,
     )
     ckpt_path, resumed_from_step = _resume_path(members, modules, workdir)
+    for member in members:  # the line a solo job logs (train.py), so each attempt shows
+        log.info("Training %s from step %d (pid %d, fused group of %d)",
+                 member.cfg.job.run_name,
+                 resumed_from_step, os.getpid(), len(members))
     try:
         if module.active:
             with warnings.catch_warnings():
