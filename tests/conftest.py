@@ -28,11 +28,12 @@ pytest_plugins = ["wandb_server.fixtures"]
 LONG_FILES_FIRST: tuple[frozenset[str], ...] = (
     frozenset({"test_modal_launcher.py", "test_wandb_online.py", "test_first_hour.py",
                "test_fused_launchers.py", "test_exactly_once.py", "test_local_launcher.py",
-               "test_composer.py", "test_sync.py"}),
+               "test_composer.py", "test_sync.py", "test_optuna_sweeper.py"}),
     frozenset({"test_fencing.py", "test_reconcile.py", "test_compare.py", "test_submitit.py",
                "test_strict_files.py", "test_fused.py", "test_config_schema.py",
                "test_planted_bugs.py", "test_fused_faults.py", "test_report.py",
-               "test_files_are_data.py", "test_training_job.py", "test_lock.py"}),
+               "test_files_are_data.py", "test_training_job.py", "test_lock.py",
+               "test_fenced_outcomes.py", "test_verify.py", "test_fsck.py"}),
 )
 
 
