@@ -444,6 +444,13 @@ def test_server_states_faults_and_the_append_only_file_stream(
     assert post(wandb_server, stream, key, line)[0] == 200
     assert wandb_server.run(TEAM, project, "r1").history == ['{"a": 1}']
     assert wandb_server.repeated_offsets == [f"{TEAM}/{project}/r1 wandb-history.jsonl @0"]
+    # The console log is not a history: a changed line comes again at its offset and
+    # replaces the old one (a progress bar), with no flag.
+    for text in ("epoch 0: 10%", "epoch 0: 100%"):
+        console = {"files": {"output.log": {"offset": 0, "content": [text]}}}
+        assert post(wandb_server, stream, key, console)[0] == 200
+    assert wandb_server.run(TEAM, project, "r1").logs == ["epoch 0: 100%"]
+    assert len(wandb_server.repeated_offsets) == 1
     post(wandb_server, stream, key, {"complete": True, "exitcode": 0})
     assert wandb_server.run(TEAM, project, "r1").state == "finished"
     # Resumed: running again, as the service keeps it.

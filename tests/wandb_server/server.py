@@ -26,8 +26,10 @@ Where the stage-1 incident lives it behaves like the real service:
 - run states as the service keeps them: a resumed run is ``running`` again, a killed run
   stays ``running`` until its heartbeat times out and then is ``crashed``
   (``kill_run``), and the runs listing may lag behind a finish (``listing_lag``);
-- the file stream is append-only: a chunk at an offset already written (two writers of
-  one run id) is kept out and flagged in ``repeated_offsets``;
+- the file stream's history and events are append-only: a chunk at an offset already
+  written (two writers of one run id) is kept out and flagged in ``repeated_offsets``;
+  ``output.log`` lines are replaced at their offset, as the console capture re-sends a
+  line it changed;
 - every run keeps entity, project, id, display name, group, state, history, summary,
   exit code and uploaded files for the tests to inspect.
 
@@ -586,7 +588,14 @@ class FakeWandbServer:
 
     def _append(self, run: StoredRun, file_name: str, lines: list[str], offset: int,
                 content: list[str]) -> None:
-        """Append-only: lines at an offset already written are flagged, not stored."""
+        """Append-only: lines at an offset already written are flagged, not stored.
+
+        Except ``output.log``: wandb's console capture re-sends a line it changed (a
+        carriage return, a progress bar) at that line's offset, and the service replaces
+        it; only the run's history and events are append-only streams."""
+        if file_name == "output.log" and offset < len(lines):
+            lines[offset:offset + len(content)] = content
+            return
         if offset < len(lines):
             self.repeated_offsets.append(f"{run.path} {file_name} @{offset}")
             content = content[len(lines) - offset:]
