@@ -21,9 +21,7 @@ PYTEST_ARGS ?=
 # first: `make test TEST_SEED=N` repeats an order, `TEST_ORDER=-p no:randomly` keeps file order.
 # Workers take whole files (--dist loadfile: a module's shared sweep is made once), the
 # longest files first (tests/conftest.py, LONG_FILES_FIRST), so no long file ends the run.
-# One worker more than the cores: tests also wait (a W&B retry's Retry-After, an init
-# timeout, a held job's handshake) and the extra worker fills those waits.
-TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
+TEST_WORKERS ?= auto
 ifndef TEST_SEED
 TEST_SEED := $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
 endif
