@@ -92,3 +92,16 @@ def wait_until_gone(pid: int) -> None:
     while not pid_gone(pid):
         assert time.monotonic() < deadline, f"process {pid} still runs"
         time.sleep(0.02)
+
+
+def wait_until_group_gone(group: int) -> None:
+    """Until every process of a SIGKILLed group is reaped: a killed worker stays a zombie
+    (whose pid still answers, so its claim still looks alive) until init reaps it."""
+    deadline = time.monotonic() + BROKEN_RUN_S  # a bound for a broken kill, not a race
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process group {group} still has members after SIGKILL")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SweepDirs, run_cli, tmgg_sweep, tmgg_train
+from holds import wait_until_group_gone
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
@@ -182,19 +183,6 @@ def test_rerun_skips_finished_jobs(sweep_dirs: SweepDirs) -> None:
     assert sweep_dirs.job_records("smoke") == first  # untouched: nothing re-ran
 
 
-def _wait_until_the_group_is_gone(group: int) -> None:
-    """Until every process of the killed group is reaped: a killed worker stays a zombie
-    (whose pid still answers, so its claim still looks alive) until init reaps it."""
-    deadline = time.monotonic() + 60  # a bound for a broken kill, not a race
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"process group {group} still has members 60 s after SIGKILL")
-
-
 def test_sigkill_then_resume_runs_exactly_the_unfinished_jobs(sweep_dirs: SweepDirs) -> None:
     """The launcher is killed with one fused group (seed 1) finished and the other held
     at step 2 (``tmgg.task.hold``: one release lets the first group through), whatever
@@ -226,7 +214,7 @@ def test_sigkill_then_resume_runs_exactly_the_unfinished_jobs(sweep_dirs: SweepD
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers, no cleanup
         process.wait()
-        _wait_until_the_group_is_gone(process.pid)
+        wait_until_group_gone(process.pid)
     before = {job_id: dict(record) for job_id, record in sweep_dirs.job_records("smoke").items()}
     finished_before = {j for j, r in before.items() if r["status"] == FINISHED}
     assert len(finished_before) == 3

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
+from holds import wait_until_group_gone
 
 from tmgg.jobs.ledger import FINISHED, LOST, PRUNED, Ledger
 from tmgg.jobs.search_space import SearchSpaceError, parse_space
@@ -116,17 +117,6 @@ def test_small_study_runs_n_trials_each_a_complete_job(sweep_dirs: SweepDirs) ->
     assert {s.status for s in ledger.states().values()} == {FINISHED}
 
 
-def _wait_until_the_group_is_gone(group: int) -> None:
-    deadline = time.monotonic() + 60  # a bound for a broken kill, not a race
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"process group {group} still has members 60 s after SIGKILL")
-
-
 def test_sigkilled_study_resumes_to_exactly_n_trials(sweep_dirs: SweepDirs) -> None:
     """The launcher is killed with trial 1 finished and trial 2 held at step 10
     (``tmgg.task.hold``: one release lets one job through); the same command then ends
@@ -155,7 +145,7 @@ def test_sigkilled_study_resumes_to_exactly_n_trials(sweep_dirs: SweepDirs) -> N
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        _wait_until_the_group_is_gone(process.pid)
+        wait_until_group_gone(process.pid)
     ledger = Ledger(sweep_dirs.experiments, STAGE)
     killed = {s.job_id: s for s in ledger.states().values()}
     assert sorted(s.status for s in killed.values()) == [FINISHED, LOST]
