@@ -25,8 +25,8 @@ TINY = ["trainer.max_steps=20", "trainer.val_check_interval=10", "data.val_sampl
 # One `tmgg-train -m` per entry (each start costs seconds of imports): stage 1 and its
 # legacy variant share a grid, so one sweep over both stages runs them.
 SWEEPS = {
-    "stage1,stage1_legacy": ["model=linear_pe,self_attention", "optimizer.lr=1e-3",
-                             "seed=1,2"],
+    "stage1,stage1_legacy,stage1_legacy_seeds10,stage1_seeds10": [
+        "model=linear_pe,self_attention", "optimizer.lr=1e-3", "seed=1,2"],
     "stage1b": ["model=linear_pe", "optimizer.lr=2e-1", "seed=1,2"],
     "stage1_legacy_ablate_self_loops": ["model=self_attention", "seed=1"],
     "stage1_legacy_fp64": ["optimizer.lr=1e-3", "seed=1,2"],
@@ -169,6 +169,22 @@ def test_the_float64_section_sets_each_cell_beside_its_float32_legacy_cell(
             ("float64 − float32", statistics.fmean(fp64) - statistics.fmean(fp32)),
             ("float64 − earlier", statistics.fmean(fp64) - 0.3075)):
         shown = row[column]
-        assert "Welch t" in shown
+        # The same seeds on both sides of a precision change: the paired test.
+        assert ("paired t" if column == "float64 − float32" else "Welch t") in shown
         places = len(shown.split(" ")[0].split(".")[1])
         assert shown.startswith(f"{difference:+.{places}f}")
+
+
+@pytest.mark.slow
+def test_the_ten_seed_stages_have_their_own_section(stages: Stages) -> None:
+    text = stages.out.read_text()
+    rows = _rows(text, "## Ten seeds")
+    # Only the ten-seed stages' own cells, not every cell of the earlier table.
+    assert sorted((r["model"], r["k"], r["lr"]) for r in rows) == [
+        ("`linear_pe`", "8", "1e-3"), ("`self_attention`", "8", "1e-3")]
+    for row in rows:
+        name = row["model"].strip("`")
+        assert row["legacy (`stage1_legacy_seeds10`)"] == _text(
+            stages.mse("stage1_legacy_seeds10", name))
+        assert row["today (`stage1_seeds10`)"] == _text(stages.mse("stage1_seeds10", name))
+        assert "Welch t" in row["legacy − earlier"]

@@ -13,6 +13,7 @@ from tmgg.cli.reporting.precision import (
     decimals_for,
     interval,
     paired_difference,
+    paired_t,
     t_cdf,
     t_quantile,
     welch,
@@ -82,6 +83,24 @@ def test_welch_t_test() -> None:
     assert welch(0.3, 0.0, 3, 0.3, 0.0, 3) is None  # no spread: no test
     assert welch(0.3, 0.01, 1, 0.3, 0.01, 3) is None
     assert "Welch t" in result.text() and "p 0.1" in result.text()
+
+
+def test_paired_t_test() -> None:
+    """Differences 1, 2, 3: t = 2 / (1 / sqrt 3), df 2, where the t cdf has a closed
+    form (1/2 + t / (2 sqrt(2 + t^2)))."""
+    result = paired_t([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    assert result is not None and result.test == "paired"
+    assert result.difference == pytest.approx(2.0)
+    assert result.t == pytest.approx(2.0 * math.sqrt(3.0)) and result.df == 2
+    t = result.t
+    assert result.p == pytest.approx(1.0 - t / math.sqrt(2.0 + t * t), abs=1e-9)
+    assert result.text() == "paired t +3.46, df 2, p 0.074"
+    # Pairing removes the seeds' shared spread that Welch's test keeps.
+    shifted = [0.30, 0.35, 0.40]
+    assert paired_t([v + 0.01 for v in shifted[:2]] + [0.411], shifted).p < 0.01  # type: ignore[union-attr]
+    assert welch_samples([v + 0.01 for v in shifted[:2]] + [0.411], shifted).p > 0.5  # type: ignore[union-attr]
+    assert paired_t([0.3], [0.2]) is None  # one pair: no test
+    assert paired_t([0.3, 0.4], [0.2, 0.3]) is None  # no spread in the differences
 
 
 def test_noisy_input_reference_is_logged_per_noise_level() -> None:

@@ -46,6 +46,7 @@ from tmgg.cli.reporting.precision import (
     decimals_for,
     interval,
     paired_difference,
+    paired_t,
     welch,
     welch_samples,
 )
@@ -88,6 +89,16 @@ class Cell:
     # lacks the reference.
     no_edges_values: tuple[float, ...] = ()
     noisy_input_values: tuple[float, ...] = ()
+    seeds: tuple[Any, ...] = ()  # of ``values``, in their order
+
+    def paired_with(self, reference: Cell) -> WelchResult | None:
+        """This cell minus ``reference`` seed by seed (the seeds both have), tested with
+        the paired t test: both sides of an ablation or a precision change share each
+        seed's data, test set and initial weights."""
+        theirs = dict(zip(reference.seeds, reference.values, strict=True))
+        pairs = [(value, theirs[seed]) for seed, value in zip(self.seeds, self.values,
+                                                              strict=True) if seed in theirs]
+        return paired_t([a for a, _ in pairs], [b for _, b in pairs])
 
     @property
     def mean(self) -> float | None:
@@ -114,13 +125,16 @@ def _cell(row: Row) -> Cell:
     complete = [p for p in pairs if all(isinstance(v, int | float) for v in p)]
     if len(complete) != len(row.values(MSE)):
         complete = []
+    seeds = tuple(job.seed for job in row.finished
+                  if isinstance(job.metrics.get(MSE), int | float))
     return Cell(tuple(row.values(MSE)), row.mean(f"{NO_EDGES}/mse"),
                 row.mean(f"{NOISY_INPUT}/mse"),
-                tuple(float(p[1]) for p in complete), tuple(float(p[2]) for p in complete))
+                tuple(float(p[1]) for p in complete), tuple(float(p[2]) for p in complete),
+                seeds if len(seeds) == len(row.values(MSE)) else ())
 
 
 def difference_text(result: WelchResult | None, difference: float | None) -> str:
-    """A difference of means with its Welch test; † where p < 0.05."""
+    """A difference of means with its test (Welch's or paired); † where p < 0.05."""
     if difference is None:
         return NONE_TEXT
     if result is None:
@@ -128,6 +142,11 @@ def difference_text(result: WelchResult | None, difference: float | None) -> str
     places = decimals_for(result.half_width)
     return (f"{difference:+.{places}f} ± {result.half_width:.{places}f} ({result.text()})"
             + (" †" if result.p < SIGNIFICANCE else ""))
+
+
+def _paired_or_welch(cell: Cell, reference: Cell) -> WelchResult | None:
+    """The paired test where the two cells ran the same seeds, else Welch's."""
+    return cell.paired_with(reference) or welch_samples(cell.values, reference.values)
 
 
 def against_earlier(cell: Cell, earlier_mean: float, earlier_sd: float | None,
@@ -228,13 +247,18 @@ def _stage_state(stage: StageCells) -> str:
 
 
 def side_by_side(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
-                 legacy: StageCells, today: StageCells) -> list[str]:
+                 legacy: StageCells, today: StageCells,
+                 heading: str = "## Side by side per configuration",
+                 stages_cells_only: bool = False) -> list[str]:
+    """Each cell of the earlier table (or, with ``stages_cells_only``, of the two stages)
+    beside the legacy and today's stage, each with its own "no edges"."""
     legacy_cells, today_cells = legacy.cells(), today.cells()
-    keys = sorted({*earlier, *legacy_cells, *today_cells}, key=_cell_order)
+    own = {*legacy_cells, *today_cells}
+    keys = sorted(own if stages_cells_only else {*earlier, *own}, key=_cell_order)
     spread = earlier_doc.get("seed_std_max", {})
     earlier_n = len(earlier_doc.get("seeds") or []) or 3
     lines = [
-        "## Side by side per configuration", "",
+        heading, "",
         f"Test mse, mean ± half-width of the 95 % Student-t interval over seeds (n "
         f"seeds), rounded to what the interval supports, each stage beside its own \"no "
         f"edges\" score (averaged over the same seeds). The earlier system's column is "
@@ -271,6 +295,21 @@ def side_by_side(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
             _margin(then.below(then.no_edges_values) if then else None),
             _margin(now.below(now.no_edges_values) if now else None)]))
     return [*lines, ""]
+
+
+def ten_seeds_section(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
+                      legacy10: StageCells, today10: StageCells) -> list[str]:
+    """The cells whose three-seed tests were weak, run again with ten seeds (issue 24)."""
+    heading = "## Ten seeds"
+    if not (legacy10.ran or today10.ran):
+        return [heading, "", f"{_stage_state(legacy10)}; {_stage_state(today10)}.", ""]
+    lines = side_by_side(earlier, earlier_doc, legacy10, today10, heading,
+                         stages_cells_only=True)
+    note = (f"The cells of `{legacy10.name}` and `{today10.name}`: the three-seed tests "
+            "above could not settle them. Columns as in the side-by-side table; every "
+            "interval and test now has the ten seeds of its stage (seeds 1 to 3 repeat "
+            "the three-seed stages' jobs), the earlier system's side still its three.")
+    return [lines[0], "", note, *lines[1:]]
 
 
 def _best_by_model(cells: dict[Any, float | None]) -> dict[str, tuple[Any, float]]:
@@ -316,7 +355,9 @@ def ablation_section(ablations: Sequence[StageCells]) -> list[str]:
              "Each ablation stage keeps every legacy option on but one, which it sweeps "
              "over its legacy and its SPEC.md value (k 8, wd 1e-2, lr 1e-3, 3 seeds). "
              "*Δ* is the row's mean minus the legacy value's mean for the same model, with "
-             f"Welch's t test (two-sided p; † where p < {SIGNIFICANCE}). An option that "
+             "the paired t test over the seeds both rows ran (each seed's data, test set "
+             "and initial weights are the same on both sides; two-sided p, † where p < "
+             f"{SIGNIFICANCE}; Welch's t where the seeds do not pair). An option that "
              "changes the metrics (objective.metrics_diagonal) changes the measure, not the "
              "model: its Δ is not a training effect.", ""]
     ran = [stage for stage in ablations if stage.ran]
@@ -341,7 +382,7 @@ def ablation_section(ablations: Sequence[StageCells]) -> list[str]:
             delta = NONE_TEXT
             if (reference is not None and reference is not cell and cell.mean is not None
                     and reference.mean is not None):
-                delta = difference_text(welch_samples(cell.values, reference.values),
+                delta = difference_text(_paired_or_welch(cell, reference),
                                         cell.mean - reference.mean)
             lines.append(_md_row([f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]),
                                   format_value(key[4]) if len(key) > 4 else NONE_TEXT,
@@ -363,7 +404,8 @@ def fp64_section(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
     lines += ["The same jobs as the legacy stage with `trainer.precision=64-true` "
               "(eigendecomposition, forward and optimiser in float64), every other legacy "
               "option unchanged, so each row's test sets and \"no edges\" are the legacy "
-              "row's. *float64 − float32* is Welch's t test between the two stages' seeds, "
+              "row's. *float64 − float32* is the paired t test over the seeds (the same "
+              "seed's data, test set and initial weights in both stages), "
               "*float64 − earlier* and *legacy − earlier* as *legacy − earlier* above (†: "
               f"p < {SIGNIFICANCE}).", "",
               _md_row(["model", "k", "lr", "wd", "earlier system", "legacy float32",
@@ -382,7 +424,7 @@ def fp64_section(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
             columns.append(gap)
         precision = NONE_TEXT
         if base is not None and base.mean is not None and cell.mean is not None:
-            precision = difference_text(welch_samples(cell.values, base.values),
+            precision = difference_text(_paired_or_welch(cell, base),
                                         cell.mean - base.mean)
         lines.append(_md_row([
             f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]), _fixed(old),
@@ -433,7 +475,9 @@ def stage1b_section(stage1b: StageCells) -> list[str]:
 
 def comparison_markdown(experiments: Path, earlier_path: Path, today: str, legacy: str,
                         stage1b: str, ablations: Sequence[str] | None = None,
-                        fp64: str = "stage1_legacy_fp64") -> str:
+                        fp64: str = "stage1_legacy_fp64",
+                        legacy10: str = "stage1_legacy_seeds10",
+                        today10: str = "stage1_seeds10") -> str:
     """COMPARISON.md from the records under ``experiments`` and the earlier table."""
     earlier_doc, earlier = load_earlier(earlier_path)
     today_cells, legacy_cells = load_stage(experiments, today), load_stage(experiments, legacy)
@@ -442,6 +486,8 @@ def comparison_markdown(experiments: Path, earlier_path: Path, today: str, legac
         ablations = sorted(path.name for path in experiments.glob(f"{ABLATION_PREFIX}*")
                            if path.is_dir())
     ablation_cells = [load_stage(experiments, name) for name in ablations]
+    legacy10_cells, today10_cells = (load_stage(experiments, legacy10),
+                                     load_stage(experiments, today10))
     lines = [
         "# Stage 1 against the earlier system (issue 14)", "",
         "Written by `tmgg-sweep compare` from the records of the stages below "
@@ -450,13 +496,15 @@ def comparison_markdown(experiments: Path, earlier_path: Path, today: str, legac
         "regenerate with `tmgg-sweep compare`.", "",
         "Stages:", "",
         *(f"- {_stage_state(stage)}" for stage in
-          (today_cells, legacy_cells, b_cells, fp64_cells, *ablation_cells)), "",
+          (today_cells, legacy_cells, b_cells, fp64_cells, *ablation_cells,
+           legacy10_cells, today10_cells)), "",
     ]
     lines += side_by_side(earlier, earlier_doc, legacy_cells, today_cells)
     lines += best_section(earlier, legacy_cells, today_cells)
     lines += ablation_section(ablation_cells)
     lines += fp64_section(earlier, earlier_doc, legacy_cells, fp64_cells)
     lines += stage1b_section(b_cells)
+    lines += ten_seeds_section(earlier, earlier_doc, legacy10_cells, today10_cells)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -481,6 +529,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage1b", default="stage1b", help="the stage-1b stage name")
     parser.add_argument("--fp64", default="stage1_legacy_fp64",
                         help="the legacy stage's float64 variant")
+    parser.add_argument("--legacy10", default="stage1_legacy_seeds10",
+                        help="the legacy cells again with ten seeds")
+    parser.add_argument("--today10", default="stage1_seeds10",
+                        help="stage 1's best cells again with ten seeds")
     parser.add_argument("--ablation", action="append", default=None, metavar="STAGE",
                         help=f"an ablation stage (repeatable; default: every "
                              f"{ABLATION_PREFIX}* folder)")
@@ -496,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     text = comparison_markdown(experiments, earlier, args.today, args.legacy, args.stage1b,
-                               args.ablation, args.fp64)
+                               args.ablation, args.fp64, args.legacy10, args.today10)
     out = args.out or experiments / COMPARISON_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
