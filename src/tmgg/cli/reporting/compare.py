@@ -144,9 +144,16 @@ def difference_text(result: WelchResult | None, difference: float | None) -> str
             + (" †" if result.p < SIGNIFICANCE else ""))
 
 
-def _paired_or_welch(cell: Cell, reference: Cell) -> WelchResult | None:
-    """The paired test where the two cells ran the same seeds, else Welch's."""
-    return cell.paired_with(reference) or welch_samples(cell.values, reference.values)
+def paired_text(cell: Cell, reference: Cell) -> str:
+    """``cell`` minus ``reference`` with the paired test where the two ran the same
+    seeds (Welch's where they did not); a difference equal on every seed has no test."""
+    assert cell.mean is not None and reference.mean is not None
+    difference = cell.mean - reference.mean
+    paired = cell.paired_with(reference)
+    if paired is None and len(set(cell.seeds) & set(reference.seeds)) > 1:
+        return f"{difference:+.4f} (the same on every seed: no test)"
+    return difference_text(paired or welch_samples(cell.values, reference.values),
+                           difference)
 
 
 def against_earlier(cell: Cell, earlier_mean: float, earlier_sd: float | None,
@@ -382,8 +389,7 @@ def ablation_section(ablations: Sequence[StageCells]) -> list[str]:
             delta = NONE_TEXT
             if (reference is not None and reference is not cell and cell.mean is not None
                     and reference.mean is not None):
-                delta = difference_text(_paired_or_welch(cell, reference),
-                                        cell.mean - reference.mean)
+                delta = paired_text(cell, reference)
             lines.append(_md_row([f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]),
                                   format_value(key[4]) if len(key) > 4 else NONE_TEXT,
                                   cell.text(), _fixed(cell.no_edges), delta]))
@@ -424,8 +430,7 @@ def fp64_section(earlier: dict[CellKey, float], earlier_doc: dict[str, Any],
             columns.append(gap)
         precision = NONE_TEXT
         if base is not None and base.mean is not None and cell.mean is not None:
-            precision = difference_text(_paired_or_welch(cell, base),
-                                        cell.mean - base.mean)
+            precision = paired_text(cell, base)
         lines.append(_md_row([
             f"`{key[0]}`", str(key[1]), str(key[2]), str(key[3]), _fixed(old),
             base.text() if base else NONE_TEXT, cell.text(), _fixed(cell.no_edges),
