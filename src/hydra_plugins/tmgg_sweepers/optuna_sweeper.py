@@ -26,6 +26,12 @@ class TmggOptunaSweeperConf:
     # Trials run at once (threads, each handing one trial at a time to the launcher; a
     # free one takes a new trial as soon as its last ended).
     n_jobs: int = 1
+    # Trials in rounds of n_jobs, their jobs handed to the launcher together so that
+    # jobs sharing a batch stream (same seed and data) train as one fused group
+    # (needs hydra.launcher.fuse=auto). A round waits for its slowest group: fusion
+    # shares each batch, asynchronous trials (false) keep every worker busy
+    # (docs/adaptive.md, "Fusion and asynchronous trials").
+    fuse_trials: bool = False
     # tpe (Optuna's TPESampler with constant_liar) or random.
     sampler: str = "tpe"
     # The sampler's seed: the same command asks the same first trials.

@@ -304,6 +304,13 @@ def stage_space(config: DictConfig, arguments: Sequence[str]) -> SearchSpace:
     if settings.get("pruner") not in ("none", "median", "percentile"):
         raise SearchSpaceError("hydra.sweeper.pruner: none, median or percentile, "
                                f"got {settings.get('pruner')!r}")
+    if settings.get("fuse_trials"):
+        from tmgg.jobs.fusion import fusion_settings
+
+        if fusion_settings(config)[0] != "auto":
+            raise SearchSpaceError("hydra.sweeper.fuse_trials: true needs a launcher that "
+                                   "fuses jobs (hydra/launcher=local or modal with "
+                                   "hydra.launcher.fuse=auto)")
     params = OmegaConf.select(config, "hydra.sweeper.params")
     plain = OmegaConf.to_container(params, resolve=False) if params is not None else {}
     assert isinstance(plain, dict)

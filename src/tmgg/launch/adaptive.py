@@ -66,12 +66,15 @@ class LedgerTrial:
     reported: dict[int, float] = field(default_factory=dict)  # step -> mean over its jobs
 
 
-def ledger_trials(ledger: Ledger, space: SearchSpace, metric: str) -> dict[tuple[str, ...],
-                                                                           LedgerTrial]:
-    """The stage's trials, folded from its job states (superseded jobs left out)."""
+def ledger_trials(ledger: Ledger, space: SearchSpace, metric: str,
+                  reports: dict[str, dict[int, float]] | None = None
+                  ) -> dict[tuple[str, ...], LedgerTrial]:
+    """The stage's trials, folded from its job states (superseded jobs left out);
+    ``reports``: the jobs' reported values when the caller keeps them (ReportTail)."""
     from tmgg.jobs.trials import reported_values
 
-    reports = reported_values(ledger)
+    if reports is None:
+        reports = reported_values(ledger)
     trials: dict[tuple[str, ...], LedgerTrial] = {}
     for state in ledger.states().values():
         if state.superseded_by:
@@ -146,8 +149,11 @@ class AdaptiveStudy:
         self.study = optuna.create_study(direction=str(self.settings["direction"]),
                                          sampler=sampler, pruner=make_pruner(self.settings))
         self.prunes = str(self.settings.get("pruner") or "none") != "none"
+        self.fuse_trials = bool(self.settings.get("fuse_trials"))
+        from tmgg.jobs.trials import ReportTail
+
+        self._reports = ReportTail(self.ledger)  # the ledger's reports, read as they come
         self._active: dict[str, PendingTrial] = {}  # job id -> its trial, while dispatched
-        self._decided: set[tuple[str, int]] = set()  # (job id, step) answered
         self._in_study: set[tuple[str, ...]] = set()  # trials the study knows as done
         self._rerun_here: set[tuple[str, ...]] = set()  # one re-run per lost trial here
         # Trials this process's threads are dispatching: their jobs may still be only
@@ -175,7 +181,7 @@ class AdaptiveStudy:
         import optuna
         from optuna.trial import TrialState
 
-        trials = ledger_trials(self.ledger, self.space, self.metric)
+        trials = self._trials()
         for key, trial in trials.items():
             if trial.status not in (COMPLETE, PRUNED_TRIAL) or key in self._in_study:
                 continue
@@ -193,6 +199,9 @@ class AdaptiveStudy:
             self.study.add_trial(frozen)
             self._in_study.add(key)
         return trials
+
+    def _trials(self) -> dict[tuple[str, ...], LedgerTrial]:
+        return ledger_trials(self.ledger, self.space, self.metric, self._reports.refresh())
 
     def next_trial(self) -> PendingTrial | None:
         """The next trial to dispatch (a lost one first), its jobs planned in the
@@ -254,10 +263,14 @@ class AdaptiveStudy:
 
         if self.n_jobs > 1:
             self._print_trial(pending, returns)
+        from tmgg.jobs.trials import remove_decisions
+
+        for job in pending.jobs:
+            remove_decisions(self.ledger.root, job.job_id)
         with self._stage_locked():
             self._pending_here.discard(pending.key)
             self.results.extend(returns)
-            trials = ledger_trials(self.ledger, self.space, self.metric)
+            trials = self._trials()
             trial = trials.get(pending.key)
             if pending.asked is None:
                 return  # a re-run: the next _sync adds it once complete
@@ -285,17 +298,28 @@ class AdaptiveStudy:
 
     # -- dispatch -------------------------------------------------------------------
     def _dispatch(self, pending: PendingTrial) -> list[Any]:
-        remember_planned(pending.jobs)  # the launcher finds them composed
-        overrides = [job.overrides for job in pending.jobs]
+        return self._dispatch_together([pending])[0]
+
+    def _dispatch_together(self, round_: Sequence[PendingTrial]) -> list[list[Any]]:
+        """The jobs of ``round_``'s trials in one launch (a launcher that fuses groups
+        those sharing a batch stream); each trial's returns, in order."""
+        jobs = [job for pending in round_ for job in pending.jobs]
+        remember_planned(jobs)  # the launcher finds them composed
         with self._lock:
-            self._active.update({job.job_id: pending for job in pending.jobs})
+            for pending in round_:
+                self._active.update({job.job_id: pending for job in pending.jobs})
         try:
-            return list(self.launcher.launch(overrides,
-                                             initial_job_idx=pending.jobs[0].index))
+            returns = list(self.launcher.launch([job.overrides for job in jobs],
+                                                initial_job_idx=jobs[0].index))
         finally:
             with self._lock:
-                for job in pending.jobs:
+                for job in jobs:
                     self._active.pop(job.job_id, None)
+        out, start = [], 0
+        for pending in round_:
+            out.append(returns[start:start + len(pending.jobs)])
+            start += len(pending.jobs)
+        return out
 
     # -- pruning --------------------------------------------------------------------
     def _answer_reports(self) -> None:
@@ -306,18 +330,15 @@ class AdaptiveStudy:
         on this process's in-memory study: every shell that sees the report decides the
         same, so a job handed to two shells (one of them skipped it as claimed) gets
         one answer whichever writes it."""
-        from tmgg.jobs.trials import CONTINUE, PRUNE, REPORTED_EVENT, write_decision
+        from tmgg.jobs.trials import CONTINUE, PRUNE, write_decision
 
+        new = self._reports.take_new()
         with self._lock:
             active = dict(self._active)
-        if not active:
-            return
-        waiting = [event for event in self.ledger.events()
-                   if event.get("event") == REPORTED_EVENT and event.get("job_id") in active
-                   and (str(event["job_id"]), int(event["step"])) not in self._decided]
+        waiting = [event for event in new if event.get("job_id") in active]
         if not waiting:
             return
-        trials = ledger_trials(self.ledger, self.space, self.metric)
+        trials = self._trials()
         for event in waiting:
             job_id, step = str(event["job_id"]), int(event["step"])
             pending = active[job_id]
@@ -328,7 +349,6 @@ class AdaptiveStudy:
             decision = PRUNE if pruned else CONTINUE
             pending.pruned = pruned
             write_decision(self.ledger.root, job_id, step, decision)
-            self._decided.add((job_id, step))
             if decision == PRUNE:
                 self.ledger.append({"event": "prune", "time": _now(), "job_id": job_id,
                                     "run_name": event.get("run_name"), "step": step})
@@ -394,7 +414,9 @@ class AdaptiveStudy:
         return self.results
 
     def _run_trials(self) -> None:
-        if self.n_jobs == 1:
+        if self.fuse_trials:
+            self._run_rounds()
+        elif self.n_jobs == 1:
             while (pending := self.next_trial()) is not None:
                 self._finish(pending, self._dispatch(pending))
         else:
@@ -409,11 +431,25 @@ class AdaptiveStudy:
             if errors:
                 raise errors[0]
 
+    def _run_rounds(self) -> None:
+        """``fuse_trials``: ``n_jobs`` trials at a time, their jobs in one launch, so
+        that those sharing a batch stream train as one fused group (a pruned member
+        leaves its group while the others train on); the next round's trials start
+        when this round's last group ends (docs/adaptive.md)."""
+        while True:
+            round_: list[PendingTrial] = []
+            while len(round_) < self.n_jobs and (pending := self.next_trial()) is not None:
+                round_.append(pending)
+            if not round_:
+                return
+            for pending, returns in zip(round_, self._dispatch_together(round_), strict=True):
+                self._finish(pending, returns)
+
     def _print_best(self) -> None:
         from optuna.trial import TrialState
 
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        trials = ledger_trials(self.ledger, self.space, self.metric)
+        trials = self._trials()
         complete = sum(1 for t in trials.values() if t.status == COMPLETE)
         pruned = sum(1 for t in trials.values() if t.status == PRUNED_TRIAL)
         line = f"stage {self.ledger.stage}: {complete}/{self.n_trials} trials complete"
