@@ -41,7 +41,9 @@ class TmggOptunaSweeperConf:
     # The job metric a trial is judged by (the mean over its repeats): a key of the
     # job's recorded metrics (val/loss, test/mse, ...).
     metric: str = "val/loss"
-    # none, median (Optuna's MedianPruner) or percentile (PercentilePruner). A pruning
+    # none, median (Optuna's MedianPruner), percentile (PercentilePruner),
+    # successive_halving (SuccessiveHalvingPruner: asynchronous successive halving) or
+    # hyperband (HyperbandPruner). A pruning
     # trial's job reports the metric at each validation through the ledger and waits
     # for the decision; a pruned job stops there and is recorded PRUNED (never resumed).
     pruner: str = "none"
@@ -50,6 +52,12 @@ class TmggOptunaSweeperConf:
     pruner_warmup_steps: int = 0
     # percentile: prune a trial below this percentile of the others at the same step.
     pruner_percentile: float = 25.0
+    # successive_halving / hyperband: the steps of the first rung (null: the first
+    # validation, trainer.val_check_interval), Hyperband's largest budget (null:
+    # trainer.max_steps), and the factor between rungs (the top 1/factor go on).
+    pruner_min_resource: Optional[int] = None  # noqa: UP045
+    pruner_max_resource: Optional[int] = None  # noqa: UP045
+    pruner_reduction_factor: int = 3
     # Seconds a job waits for its sweeper's decision before it trains on (a sweeper
     # that died): never reached while the sweeper runs.
     decision_timeout_s: float = 120.0

@@ -301,9 +301,17 @@ def stage_space(config: DictConfig, arguments: Sequence[str]) -> SearchSpace:
     if settings.get("sampler") not in ("tpe", "random"):
         raise SearchSpaceError(f"hydra.sweeper.sampler: tpe or random, got "
                                f"{settings.get('sampler')!r}")
-    if settings.get("pruner") not in ("none", "median", "percentile"):
-        raise SearchSpaceError("hydra.sweeper.pruner: none, median or percentile, "
+    pruners = ("none", "median", "percentile", "successive_halving", "hyperband")
+    if settings.get("pruner") not in pruners:
+        raise SearchSpaceError(f"hydra.sweeper.pruner: one of {', '.join(pruners)}, "
                                f"got {settings.get('pruner')!r}")
+    for name, least in (("pruner_min_resource", 1), ("pruner_max_resource", 1),
+                        ("pruner_reduction_factor", 2)):
+        value = settings.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < least):
+            raise SearchSpaceError(f"hydra.sweeper.{name}: an integer >= {least} (or null), "
+                                   f"got {value!r}")
     if settings.get("fuse_trials"):
         from tmgg.jobs.fusion import fusion_settings
 

@@ -146,6 +146,7 @@ class AdaptiveStudy:
                        if self.settings.get("sampler") == "random"
                        else optuna.samplers.TPESampler(seed=seed, constant_liar=True))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.settings.update(pruner_resources(self.settings, config))
         self.study = optuna.create_study(direction=str(self.settings["direction"]),
                                          sampler=sampler, pruner=make_pruner(self.settings))
         self.prunes = str(self.settings.get("pruner") or "none") != "none"
@@ -356,28 +357,8 @@ class AdaptiveStudy:
     def _should_prune(self, trial: LedgerTrial,
                       trials: dict[tuple[str, ...], LedgerTrial], step: int) -> bool:
         """The pruner's decision for ``trial`` at ``step``, from the ledger alone."""
-        import optuna
-        from optuna.trial import TrialState
-
-        study = optuna.create_study(direction=str(self.settings["direction"]),
-                                    sampler=optuna.samplers.RandomSampler(seed=0),
-                                    pruner=make_pruner(self.settings))
-        for key, other in trials.items():
-            if key == trial.key or other.status not in (COMPLETE, PRUNED_TRIAL):
-                continue
-            if other.status == COMPLETE and other.value is None:
-                continue
-            study.add_trial(optuna.trial.create_trial(
-                params=other.params, distributions=self.distributions,
-                value=other.value if other.status == COMPLETE else None,
-                state=TrialState.COMPLETE if other.status == COMPLETE else TrialState.PRUNED,
-                intermediate_values=other.reported))
-        study.enqueue_trial(trial.params)
-        current = study.ask(self.distributions)
-        for reported_step, value in trial.reported.items():
-            if reported_step <= step:
-                current.report(value, reported_step)
-        return bool(current.should_prune())
+        return prune_decision(trial, trials, step, self.settings, self.distributions,
+                              self.ledger.stage)
 
     def _pruning_loop(self, stop: threading.Event) -> None:
         while not stop.wait(0.1):
@@ -462,24 +443,139 @@ class AdaptiveStudy:
         print(line, file=sys.stderr, flush=True)
 
 
-def make_pruner(settings: dict[str, Any]) -> Any:
-    """Optuna's pruner for ``hydra.sweeper.pruner``: none, median or percentile.
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
 
-    Only pruners that decide from the trials' intermediate values: a decision is made
-    on a study rebuilt from the ledger, which keeps those values (``reported`` events)
-    but not a pruner's own bookkeeping (successive halving's rungs)."""
+
+def pruner_resources(settings: dict[str, Any], config: DictConfig) -> dict[str, int]:
+    """Successive halving's and Hyperband's step budget, defaults from the trainer: the
+    smallest a trial gets is its first validation (``trainer.val_check_interval``), the
+    largest its ``trainer.max_steps``. Given, not Optuna's "auto" (estimated from the
+    trials completed so far): a decision rebuilt later must see the same rungs."""
+    trainer = config.get("trainer") or {}
+    minimum = settings.get("pruner_min_resource") or trainer.get("val_check_interval") or 1
+    maximum = settings.get("pruner_max_resource") or trainer.get("max_steps") or minimum
+    return {"pruner_min_resource": int(minimum), "pruner_max_resource": int(maximum)}
+
+
+def make_pruner(settings: dict[str, Any]) -> Any:
+    """Optuna's pruner for ``hydra.sweeper.pruner`` (one of ``PRUNERS``).
+
+    A decision is made on a study rebuilt from the ledger, which keeps the trials'
+    intermediate values (``reported`` events); successive halving's rung values are
+    derived from them (``completed_rungs``)."""
     import optuna
 
     kind = str(settings.get("pruner") or "none")
     startup = int(settings.get("pruner_startup_trials") or 0)
     warmup = int(settings.get("pruner_warmup_steps") or 0)
+    factor = int(settings.get("pruner_reduction_factor") or 3)
+    minimum = int(settings.get("pruner_min_resource") or 1)
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
     if kind == "percentile":
         return optuna.pruners.PercentilePruner(float(settings.get("pruner_percentile") or 25.0),
                                                n_startup_trials=startup,
                                                n_warmup_steps=warmup)
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=minimum,
+                                                      reduction_factor=factor)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=minimum, reduction_factor=factor,
+            max_resource=int(settings.get("pruner_max_resource") or minimum))
     return optuna.pruners.NopPruner()
+
+
+def rung_rate(pruner: Any, study: Any, number: int, settings: dict[str, Any]) -> int:
+    """The ``min_early_stopping_rate`` of the trial numbered ``number``: 0 for successive
+    halving; its bracket for Hyperband (Optuna hashes the study name and the number)."""
+    import types
+
+    import optuna
+
+    if not isinstance(pruner, optuna.pruners.HyperbandPruner):
+        return 0
+    if not pruner._pruners:  # noqa: SLF001 - its brackets, built once max_resource is known
+        pruner._try_initialization(study)  # noqa: SLF001
+    return int(pruner._get_bracket_id(study, types.SimpleNamespace(number=number)))  # noqa: SLF001
+
+
+def completed_rungs(reports: dict[int, float], settings: dict[str, Any], rate: int,
+                    pruned: bool) -> dict[str, float]:
+    """A trial's successive-halving rung values, as Optuna's pruner records them while
+    the trial reports: at each report, every rung whose promotion step
+    (``min_resource * reduction_factor ** (rate + rung)``) the step has reached gets
+    that report's value; a pruned trial's last report completed one rung only (it was
+    stopped there). Empty for the other pruners."""
+    if str(settings.get("pruner")) not in ("successive_halving", "hyperband"):
+        return {}
+    minimum = int(settings.get("pruner_min_resource") or 1)
+    factor = int(settings.get("pruner_reduction_factor") or 3)
+    attrs: dict[str, float] = {}
+    rung = 0
+    steps = sorted(reports)
+    for position, step in enumerate(steps):
+        while step >= minimum * factor ** (rate + rung):
+            attrs[f"completed_rung_{rung}"] = reports[step]
+            rung += 1
+            if pruned and position == len(steps) - 1:
+                break
+    return attrs
+
+
+def prune_decision(trial: LedgerTrial, trials: dict[tuple[str, ...], LedgerTrial], step: int,
+                   settings: dict[str, Any], distributions: dict[str, Any],
+                   study_name: str) -> bool:
+    """The pruner's decision for ``trial`` at ``step``, from the ledger alone.
+
+    The study is rebuilt with every trial of the ledger in its order (so a trial's
+    number, which Hyperband's brackets hash, is the same in every shell and at every
+    decision): completed and pruned trials as such, trials in flight as running, the
+    others as failed (they count for no pruner). Successive halving's bookkeeping
+    (each trial's ``completed_rung_<r>`` value) is derived from the trials'
+    reported values (``completed_rungs``); this trial's reports up to ``step`` are
+    its intermediate values, and the pruner decides on it as Optuna's
+    ``should_prune`` would.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.create_study(study_name=study_name,
+                                direction=str(settings["direction"]),
+                                sampler=optuna.samplers.RandomSampler(seed=0),
+                                pruner=make_pruner(settings))
+    pruner = study.pruner
+    number = None
+    for key, other in trials.items():
+        rate = rung_rate(pruner, study, len(study.get_trials(deepcopy=False)),
+                         settings)
+        if key == trial.key:
+            number = len(study.get_trials(deepcopy=False))
+            reports = {s: v for s, v in other.reported.items() if s <= step}
+            earlier = {s: v for s, v in reports.items() if s < step}
+            state, value = TrialState.RUNNING, None
+            attrs = completed_rungs(earlier, settings, rate, pruned=False)
+        else:
+            reports = dict(other.reported)
+            if other.status == COMPLETE and other.value is not None:
+                state, value = TrialState.COMPLETE, other.value
+            elif other.status == PRUNED_TRIAL:
+                state, value = TrialState.PRUNED, None
+            elif other.status == IN_FLIGHT:
+                state, value = TrialState.RUNNING, None
+            else:
+                state, value = TrialState.FAIL, None
+            attrs = completed_rungs(reports, settings, rate,
+                                    pruned=state == TrialState.PRUNED)
+        study.add_trial(optuna.trial.create_trial(
+            params=other.params, distributions=distributions, value=value,
+            state=state, intermediate_values=reports, system_attrs=attrs))
+    if number is None or not trial.reported:
+        return False
+    current = study.get_trials(deepcopy=False)[number]
+    if current.last_step is None:
+        return False
+    return bool(pruner.prune(study, current))
 
 
 def _now() -> str:
