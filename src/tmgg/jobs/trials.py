@@ -10,8 +10,13 @@ once (this validation is its last), is tested as usual, marks its W&B run pruned
 step. No optuna import here: the job side is a file append and a file read.
 
 The channel needs the job to see the ledger's directory (the local launcher, SLURM on
-a shared file system); a job that gets no decision within ``decision_timeout_s`` (its
-sweeper gone) trains on.
+a shared file system). A job that cannot (a Modal container) is given a key-value
+store both sides reach instead (``TRIAL_CHANNEL_ENV``: a ``modal.Dict`` on Modal, a
+directory standing in for it with the local transport): it puts its reports there and
+reads its decisions there, and the sweeper relays each report into the ledger as a
+``reported`` event (``relay_reports``) and puts each decision back, so the ledger
+stays the study's truth. A job that gets no decision within ``decision_timeout_s``
+(its sweeper gone) trains on.
 """
 
 from __future__ import annotations
@@ -162,16 +167,135 @@ class TrialChannel:
         return decision == PRUNE
 
 
-def trial_channel(task: dict[str, Any] | Any) -> TrialChannel | None:
+#: Set by a launcher whose jobs cannot see the ledger: the store they report through.
+TRIAL_CHANNEL_ENV = "TMGG_TRIAL_CHANNEL"
+REPORT_KEY = "report"
+DECISION_KEY = "decision"
+
+
+class DirectoryStore:
+    """A key-value store in a directory (one JSON file per key, written whole): the
+    local transport's stand-in for a ``modal.Dict``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def put(self, key: str, value: Any) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        target = self.path / f"{key}.json"
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(value))
+        os.replace(temporary, target)
+
+    def pop(self, key: str) -> Any:
+        """The key's value, removed; None when it has none."""
+        target = self.path / f"{key}.json"
+        try:
+            value = json.loads(target.read_text())
+        except FileNotFoundError:
+            return None
+        target.unlink(missing_ok=True)
+        return value
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(p.name[:-len(".json")] for p in self.path.glob(f"{prefix}*.json"))
+
+
+class ModalDictStore:
+    """A named ``modal.Dict`` (created when missing), reached from the launching shell
+    and from every container of the app."""
+
+    def __init__(self, name: str) -> None:
+        import modal
+
+        self.name = name
+        self.dict = modal.Dict.from_name(name, create_if_missing=True)
+
+    def put(self, key: str, value: Any) -> None:
+        self.dict.put(key, value)
+
+    def pop(self, key: str) -> Any:
+        return self.dict.pop(key, None)
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(str(k) for k in self.dict.keys()  # noqa: SIM118 - modal.Dict.keys()
+                      if str(k).startswith(prefix))
+
+
+def open_store(spec: str) -> DirectoryStore | ModalDictStore:
+    """``dir:<path>`` or ``modal-dict:<name>`` (``TRIAL_CHANNEL_ENV``'s value)."""
+    kind, _, where = spec.partition(":")
+    if kind == "dir" and where:
+        return DirectoryStore(Path(where))
+    if kind == "modal-dict" and where:
+        return ModalDictStore(where)
+    raise ValueError(f"{TRIAL_CHANNEL_ENV}={spec!r}: expected dir:<path> or modal-dict:<name>")
+
+
+class RelayedTrialChannel:
+    """A trial job's end of the channel where it cannot see the ledger: its reports go
+    into the store, its decisions come out of it (the sweeper relays both)."""
+
+    def __init__(self, store: DirectoryStore | ModalDictStore, job_id: str, run_name: str,
+                 metric: str, timeout_s: float) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.run_name = run_name
+        self.metric = metric
+        self.timeout_s = timeout_s
+
+    def report(self, step: int, value: float) -> None:
+        self.store.put(f"{REPORT_KEY}.{self.job_id}.{step}", {
+            "event": REPORTED_EVENT, "time": utc_now(), "job_id": self.job_id,
+            "run_name": self.run_name, "step": step, "metric": self.metric,
+            "value": value if math.isfinite(value) else None})
+
+    def should_prune(self, step: int) -> bool:
+        key = f"{DECISION_KEY}.{self.job_id}.{step}"
+        deadline = time.monotonic() + self.timeout_s
+        while (decision := self.store.pop(key)) is None:
+            if time.monotonic() > deadline:
+                log.warning("no pruning decision for %s at step %d within %.0f s; trains on",
+                            self.job_id, step, self.timeout_s)
+                return False
+            time.sleep(0.05)
+        return str(decision) == PRUNE
+
+
+def relay_reports(store: DirectoryStore | ModalDictStore, ledger: Ledger) -> int:
+    """The sweeper's side: every report in the store appended to the ledger as its
+    ``reported`` event (then removed from the store); how many."""
+    events = []
+    for key in store.keys(f"{REPORT_KEY}."):
+        event = store.pop(key)
+        if isinstance(event, dict) and event.get("event") == REPORTED_EVENT:
+            events.append(event)
+    ledger.append_many(events)
+    return len(events)
+
+
+def relay_decision(store: DirectoryStore | ModalDictStore, job_id: str, step: int,
+                   decision: str) -> None:
+    """The sweeper's decision for one report, where the job waits for it."""
+    store.put(f"{DECISION_KEY}.{job_id}.{step}", decision)
+
+
+def trial_channel(task: dict[str, Any] | Any) -> TrialChannel | RelayedTrialChannel | None:
     """The pruning channel of a pruning trial's job, or None for any other job (read
-    from the job's Hydra config, which must be the current one)."""
+    from the job's Hydra config, which must be the current one): the ledger's
+    directory, or the store ``TRIAL_CHANNEL_ENV`` names."""
     settings = pruning_settings()
     if settings is None:
         return None
+    job_id, run_name = str(task["job"]["id"]), str(task["job"]["run_name"])
+    spec = os.environ.get(TRIAL_CHANNEL_ENV)
+    if spec:
+        return RelayedTrialChannel(open_store(spec), job_id, run_name, settings["metric"],
+                                   settings["timeout_s"])
     from tmgg.jobs.sweep import ledger_for
 
-    return TrialChannel(ledger_for(task), str(task["job"]["id"]), str(task["job"]["run_name"]),
-                        settings["metric"], settings["timeout_s"])
+    return TrialChannel(ledger_for(task), job_id, run_name, settings["metric"],
+                        settings["timeout_s"])
 
 
 def trial_reporter(task: dict[str, Any] | Any) -> Any:

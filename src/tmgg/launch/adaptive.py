@@ -154,6 +154,7 @@ class AdaptiveStudy:
         from tmgg.jobs.trials import ReportTail
 
         self._reports = ReportTail(self.ledger)  # the ledger's reports, read as they come
+        self._relay = relay_store(config, self.ledger) if self.prunes else None
         self._active: dict[str, PendingTrial] = {}  # job id -> its trial, while dispatched
         self._in_study: set[tuple[str, ...]] = set()  # trials the study knows as done
         self._rerun_here: set[tuple[str, ...]] = set()  # one re-run per lost trial here
@@ -331,8 +332,16 @@ class AdaptiveStudy:
         on this process's in-memory study: every shell that sees the report decides the
         same, so a job handed to two shells (one of them skipped it as claimed) gets
         one answer whichever writes it."""
-        from tmgg.jobs.trials import CONTINUE, PRUNE, write_decision
+        from tmgg.jobs.trials import (
+            CONTINUE,
+            PRUNE,
+            relay_decision,
+            relay_reports,
+            write_decision,
+        )
 
+        if self._relay is not None:  # reports of jobs that cannot see the ledger
+            relay_reports(self._relay, self.ledger)
         new = self._reports.take_new()
         with self._lock:
             active = dict(self._active)
@@ -350,6 +359,8 @@ class AdaptiveStudy:
             decision = PRUNE if pruned else CONTINUE
             pending.pruned = pruned
             write_decision(self.ledger.root, job_id, step, decision)
+            if self._relay is not None:
+                relay_decision(self._relay, job_id, step, decision)
             if decision == PRUNE:
                 self.ledger.append({"event": "prune", "time": _now(), "job_id": job_id,
                                     "run_name": event.get("run_name"), "step": step})
@@ -455,6 +466,20 @@ def pruner_resources(settings: dict[str, Any], config: DictConfig) -> dict[str, 
     minimum = settings.get("pruner_min_resource") or trainer.get("val_check_interval") or 1
     maximum = settings.get("pruner_max_resource") or trainer.get("max_steps") or minimum
     return {"pruner_min_resource": int(minimum), "pruner_max_resource": int(maximum)}
+
+
+def relay_store(config: DictConfig, ledger: Ledger) -> Any:
+    """The store a launcher's jobs report through when they cannot see the ledger (the
+    Modal launcher's, ``trial_store_spec``), None for launchers whose jobs can."""
+    from tmgg.launch.cost import is_modal_launcher
+
+    if not is_modal_launcher(config):
+        return None
+    from tmgg.jobs.trials import open_store
+    from tmgg.launch.modal.settings import ModalSettings, trial_store_spec
+
+    settings = ModalSettings.from_params(config.hydra.launcher)
+    return open_store(trial_store_spec(settings, ledger.root))
 
 
 def make_pruner(settings: dict[str, Any]) -> Any:
