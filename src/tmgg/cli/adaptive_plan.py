@@ -3,8 +3,9 @@
 An adaptive stage has no grid to list: its plan is the search space, the budget
 (trials x jobs per trial x steps, an upper bound: pruned or stopped trials only use
 less), its cost bound and the W&B destination. One probe trial (every dimension at its
-low end or first choice) is composed and checked like any job, so a destination the
-guard refuses, or a space Optuna cannot sample, refuses the plan.
+low end or first choice) is composed and checked like any job, and each other end of
+every dimension too (``check_space_bounds``), so a destination the guard refuses, a
+space Optuna cannot sample, or one whose ends give refused jobs, refuses the plan.
 """
 
 from __future__ import annotations
@@ -33,16 +34,17 @@ def _task_arguments(overrides: Sequence[str]) -> list[str]:
     return [o.input_line for o in parsed if not o.is_hydra_override()]
 
 
-def _probe_params(space: Any) -> dict[str, Any]:
-    return {d.key: d.choices[0] if d.kind == "categorical" else d.low
-            for d in space.dimensions}
-
-
 def adaptive_plan_facts(overrides: Sequence[str]) -> dict[str, Any]:
     """The adaptive plan as data; ``PlanError`` for a space or a job it refuses."""
     from tmgg.jobs.compose import hydra_session, load_master_config
     from tmgg.jobs.plan import PlanError, compose_plan
-    from tmgg.jobs.search_space import SearchSpaceError, stage_space, sweeper_settings
+    from tmgg.jobs.search_space import (
+        SearchSpaceError,
+        check_space_bounds,
+        probe_params,
+        stage_space,
+        sweeper_settings,
+    )
     from tmgg.jobs.sweep import experiments_root
     from tmgg.jobs.wandb_check import check_wandb_destinations
     from tmgg.launch.cost import plan_estimates
@@ -56,7 +58,8 @@ def adaptive_plan_facts(overrides: Sequence[str]) -> dict[str, Any]:
         except (SearchSpaceError, ValueError) as error:
             raise PlanError(f"stage {stage}: {error}") from None
         settings = sweeper_settings(master)
-        probe = compose_plan(loader, master, space.trial_overrides(_probe_params(space)))
+        check_space_bounds(loader, master, space)  # every end of the space is a valid job
+        probe = compose_plan(loader, master, space.trial_overrides(probe_params(space)))
         check_wandb_destinations(probe, master)
         estimates = plan_estimates(master, probe, groups=[[i] for i in range(len(probe))])
         launcher = str(master.hydra.runtime.choices.get("hydra/launcher", "unknown"))

@@ -227,7 +227,15 @@ class AdaptiveStudy:
             for _ in range(MAX_REPEATED_ASKS):
                 asked = self.study.ask(self.distributions)
                 key = self.space.trial_key(asked.params)
-                jobs = [] if key in trials else self._compose(asked.params)
+                try:
+                    jobs = [] if key in trials else self._compose(asked.params)
+                except PlanError as error:
+                    # A value between the space's ends that tmgg refuses (the ends were
+                    # checked before the first trial): a failed trial, the study goes on.
+                    self.study.tell(asked, state=TrialState.FAIL)
+                    print(f"stage {self.ledger.stage}: trial {', '.join(key)} refused, told "
+                          f"Optuna as failed: {error}", file=sys.stderr, flush=True)
+                    continue
                 if key in trials or any(job.job_id in known_ids for job in jobs):
                     # A config the ledger has already: never dispatched twice, ask again.
                     self.study.tell(asked, state=TrialState.FAIL)
@@ -390,6 +398,11 @@ class AdaptiveStudy:
 
     def run(self) -> list[Any]:
         """Run trials until the ledger holds ``n_trials`` of them; every job's return."""
+        from tmgg.jobs.hydra_callbacks import refusing
+        from tmgg.jobs.search_space import check_space_bounds
+
+        with refusing():  # exit 2, "sweep refused, nothing dispatched: <the problem>"
+            check_space_bounds(self.config_loader, self.config, self.space)
         stop = threading.Event()
         pruning = threading.Thread(target=self._pruning_loop, args=(stop,),
                                    name="tmgg-pruner", daemon=True)

@@ -1,0 +1,66 @@
+"""Issue 23's leftovers: a space whose ends give refused jobs is refused before any
+dispatch (naming the parameter), and the study reads the ledger's reports
+incrementally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import SweepDirs, tmgg_sweep, tmgg_train
+
+from tmgg.jobs.ledger import Ledger
+from tmgg.jobs.trials import REPORTED_EVENT, ReportTail
+
+STAGE = "tiny_search"
+TINY = ["stage=tiny_search", "logger=csv", "trainer.max_steps=4",
+        "trainer.val_check_interval=2", "data.val_samples=20", "data.test_samples=20",
+        "hydra/launcher=local", "hydra.launcher.n_workers=1", "hydra.sweeper.n_trials=2"]
+
+
+@pytest.mark.parametrize("searched, named, problem", [
+    # The low end: a negative weight decay is not a valid job.
+    ("optimizer.weight_decay=interval(-0.01,0.01)", "optimizer.weight_decay",
+     "expected a number >= 0, got -0.01"),
+    # A choice that is not the first: the model config group has no such option.
+    ("model=choice(linear_pe,nonexistent)", "hydra.sweeper.params.model=nonexistent",
+     "Could not find 'model/nonexistent'"),
+])
+def test_a_space_whose_ends_give_refused_jobs_is_refused_before_dispatch(
+        sweep_dirs: SweepDirs, searched: str, named: str, problem: str) -> None:
+    result = tmgg_train("-m", *TINY, searched, *sweep_dirs.overrides)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "sweep refused, nothing dispatched" in result.stderr
+    assert named in result.stderr and problem in result.stderr, result.stderr[-3000:]
+    assert not (sweep_dirs.experiments / STAGE).exists()
+    # tmgg-sweep plan refuses it the same way.
+    plan = tmgg_sweep("plan", *TINY, searched, *sweep_dirs.overrides)
+    assert plan.returncode != 0, plan.stdout[-2000:]
+    assert named in plan.stderr + plan.stdout and problem in plan.stderr + plan.stdout
+
+
+def _report(ledger: Ledger, job: str, step: int, value: float | None) -> None:
+    ledger.append({"event": REPORTED_EVENT, "job_id": job, "step": step, "value": value,
+                   "metric": "val/loss", "time": "2026-01-01T00:00:00Z"})
+
+
+def test_reports_are_read_incrementally_each_handed_out_once(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, STAGE)
+    tail = ReportTail(ledger)
+    assert tail.refresh() == {} and tail.take_new() == []  # no ledger yet
+    _report(ledger, "a", 10, 0.5)
+    ledger.append({"event": "planned", "job_id": "b", "overrides": []})
+    _report(ledger, "b", 10, None)  # a non-finite value: handed out, no value kept
+    assert [(e["job_id"], e["step"]) for e in tail.take_new()] == [("a", 10), ("b", 10)]
+    assert tail.take_new() == []  # each once
+    offset = tail.offset
+    assert offset == ledger.events_path.stat().st_size  # read up to the end, no further
+    # A line being written (no newline yet) waits for its end.
+    with ledger.events_path.open("a") as handle:
+        handle.write('{"event": "reported", "job_id": "a", "step": 20, ')
+    assert tail.refresh() == {"a": {10: 0.5}} and tail.offset == offset
+    with ledger.events_path.open("a") as handle:
+        handle.write('"value": 0.25, "metric": "val/loss"}\n')
+    _report(ledger, "a", 10, 0.4)  # a re-run job reports step 10 again: answered again
+    assert tail.refresh() == {"a": {10: 0.4, 20: 0.25}}
+    assert [(e["job_id"], e["step"]) for e in tail.take_new()] == [("a", 20), ("a", 10)]
