@@ -64,3 +64,40 @@ def test_reports_are_read_incrementally_each_handed_out_once(tmp_path: Path) -> 
     _report(ledger, "a", 10, 0.4)  # a re-run job reports step 10 again: answered again
     assert tail.refresh() == {"a": {10: 0.4, 20: 0.25}}
     assert [(e["job_id"], e["step"]) for e in tail.take_new()] == [("a", 20), ("a", 10)]
+
+
+def test_the_incremental_fold_gives_the_ledgers_own_states(tmp_path: Path) -> None:
+    """LedgerFold (what the study reads at every ask and decision) against a full
+    ``Ledger.states()`` after each change: events, records written and rewritten, a
+    record that is done (not read again), a line still being written."""
+    from tmgg.jobs.ledger import FINISHED, PLANNED, RUNNING, LedgerFold
+
+    ledger = Ledger(tmp_path, STAGE)
+    fold = LedgerFold(ledger)
+    assert fold.states() == ledger.states() == {}
+
+    def planned(job: str) -> dict:
+        return {"event": "planned", "job_id": job, "run_name": job, "overrides": [f"x={job}"]}
+
+    ledger.append_many([planned("a"), planned("b"),
+                        {"event": "dispatched", "job_id": "a", "run_name": "a"}])
+    assert fold.states() == ledger.states()
+    ledger.write_job_record("a", {"job_id": "a", "status": RUNNING, "run_name": "a"})
+    assert fold.states() == ledger.states() and fold.states()["a"].status == RUNNING
+    ledger.write_job_record("a", {"job_id": "a", "status": FINISHED, "run_name": "a",
+                                  "metrics": {"val/loss": 0.5}})
+    ledger.append_many([{"event": "outcome", "job_id": "a", "status": FINISHED},
+                        planned("c"), {"event": "superseded", "job_id": "b", "by": "c"}])
+    states = fold.states()
+    assert states == ledger.states()
+    assert (states["a"].status, states["a"].metrics) == (FINISHED, {"val/loss": 0.5})
+    assert states["b"].superseded_by == "c" and states["c"].status == PLANNED
+    with ledger.events_path.open("a") as handle:  # a line being written
+        handle.write('{"event": "planned", "job_id": "d", ')
+    assert fold.states() == ledger.states() and "d" not in fold.states()
+    with ledger.events_path.open("a") as handle:
+        handle.write('"run_name": "d", "overrides": []}\n')
+    assert fold.states() == ledger.states() and fold.states()["d"].status == PLANNED
+    # A record read once FINISHED is not read again (it no longer changes).
+    (ledger.jobs_dir / "a.json").write_text("not json")
+    assert fold.states()["a"].status == FINISHED

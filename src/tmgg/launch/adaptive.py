@@ -37,6 +37,7 @@ from tmgg.jobs.ledger import (
     SKIPPED,
     JobState,
     Ledger,
+    LedgerFold,
 )
 from tmgg.jobs.plan import PlanError, PlannedJob, compose_plan
 from tmgg.jobs.search_space import SearchSpace, SearchSpaceError, stage_space, sweeper_settings
@@ -67,16 +68,20 @@ class LedgerTrial:
 
 
 def ledger_trials(ledger: Ledger, space: SearchSpace, metric: str,
-                  reports: dict[str, dict[int, float]] | None = None
+                  reports: dict[str, dict[int, float]] | None = None,
+                  states: dict[str, JobState] | None = None
                   ) -> dict[tuple[str, ...], LedgerTrial]:
     """The stage's trials, folded from its job states (superseded jobs left out);
-    ``reports``: the jobs' reported values when the caller keeps them (ReportTail)."""
+    ``reports`` and ``states``: the jobs' reported values and states when the caller
+    keeps them up to date incrementally (ReportTail, LedgerFold)."""
     from tmgg.jobs.trials import reported_values
 
     if reports is None:
         reports = reported_values(ledger)
+    if states is None:
+        states = ledger.states()
     trials: dict[tuple[str, ...], LedgerTrial] = {}
-    for state in ledger.states().values():
+    for state in states.values():
         if state.superseded_by:
             continue
         overrides = state.overrides or state.record.get("overrides") or []
@@ -154,6 +159,7 @@ class AdaptiveStudy:
         from tmgg.jobs.trials import ReportTail
 
         self._reports = ReportTail(self.ledger)  # the ledger's reports, read as they come
+        self._fold = LedgerFold(self.ledger)  # its job states, likewise
         self._relay = relay_store(config, self.ledger) if self.prunes else None
         self._active: dict[str, PendingTrial] = {}  # job id -> its trial, while dispatched
         self._in_study: set[tuple[str, ...]] = set()  # trials the study knows as done
@@ -203,7 +209,11 @@ class AdaptiveStudy:
         return trials
 
     def _trials(self) -> dict[tuple[str, ...], LedgerTrial]:
-        return ledger_trials(self.ledger, self.space, self.metric, self._reports.refresh())
+        """The stage's trials now, from what was appended and recorded since the last
+        call (not the whole ledger again: asks and decisions happen per trial and per
+        report, so a full read each time grows with the square of the study)."""
+        return ledger_trials(self.ledger, self.space, self.metric, self._reports.refresh(),
+                             self._fold.states())
 
     def next_trial(self) -> PendingTrial | None:
         """The next trial to dispatch (a lost one first), its jobs planned in the
