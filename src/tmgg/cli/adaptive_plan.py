@@ -47,6 +47,7 @@ def adaptive_plan_facts(overrides: Sequence[str]) -> dict[str, Any]:
     )
     from tmgg.jobs.sweep import experiments_root
     from tmgg.jobs.wandb_check import check_wandb_destinations
+    from tmgg.launch.adaptive import pruner_resources
     from tmgg.launch.cost import plan_estimates
 
     with hydra_session() as loader:
@@ -77,6 +78,9 @@ def adaptive_plan_facts(overrides: Sequence[str]) -> dict[str, Any]:
         "pruner": settings.get("pruner") or "none",
         "pruner_startup_trials": settings.get("pruner_startup_trials"),
         "pruner_warmup_steps": settings.get("pruner_warmup_steps"),
+        **pruner_resources(settings, master),
+        "pruner_reduction_factor": settings.get("pruner_reduction_factor") or 3,
+        "fuse_trials": bool(settings.get("fuse_trials")),
         "search_space": [{"key": d.key, "declared": d.text, "samples": d.describe()}
                          for d in space.dimensions],
         "fixed": space.fixed,
@@ -131,9 +135,16 @@ def adaptive_plan_main(overrides: Sequence[str], as_json: bool) -> int:
     console.print(f"estimated accelerator time at most {facts['est_gpu_seconds_max']:.0f} s"
                   f"{cost}", soft_wrap=True)
     pruner = facts["pruner"]
-    if pruner != "none":
+    if pruner in ("successive_halving", "hyperband"):
+        pruner += (f" (first rung at step {facts['pruner_min_resource']}, the best "
+                   f"1/{facts['pruner_reduction_factor']} go on")
+        pruner += (f", up to step {facts['pruner_max_resource']})" if pruner.startswith("h")
+                   else ")")
+    elif pruner != "none":
         pruner += (f" (after {facts['pruner_startup_trials']} complete trials, from step "
                    f"{facts['pruner_warmup_steps']})")
+    if facts["fuse_trials"]:
+        pruner += f"; trials in fused rounds of {facts['n_jobs']}"
     console.print(f"pruner: {pruner}", soft_wrap=True)
     console.print(f"destination: {destination}; fixed: {' '.join(facts['fixed']) or '-'}",
                   soft_wrap=True)
