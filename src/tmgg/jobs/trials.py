@@ -55,11 +55,15 @@ def write_decision(ledger_root: Path, job_id: str, step: int, decision: str) -> 
     os.replace(temporary, path)
 
 
-def remove_decisions(ledger_root: Path, job_id: str) -> None:
-    """A job's decision files left behind (one answered after the job stopped reading,
-    e.g. a second shell's): removed when its trial ends."""
+def remove_decisions(ledger_root: Path, job_id: str, store: Any = None) -> None:
+    """A job's decisions left behind (one answered after the job stopped reading, e.g.
+    a second shell's): its files, and its keys in ``store``, removed when its trial
+    ends."""
     for path in (ledger_root / TRIALS_DIR).glob(f"{job_id}.*.decision"):
         path.unlink(missing_ok=True)
+    if store is not None:
+        for key in store.keys(f"{DECISION_KEY}.{job_id}."):
+            store.pop(key)
 
 
 class ReportTail:

@@ -286,7 +286,7 @@ class AdaptiveStudy:
         from tmgg.jobs.trials import remove_decisions
 
         for job in pending.jobs:
-            remove_decisions(self.ledger.root, job.job_id)
+            remove_decisions(self.ledger.root, job.job_id, self._relay)
         with self._stage_locked():
             self._pending_here.discard(pending.key)
             self.results.extend(returns)
