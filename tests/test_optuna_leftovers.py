@@ -101,3 +101,24 @@ def test_the_incremental_fold_gives_the_ledgers_own_states(tmp_path: Path) -> No
     # A record read once FINISHED is not read again (it no longer changes).
     (ledger.jobs_dir / "a.json").write_text("not json")
     assert fold.states()["a"].status == FINISHED
+
+
+def test_a_refused_value_between_the_ends_is_a_failed_trial_and_the_study_goes_on(
+        sweep_dirs: SweepDirs) -> None:
+    """9-node 3-regular graphs do not exist (9 x 3 is odd), 2- and 4-regular ones do:
+    the ends of degree range(2, 4) pass the check before the study, 3 is refused when
+    asked (seed 0 asks it twice): told Optuna as failed, named on stderr, never a job;
+    the study still ends with its 2 trials."""
+    result = tmgg_train("-m", *TINY, "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0",
+                        "data=regular", "data.num_nodes=9", "data.degree=range(2,4)",
+                        "model.k=4", *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    refusals = [line for line in result.stderr.splitlines()
+                if "refused, told Optuna as failed" in line]
+    assert refusals and all("data.degree=3" in line and "data.degree: 3-regular graphs"
+                            in line for line in refusals), result.stderr[-3000:]
+    states = Ledger(sweep_dirs.experiments, STAGE).states()
+    degrees = sorted(dict(o.split("=", 1) for o in s.overrides)["data.degree"]
+                     for s in states.values())
+    assert len(degrees) == 2 and "3" not in degrees
+    assert "2/2 trials complete" in result.stderr
