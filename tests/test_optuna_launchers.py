@@ -64,3 +64,23 @@ def test_an_adaptive_stage_runs_under_submitit_local(sweep_dirs: SweepDirs) -> N
     assert set(by_lr) == {"0.05", "1e-09"}
     assert by_lr["0.05"].status == FINISHED
     assert by_lr["1e-09"].status == PRUNED and by_lr["1e-09"].record["pruned_at_step"] == 10
+
+
+def test_a_fused_member_in_a_modal_container_is_pruned_through_the_store(
+        sweep_dirs: SweepDirs, tmp_path: Path) -> None:
+    """Fused rounds on Modal (local transport, a stand-in volume): round 2's fused
+    group of two, one member pruned at step 10 through the store, the other trained on."""
+    from test_optuna_fused import FUSED_STUDY
+
+    study = [o for o in FUSED_STUDY if not o.startswith(("hydra/launcher=",
+                                                          "hydra.launcher."))]
+    result = tmgg_train("-m", *study, "logger=csv", *LOCAL_MODAL,
+                        f"hydra.launcher.local_volume_dir={tmp_path / 'volume'}",
+                        *sweep_dirs.overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_lr = _by_lr(Ledger(sweep_dirs.experiments, STAGE))
+    assert {lr: s.record["metrics"]["fused_members"] for lr, s in by_lr.items()} == {
+        "0.05": 2, "1e-08": 2, "1e-09": 2, "0.03": 2}
+    assert by_lr["1e-09"].status == PRUNED and by_lr["1e-09"].record["pruned_at_step"] == 10
+    assert by_lr["0.05"].status == FINISHED
+    assert by_lr["0.05"].record["metrics"]["global_step"] == 40
