@@ -277,6 +277,10 @@ def _check_bounds(named: str, low: float, high: float, log: bool) -> None:
         raise SearchSpaceError(f"{named}: a log scale needs a positive start, got {low}")
 
 
+#: hydra.sweeper.pruner's values (tmgg.launch.adaptive.make_pruner builds each).
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
+
+
 def sweeper_settings(config: DictConfig) -> dict[str, Any]:
     """The sweeper's settings as plain values (``hydra.sweeper`` less its params)."""
     node = OmegaConf.select(config, "hydra.sweeper")
@@ -301,9 +305,8 @@ def stage_space(config: DictConfig, arguments: Sequence[str]) -> SearchSpace:
     if settings.get("sampler") not in ("tpe", "random"):
         raise SearchSpaceError(f"hydra.sweeper.sampler: tpe or random, got "
                                f"{settings.get('sampler')!r}")
-    pruners = ("none", "median", "percentile", "successive_halving", "hyperband")
-    if settings.get("pruner") not in pruners:
-        raise SearchSpaceError(f"hydra.sweeper.pruner: one of {', '.join(pruners)}, "
+    if settings.get("pruner") not in PRUNERS:
+        raise SearchSpaceError(f"hydra.sweeper.pruner: one of {', '.join(PRUNERS)}, "
                                f"got {settings.get('pruner')!r}")
     for name, least in (("pruner_min_resource", 1), ("pruner_max_resource", 1),
                         ("pruner_reduction_factor", 2)):

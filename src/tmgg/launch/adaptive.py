@@ -477,9 +477,6 @@ class AdaptiveStudy:
         print(line, file=sys.stderr, flush=True)
 
 
-PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
-
-
 def pruner_resources(settings: dict[str, Any], config: DictConfig) -> dict[str, int]:
     """Successive halving's and Hyperband's step budget, defaults from the trainer: the
     smallest a trial gets is its first validation (``trainer.val_check_interval``), the
