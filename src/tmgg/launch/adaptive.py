@@ -503,7 +503,7 @@ def relay_store(config: DictConfig, ledger: Ledger) -> Any:
 
 
 def make_pruner(settings: dict[str, Any]) -> Any:
-    """Optuna's pruner for ``hydra.sweeper.pruner`` (one of ``PRUNERS``).
+    """Optuna's pruner for ``hydra.sweeper.pruner`` (``search_space.PRUNERS``).
 
     A decision is made on a study rebuilt from the ledger, which keeps the trials'
     intermediate values (``reported`` events); successive halving's rung values are
