@@ -26,6 +26,12 @@ class TmggOptunaSweeperConf:
     # Trials run at once (threads, each handing one trial at a time to the launcher; a
     # free one takes a new trial as soon as its last ended).
     n_jobs: int = 1
+    # Trials in rounds of n_jobs, their jobs handed to the launcher together so that
+    # jobs sharing a batch stream (same seed and data) train as one fused group
+    # (needs hydra.launcher.fuse=auto). A round waits for its slowest group: fusion
+    # shares each batch, asynchronous trials (false) keep every worker busy
+    # (docs/adaptive.md, "Fusion and asynchronous trials").
+    fuse_trials: bool = False
     # tpe (Optuna's TPESampler with constant_liar) or random.
     sampler: str = "tpe"
     # The sampler's seed: the same command asks the same first trials.
@@ -35,7 +41,9 @@ class TmggOptunaSweeperConf:
     # The job metric a trial is judged by (the mean over its repeats): a key of the
     # job's recorded metrics (val/loss, test/mse, ...).
     metric: str = "val/loss"
-    # none, median (Optuna's MedianPruner) or percentile (PercentilePruner). A pruning
+    # none, median (Optuna's MedianPruner), percentile (PercentilePruner),
+    # successive_halving (SuccessiveHalvingPruner: asynchronous successive halving) or
+    # hyperband (HyperbandPruner). A pruning
     # trial's job reports the metric at each validation through the ledger and waits
     # for the decision; a pruned job stops there and is recorded PRUNED (never resumed).
     pruner: str = "none"
@@ -44,6 +52,12 @@ class TmggOptunaSweeperConf:
     pruner_warmup_steps: int = 0
     # percentile: prune a trial below this percentile of the others at the same step.
     pruner_percentile: float = 25.0
+    # successive_halving / hyperband: the steps of the first rung (null: the first
+    # validation, trainer.val_check_interval), Hyperband's largest budget (null:
+    # trainer.max_steps), and the factor between rungs (the top 1/factor go on).
+    pruner_min_resource: Optional[int] = None  # noqa: UP045
+    pruner_max_resource: Optional[int] = None  # noqa: UP045
+    pruner_reduction_factor: int = 3
     # Seconds a job waits for its sweeper's decision before it trains on (a sweeper
     # that died): never reached while the sweeper runs.
     decision_timeout_s: float = 120.0

@@ -3,8 +3,9 @@
 An adaptive stage has no grid to list: its plan is the search space, the budget
 (trials x jobs per trial x steps, an upper bound: pruned or stopped trials only use
 less), its cost bound and the W&B destination. One probe trial (every dimension at its
-low end or first choice) is composed and checked like any job, so a destination the
-guard refuses, or a space Optuna cannot sample, refuses the plan.
+low end or first choice) is composed and checked like any job, and each other end of
+every dimension too (``check_space_bounds``), so a destination the guard refuses, a
+space Optuna cannot sample, or one whose ends give refused jobs, refuses the plan.
 """
 
 from __future__ import annotations
@@ -33,18 +34,20 @@ def _task_arguments(overrides: Sequence[str]) -> list[str]:
     return [o.input_line for o in parsed if not o.is_hydra_override()]
 
 
-def _probe_params(space: Any) -> dict[str, Any]:
-    return {d.key: d.choices[0] if d.kind == "categorical" else d.low
-            for d in space.dimensions}
-
-
 def adaptive_plan_facts(overrides: Sequence[str]) -> dict[str, Any]:
     """The adaptive plan as data; ``PlanError`` for a space or a job it refuses."""
     from tmgg.jobs.compose import hydra_session, load_master_config
     from tmgg.jobs.plan import PlanError, compose_plan
-    from tmgg.jobs.search_space import SearchSpaceError, stage_space, sweeper_settings
+    from tmgg.jobs.search_space import (
+        SearchSpaceError,
+        check_space_bounds,
+        probe_params,
+        stage_space,
+        sweeper_settings,
+    )
     from tmgg.jobs.sweep import experiments_root
     from tmgg.jobs.wandb_check import check_wandb_destinations
+    from tmgg.launch.adaptive import pruner_resources
     from tmgg.launch.cost import plan_estimates
 
     with hydra_session() as loader:
@@ -56,7 +59,8 @@ def adaptive_plan_facts(overrides: Sequence[str]) -> dict[str, Any]:
         except (SearchSpaceError, ValueError) as error:
             raise PlanError(f"stage {stage}: {error}") from None
         settings = sweeper_settings(master)
-        probe = compose_plan(loader, master, space.trial_overrides(_probe_params(space)))
+        check_space_bounds(loader, master, space)  # every end of the space is a valid job
+        probe = compose_plan(loader, master, space.trial_overrides(probe_params(space)))
         check_wandb_destinations(probe, master)
         estimates = plan_estimates(master, probe, groups=[[i] for i in range(len(probe))])
         launcher = str(master.hydra.runtime.choices.get("hydra/launcher", "unknown"))
@@ -74,6 +78,9 @@ def adaptive_plan_facts(overrides: Sequence[str]) -> dict[str, Any]:
         "pruner": settings.get("pruner") or "none",
         "pruner_startup_trials": settings.get("pruner_startup_trials"),
         "pruner_warmup_steps": settings.get("pruner_warmup_steps"),
+        **pruner_resources(settings, master),
+        "pruner_reduction_factor": settings.get("pruner_reduction_factor") or 3,
+        "fuse_trials": bool(settings.get("fuse_trials")),
         "search_space": [{"key": d.key, "declared": d.text, "samples": d.describe()}
                          for d in space.dimensions],
         "fixed": space.fixed,
@@ -128,9 +135,16 @@ def adaptive_plan_main(overrides: Sequence[str], as_json: bool) -> int:
     console.print(f"estimated accelerator time at most {facts['est_gpu_seconds_max']:.0f} s"
                   f"{cost}", soft_wrap=True)
     pruner = facts["pruner"]
-    if pruner != "none":
+    if pruner in ("successive_halving", "hyperband"):
+        pruner += (f" (first rung at step {facts['pruner_min_resource']}, the best "
+                   f"1/{facts['pruner_reduction_factor']} go on")
+        pruner += (f", up to step {facts['pruner_max_resource']})" if pruner.startswith("h")
+                   else ")")
+    elif pruner != "none":
         pruner += (f" (after {facts['pruner_startup_trials']} complete trials, from step "
                    f"{facts['pruner_warmup_steps']})")
+    if facts["fuse_trials"]:
+        pruner += f"; trials in fused rounds of {facts['n_jobs']}"
     console.print(f"pruner: {pruner}", soft_wrap=True)
     console.print(f"destination: {destination}; fixed: {' '.join(facts['fixed']) or '-'}",
                   soft_wrap=True)

@@ -23,10 +23,12 @@ the experiments directory (``refuse_links``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,50 +282,127 @@ class Ledger:
     def _fold(self) -> dict[str, JobState]:
         states: dict[str, JobState] = {}
         for event in self.events():
-            job_id = event.get("job_id")
-            if not job_id:
-                continue
-            kind = event.get("event")
-            state = states.get(job_id)
-            if state is None:
-                state = JobState(job_id=job_id, run_name=event.get("run_name", ""),
-                                 status=MISSING, overrides=event.get("overrides", []))
-                states[job_id] = state
-            if kind == "planned":
-                state.plan = event
-                state.overrides = event.get("overrides", state.overrides)
-                state.superseded_by = None  # planned again: its config is current again
-                if state.status == MISSING:
-                    state.status = PLANNED
-            elif kind == "dispatched":
-                state.status = DISPATCHED
-                state.call_id = event.get("call_id") or state.call_id
-            elif kind == "outcome":
-                state.status = event.get("status") or state.status
-                state.record = {**state.record, **event}
-            elif kind == "skipped":
-                if state.status in (PLANNED, MISSING, DISPATCHED, LOST):
-                    state.status = SKIPPED
-                    state.claim = event.get("reason")
-            elif kind == "cancelled":
-                state.status = CANCELLED
-            elif kind == "superseded":
-                state.superseded_by = event.get("by") or "?"
+            _fold_event(states, event)
         for job_id, record in self.job_records().items():
-            state = states.get(job_id)
-            if state is None:
-                state = JobState(job_id=job_id, run_name=record.get("run_name", ""),
-                                 status=MISSING, overrides=record.get("overrides", []))
-                states[job_id] = state
-            state.record = record
-            recorded = record.get("status")
-            # A job's own record is the truth, except a stale RUNNING after a newer
-            # dispatch or cancel by the launcher.
-            if recorded in TERMINAL or state.status in (PLANNED, MISSING, RUNNING):
-                state.status = recorded or state.status
-            elif recorded == RUNNING and state.status in (DISPATCHED, SKIPPED):
-                state.status = RUNNING
+            _fold_record(states, job_id, record)
         return states
+
+
+def _fold_event(states: dict[str, JobState], event: dict[str, Any]) -> None:
+    """One ledger event into the jobs' states (events first, in ledger order)."""
+    job_id = event.get("job_id")
+    if not job_id:
+        return
+    kind = event.get("event")
+    state = states.get(job_id)
+    if state is None:
+        state = JobState(job_id=job_id, run_name=event.get("run_name", ""),
+                         status=MISSING, overrides=event.get("overrides", []))
+        states[job_id] = state
+    if kind == "planned":
+        state.plan = event
+        state.overrides = event.get("overrides", state.overrides)
+        state.superseded_by = None  # planned again: its config is current again
+        if state.status == MISSING:
+            state.status = PLANNED
+    elif kind == "dispatched":
+        state.status = DISPATCHED
+        state.call_id = event.get("call_id") or state.call_id
+    elif kind == "outcome":
+        state.status = event.get("status") or state.status
+        state.record = {**state.record, **event}
+    elif kind == "skipped":
+        if state.status in (PLANNED, MISSING, DISPATCHED, LOST):
+            state.status = SKIPPED
+            state.claim = event.get("reason")
+    elif kind == "cancelled":
+        state.status = CANCELLED
+    elif kind == "superseded":
+        state.superseded_by = event.get("by") or "?"
+
+
+def _fold_record(states: dict[str, JobState], job_id: str, record: dict[str, Any]) -> None:
+    """A job's own record over its folded events (after all of them)."""
+    state = states.get(job_id)
+    if state is None:
+        state = JobState(job_id=job_id, run_name=record.get("run_name", ""),
+                         status=MISSING, overrides=record.get("overrides", []))
+        states[job_id] = state
+    state.record = record
+    recorded = record.get("status")
+    # A job's own record is the truth, except a stale RUNNING after a newer
+    # dispatch or cancel by the launcher.
+    if recorded in TERMINAL or state.status in (PLANNED, MISSING, RUNNING):
+        state.status = recorded or state.status
+    elif recorded == RUNNING and state.status in (DISPATCHED, SKIPPED):
+        state.status = RUNNING
+
+
+class LedgerFold:
+    """``Ledger.states()`` for a reader that asks again and again (an adaptive study,
+    at every ask and every batch of pruning decisions): each call reads only what
+    changed since the last, the lines appended to ``ledger.jsonl`` (from a byte offset;
+    a line still being written waits for its end) and the records of jobs not done
+    (a FINISHED or PRUNED job's record no longer changes), instead of the whole stage.
+    The states are those ``Ledger.states()`` gives at that moment."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.root = ledger.root
+        self.offset = 0
+        self.line = 0
+        self._by_events: dict[str, JobState] = {}
+        self._records: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def states(self) -> dict[str, JobState]:
+        from tmgg.jobs.claims import mark_lost
+
+        return mark_lost(self, self._fold())
+
+    def _fold(self) -> dict[str, JobState]:
+        """The event fold brought up to date, with the current records over copies of it
+        (``mark_lost`` calls this to fold again)."""
+        with self._lock:
+            self._read_events()
+            self._read_records()
+            states = {job_id: dataclasses.replace(state)
+                      for job_id, state in self._by_events.items()}
+            for job_id, record in sorted(self._records.items()):
+                _fold_record(states, job_id, record)
+            return states
+
+    def _read_events(self) -> None:
+        path = self.ledger.events_path
+        try:
+            with path.open("rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        whole = data[:data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        for data_line in whole.split(b"\n")[:-1]:
+            self.line += 1
+            raw = data_line.decode("utf-8", errors="replace").strip()
+            if not raw:
+                continue
+            event, start = _parse_event(raw)
+            if event is None:
+                continue
+            try:
+                event = schema.decode(raw[start:], schema.LedgerEvent, path, self.line)
+            except schema.Damaged:
+                continue
+            _fold_event(self._by_events, event)
+
+    def _read_records(self) -> None:
+        jobs_dir = self.ledger.jobs_dir
+        to_read = [path for path in _listed(jobs_dir, "*.json")
+                   if self._records.get(path.stem, {}).get("status") not in DONE]
+        for read in _read_files(to_read, schema.JobRecordFile):
+            if not isinstance(read, Damaged):
+                self._records[read["job_id"]] = read
 
 
 def _listed(directory: Path, pattern: str) -> list[Path]:

@@ -277,6 +277,10 @@ def _check_bounds(named: str, low: float, high: float, log: bool) -> None:
         raise SearchSpaceError(f"{named}: a log scale needs a positive start, got {low}")
 
 
+#: hydra.sweeper.pruner's values (tmgg.launch.adaptive.make_pruner builds each).
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
+
+
 def sweeper_settings(config: DictConfig) -> dict[str, Any]:
     """The sweeper's settings as plain values (``hydra.sweeper`` less its params)."""
     node = OmegaConf.select(config, "hydra.sweeper")
@@ -301,10 +305,61 @@ def stage_space(config: DictConfig, arguments: Sequence[str]) -> SearchSpace:
     if settings.get("sampler") not in ("tpe", "random"):
         raise SearchSpaceError(f"hydra.sweeper.sampler: tpe or random, got "
                                f"{settings.get('sampler')!r}")
-    if settings.get("pruner") not in ("none", "median", "percentile"):
-        raise SearchSpaceError("hydra.sweeper.pruner: none, median or percentile, "
+    if settings.get("pruner") not in PRUNERS:
+        raise SearchSpaceError(f"hydra.sweeper.pruner: one of {', '.join(PRUNERS)}, "
                                f"got {settings.get('pruner')!r}")
+    for name, least in (("pruner_min_resource", 1), ("pruner_max_resource", 1),
+                        ("pruner_reduction_factor", 2)):
+        value = settings.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < least):
+            raise SearchSpaceError(f"hydra.sweeper.{name}: an integer >= {least} (or null), "
+                                   f"got {value!r}")
+    if settings.get("fuse_trials"):
+        from tmgg.jobs.fusion import fusion_settings
+
+        if fusion_settings(config)[0] != "auto":
+            raise SearchSpaceError("hydra.sweeper.fuse_trials: true needs a launcher that "
+                                   "fuses jobs (hydra/launcher=local or modal with "
+                                   "hydra.launcher.fuse=auto)")
     params = OmegaConf.select(config, "hydra.sweeper.params")
     plain = OmegaConf.to_container(params, resolve=False) if params is not None else {}
     assert isinstance(plain, dict)
     return parse_space(plain, arguments)
+
+
+def probe_params(space: SearchSpace) -> dict[str, Any]:
+    """Every dimension at its low end (or first choice): the plan's probe trial."""
+    return {d.key: d.choices[0] if d.kind == "categorical" else d.low
+            for d in space.dimensions}
+
+
+def space_bounds(space: SearchSpace) -> list[tuple[str | None, dict[str, Any]]]:
+    """The probe, then for each dimension each of its other ends (its high end, its
+    other choices) with the rest at the probe's: ``(the dimension changed, params)``."""
+    probe = probe_params(space)
+    out: list[tuple[str | None, dict[str, Any]]] = [(None, probe)]
+    for dimension in space.dimensions:
+        ends = (dimension.choices[1:] if dimension.kind == "categorical"
+                else [dimension.high] if dimension.high != dimension.low else [])
+        out += [(dimension.key, {**probe, dimension.key: end}) for end in ends]
+    return out
+
+
+def check_space_bounds(config_loader: Any, config: DictConfig, space: SearchSpace) -> None:
+    """Refuse a space whose ends give a job config tmgg refuses (``PlanError`` naming
+    the parameter and the job's problem), before anything is dispatched. One job (the
+    first repeat) per end: the values in between are told FAIL to Optuna if they are
+    refused (``tmgg.launch.adaptive``), the study goes on."""
+    from tmgg.jobs.plan import PlanError, compose_plan
+
+    for changed, params in space_bounds(space):
+        try:
+            compose_plan(config_loader, config, space.trial_overrides(params)[:1])
+        except PlanError as error:
+            where = (f"hydra.sweeper.params.{changed}={params[changed]}" if changed
+                     else "the space's low ends (" + ", ".join(
+                         f"{k}={v}" for k, v in params.items()) + ")")
+            raise PlanError(f"stage {config.stage.name}: {where} can be sampled but its "
+                            f"job is refused: {error}") from None
+

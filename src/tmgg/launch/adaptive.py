@@ -37,6 +37,7 @@ from tmgg.jobs.ledger import (
     SKIPPED,
     JobState,
     Ledger,
+    LedgerFold,
 )
 from tmgg.jobs.plan import PlanError, PlannedJob, compose_plan
 from tmgg.jobs.search_space import SearchSpace, SearchSpaceError, stage_space, sweeper_settings
@@ -66,14 +67,21 @@ class LedgerTrial:
     reported: dict[int, float] = field(default_factory=dict)  # step -> mean over its jobs
 
 
-def ledger_trials(ledger: Ledger, space: SearchSpace, metric: str) -> dict[tuple[str, ...],
-                                                                           LedgerTrial]:
-    """The stage's trials, folded from its job states (superseded jobs left out)."""
+def ledger_trials(ledger: Ledger, space: SearchSpace, metric: str,
+                  reports: dict[str, dict[int, float]] | None = None,
+                  states: dict[str, JobState] | None = None
+                  ) -> dict[tuple[str, ...], LedgerTrial]:
+    """The stage's trials, folded from its job states (superseded jobs left out);
+    ``reports`` and ``states``: the jobs' reported values and states when the caller
+    keeps them up to date incrementally (ReportTail, LedgerFold)."""
     from tmgg.jobs.trials import reported_values
 
-    reports = reported_values(ledger)
+    if reports is None:
+        reports = reported_values(ledger)
+    if states is None:
+        states = ledger.states()
     trials: dict[tuple[str, ...], LedgerTrial] = {}
-    for state in ledger.states().values():
+    for state in states.values():
         if state.superseded_by:
             continue
         overrides = state.overrides or state.record.get("overrides") or []
@@ -143,11 +151,17 @@ class AdaptiveStudy:
                        if self.settings.get("sampler") == "random"
                        else optuna.samplers.TPESampler(seed=seed, constant_liar=True))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.settings.update(pruner_resources(self.settings, config))
         self.study = optuna.create_study(direction=str(self.settings["direction"]),
                                          sampler=sampler, pruner=make_pruner(self.settings))
         self.prunes = str(self.settings.get("pruner") or "none") != "none"
+        self.fuse_trials = bool(self.settings.get("fuse_trials"))
+        from tmgg.jobs.trials import ReportTail
+
+        self._reports = ReportTail(self.ledger)  # the ledger's reports, read as they come
+        self._fold = LedgerFold(self.ledger)  # its job states, likewise
+        self._relay = relay_store(config, self.ledger) if self.prunes else None
         self._active: dict[str, PendingTrial] = {}  # job id -> its trial, while dispatched
-        self._decided: set[tuple[str, int]] = set()  # (job id, step) answered
         self._in_study: set[tuple[str, ...]] = set()  # trials the study knows as done
         self._rerun_here: set[tuple[str, ...]] = set()  # one re-run per lost trial here
         # Trials this process's threads are dispatching: their jobs may still be only
@@ -175,7 +189,7 @@ class AdaptiveStudy:
         import optuna
         from optuna.trial import TrialState
 
-        trials = ledger_trials(self.ledger, self.space, self.metric)
+        trials = self._trials()
         for key, trial in trials.items():
             if trial.status not in (COMPLETE, PRUNED_TRIAL) or key in self._in_study:
                 continue
@@ -193,6 +207,13 @@ class AdaptiveStudy:
             self.study.add_trial(frozen)
             self._in_study.add(key)
         return trials
+
+    def _trials(self) -> dict[tuple[str, ...], LedgerTrial]:
+        """The stage's trials now, from what was appended and recorded since the last
+        call (not the whole ledger again: asks and decisions happen per trial and per
+        report, so a full read each time grows with the square of the study)."""
+        return ledger_trials(self.ledger, self.space, self.metric, self._reports.refresh(),
+                             self._fold.states())
 
     def next_trial(self) -> PendingTrial | None:
         """The next trial to dispatch (a lost one first), its jobs planned in the
@@ -216,7 +237,15 @@ class AdaptiveStudy:
             for _ in range(MAX_REPEATED_ASKS):
                 asked = self.study.ask(self.distributions)
                 key = self.space.trial_key(asked.params)
-                jobs = [] if key in trials else self._compose(asked.params)
+                try:
+                    jobs = [] if key in trials else self._compose(asked.params)
+                except PlanError as error:
+                    # A value between the space's ends that tmgg refuses (the ends were
+                    # checked before the first trial): a failed trial, the study goes on.
+                    self.study.tell(asked, state=TrialState.FAIL)
+                    print(f"stage {self.ledger.stage}: trial {', '.join(key)} refused, told "
+                          f"Optuna as failed: {error}", file=sys.stderr, flush=True)
+                    continue
                 if key in trials or any(job.job_id in known_ids for job in jobs):
                     # A config the ledger has already: never dispatched twice, ask again.
                     self.study.tell(asked, state=TrialState.FAIL)
@@ -254,10 +283,14 @@ class AdaptiveStudy:
 
         if self.n_jobs > 1:
             self._print_trial(pending, returns)
+        from tmgg.jobs.trials import remove_decisions
+
+        for job in pending.jobs:
+            remove_decisions(self.ledger.root, job.job_id, self._relay)
         with self._stage_locked():
             self._pending_here.discard(pending.key)
             self.results.extend(returns)
-            trials = ledger_trials(self.ledger, self.space, self.metric)
+            trials = self._trials()
             trial = trials.get(pending.key)
             if pending.asked is None:
                 return  # a re-run: the next _sync adds it once complete
@@ -285,17 +318,28 @@ class AdaptiveStudy:
 
     # -- dispatch -------------------------------------------------------------------
     def _dispatch(self, pending: PendingTrial) -> list[Any]:
-        remember_planned(pending.jobs)  # the launcher finds them composed
-        overrides = [job.overrides for job in pending.jobs]
+        return self._dispatch_together([pending])[0]
+
+    def _dispatch_together(self, round_: Sequence[PendingTrial]) -> list[list[Any]]:
+        """The jobs of ``round_``'s trials in one launch (a launcher that fuses groups
+        those sharing a batch stream); each trial's returns, in order."""
+        jobs = [job for pending in round_ for job in pending.jobs]
+        remember_planned(jobs)  # the launcher finds them composed
         with self._lock:
-            self._active.update({job.job_id: pending for job in pending.jobs})
+            for pending in round_:
+                self._active.update({job.job_id: pending for job in pending.jobs})
         try:
-            return list(self.launcher.launch(overrides,
-                                             initial_job_idx=pending.jobs[0].index))
+            returns = list(self.launcher.launch([job.overrides for job in jobs],
+                                                initial_job_idx=jobs[0].index))
         finally:
             with self._lock:
-                for job in pending.jobs:
+                for job in jobs:
                     self._active.pop(job.job_id, None)
+        out, start = [], 0
+        for pending in round_:
+            out.append(returns[start:start + len(pending.jobs)])
+            start += len(pending.jobs)
+        return out
 
     # -- pruning --------------------------------------------------------------------
     def _answer_reports(self) -> None:
@@ -306,18 +350,23 @@ class AdaptiveStudy:
         on this process's in-memory study: every shell that sees the report decides the
         same, so a job handed to two shells (one of them skipped it as claimed) gets
         one answer whichever writes it."""
-        from tmgg.jobs.trials import CONTINUE, PRUNE, REPORTED_EVENT, write_decision
+        from tmgg.jobs.trials import (
+            CONTINUE,
+            PRUNE,
+            relay_decision,
+            relay_reports,
+            write_decision,
+        )
 
+        if self._relay is not None:  # reports of jobs that cannot see the ledger
+            relay_reports(self._relay, self.ledger)
+        new = self._reports.take_new()
         with self._lock:
             active = dict(self._active)
-        if not active:
-            return
-        waiting = [event for event in self.ledger.events()
-                   if event.get("event") == REPORTED_EVENT and event.get("job_id") in active
-                   and (str(event["job_id"]), int(event["step"])) not in self._decided]
+        waiting = [event for event in new if event.get("job_id") in active]
         if not waiting:
             return
-        trials = ledger_trials(self.ledger, self.space, self.metric)
+        trials = self._trials()
         for event in waiting:
             job_id, step = str(event["job_id"]), int(event["step"])
             pending = active[job_id]
@@ -328,7 +377,8 @@ class AdaptiveStudy:
             decision = PRUNE if pruned else CONTINUE
             pending.pruned = pruned
             write_decision(self.ledger.root, job_id, step, decision)
-            self._decided.add((job_id, step))
+            if self._relay is not None:
+                relay_decision(self._relay, job_id, step, decision)
             if decision == PRUNE:
                 self.ledger.append({"event": "prune", "time": _now(), "job_id": job_id,
                                     "run_name": event.get("run_name"), "step": step})
@@ -336,28 +386,8 @@ class AdaptiveStudy:
     def _should_prune(self, trial: LedgerTrial,
                       trials: dict[tuple[str, ...], LedgerTrial], step: int) -> bool:
         """The pruner's decision for ``trial`` at ``step``, from the ledger alone."""
-        import optuna
-        from optuna.trial import TrialState
-
-        study = optuna.create_study(direction=str(self.settings["direction"]),
-                                    sampler=optuna.samplers.RandomSampler(seed=0),
-                                    pruner=make_pruner(self.settings))
-        for key, other in trials.items():
-            if key == trial.key or other.status not in (COMPLETE, PRUNED_TRIAL):
-                continue
-            if other.status == COMPLETE and other.value is None:
-                continue
-            study.add_trial(optuna.trial.create_trial(
-                params=other.params, distributions=self.distributions,
-                value=other.value if other.status == COMPLETE else None,
-                state=TrialState.COMPLETE if other.status == COMPLETE else TrialState.PRUNED,
-                intermediate_values=other.reported))
-        study.enqueue_trial(trial.params)
-        current = study.ask(self.distributions)
-        for reported_step, value in trial.reported.items():
-            if reported_step <= step:
-                current.report(value, reported_step)
-        return bool(current.should_prune())
+        return prune_decision(trial, trials, step, self.settings, self.distributions,
+                              self.ledger.stage)
 
     def _pruning_loop(self, stop: threading.Event) -> None:
         while not stop.wait(0.1):
@@ -378,6 +408,11 @@ class AdaptiveStudy:
 
     def run(self) -> list[Any]:
         """Run trials until the ledger holds ``n_trials`` of them; every job's return."""
+        from tmgg.jobs.hydra_callbacks import refusing
+        from tmgg.jobs.search_space import check_space_bounds
+
+        with refusing():  # exit 2, "sweep refused, nothing dispatched: <the problem>"
+            check_space_bounds(self.config_loader, self.config, self.space)
         stop = threading.Event()
         pruning = threading.Thread(target=self._pruning_loop, args=(stop,),
                                    name="tmgg-pruner", daemon=True)
@@ -394,7 +429,9 @@ class AdaptiveStudy:
         return self.results
 
     def _run_trials(self) -> None:
-        if self.n_jobs == 1:
+        if self.fuse_trials:
+            self._run_rounds()
+        elif self.n_jobs == 1:
             while (pending := self.next_trial()) is not None:
                 self._finish(pending, self._dispatch(pending))
         else:
@@ -409,11 +446,25 @@ class AdaptiveStudy:
             if errors:
                 raise errors[0]
 
+    def _run_rounds(self) -> None:
+        """``fuse_trials``: ``n_jobs`` trials at a time, their jobs in one launch, so
+        that those sharing a batch stream train as one fused group (a pruned member
+        leaves its group while the others train on); the next round's trials start
+        when this round's last group ends (docs/adaptive.md)."""
+        while True:
+            round_: list[PendingTrial] = []
+            while len(round_) < self.n_jobs and (pending := self.next_trial()) is not None:
+                round_.append(pending)
+            if not round_:
+                return
+            for pending, returns in zip(round_, self._dispatch_together(round_), strict=True):
+                self._finish(pending, returns)
+
     def _print_best(self) -> None:
         from optuna.trial import TrialState
 
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        trials = ledger_trials(self.ledger, self.space, self.metric)
+        trials = self._trials()
         complete = sum(1 for t in trials.values() if t.status == COMPLETE)
         pruned = sum(1 for t in trials.values() if t.status == PRUNED_TRIAL)
         line = f"stage {self.ledger.stage}: {complete}/{self.n_trials} trials complete"
@@ -426,24 +477,150 @@ class AdaptiveStudy:
         print(line, file=sys.stderr, flush=True)
 
 
-def make_pruner(settings: dict[str, Any]) -> Any:
-    """Optuna's pruner for ``hydra.sweeper.pruner``: none, median or percentile.
+def pruner_resources(settings: dict[str, Any], config: DictConfig) -> dict[str, int]:
+    """Successive halving's and Hyperband's step budget, defaults from the trainer: the
+    smallest a trial gets is its first validation (``trainer.val_check_interval``), the
+    largest its ``trainer.max_steps``. Given, not Optuna's "auto" (estimated from the
+    trials completed so far): a decision rebuilt later must see the same rungs."""
+    trainer = config.get("trainer") or {}
+    minimum = settings.get("pruner_min_resource") or trainer.get("val_check_interval") or 1
+    maximum = settings.get("pruner_max_resource") or trainer.get("max_steps") or minimum
+    return {"pruner_min_resource": int(minimum), "pruner_max_resource": int(maximum)}
 
-    Only pruners that decide from the trials' intermediate values: a decision is made
-    on a study rebuilt from the ledger, which keeps those values (``reported`` events)
-    but not a pruner's own bookkeeping (successive halving's rungs)."""
+
+def relay_store(config: DictConfig, ledger: Ledger) -> Any:
+    """The store a launcher's jobs report through when they cannot see the ledger (the
+    Modal launcher's, ``trial_store_spec``), None for launchers whose jobs can."""
+    from tmgg.launch.cost import is_modal_launcher
+
+    if not is_modal_launcher(config):
+        return None
+    from tmgg.jobs.trials import open_store
+    from tmgg.launch.modal.settings import ModalSettings, trial_store_spec
+
+    settings = ModalSettings.from_params(config.hydra.launcher)
+    return open_store(trial_store_spec(settings, ledger.root))
+
+
+def make_pruner(settings: dict[str, Any]) -> Any:
+    """Optuna's pruner for ``hydra.sweeper.pruner`` (``search_space.PRUNERS``).
+
+    A decision is made on a study rebuilt from the ledger, which keeps the trials'
+    intermediate values (``reported`` events); successive halving's rung values are
+    derived from them (``completed_rungs``)."""
     import optuna
 
     kind = str(settings.get("pruner") or "none")
     startup = int(settings.get("pruner_startup_trials") or 0)
     warmup = int(settings.get("pruner_warmup_steps") or 0)
+    factor = int(settings.get("pruner_reduction_factor") or 3)
+    minimum = int(settings.get("pruner_min_resource") or 1)
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
     if kind == "percentile":
         return optuna.pruners.PercentilePruner(float(settings.get("pruner_percentile") or 25.0),
                                                n_startup_trials=startup,
                                                n_warmup_steps=warmup)
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=minimum,
+                                                      reduction_factor=factor)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=minimum, reduction_factor=factor,
+            max_resource=int(settings.get("pruner_max_resource") or minimum))
     return optuna.pruners.NopPruner()
+
+
+def rung_rate(pruner: Any, study: Any, number: int, settings: dict[str, Any]) -> int:
+    """The ``min_early_stopping_rate`` of the trial numbered ``number``: 0 for successive
+    halving; its bracket for Hyperband (Optuna hashes the study name and the number)."""
+    import types
+
+    import optuna
+
+    if not isinstance(pruner, optuna.pruners.HyperbandPruner):
+        return 0
+    if not pruner._pruners:  # noqa: SLF001 - its brackets, built once max_resource is known
+        pruner._try_initialization(study)  # noqa: SLF001
+    return int(pruner._get_bracket_id(study, types.SimpleNamespace(number=number)))  # noqa: SLF001
+
+
+def completed_rungs(reports: dict[int, float], settings: dict[str, Any], rate: int,
+                    pruned: bool) -> dict[str, float]:
+    """A trial's successive-halving rung values, as Optuna's pruner records them while
+    the trial reports: at each report, every rung whose promotion step
+    (``min_resource * reduction_factor ** (rate + rung)``) the step has reached gets
+    that report's value; a pruned trial's last report completed one rung only (it was
+    stopped there). Empty for the other pruners."""
+    if str(settings.get("pruner")) not in ("successive_halving", "hyperband"):
+        return {}
+    minimum = int(settings.get("pruner_min_resource") or 1)
+    factor = int(settings.get("pruner_reduction_factor") or 3)
+    attrs: dict[str, float] = {}
+    rung = 0
+    steps = sorted(reports)
+    for position, step in enumerate(steps):
+        while step >= minimum * factor ** (rate + rung):
+            attrs[f"completed_rung_{rung}"] = reports[step]
+            rung += 1
+            if pruned and position == len(steps) - 1:
+                break
+    return attrs
+
+
+def prune_decision(trial: LedgerTrial, trials: dict[tuple[str, ...], LedgerTrial], step: int,
+                   settings: dict[str, Any], distributions: dict[str, Any],
+                   study_name: str) -> bool:
+    """The pruner's decision for ``trial`` at ``step``, from the ledger alone.
+
+    The study is rebuilt with every trial of the ledger in its order (so a trial's
+    number, which Hyperband's brackets hash, is the same in every shell and at every
+    decision): completed and pruned trials as such, trials in flight as running, the
+    others as failed (they count for no pruner). Successive halving's bookkeeping
+    (each trial's ``completed_rung_<r>`` value) is derived from the trials'
+    reported values (``completed_rungs``); this trial's reports up to ``step`` are
+    its intermediate values, and the pruner decides on it as Optuna's
+    ``should_prune`` would.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.create_study(study_name=study_name,
+                                direction=str(settings["direction"]),
+                                sampler=optuna.samplers.RandomSampler(seed=0),
+                                pruner=make_pruner(settings))
+    pruner = study.pruner
+    number = None
+    for key, other in trials.items():
+        rate = rung_rate(pruner, study, len(study.get_trials(deepcopy=False)),
+                         settings)
+        if key == trial.key:
+            number = len(study.get_trials(deepcopy=False))
+            reports = {s: v for s, v in other.reported.items() if s <= step}
+            earlier = {s: v for s, v in reports.items() if s < step}
+            state, value = TrialState.RUNNING, None
+            attrs = completed_rungs(earlier, settings, rate, pruned=False)
+        else:
+            reports = dict(other.reported)
+            if other.status == COMPLETE and other.value is not None:
+                state, value = TrialState.COMPLETE, other.value
+            elif other.status == PRUNED_TRIAL:
+                state, value = TrialState.PRUNED, None
+            elif other.status == IN_FLIGHT:
+                state, value = TrialState.RUNNING, None
+            else:
+                state, value = TrialState.FAIL, None
+            attrs = completed_rungs(reports, settings, rate,
+                                    pruned=state == TrialState.PRUNED)
+        study.add_trial(optuna.trial.create_trial(
+            params=other.params, distributions=distributions, value=value,
+            state=state, intermediate_values=reports, system_attrs=attrs))
+    if number is None or not trial.reported:
+        return False
+    current = study.get_trials(deepcopy=False)[number]
+    if current.last_step is None:
+        return False
+    return bool(pruner.prune(study, current))
 
 
 def _now() -> str:

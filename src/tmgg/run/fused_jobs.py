@@ -115,9 +115,11 @@ def run_group_payload(payload: GroupPayload) -> list[Any]:
 
 
 def _run_group(payload: GroupPayload) -> list[Any]:
+    from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import setup_globals
 
     from tmgg.jobs.sweep import HeldJob, JobSkipped, job_record_start
+    from tmgg.jobs.trials import trial_channel
 
     first = payload.members[0]
     _restore_singletons(first.singleton_state)
@@ -151,6 +153,12 @@ def _run_group(payload: GroupPayload) -> list[Any]:
             # ends, not when the group's last member is done and the launcher hears of
             # the group (under the launcher's claim, the launcher records it).
             begun.records_outcome = begun.holds_own_claim
+        # A trial of a pruning study reports each validation to its sweeper
+        # (tmgg.jobs.trials); the channel is read from the member's own Hydra config.
+        HydraConfig.instance().set_config(run.config)
+        channel = trial_channel(run.task_config)
+        if channel is not None:
+            member.extra["trial"] = channel
         run_of[id(member)] = run
         to_train.append(member)
 

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from tmgg.config import validate_job_config
+from tmgg.task.loggers import PRUNED_AT_KEY, mark_run_pruned
 from tmgg.task.metrics import distinct_graph_eigenpairs, member_losses_finite, predict
 from tmgg.task.module import (
     DenoisingModule,
@@ -225,6 +226,9 @@ class FusedDenoisingModule(L.LightningModule):
         self.log_every_n_steps = int(log_every_n_steps)
         self.on_member_failed = on_member_failed
         self.failures: dict[int, BaseException] = {}
+        # Members their sweeper pruned: the step, and their last validation's metrics.
+        self.pruned: dict[int, int] = {}
+        self.pruned_validation: dict[int, dict[str, float]] = {}
         self.val_metrics: dict[int, dict[str, float]] = {}
         self.test_metrics: dict[int, dict[str, float]] = {}
         self._eval_outputs: dict[int, list[dict[str, Tensor]]] = {}
@@ -241,6 +245,26 @@ class FusedDenoisingModule(L.LightningModule):
         log.error("fused member %d failed: %s", index, error)
         self.on_member_failed(index, error)
         if not self.active and self._trainer is not None:
+            self.trainer.should_stop = True
+
+    def prune(self, index: int, step: int) -> None:
+        """Take a member its sweeper pruned out of training; the others go on.
+
+        Its weights and optimiser state stay those of this validation (written back from
+        its stacked bank first), the remaining members are stacked again without it (so
+        its row costs nothing more), and it is tested with the others at the end, as a
+        pruned solo job is tested after its last validation.
+        """
+        if index not in self.active:
+            return
+        optimizer = self.optimizers().optimizer
+        optimizer.write_back()
+        self.active.discard(index)
+        self.pruned[index] = step
+        self.pruned_validation[index] = dict(self.val_metrics.get(index, {}))
+        if self.active:
+            optimizer.attach_banks([m.model for m in self.members])
+        else:
             self.trainer.should_stop = True
 
     def unstacked_banks(self) -> list[list[int]]:
@@ -654,6 +678,44 @@ class FenceMembers(Callback):
         self._check(pl_module)
 
 
+class PruneMembers(Callback):
+    """The pruning channel of a fused group's trial members (``member.extra["trial"]``,
+    ``tmgg.jobs.trials.TrialChannel``, set by the launcher side).
+
+    After every validation (and after ``MemberCheckpoints`` wrote this step's
+    checkpoints, as a solo job's are written before it stops), each active trial member
+    reports its metric; all reports go out before any decision is awaited, so the
+    sweeper answers them together. A pruned member leaves the group
+    (``FusedDenoisingModule.prune``) and its W&B run is marked pruned.
+    """
+
+    def __init__(self, members: Sequence[FusedMember], loggers: Sequence[Any | None]) -> None:
+        self.members = list(members)
+        self.channels = [member.extra.get("trial") for member in members]
+        self.loggers = list(loggers)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        step = int(trainer.global_step)
+        reported = []
+        for i, channel in enumerate(self.channels):
+            if channel is None or i not in pl_module.active:
+                continue
+            value = pl_module.val_metrics.get(i, {}).get(channel.metric)
+            if value is None:
+                continue
+            channel.report(step, float(value))
+            reported.append(i)
+        for i in reported:
+            if self.channels[i].should_prune(step):
+                pl_module.prune(i, step)
+                with logging_for(self.members[i]):
+                    log.info("%s pruned by its sweeper at step %d; the other members of "
+                             "its fused group go on", self.members[i].cfg.job.run_name, step)
+                mark_run_pruned(self.loggers[i] if i < len(self.loggers) else None, step)
+
+
 # --------------------------------------------------------------------------- the group
 
 
@@ -830,6 +892,7 @@ def _run_bucket(members: Sequence[FusedMember],
         # The launcher's own callbacks too (Modal commits its volume after every
         # checkpoint write, the members' included).
         callbacks=[GuardMembers(guards, loggers), FenceMembers(members), checkpoints,
+                   PruneMembers(members, loggers),
                    *_launcher_callbacks(lead, members[0].output_dir)],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -849,6 +912,8 @@ def _run_bucket(members: Sequence[FusedMember],
                 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that "
                                         "ended before the epoch ended")
                 trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        # Pruned members are tested with the others (their weights stopped at the step).
+        module.active.update(module.pruned)
         # Test each member at its best checkpoint, as the solo job does.
         for i in sorted(module.active):
             cb = checkpoints.callbacks[i]
@@ -861,17 +926,19 @@ def _run_bucket(members: Sequence[FusedMember],
         for i in sorted(module.active):
             member = members[i]
             metrics = dict(module.test_metrics.get(i, {}))
-            metrics.update(validated.get(i, {}))
+            metrics.update(module.pruned_validation.get(i) or validated.get(i, {}))
             metrics.update(references[modules[i].metric_scope][1])
             result: dict[str, Any] = {
                 "job_id": str(member.cfg.job.id),
                 "run_name": str(member.cfg.job.run_name),
                 **dict(sorted(metrics.items())),
-                "global_step": int(trainer.global_step),
+                "global_step": module.pruned.get(i, int(trainer.global_step)),
                 "resumed_from_step": resumed_from_step,
                 "train_seconds": round(time.perf_counter() - started, 3),
                 "fused_members": len(members),
             }
+            if i in module.pruned:  # recorded PRUNED with its step (tmgg.jobs.sweep)
+                result[PRUNED_AT_KEY] = module.pruned[i]
             logger = loggers[i]
             if _is_wandb(logger):
                 run = logger.experiment

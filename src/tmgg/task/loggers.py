@@ -50,6 +50,9 @@ WANDB_CHECKED_VERSION = "0.31.0"
 
 # The public W&B service: the host a stage logs to unless it declares another.
 DEFAULT_BASE_URL = "https://api.wandb.ai"
+#: The summary key of a W&B run whose job its sweeper pruned (the step it stopped at);
+#: also the key of a pruned job's metrics that records it PRUNED (tmgg.jobs.sweep).
+PRUNED_AT_KEY = "pruned_at_step"
 # Variables that would name the destination if the pinned values were missing.
 DESTINATION_VARIABLES = ("WANDB_ENTITY", "WANDB_PROJECT", "WANDB_BASE_URL")
 # Variables that make wandb.init ignore the entity, project and run id it is given
@@ -343,6 +346,16 @@ def _drop_wandb_context_singleton() -> None:
         log.warning("wandb was set up in a W&B sweep/launch context in this process; "
                     "tearing it down so the pinned destination applies")
         wandb.teardown()
+
+
+def mark_run_pruned(logger: Any, step: int) -> None:
+    """A pruned job's W&B run says so (summary ``pruned_at_step``, tag ``pruned``)
+    before it finishes; any other logger is left alone."""
+    if logger is None or logger.__class__.__name__ != "WandbLogger":
+        return
+    run = logger.experiment
+    run.summary[PRUNED_AT_KEY] = step
+    run.tags = (*tuple(run.tags or ()), "pruned")
 
 
 def finish_leftover_run() -> None:

@@ -37,6 +37,7 @@ from tmgg.jobs.sweep import (
     release_dispatch,
     split_finished,
 )
+from tmgg.jobs.trials import TRIAL_CHANNEL_ENV
 from tmgg.launch.common import (
     dispatch_tasks,
     prepare_sweep_dir,
@@ -58,6 +59,7 @@ from tmgg.launch.modal.settings import (
     check_settings,
     check_wandb_secret,
     require_wandb_secret,
+    trial_store_spec,
 )
 from tmgg.launch.modal.transport import CallInFlight, call_id_of, open_runner
 
@@ -179,6 +181,11 @@ def launch_modal(launcher: Any, job_overrides: Sequence[Sequence[str]],
     pending = [p for members, _ in claimed_tasks for p in members]
     root = volume_root(settings)
     env = {"TMGG_NUM_THREADS": str(settings.container_threads())}
+    if pending and jobs[pending[0]].is_tmgg_job:
+        # A pruning trial's channel back (tmgg.jobs.trials): the container cannot see
+        # the ledger's directory; other jobs ignore it.
+        env[TRIAL_CHANNEL_ENV] = trial_store_spec(
+            settings, ledger_for(jobs[pending[0]].task_config).root)
     inputs = [(task_payload([on_volume(jobs[p], root) for p in members], launcher.task_function,
                             env, claim_ticket=ticket if held[members[0]] else None),
                settings.volume) for members, ticket in claimed_tasks]

@@ -196,6 +196,17 @@ class ModalSettings:
                 "wandb_secret": self.wandb_secret, "timeout_s": self.timeout_s, "env": env}
 
 
+def trial_store_spec(settings: ModalSettings, ledger_root: Path) -> str:
+    """Where a pruning trial's job in a container reports and reads its decisions
+    (``tmgg.jobs.trials.TRIAL_CHANNEL_ENV``): the app's ``modal.Dict`` on Modal; with
+    the local transport a directory standing in for it beside the ledger (its
+    containers are processes of this machine; the volume's view of the ledger is not
+    the launcher's)."""
+    if settings.transport == "modal":
+        return f"modal-dict:{settings.app_name}-trials"
+    return f"dir:{Path(ledger_root).resolve() / 'trials' / 'relay'}"
+
+
 def snapshot_views_dir(volume: Path) -> str:
     """Where local containers keep their views of the stand-in volume (beside it)."""
     return str(volume.parent / f".{volume.name}-container-views")
