@@ -142,6 +142,7 @@ bench: $(READY)  ## training, sweep and planning benchmarks (ratios against base
 	$(PYTHON) benchmarks/bench_sweep.py --json $(BENCH_OUT)/sweep.json
 	$(PYTHON) benchmarks/bench_planning.py --json $(BENCH_OUT)/planning.json
 	$(PYTHON) benchmarks/bench_fused.py --json $(BENCH_OUT)/fused.json
+	$(PYTHON) benchmarks/bench_search_fused.py --pruner median --json $(BENCH_OUT)/search_fused.json
 
 bench-install: $(READY)  ## make install (uv, lock) against the old pip path, fresh clones, same run
 	mkdir -p $(BENCH_OUT)
