@@ -305,8 +305,10 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
     wandb_server.plant_run(TEAM, project, old_id, display_name=job.run_name, group="smoke")
     wandb_server.delete_run(TEAM, project, old_id)  # someone deleted it in the UI
     alice = user(wandb_server, "alice").api_key
-    # The service answers 409 and wandb retries until init_timeout: keep the wait short.
-    env = online_env(tmp_path, alice, WANDB_INIT_TIMEOUT="20")
+    # The service answers 409; wandb-core's run upsert retries it until init_timeout
+    # (90 s) unless its GraphQL retries run out first: one retry, then the 409 is the
+    # init's error (with the service's message) a few seconds in, whatever the load.
+    env = online_env(tmp_path, alice, WANDB_INIT_TIMEOUT="60", WANDB__GRAPHQL_RETRY_MAX="1")
     refused = run_module(tmp_path, "tmgg.cli.app", args, env)
     assert refused.returncode != 0
     record = job_records(tmp_path)[job.job_id]
