@@ -192,8 +192,9 @@ def test_plan_check_asks_the_pinned_host_for_the_keys_access(
     with pytest.raises(PlanError, match=f"user 'mallory' cannot write to entity '{TEAM}'"):
         check_wandb_destinations(sweep.jobs, sweep.master_config)
     # A host that does not answer cannot prove access: refused too (after wandb's own
-    # HTTP timeout, which the plan check honours: 60 s unless set).
-    monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "3")
+    # HTTP timeout, which the plan check honours: 60 s unless set; nothing listens on
+    # port 9, so 1 s proves the same as more).
+    monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "1")
     closed = compose_sweep([*online, "logger.base_url=http://127.0.0.1:9"])
     with pytest.raises(PlanError, match="cannot check that the W&B API key may write"):
         check_wandb_destinations(closed.jobs, closed.master_config)
