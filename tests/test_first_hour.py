@@ -10,11 +10,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, SweepDirs, tmgg_sweep, tmgg_train
+from holds import hold_env, wait_for_holds
 
 TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.val_samples=20",
         "data.test_samples=20"]
@@ -169,20 +169,15 @@ def test_a_smoke_sweep_prints_a_line_per_job_and_wandb_goes_to_each_jobs_log(
 def test_ctrl_c_stops_the_sweep_cleanly_with_the_resume_command(sweep_dirs: SweepDirs) -> None:
     overrides = ["stage=smoke", "logger=csv", "trainer.max_steps=5000",
                  "trainer.val_check_interval=1000", *sweep_dirs.overrides]
+    # Training holds at step 2 (tmgg.task.hold; never released): Ctrl-C comes while a
+    # job trains, past its first steps, whatever the machine's speed.
+    release = sweep_dirs.root / "release"
     process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", "-m", *overrides], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=hold_env(2, release),
                                start_new_session=True)  # its own group, as a terminal's job
-    jobs = sweep_dirs.experiments / "smoke" / "jobs"
-    deadline = time.monotonic() + 240
     try:
-        while time.monotonic() < deadline and process.poll() is None:
-            records = [json.loads(p.read_text()) for p in jobs.glob("*.json")] \
-                if jobs.is_dir() else []
-            if any(r.get("status") == "RUNNING" for r in records):
-                break
-            time.sleep(0.5)
-        assert process.poll() is None, "the sweep ended before it could be interrupted"
-        time.sleep(2)  # training, past its first steps
+        wait_for_holds(release, 1, process)
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
         stdout, stderr = process.communicate(timeout=60)
     finally:

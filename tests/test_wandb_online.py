@@ -192,8 +192,9 @@ def test_plan_check_asks_the_pinned_host_for_the_keys_access(
     with pytest.raises(PlanError, match=f"user 'mallory' cannot write to entity '{TEAM}'"):
         check_wandb_destinations(sweep.jobs, sweep.master_config)
     # A host that does not answer cannot prove access: refused too (after wandb's own
-    # HTTP timeout, which the plan check honours: 60 s unless set).
-    monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "3")
+    # HTTP timeout, which the plan check honours: 60 s unless set; nothing listens on
+    # port 9, so 1 s proves the same as more).
+    monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "1")
     closed = compose_sweep([*online, "logger.base_url=http://127.0.0.1:9"])
     with pytest.raises(PlanError, match="cannot check that the W&B API key may write"):
         check_wandb_destinations(closed.jobs, closed.master_config)
@@ -305,8 +306,10 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
     wandb_server.plant_run(TEAM, project, old_id, display_name=job.run_name, group="smoke")
     wandb_server.delete_run(TEAM, project, old_id)  # someone deleted it in the UI
     alice = user(wandb_server, "alice").api_key
-    # The service answers 409 and wandb retries until init_timeout: keep the wait short.
-    env = online_env(tmp_path, alice, WANDB_INIT_TIMEOUT="20")
+    # The service answers 409; wandb-core's run upsert retries it until init_timeout
+    # (90 s) unless its GraphQL retries run out first: one retry, then the 409 is the
+    # init's error (with the service's message) a few seconds in, whatever the load.
+    env = online_env(tmp_path, alice, WANDB_INIT_TIMEOUT="60", WANDB__GRAPHQL_RETRY_MAX="1")
     refused = run_module(tmp_path, "tmgg.cli.app", args, env)
     assert refused.returncode != 0
     record = job_records(tmp_path)[job.job_id]
@@ -352,6 +355,7 @@ def test_deleted_run_id_fails_the_job_and_a_new_generation_starts_a_fresh_run(
 STAGE1_TINY = ["stage=stage1", "logger.mode=online", "trainer.max_steps=1",
                "trainer.val_check_interval=1", "data.val_samples=10", "data.test_samples=10",
                "hydra.launcher.n_workers=3"]
+RETRY_AFTER = 0.1  # seconds, the rate limit's Retry-After
 
 
 @pytest.mark.slow
@@ -363,14 +367,17 @@ def test_108_concurrent_inits_under_a_rate_limit_land_pinned_or_fail_before_trai
         env = online_env(tmp_path, user(server, "alice").api_key, WANDB_INIT_TIMEOUT="30")
         overrides = [*STAGE1_TINY, f"logger.base_url={server.base_url}"]
         # The service's rate limit: 429 with Retry-After on run creation and streaming,
-        # and without end for one job of each fused group (its init times out).
+        # and without end for one job of each fused group (wandb gives its init up).
+        # wandb-core waits what Retry-After says (seconds, fractions too) and gives a
+        # request up after 21 attempts: 0.1 s keeps every 429 and every retry, and spends
+        # 2 s, not 20 s, on each init that fails (the fused inits run one after another).
         jobs = compose_sweep([*overrides, *dirs(tmp_path)]).jobs
         refused_jobs = {job.job_id for job in jobs[::36]}
         for job_id in refused_jobs:
-            server.inject("UpsertBucket", status=429, retry_after=1, times=10**6,
+            server.inject("UpsertBucket", status=429, retry_after=RETRY_AFTER, times=10**6,
                           match={"name": wandb_run_id(job_id)})
-        server.inject("UpsertBucket", status=429, retry_after=1, times=150)
-        server.inject("file_stream", status=429, retry_after=1, times=100)
+        server.inject("UpsertBucket", status=429, retry_after=RETRY_AFTER, times=150)
+        server.inject("file_stream", status=429, retry_after=RETRY_AFTER, times=100)
         sweep = run_module(tmp_path, "tmgg.cli.app", ["-m", *overrides], env, timeout=1200)
         assert server.refused.count("429: rate limit exceeded (injected)") >= 150
         records = job_records(tmp_path, "stage1")
