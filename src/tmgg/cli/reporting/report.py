@@ -760,7 +760,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tmgg-sweep report",
         description="Write experiments/<stage>/REPORT.md and PNG plots: results per "
-                    "configuration (mean ± std over seeds) beside the reference scores, "
+                    "configuration (mean ± 95 % t interval over seeds) beside the reference scores, "
                     "the best configuration per model, outcome counts, failed and missing "
                     "jobs. The expected jobs are the stage's grid, composed from the same "
                     "overrides as `tmgg-train -m`.")
