@@ -760,8 +760,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tmgg-sweep report",
         description="Write experiments/<stage>/REPORT.md and PNG plots: results per "
-                    "configuration (mean ± 95 % t interval over seeds) beside the reference scores, "
-                    "the best configuration per model, outcome counts, failed and missing "
+                    "configuration (mean ± 95 % t interval over seeds) beside the reference "
+                    "scores, the best configuration per model, outcome counts, failed and missing "
                     "jobs. The expected jobs are the stage's grid, composed from the same "
                     "overrides as `tmgg-train -m`.")
     parser.add_argument("overrides", nargs="*",
