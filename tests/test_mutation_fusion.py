@@ -158,3 +158,54 @@ def test_the_plan_describes_each_task() -> None:
     bare = describe_groups([job(0, {})], [[0]])
     assert bare[0]["batch_size"] is None and bare[0]["max_steps"] is None
     assert bare[0]["stacked_models"] == "None/kNone"
+
+
+def test_the_stream_key_reads_settings_not_their_spelling_order_or_type() -> None:
+    shuffled = task()
+    shuffled["trainer"] = dict(reversed(list(shuffled["trainer"].items())))
+    shuffled["data"] = dict(reversed(list(shuffled["data"].items())))
+    assert stream_key(shuffled) == stream_key(task())  # one stream, whatever the key order
+    from pathlib import Path
+
+    with_path = {**task(), "data": {**DATA, "root": Path("/data")}}
+    assert stream_key(with_path) == stream_key({**task(), "data": {**DATA, "root": "/data"}})
+    assert bank_key(job(0, {"model": {"name": "m", "root": Path("/w")}}))[1] == \
+        '{"name": "m", "root": "/w"}'
+
+
+def test_resume_counts_unless_checkpoints_are_off() -> None:
+    without_checkpoint_key = task()
+    del without_checkpoint_key["trainer"]["checkpoint"]  # checkpoints on by default
+    resuming_off = task(resume=False)
+    del resuming_off["trainer"]["checkpoint"]
+    assert stream_key(without_checkpoint_key) != stream_key(resuming_off)
+    no_resume_key = task(checkpoint=False)
+    del no_resume_key["trainer"]["resume"]  # resumes by default, but has nothing to resume
+    assert stream_key(no_resume_key) == stream_key(task(checkpoint=False, resume=False))
+
+
+def test_balancing_keeps_the_given_order_when_the_workers_divide_the_groups() -> None:
+    groups = [[0], [1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert balance_groups(groups, 3) == groups  # 3 fused groups on 3 workers: as given
+    # The last round's groups are dealt bank by bank when the banks are known.
+    three = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert balance_groups(three, 2, lambda p: p % 2)[2:] == [[8, 10], [9, 11]]
+    assert balance_groups(three, 2)[2:] == [[8, 9], [10, 11]]
+
+
+def test_dealing_puts_the_largest_bank_first_into_the_part_with_fewest_members() -> None:
+    # Banks of 3, 3 and 2 into 3 parts: whole banks make parts of at most ceil(8 / 3) = 3.
+    banks = {0: "a", 1: "a", 2: "a", 3: "b", 4: "b", 5: "b", 6: "c", 7: "c"}
+    assert split_group(list(range(8)), 3, banks.__getitem__) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    # Banks of 1, 1 and 2 into 2 parts: the pair first, then one single to each side.
+    small_first = {0: "x", 1: "y", 2: "z", 3: "z"}
+    assert split_group([0, 1, 2, 3], 2, small_first.__getitem__) == [[2, 3], [0, 1]]
+    # The part with fewest members, not the first in list order, takes the next bank.
+    fewest = {5: "a", 0: "b", 1: "b", 2: "c"}
+    assert split_group([0, 1, 5, 2], 2, fewest.__getitem__) == [[0, 1], [5, 2]]
+
+
+def test_without_a_cpu_count_one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert local_workers(None, 10) == 1
+    assert local_workers({"n_workers": 0}, 10) == 1

@@ -56,11 +56,12 @@ def solo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule
         scheduler.step()
 
 
-def compare(specs: list[dict[str, Any]], scheduled: bool, warm_steps: int = 0) -> StackedBank:
+def compare(specs: list[dict[str, Any]], scheduled: bool, warm_steps: int = 0,
+            dtype: torch.dtype = torch.float32, tolerance: float = 1e-5) -> StackedBank:
     """Train each member solo and in one bank for STEPS steps (after ``warm_steps`` solo
     steps both start from) and assert the same parameters, optimiser state and lr."""
-    base = template()
-    data = batches(len(specs), warm_steps + STEPS)
+    base = template().to(dtype)
+    data = batches(len(specs), warm_steps + STEPS).to(dtype)
     members = []
     for spec in specs:
         model = copy.deepcopy(base)
@@ -90,11 +91,13 @@ def compare(specs: list[dict[str, Any]], scheduled: bool, warm_steps: int = 0) -
     for j, ((solo, solo_opt, solo_sched), (model, opt, sched)) in enumerate(
             zip(members, stacked, strict=True)):
         for (name, want), got in zip(solo.named_parameters(), model.parameters(), strict=True):
-            assert float((want - got).detach().abs().max()) < 1e-5, (j, name)
+            assert got.dtype == dtype
+            assert float((want - got).detach().abs().max()) < tolerance, (j, name)
             mine, theirs = opt.state[got], solo_opt.state[want]
             assert float(mine["step"]) == float(theirs["step"]) == warm_steps + STEPS
             for key in ("exp_avg", "exp_avg_sq"):
-                assert float((mine[key] - theirs[key]).abs().max()) < 1e-6, (j, name, key)
+                assert float((mine[key] - theirs[key]).abs().max()) < tolerance / 10, \
+                    (j, name, key)
         assert opt.param_groups[0]["lr"] == pytest.approx(solo_opt.param_groups[0]["lr"])
         if sched is not None:
             assert sched.last_epoch == solo_sched.last_epoch
@@ -121,6 +124,21 @@ def test_members_that_agree_on_betas_and_eps_and_plain_adam_with_l2() -> None:
 def test_a_bank_started_from_restored_optimiser_state_continues_each_member() -> None:
     compare([{"wd": 0.1, "clip": 0.5}, {"wd": 0.0, "betas": (0.7, 0.9)}], scheduled=True,
             warm_steps=2)
+
+
+def test_a_double_precision_bank_steps_in_double_precision() -> None:
+    """An fp64 stage's members: the per-member scalars are applied as float64 tensors, so
+    the bank matches its solo runs to double precision, not to float32's."""
+    compare([{"wd": 0.1, "clip": 0.5, "betas": (0.8, 0.95)}, {"wd": 0.0, "lr": 0.02}],
+            scheduled=True, dtype=torch.float64, tolerance=1e-12)
+
+
+def test_each_member_needs_its_own_optimiser() -> None:
+    base = template()
+    models = [copy.deepcopy(base) for _ in range(2)]
+    optimizers = [optimiser(m, {}) for m in [*models, copy.deepcopy(base)]]
+    with pytest.raises(ValueError):
+        StackedBank([0, 1], models, optimizers, [None, None, None], [0.0, 0.0])
 
 
 def test_write_back_of_a_fresh_bank_leaves_no_optimiser_state() -> None:

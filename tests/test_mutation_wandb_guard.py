@@ -149,3 +149,45 @@ def test_a_run_without_settings_has_no_host() -> None:
     with pytest.raises(WandbDestinationError, match="logs to host <no host>"):
         guard.check_run(LiveRun(base_url=None), 0)
     WandbDestinationGuard(TEAM, PROJECT, RUN).check_run(LiveRun(base_url=None), 0)
+
+
+def test_a_run_of_another_id_at_the_right_destination_is_refused() -> None:
+    guard = WandbDestinationGuard(TEAM, PROJECT, RUN, base_url=HOST)
+    other = LiveRun(id="zzzz9999")
+    with pytest.raises(WandbDestinationError, match="W&B run team/proj/zzzz9999 is not this "
+                                                    "job's run team/proj/abcd1234"):
+        guard.check_run(other, 0)
+    assert other.finished_with == [1]
+    guard.check_run(LiveRun(base_url=HOST + "/"), 0)  # one host, with or without a slash
+
+
+def test_a_host_is_compared_whole_whatever_it_ends_with() -> None:
+    for host in ("http://wandb.BOX", "http://wandb.box/"):
+        assert destination_problem(TEAM, PROJECT, RUN, TEAM, PROJECT, RUN, host, host) is None
+
+
+def test_the_guard_of_a_job_is_pinned_to_its_logger_and_run_id() -> None:
+    from omegaconf import OmegaConf
+
+    from tmgg.config.identity import wandb_run_id
+
+    cfg = OmegaConf.create({"job": {"id": "st-0123456789"}, "logger": {
+        "name": "wandb", "entity": TEAM, "project": PROJECT, "base_url": HOST + "/",
+        "mode": "offline", "run_generation": 1}})
+    guard = WandbDestinationGuard.for_job(cfg)
+    assert (guard.entity, guard.project, guard.run_id, guard.base_url, guard.mode) == (
+        TEAM, PROJECT, wandb_run_id("st-0123456789", 1), HOST, "offline")
+
+
+def test_on_fit_start_checks_each_wandb_loggers_run() -> None:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    guard = WandbDestinationGuard(TEAM, PROJECT, RUN, mode="online")
+    stray = LiveRun(project="elsewhere")
+    trainer = SimpleNamespace(global_step=7, loggers=[CSVLogger("unused"),
+                                                      WandbLogger(experiment=stray)])
+    with pytest.raises(WandbDestinationError, match="aborted at global step 7, before the first"):
+        guard.on_fit_start(trainer, None)
+    good = SimpleNamespace(global_step=0, loggers=[WandbLogger(experiment=LiveRun())])
+    guard.on_fit_start(good, None)
+    assert guard.checked_run == "team/proj/abcd1234"
