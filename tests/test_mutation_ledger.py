@@ -11,8 +11,11 @@ Fast and in-process: part of ``make mutate``'s selection.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tmgg.jobs.ledger import (
     CANCELLED,
@@ -166,3 +169,127 @@ def test_records_are_written_whole_and_read_back(tmp_path: Path) -> None:
     atomic_write_json(nested, {"b": 1, "a": [1, 2]})
     assert json.loads(nested.read_text()) == {"b": 1, "a": [1, 2]}
     assert [p.name for p in nested.parent.iterdir()] == ["file.json"]
+
+
+def test_an_events_first_line_or_a_record_names_the_job_alone(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, "s")
+    ledger.append_many([{"event": "skipped", "job_id": "a", "overrides": ["seed=3"]},
+                        planned("b", ["x=1"]), {"event": "planned", "job_id": "b"}])
+    ledger.write_job_record("bare", {"job_id": "bare", "status": FAILED})
+    states = ledger._fold()
+    assert states["a"].overrides == ["seed=3"]  # from the first event that names the job
+    assert states["b"].overrides == ["x=1"]  # a plan line without overrides keeps them
+    bare = states["bare"]
+    assert (bare.job_id, bare.run_name, bare.overrides, bare.status) == ("bare", "", [], FAILED)
+
+
+def test_writes_under_a_lost_claim_are_fenced(tmp_path: Path) -> None:
+    from tmgg.jobs import claims
+
+    ledger = Ledger(tmp_path, "s")
+    _, mine = claims.take(ledger.root, "j", ticket="a", transport={})
+    ledger.append(planned("j"), fence=mine)
+    ledger.write_job_record("j", record("j", RUNNING), fence=mine)
+    _, theirs = claims.take(ledger.root, "j", ticket="a", transport={})  # a newer generation
+    with pytest.raises(claims.ClaimLost):
+        ledger.append({"event": "outcome", "job_id": "j", "status": FINISHED}, fence=mine)
+    with pytest.raises(claims.ClaimLost):
+        ledger.write_job_record("j", record("j", FINISHED), fence=mine)
+    assert ledger._fold()["j"].status == RUNNING  # nothing of the fenced writer landed
+    ledger.append({"event": "outcome", "job_id": "j", "status": FINISHED}, fence=theirs)
+
+
+def test_event_lines_are_sorted_json_and_the_file_is_readable_by_all(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, "s")
+    ledger.append({"job_id": "j", "event": "planned", "run_name": "r",
+                   "output": Path("/out/r")})
+    raw = ledger.events_path.read_text()
+    assert raw == '{"event": "planned", "job_id": "j", "output": "/out/r", "run_name": "r"}\n'
+    umask = os.umask(0)
+    os.umask(umask)
+    assert ledger.events_path.stat().st_mode & 0o777 == 0o644 & ~umask  # nobody executes it
+
+
+def test_a_link_made_between_the_check_and_the_open_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A racing process replaces ledger.jsonl by a symbolic link after the link check:
+    O_NOFOLLOW refuses to open it and the refusal names the link."""
+    from tmgg.jobs.ledger import LinkRefused
+
+    ledger = Ledger(tmp_path, "s")
+    ledger.append(planned("a"))
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    real_open = os.open
+
+    def racing_open(path: Any, flags: int, *args: Any) -> int:
+        if Path(path) == ledger.events_path and not ledger.events_path.is_symlink():
+            ledger.events_path.unlink()
+            ledger.events_path.symlink_to(elsewhere)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    with pytest.raises(LinkRefused, match="ledger.jsonl is a symbolic link"):
+        ledger.append(planned("b"))
+    assert not elsewhere.exists()
+
+
+def test_the_plan_is_written_and_read_back_and_never_through_a_link(tmp_path: Path) -> None:
+    from tmgg.jobs.ledger import LinkRefused
+
+    ledger = Ledger(tmp_path, "s")
+    assert ledger.plan() is None
+    plan = {"stage": "s", "jobs": [{"job_id": "a", "run_name": "r"}]}
+    ledger.write_plan(plan)
+    assert ledger.plan() == plan
+    ledger.plan_path.write_text("{torn")
+    assert ledger.plan() is None
+    assert [d.path.name for d in ledger.damaged_files()] == ["plan.json"]
+    other = Ledger(tmp_path, "t")
+    other.root.parent.mkdir(exist_ok=True)
+    (tmp_path / "real_t").mkdir()
+    other.root.symlink_to(tmp_path / "real_t")
+    with pytest.raises(LinkRefused):
+        other.write_plan(plan)
+    assert not (tmp_path / "real_t/plan.json").exists()
+
+
+def test_damaged_lines_and_files_are_named_with_line_and_reason(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, "s")
+    ledger.events_path.parent.mkdir(parents=True)
+    torn = '{"event": "planned", "job_id": "' + "x" * 100
+    glued = 'garbage{"event": "planned", "job_id": "g"}'
+    ledger.events_path.write_text(json.dumps(planned("a")) + "\n" + torn + "\n" + glued + "\n")
+    assert ledger.damaged_lines() == [(2, torn[:80]), (3, glued)]
+    claims_dir = ledger.root / "claims"
+    claims_dir.mkdir()
+    (claims_dir / "a.g1.json").write_text("{")
+    (claims_dir / "notes.txt").write_text("{")
+    damaged = ledger.damaged_files()
+    assert [(d.path, d.line, d.reason) for d in damaged[:2]] == [
+        (ledger.events_path, 2, "not one whole JSON object (a torn write?)"),
+        (ledger.events_path, 3, "a whole event glued behind torn text")]
+    assert [d.path.name for d in damaged[2:]] == ["a.g1.json"]
+    assert [e["job_id"] for e in ledger.events()] == ["a", "g"]
+
+
+def test_a_record_file_removed_while_listing_hides_no_other(tmp_path: Path) -> None:
+    from tmgg.jobs import schema
+    from tmgg.jobs.ledger import _read_files
+
+    ledger = Ledger(tmp_path, "s")
+    ledger.write_job_record("b", record("b", FINISHED))
+    listed = [ledger.jobs_dir / "a.json", ledger.jobs_dir / "b.json"]  # a: gone meanwhile
+    assert [r["job_id"] for r in _read_files(listed, schema.JobRecordFile)] == ["b"]
+
+
+def test_records_are_indented_json_of_any_value_and_written_next_to_their_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no_such_tmpdir"))
+    path = tmp_path / "records/r.json"
+    atomic_write_json(path, {"b": [1], "where": Path("/x")})
+    assert path.read_text() == '{\n  "b": [\n    1\n  ],\n  "where": "/x"\n}\n'
+    with pytest.raises(IsADirectoryError):  # the rename fails: the temporary file goes
+        atomic_write_json(tmp_path / "records", {"a": 1})
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["r.json"]

@@ -139,6 +139,8 @@ def test_each_member_needs_its_own_optimiser() -> None:
     optimizers = [optimiser(m, {}) for m in [*models, copy.deepcopy(base)]]
     with pytest.raises(ValueError):
         StackedBank([0, 1], models, optimizers, [None, None, None], [0.0, 0.0])
+    with pytest.raises(ValueError):  # and its own schedule (None: a constant rate)
+        StackedBank([0, 1], models, optimizers[:2], [None], [0.0, 0.0])
 
 
 def test_write_back_of_a_fresh_bank_leaves_no_optimiser_state() -> None:
