@@ -11,6 +11,7 @@ mutate``'s selection; tests/test_config_schema.py covers the same refusals end t
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import pytest
@@ -41,13 +42,19 @@ from tmgg.config.schema import (
 )
 
 
-@pytest.fixture(scope="module")
-def smoke_task() -> dict[str, Any]:
+@functools.cache
+def _composed_smoke_task() -> dict[str, Any]:
+    """Composed once per process (mutmut forks its runs from one that already has it)."""
     from tmgg.jobs.compose import compose_sweep
 
     sweep = compose_sweep(["stage=smoke", "model=linear_pe", "seed=1", "logger=csv"])
     (job,) = sweep.jobs
     return job.task_config
+
+
+@pytest.fixture
+def smoke_task() -> dict[str, Any]:
+    return copy.deepcopy(_composed_smoke_task())
 
 
 def checked(task: dict[str, Any], **changes: Any) -> JobConfigError | None:
