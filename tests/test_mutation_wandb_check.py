@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
+from wandb_server import FakeWandbServer
+from wandb_server.fixtures import PROJECT, TEAM, user
 
+from tmgg.jobs import wandb_check
 from tmgg.jobs.plan import PlanError, PlannedJob
 from tmgg.jobs.wandb_check import (
     Expected,
@@ -144,11 +147,138 @@ def test_a_keys_writable_entities_are_its_own_and_its_teams() -> None:
         "only_entity", frozenset({"only_entity"}))
     assert key_access(viewer_api(teams=None, username=None, entity=None)) == KeyAccess(
         "?", frozenset())
-    with pytest.raises(ValueError, match="the API key has no W&B user"):
+    with pytest.raises(ValueError) as no_user:
         key_access(viewer_api())
+    assert str(no_user.value) == "the API key has no W&B user"
+    assert key_access(SimpleNamespace(viewer=SimpleNamespace(username=None))) == KeyAccess(
+        "?", frozenset())  # a viewer that has no entity attribute at all
     assert write_refusal(viewer_api(username="bob", teams=["b2", "a1"]), "team", "proj",
                          "http://host") == (
         "the W&B API key of user 'bob' cannot write to entity 'team' on http://host; it "
         "can write to a1, b2, bob")
     assert write_refusal(viewer_api(username=None, entity=None, teams=[]), "team", "p",
                          "http://host").endswith("it can write to nothing")
+
+
+def test_a_logger_choice_other_than_wandb_declares_from_its_own_file(tmp_path: Path) -> None:
+    conf_dir = conf(tmp_path, logger="entity: w\nproject: wp\n")
+    (conf_dir / "logger/csv.yaml").write_text("entity: c\n")
+    assert declared_destination(master(logger="csv"), conf_dir)["entity"] == (
+        "c", "conf/logger/csv.yaml")
+    # An escaped interpolation is text that looks like one: not a declared destination.
+    (conf_dir / "stage/st.yaml").write_text("logger:\n  entity: \\${team}\n")
+    assert declared_destination(master(), conf_dir)["entity"] == (
+        "w", "conf/logger/wandb.yaml")
+
+
+def test_a_job_without_wandb_does_not_end_the_check(tmp_path: Path) -> None:
+    expected = Expected(values={"entity": "team", "project": "proj"},
+                        sources={"entity": "conf/stage/st.yaml", "project": "s"})
+    csv = PlannedJob(index=0, job_id="c", run_name="c", stage="st", overrides=[],
+                     sweep_config=None, task_config={"logger": {"name": "csv"}})
+    with pytest.raises(PlanError, match="^job b: logger.entity: 'x' is not"):
+        check_job_destinations([csv, job("f", tmgg=False), job("b", entity="x",
+                                                               project="proj")], expected)
+
+
+# -- the key's access, asked of the test W&B server (tests/wandb_server) --------------------
+@pytest.fixture
+def shell_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+              wandb_server: FakeWandbServer) -> Any:
+    """Sets this shell's W&B key to a user's; each test asks the server afresh."""
+    monkeypatch.setattr(wandb_check, "_ACCESS_CACHE", {})
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+
+    def use(name: str) -> str:
+        monkeypatch.setenv("WANDB_API_KEY", user(wandb_server, name).api_key)
+        return name
+
+    return use
+
+
+def online(name: str, server: FakeWandbServer, entity: str = TEAM, project: str = PROJECT,
+           mode: str = "online") -> PlannedJob:
+    return job(name, entity=entity, project=project, mode=mode, base_url=server.base_url)
+
+
+def test_online_jobs_need_a_key_that_may_write_there(
+        wandb_server: FakeWandbServer, shell_key: Any) -> None:
+    host = wandb_server.base_url
+    shell_key("alice")
+    wandb_check.check_online_access([online("a", wandb_server), online("b", wandb_server)])
+    assert list(wandb_check._ACCESS_CACHE) == [f"{host}|{user(wandb_server, 'alice').api_key}"]
+    wandb_check._ACCESS_CACHE.clear()
+    shell_key("mallory")
+    wandb_check.check_online_access([online("offline_job", wandb_server, mode="offline")])
+    assert wandb_check._ACCESS_CACHE == {}  # an offline job asks nothing
+    with pytest.raises(PlanError) as refused:
+        wandb_check.check_online_access([online("m", wandb_server, mode="offline"),
+                                         online("n", wandb_server)])
+    assert str(refused.value) == (
+        f"job n: logger.entity: the W&B API key of user 'mallory' cannot write to entity "
+        f"'{TEAM}' on {host}; it can write to mallory")
+    assert list(wandb_check._ACCESS_CACHE) == [f"{host}|{user(wandb_server, 'mallory').api_key}"]
+
+
+def test_a_view_only_member_may_not_write_to_the_project(
+        wandb_server: FakeWandbServer, shell_key: Any) -> None:
+    host = wandb_server.base_url
+    wandb_server.add_user("viewer2", view_only=[TEAM])
+    wandb_server.plant_run(TEAM, "viewed2", "v1")
+    shell_key("viewer2")
+    with pytest.raises(PlanError) as refused:
+        wandb_check.check_online_access([online("v", wandb_server, project="viewed2")])
+    assert str(refused.value) == (
+        f"job v: logger.project: the W&B API key of user 'viewer2' may only read "
+        f"{TEAM}/viewed2 on {host} (a view-only member, or a restricted project)")
+    import wandb
+
+    api = wandb.Api(overrides={"base_url": host}, api_key=user(wandb_server, "viewer2").api_key)
+    assert wandb_check.write_refusal(api, TEAM, "viewed2", host) == (
+        f"the W&B API key of user 'viewer2' may only read {TEAM}/viewed2 on {host} (a "
+        "view-only member, or a restricted project)")
+    alice = wandb.Api(overrides={"base_url": host}, api_key=user(wandb_server, "alice").api_key)
+    assert wandb_check.project_is_read_only(alice, TEAM, "viewed2") is False
+
+
+def test_the_workers_key_is_asked_where_they_run(
+        wandb_server: FakeWandbServer, shell_key: Any) -> None:
+    host = wandb_server.base_url
+    shell_key("alice")
+    asked: list[tuple[str, str, str]] = []
+
+    def answer(**reply: Any) -> Any:
+        def ask(base_url: str, entity: str, project: str) -> dict[str, Any]:
+            asked.append((base_url, entity, project))
+            return reply
+        return ask
+
+    jobs = [online("a", wandb_server), online("b", wandb_server),
+            online("c", wandb_server, mode="offline")]
+    assert wandb_check.check_workers_key(jobs, answer(can_write=True, user="alice",
+                                                      default_entity="alice"), "S") == []
+    assert asked == [(host, TEAM, PROJECT)]  # one question per destination
+    notes = wandb_check.check_workers_key(jobs, answer(can_write=True, user="bot",
+                                                       default_entity="botland"), "S")
+    assert notes == ["the workers' W&B key (S) belongs to 'bot' (default entity 'botland'), "
+                     "this shell's to 'alice': reconcile with --workers-entity botland"]
+    with pytest.raises(PlanError) as refused:
+        wandb_check.check_workers_key(jobs, answer(can_write=False, user="mallory",
+                                                   writable=["mallory", "m2"]), "S")
+    assert str(refused.value) == (
+        f"job a: logger.entity: the workers' W&B key (S) belongs to user 'mallory', which "
+        f"cannot write to {TEAM}/{PROJECT} on {host} (it can write to entity mallory, m2); "
+        f"this shell's key belongs to 'alice', which can write there. Put a key that can "
+        f"write there in S. Nothing was dispatched")
+    with pytest.raises(PlanError) as unchecked:
+        wandb_check.check_workers_key(jobs, answer(error="timed out"), "S")
+    assert str(unchecked.value) == (
+        f"job a: logger.entity: cannot check that the workers' W&B key (S) may write to "
+        f"'{TEAM}' on {host}: timed out; this shell's key belongs to 'alice', which can "
+        f"write there. Nothing was dispatched")
+    shell_key("mallory")
+    wandb_check._ACCESS_CACHE.clear()
+    with pytest.raises(PlanError, match="it can write to entity nothing\\); this shell's key "
+                                        "belongs to 'mallory', which cannot write there"):
+        wandb_check.check_workers_key(jobs, answer(can_write=False, user="x"), "S")
