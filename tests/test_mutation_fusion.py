@@ -209,3 +209,12 @@ def test_without_a_cpu_count_one_worker(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert local_workers(None, 10) == 1
     assert local_workers({"n_workers": 0}, 10) == 1
+
+
+def test_dealt_banks_are_kept_when_no_part_exceeds_its_share() -> None:
+    # Three interleaved banks of 3, 3 and 2 into 3 parts of at most ceil(8 / 3) = 3.
+    banks = {0: "a", 3: "a", 6: "a", 1: "b", 4: "b", 7: "b", 2: "c", 5: "c"}
+    assert split_group(list(range(8)), 3, banks.__getitem__) == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    # A bank goes to the part with fewest members, not to the first part in list order.
+    pair_then_singles = {9: "b", 0: "c", 5: "a", 6: "a"}
+    assert split_group([9, 0, 5, 6], 2, pair_then_singles.__getitem__) == [[5, 6], [9, 0]]
