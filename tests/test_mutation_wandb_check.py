@@ -282,3 +282,55 @@ def test_the_workers_key_is_asked_where_they_run(
     with pytest.raises(PlanError, match="it can write to entity nothing\\); this shell's key "
                                         "belongs to 'mallory', which cannot write there"):
         wandb_check.check_workers_key(jobs, answer(can_write=False, user="x"), "S")
+
+
+def test_the_refusal_names_every_entity_the_key_can_write_to(
+        wandb_server: FakeWandbServer, shell_key: Any) -> None:
+    shell_key("alice")
+    with pytest.raises(PlanError) as refused:
+        wandb_check.check_online_access([online("o", wandb_server, entity="other_team")])
+    assert str(refused.value).endswith(f"it can write to alice, {TEAM}")
+
+
+def test_the_whole_check_reads_the_given_conf_and_asks_online_jobs(
+        wandb_server: FakeWandbServer, shell_key: Any, tmp_path: Path) -> None:
+    shell_key("mallory")
+    conf_dir = conf(tmp_path, stage="logger:\n  entity: team\n  project: proj\n")
+    with pytest.raises(PlanError) as refused:
+        check_wandb_destinations([job("w", entity="x", project="proj")], master(), conf_dir)
+    assert str(refused.value).startswith(
+        "job w: logger.entity: 'x' is not the sweep's destination 'team' (from "
+        "conf/stage/st.yaml)")
+    offline_ok = [job("ok", entity="team", project="proj"), job("f", tmgg=False)]
+    check_wandb_destinations(offline_ok, master(), conf_dir)  # nothing online: no question
+    with pytest.raises(PlanError, match="^job n: logger.entity: the W&B API key of user "
+                                        "'mallory' cannot write to entity 'team'"):
+        check_wandb_destinations([online("n", wandb_server, entity="team", project="proj")],
+                                 master(), conf_dir)
+
+
+def test_the_workers_are_asked_only_about_online_tmgg_jobs(
+        wandb_server: FakeWandbServer, shell_key: Any) -> None:
+    shell_key("alice")
+    asked: list[str] = []
+
+    def ask(base_url: str, entity: str, project: str) -> dict[str, Any]:
+        asked.append(f"{entity}/{project}")
+        return {"can_write": True, "user": "alice", "default_entity": "alice"}
+
+    csv = PlannedJob(index=0, job_id="c", run_name="c", stage="st", overrides=[],
+                     sweep_config=None, task_config={"logger": {"name": "csv"}})
+    foreign = online("x", wandb_server, entity="elsewhere")
+    foreign.is_tmgg_job = False
+    assert wandb_check.check_workers_key([csv, foreign, online("a", wandb_server)], ask,
+                                         "S") == []
+    assert asked == [f"{TEAM}/{PROJECT}"]
+
+
+def test_a_shell_without_a_key_is_named_beside_the_workers_refusal(
+        wandb_server: FakeWandbServer, shell_key: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    refuse = {"can_write": False, "user": "mallory", "writable": ["mallory"]}
+    with pytest.raises(PlanError) as refused:
+        wandb_check.check_workers_key([online("a", wandb_server)], lambda *_: refuse, "S")
+    assert "; this shell's key could not be checked (" in str(refused.value)
