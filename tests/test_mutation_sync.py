@@ -10,11 +10,14 @@ the test W&B server is in tests/test_sync.py. Part of ``make mutate``'s selectio
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tmgg.cli.reconcile import job_output_dirs
 from tmgg.cli.sync import (
@@ -199,3 +202,119 @@ def test_an_unreadable_project_verifies_nothing(tmp_path: Path) -> None:
         Unverified(name, "could not read team/proj: PermissionError: 403 forbidden", SYNC)
         for name in ("a", "b")]
     assert shlex.split(SYNC) == ["tmgg-sweep", "sync", "stage=st"]
+
+
+def test_the_command_line_of_sync_and_relog() -> None:
+    from tmgg.cli.sync import DEFAULT_UPLOAD_TIMEOUT, DEFAULT_VERIFY_WAIT, parse_args
+
+    args = parse_args(["stage=st", "--dry-run", "seed=1", "--upload-timeout", "5"])
+    assert (args.overrides, args.dry_run, args.upload_timeout, args.verify_wait) == (
+        ["stage=st", "seed=1"], True, 5.0, DEFAULT_VERIFY_WAIT)
+    plain = parse_args(["stage=st"], prog="tmgg-sweep relog")
+    assert (plain.dry_run, plain.upload_timeout, plain.verify_wait) == (
+        False, DEFAULT_UPLOAD_TIMEOUT, 30)
+    assert parse_args(["--verify-wait", "0.5"]).verify_wait == 0.5
+
+
+def test_an_upload_past_its_time_limit_is_killed_with_its_group() -> None:
+    from tmgg.cli.sync import run_with_time_limit
+
+    code, output = run_with_time_limit([sys.executable, "-c", "print('done')"], {}, 600)
+    assert (code, output) == (0, "done\n")
+    failing = run_with_time_limit([sys.executable, "-c", "import sys; print('x'); "
+                                   "sys.stdout.flush(); sys.exit(3)"], {}, 600)
+    assert failing == (3, "x\n")
+    hung = run_with_time_limit([sys.executable, "-c", "import signal; print('started', "
+                                "flush=True); signal.pause()"], {}, 0.5)
+    assert hung == (None, "started\n")  # rc None: stopped at the limit, not an exit
+
+
+def test_relog_is_needed_only_for_a_run_missing_or_short(tmp_path: Path) -> None:
+    from tmgg.cli.sync import relog_needed
+
+    planned = job("a", tmp_path)
+    finished = state(planned, tmp_path / "a", steps=40)
+    own = wandb_run_id(planned.job_id)
+    at_pin = Listing({"team/proj": [ListedRun(own, summary_metrics={"global_step": 40})]})
+    assert relog_needed(at_pin, planned, finished) == (
+        False, "its run is at the pinned destination, finished")
+    running = Listing({"team/proj": [ListedRun(own, state="running")]})
+    assert relog_needed(running, planned, finished) == (
+        False, f"run team/proj/{own} is running, not finished (wait for it, then reconcile)")
+    assert relog_needed(Listing({}), planned, None) == (True, "no run with its id at team/proj")
+    short = Listing({"team/proj": [ListedRun(own, summary_metrics={"global_step": 10})]})
+    assert relog_needed(short, planned, finished) == (
+        True, f"run team/proj/{own} logged up to step 10, the job recorded 40")
+    with pytest.raises(RuntimeError, match="^could not read team/proj: OSError: down$"):
+        relog_needed(Listing({}, error=OSError("down")), planned, finished)
+
+
+def test_the_next_generation_follows_every_id_ever_used(tmp_path: Path) -> None:
+    from tmgg.cli.sync import next_generation, relogged_ids, remember_relogged_id
+
+    planned = job("a", tmp_path, generation=1)
+    output = job_output_dirs(planned, None)[-1]
+    assert next_generation(Listing({}), planned, None) == 1
+    assert relogged_ids(planned, None) == set()
+    output.mkdir(parents=True)
+    remember_relogged_id(planned, None, wandb_run_id(planned.job_id, 2))
+    remember_relogged_id(planned, None, "zz")
+    assert relogged_ids(planned, None) == {wandb_run_id(planned.job_id, 2), "zz"}
+    assert (output / "wandb-relogged.json").read_text() == json.dumps(
+        sorted({wandb_run_id(planned.job_id, 2), "zz"})) + "\n"
+    assert next_generation(Listing({}), planned, None) == 3
+    seen = Listing({"team/proj": [ListedRun(wandb_run_id(planned.job_id, 4))]})
+    assert next_generation(seen, planned, None) == 5
+    assert seen.flushed == 1 and seen.asked[0][0] == "team/proj"
+    recorded = JobState(job_id=planned.job_id, run_name="a", status=FINISHED, record={
+        "wandb": {"mode": "online", "run_id": wandb_run_id(planned.job_id, 6)}})
+    assert next_generation(Listing({}), planned, recorded) == 7
+    disabled = JobState(job_id=planned.job_id, run_name="a", status=FINISHED, record={
+        "wandb": {"mode": "disabled", "run_id": wandb_run_id(planned.job_id, 6)}})
+    assert next_generation(Listing({}), planned, disabled) == 3
+    no_project = Listing({}, error=ValueError("project not found"))
+    assert next_generation(no_project, planned, None) == 3
+    (output / "wandb-relogged.json").write_text('{"not": "a list"}')
+    assert relogged_ids(planned, None) == set()
+    (output / "wandb-relogged.json").write_text('["ok", 3]')
+    assert relogged_ids(planned, None) == {"ok"}
+    missing = job("b", tmp_path)
+    remember_relogged_id(missing, None, "r")  # no output folder: nothing written
+    assert not job_output_dirs(missing, None)[0].exists()
+
+
+def test_the_relogged_results_name_their_checkpoint(tmp_path: Path) -> None:
+    import hashlib
+
+    from tmgg.cli.sync import checkpoint_facts
+
+    planned = job("a", tmp_path)
+    assert checkpoint_facts(planned, None) == {}
+    recorded = tmp_path / "recorded"
+    (recorded / "checkpoints").mkdir(parents=True)
+    (recorded / "checkpoints/last.ckpt").write_bytes(b"last")
+    facts = checkpoint_facts(planned, state(planned, recorded))
+    assert facts == {"tmgg/checkpoint": str(recorded / "checkpoints/last.ckpt"),
+                     "tmgg/checkpoint_sha256": hashlib.sha256(b"last").hexdigest()}
+    (recorded / "checkpoints/best.ckpt").write_bytes(b"best")
+    assert checkpoint_facts(planned, state(planned, recorded))["tmgg/checkpoint"].endswith(
+        "best.ckpt")
+
+
+def test_without_a_key_for_the_host_nothing_is_uploaded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tmgg.cli.sync import write_access_problem
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert write_access_problem(HOST, "team", "proj") == (
+        f"no W&B API key for {HOST} (WANDB_API_KEY or wandb login)")
+
+    class Broken:
+        @property
+        def viewer(self) -> Any:
+            raise ConnectionError("refused")
+
+    assert write_access_problem(HOST, "team", "proj", api=Broken()) == (
+        f"cannot check that the W&B API key may write to 'team' on {HOST}: "
+        "ConnectionError: refused")
