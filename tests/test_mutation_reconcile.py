@@ -10,6 +10,7 @@ the W&B API are exercised against real wandb in tests/test_reconcile.py): part o
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -232,3 +233,145 @@ def test_the_keys_viewer_and_a_run_files_state() -> None:
                       group="g", exit_code=code, history_rows=0).state
               for code in (None, 0, 254, 1)]
     assert states == ["running", "finished", "crashed", "failed"]
+
+
+# -- evidence: wandb's run logs on disk, and the runs the API lists ----------------------
+def log_file(records: list[bytes], torn_tail: bool = False) -> bytes:
+    """A run log in wandb's framing (a ":W&B" header, then LevelDB-log records of at most
+    one 32 KiB block each, split FIRST/MIDDLE/LAST across blocks), as its writer makes."""
+    import struct
+    import zlib
+
+    data = bytearray(b":W&B" + b"\x00\x00\x00")
+    for payload in records:
+        rest, first = payload, True
+        while True:
+            room = 32768 - len(data) % 32768
+            if room < 7:  # the block's trailer: zeros, then the next block
+                data += b"\x00" * room
+                continue
+            chunk, rest = rest[:room - 7], rest[room - 7:]
+            kind = (1 if not rest else 2) if first else (4 if not rest else 3)
+            checksum = zlib.crc32(chunk, zlib.crc32(bytes([kind])))
+            data += struct.pack("<IHB", checksum, len(chunk), kind) + chunk
+            first = False
+            if not rest:
+                break
+    if torn_tail:
+        data += struct.pack("<IHB", 0, 50, 1) + b"cut"
+    return bytes(data)
+
+
+def run_records(run_id: str, exit_code: int | None, history: int = 2) -> list[bytes]:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run = pb.Record()
+    run.run.run_id, run.run.entity, run.run.project = run_id, "team", "proj"
+    run.run.display_name, run.run.run_group = "st_run", "st"
+    item = run.run.config.update.add()
+    item.key, item.value_json = "seed", "1"
+    records = [run.SerializeToString()]
+    config = pb.Record()
+    nested = config.config.update.add()
+    nested.nested_key.extend(["model", "k"])
+    nested.value_json = "8"
+    bad = config.config.update.add()
+    bad.key, bad.value_json = "broken", "{not json"
+    records.append(config.SerializeToString())
+    for step in range(history):
+        row = pb.Record()
+        row.history.step.num = step
+        records.append(row.SerializeToString())
+    records.append(b"\xff\xff not a record")
+    if exit_code is not None:
+        done = pb.Record()
+        done.exit.exit_code = exit_code
+        records.append(done.SerializeToString())
+    return records
+
+
+def test_a_run_log_is_read_across_blocks_and_up_to_a_torn_tail(tmp_path: Path) -> None:
+    from tmgg.cli.reconcile import iter_records, read_run_file
+
+    payloads = [b"a" * 10, b"b" * 40000, b"c" * 70000, b"d"]
+    assert list(iter_records(log_file(payloads))) == payloads
+    assert list(iter_records(log_file(payloads[:2], torn_tail=True))) == payloads[:2]
+    corrupt = bytearray(log_file([b"x" * 5, b"y" * 5]))
+    corrupt[-1] ^= 0xFF  # the last record's checksum no longer matches
+    assert list(iter_records(bytes(corrupt))) == [b"x" * 5]
+    padded = log_file([b"z"]) + b"\x00" * 20 + log_file([b"after"])[7:]
+    assert list(iter_records(padded)) == [b"z"]  # zero padding: the writer stopped there
+    path = tmp_path / "run-abc.wandb"
+    path.write_bytes(log_file(run_records("abc", 0, history=3)))
+    info = read_run_file(path)
+    assert info is not None
+    assert (info.run_id, info.entity, info.project, info.name, info.group) == (
+        "abc", "team", "proj", "st_run", "st")
+    assert (info.exit_code, info.history_rows, info.state) == (0, 3, "finished")
+    assert info.config == {"seed": 1, "model": {"k": 8}}
+    path.write_bytes(log_file(run_records("", None)))
+    unfinished = read_run_file(path)
+    assert unfinished is not None and unfinished.run_id == "abc"  # from the file name
+    assert unfinished.state == "running"
+    (tmp_path / "other.wandb").write_bytes(b"not a run log")
+    assert read_run_file(tmp_path / "other.wandb") is None
+
+
+def test_local_evidence_keeps_the_newest_log_of_each_run(tmp_path: Path) -> None:
+    import os
+
+    from tmgg.cli.reconcile import local_evidence, run_files
+
+    output = tmp_path / "out"
+    assert run_files(output) == []
+    older = output / "wandb/offline-run-1-abc/run-abc.wandb"
+    newer = output / "wandb/run-2-abc/run-abc.wandb"
+    for path, code in ((older, 1), (newer, 0)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(log_file(run_records("abc", code)))
+    os.utime(older, (1, 1))
+    (output / "wandb/offline-run-3-x").mkdir()
+    (output / "wandb/offline-run-3-x/run-x.wandb").write_bytes(b"garbage")
+    assert run_files(output)[0] == older
+    evidence = local_evidence([output, output])  # one folder listed twice: read once
+    assert evidence == [RunEvidence(id="abc", entity="team", project="proj", name="st_run",
+                                    group="st", state="finished", source=str(newer))]
+
+
+def test_api_evidence_searches_each_path_and_names_what_it_could_not_read() -> None:
+    from types import SimpleNamespace
+
+    from tmgg.cli.reconcile import Unreadable, api_evidence
+
+    listed = SimpleNamespace(id="r1", entity=None, project=None, name="st_run", group="st",
+                             state="finished")
+    asked: list[tuple[str, Any]] = []
+
+    class Api:
+        def runs(self, path: str, filters: Any = None) -> list[Any]:
+            asked.append((path, filters))
+            if path == "team/proj":
+                return [listed, listed]
+            if path.startswith("mine/"):
+                raise ValueError("Could not find project proj")
+            if path.startswith("theirs/"):
+                raise ValueError("Could not find project x")
+            raise ConnectionError("  rate\n limited ")
+
+    notes: list[str] = []
+    unreadable: list[Unreadable] = []
+    found = api_evidence(Api(), ["team/proj", "mine/proj", "theirs/proj", "down/proj"], "st",
+                         [job()], notes, unreadable, visible=["mine"])
+    assert found == [RunEvidence(id="r1", entity="team", project="proj", name="st_run",
+                                 group="st", state="finished", source="api")]
+    assert notes == ["no project mine/proj (searched; the key's user belongs to mine)"]
+    assert unreadable == [
+        Unreadable("theirs/proj", "the key's user cannot read entity theirs, or theirs/proj "
+                                  "does not exist (W&B answers the same for both)"),
+        Unreadable("down/proj", "ConnectionError: rate limited")]
+    filters = asked[0][1]
+    assert filters == {"$or": [{"group": "st"}, {"name": {"$in": sorted(own_run_ids(job()))}},
+                               {"displayName": {"$in": ["st_run"]}}]}
+    only_notes: list[str] = []
+    api_evidence(Api(), ["down/proj"], "st", [job()], only_notes)
+    assert only_notes == ["could not read runs of down/proj: ConnectionError: rate limited"]
