@@ -375,3 +375,114 @@ def test_api_evidence_searches_each_path_and_names_what_it_could_not_read() -> N
     only_notes: list[str] = []
     api_evidence(Api(), ["down/proj"], "st", [job()], only_notes)
     assert only_notes == ["could not read runs of down/proj: ConnectionError: rate limited"]
+
+
+class ListingApi:
+    """What reconcile reads of ``wandb.Api``: its viewer and the runs of a path."""
+
+    def __init__(self, runs_at: dict[str, list[Any]], viewer: Any = None) -> None:
+        from types import SimpleNamespace
+
+        self.runs_at = runs_at
+        self.viewer = viewer or SimpleNamespace(entity="alice", username="alice", teams=[])
+        self.paths: list[str] = []
+
+    def runs(self, path: str, filters: Any = None) -> list[Any]:
+        self.paths.append(path)
+        return self.runs_at.get(path, [])
+
+
+def listed(run_id: str, name: str = "st_run", run_state: str = "finished") -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(id=run_id, entity=None, project=None, name=name, group="st",
+                           state=run_state)
+
+
+def test_online_reconcile_judges_each_job_from_the_runs_it_finds() -> None:
+    from tmgg.cli.reconcile import reconcile_jobs
+
+    api = ListingApi({PIN: [listed(OWN)], "alice/proj": [listed("zz", name="other")]})
+    csv = PlannedJob(index=1, job_id="st-csv0000000", run_name="csv_run", stage="st",
+                     overrides=[], sweep_config=None, task_config={"logger": {"name": "csv"}})
+    foreign = PlannedJob(index=2, job_id="x", run_name="x", stage="st", overrides=[],
+                         sweep_config=None, task_config={}, is_tmgg_job=False)
+    notes: list[str] = []
+    rows = reconcile_jobs([job(), csv, foreign], {JOB_ID: state(FINISHED)}, "st", mode="online",
+                          api=api, notes=notes, overrides=OV)
+    assert [(r.run_name, r.status, r.advice) for r in rows] == [
+        ("st_run", OK, ""), ("csv_run", MISSING, "tmgg-sweep resume stage=st")]
+    assert api.paths == ["team/proj", "alice/proj", "alice/uncategorized"]
+    assert notes == []
+    missing = reconcile_jobs([job()], {JOB_ID: state(FINISHED)}, "st", mode="online",
+                             api=ListingApi({}))
+    assert missing[0].detail == ("the ledger says finished, but no run of this job was found "
+                                 f"at team/proj on {HOST}")
+
+
+def test_what_could_not_be_read_makes_a_verdict_unknown() -> None:
+    from tmgg.cli.reconcile import reconcile_jobs
+
+    class NoViewer(ListingApi):
+        @property
+        def viewer(self) -> Any:
+            raise ConnectionError("refused")
+
+        @viewer.setter
+        def viewer(self, value: Any) -> None:
+            pass
+
+    notes: list[str] = []
+    rows = reconcile_jobs([job()], {JOB_ID: state(FINISHED)}, "st", mode="online",
+                          api=NoViewer({PIN: [listed(OWN)]}), notes=notes, overrides=OV)
+    assert rows[0].status == UNKNOWN
+    assert rows[0].detail == (f"could not read the key's user on {HOST} (ConnectionError: "
+                              "refused); from what was read: missing (the ledger says "
+                              f"finished, but no run of this job was found at team/proj on "
+                              f"{HOST})")
+    assert rows[0].advice == "tmgg-sweep reconcile --online stage=st"
+    assert notes == [f"could not read the key's user on {HOST} on {HOST}: ConnectionError: "
+                     "refused"]
+    # A duplicate stays a duplicate whatever was not read.
+    class Partial(ListingApi):
+        def runs(self, path: str, filters: Any = None) -> list[Any]:
+            if path == "alice/uncategorized":
+                raise ConnectionError("down")
+            return super().runs(path, filters)
+
+    dup = reconcile_jobs([job()], {JOB_ID: state(FINISHED)}, "st", mode="online",
+                         api=Partial({PIN: [listed(OWN)], "alice/proj": [listed(OWN)]}))
+    assert dup[0].status == DUPLICATED
+
+
+def test_offline_reconcile_reads_the_jobs_own_run_logs(tmp_path: Path) -> None:
+    from tmgg.cli.reconcile import reconcile_jobs
+
+    output = tmp_path / "out"
+    run_dir = output / "wandb/offline-run-1-x"
+    run_dir.mkdir(parents=True)
+    earlier = wandb_run_id(JOB_ID, 0)
+    (run_dir / f"run-{earlier}.wandb").write_bytes(log_file(run_records(earlier, 0)))
+    rows = reconcile_jobs([job(1)], {JOB_ID: state(FINISHED, output_dir=str(output))}, "st")
+    # generation 1's job: the generation-0 run in its folder is an earlier one, not its own
+    assert rows[0].status == MISSING
+    assert rows[0].detail.startswith(
+        f"the ledger says finished, but no run of this job was found in wandb's run files "
+        f"under {output / 'wandb'}, ")
+    assert rows[0].detail.endswith("(offline evidence: W&B itself was not asked; "
+                                   "`tmgg-sweep reconcile --online` asks it)")
+    own = reconcile_jobs([job()], {JOB_ID: state(FINISHED, output_dir=str(output))}, "st")
+    assert (own[0].status, own[0].run_ids) == (OK, [earlier])
+
+
+def test_reconciles_command_line() -> None:
+    from tmgg.cli.reconcile import DEFAULT_API_TIMEOUT, parse_args
+
+    args = parse_args(["stage=st", "--online", "--search-entity", "a", "--search-entity",
+                       "b/p", "--workers-entity", "w", "seed=1"])
+    assert (args.mode, args.search_entity, args.workers_entity, args.overrides,
+            args.api_timeout) == ("online", ["a", "b/p"], ["w"], ["stage=st", "seed=1"],
+                                  DEFAULT_API_TIMEOUT)
+    assert parse_args(["--offline"]).mode == "offline"
+    assert parse_args([]).mode == "auto" and parse_args(["--mode", "online"]).mode == "online"
+    assert parse_args(["--api-timeout", "5"]).api_timeout == 5
