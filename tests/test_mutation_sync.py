@@ -11,6 +11,7 @@ the test W&B server is in tests/test_sync.py. Part of ``make mutate``'s selectio
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ def test_uploads_are_grouped_by_pinned_destination(tmp_path: Path) -> None:
         dirs[planned.run_name] = offline_run(tmp_path / planned.run_name,
                                              f"offline-run-x-{planned.run_name * 8}")
     states = {p.job_id: state(p, tmp_path / p.run_name) for p in (a, b, c, csv, foreign, idle)}
-    uploads = plan_uploads([a, b, c, csv, foreign, idle], states)
+    uploads = plan_uploads([csv, idle, foreign, a, b, c], states)
     assert [(u.base_url, u.entity, u.project, u.jobs, u.run_dirs) for u in uploads] == [
         (HOST, "team", "proj", ["a", "b"], [dirs["a"], dirs["b"]]),
         (HOST, "other", "proj", ["c"], [dirs["c"]])]
@@ -318,3 +319,45 @@ def test_without_a_key_for_the_host_nothing_is_uploaded(
     assert write_access_problem(HOST, "team", "proj", api=Broken()) == (
         f"cannot check that the W&B API key may write to 'team' on {HOST}: "
         "ConnectionError: refused")
+
+
+def test_the_pinned_environment_starts_from_this_process_and_finds_the_hosts_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    upload = Upload(HOST, "team", "proj")
+    monkeypatch.setenv("WANDB_PROJECT", "stray")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    env = pinned_environment(upload)
+    assert env["WANDB_PROJECT"] == "proj" and env["WANDB_API_KEY"] == "k" * 40
+    assert env["PATH"] == os.environ["PATH"]
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine wandb.local\n  login user\n  password {'n' * 40}\n")
+    netrc.chmod(0o600)
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert pinned_environment(upload)["WANDB_API_KEY"] == "n" * 40  # wandb login's key
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    assert "WANDB_API_KEY" not in pinned_environment(upload)
+
+
+def test_the_upload_runs_in_the_pinned_environment_with_its_errors_in_the_output() -> None:
+    from tmgg.cli.sync import run_with_time_limit
+
+    code, output = run_with_time_limit(
+        [sys.executable, "-c", "import os, sys; print(os.environ.get('PIN'), "
+         "'HOME' in os.environ, flush=True); print('oops', file=sys.stderr)"], {"PIN": "team"}, 600)
+    assert code == 0 and output.splitlines() == ["team False", "oops"]
+    silent = run_with_time_limit([sys.executable, "-c", "import signal; signal.pause()"], {},
+                                 0.5)
+    assert silent == (None, "")
+
+
+def test_objects_without_the_listings_attributes_and_a_missing_project(tmp_path: Path) -> None:
+    from tmgg.cli.sync import fresh
+
+    assert run_steps(object()) == -1
+    fresh(object())  # a client without a cache to flush
+    planned = job("a", tmp_path)
+    absent = Listing({}, error=ValueError("Could not find project team/proj"))
+    # No project yet is no run yet; with no offline run left to upload, only relog helps.
+    assert _unverified(absent, "team", "proj", [planned], {}, OV) == [
+        Unverified("a", "no run with its id at team/proj", RELOG)]
