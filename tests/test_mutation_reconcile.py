@@ -486,3 +486,51 @@ def test_reconciles_command_line() -> None:
     assert parse_args(["--offline"]).mode == "offline"
     assert parse_args([]).mode == "auto" and parse_args(["--mode", "online"]).mode == "online"
     assert parse_args(["--api-timeout", "5"]).api_timeout == 5
+
+
+def test_the_table_a_user_reads(capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from tmgg.cli.reconcile import print_table
+
+    monkeypatch.setenv("COLUMNS", "200")
+    rows = [Row("1", "run_a", OK, PIN, run_ids=["r1"], ledger_status=FINISHED),
+            Row("2", "run_b", MISSING, PIN, ledger_status=PLANNED, detail="ledger: [x] y",
+                advice="tmgg-sweep resume stage=st"),
+            Row("3", "run_c", FAILED_STATUS, PIN, run_ids=["r2", "r3"], ledger_status=FAILED,
+                detail="boom", advice="tmgg-sweep resume stage=st"),
+            Row("4", "run_d", MISSING, PIN, advice="tmgg-sweep relog stage=st")]
+    print_table(rows, "reconcile: stage st", "online", notes=["a note"])
+    out = capsys.readouterr().out
+    lines = [" ".join(line.split()) for line in out.splitlines() if line.strip()]
+    assert lines[0] == "reconcile: stage st → team/proj"  # one destination: in the title
+    assert "destination" not in out
+    assert "job status ledger run id detail" in lines
+    assert "run_a ok FINISHED r1" in lines
+    assert "run_b missing PLANNED ledger: [x] y" in lines  # markup-like text shown as is
+    assert "run_c failed FAILED r2, r3 boom" in lines
+    # Each command once, whole on its own line, after the jobs it brings back by status.
+    assert out.splitlines()[-7:] == [
+        "advice: run each command as printed to bring its jobs back to ok",
+        "missing: run_b; failed: run_c", "  tmgg-sweep resume stage=st",
+        "missing: run_d", "  tmgg-sweep relog stage=st",
+        "note: a note",
+        "4 expected jobs (online evidence): 1 failed, 2 missing, 1 ok"]
+
+
+def test_the_table_of_several_destinations_and_of_none(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from tmgg.cli.reconcile import print_table
+
+    monkeypatch.setenv("COLUMNS", "200")
+    print_table([Row("1", "a", OK, "t/p"), Row("2", "b", MISROUTED, "t/q", detail="x")],
+                "reconcile: stage st", "offline")
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()
+             if line.strip()]
+    assert lines[0] == "reconcile: stage st"
+    assert "job status ledger destination run id detail" in lines
+    assert "b misrouted - t/q x" in lines
+    assert "advice:" not in " ".join(lines)
+    assert lines[-1] == "2 expected jobs (offline evidence): 1 misrouted, 1 ok"
+    print_table([], "reconcile: stage st", "offline")
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "0 expected jobs (offline evidence): none"
