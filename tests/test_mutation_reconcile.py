@@ -272,11 +272,11 @@ def run_records(run_id: str, exit_code: int | None, history: int = 2) -> list[by
     item.key, item.value_json = "seed", "1"
     records = [run.SerializeToString()]
     config = pb.Record()
+    bad = config.config.update.add()
+    bad.key, bad.value_json = "broken", "{not json"
     nested = config.config.update.add()
     nested.nested_key.extend(["model", "k"])
     nested.value_json = "8"
-    bad = config.config.update.add()
-    bad.key, bad.value_json = "broken", "{not json"
     records.append(config.SerializeToString())
     for step in range(history):
         row = pb.Record()
@@ -299,6 +299,13 @@ def test_a_run_log_is_read_across_blocks_and_up_to_a_torn_tail(tmp_path: Path) -
     corrupt = bytearray(log_file([b"x" * 5, b"y" * 5]))
     corrupt[-1] ^= 0xFF  # the last record's checksum no longer matches
     assert list(iter_records(bytes(corrupt))) == [b"x" * 5]
+    # A record that leaves fewer than 7 bytes of its block: the writer pads the rest.
+    trailer = log_file([b"p" * (32768 - 7 - 7 - 3), b"next"])
+    assert trailer[32765:32768] == b"\x00\x00\x00"
+    assert list(iter_records(trailer)) == [b"p" * 32751, b"next"]
+    # Exactly 7 bytes left: an empty FIRST fragment there, the payload in the next block.
+    exact = log_file([b"q" * (32768 - 7 - 7 - 7), b"split"])
+    assert list(iter_records(exact)) == [b"q" * 32747, b"split"]
     padded = log_file([b"z"]) + b"\x00" * 20 + log_file([b"after"])[7:]
     assert list(iter_records(padded)) == [b"z"]  # zero padding: the writer stopped there
     path = tmp_path / "run-abc.wandb"
@@ -313,6 +320,14 @@ def test_a_run_log_is_read_across_blocks_and_up_to_a_torn_tail(tmp_path: Path) -
     unfinished = read_run_file(path)
     assert unfinished is not None and unfinished.run_id == "abc"  # from the file name
     assert unfinished.state == "running"
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    done = pb.Record()
+    done.exit.exit_code = 254
+    path.write_bytes(log_file([done.SerializeToString()]))  # no run record: nothing known
+    crashed = read_run_file(path)
+    assert crashed is not None and crashed.path == path and crashed.state == "crashed"
+    assert (crashed.entity, crashed.project, crashed.name, crashed.group) == ("", "", "", "")
     (tmp_path / "other.wandb").write_bytes(b"not a run log")
     assert read_run_file(tmp_path / "other.wandb") is None
 
@@ -329,13 +344,19 @@ def test_local_evidence_keeps_the_newest_log_of_each_run(tmp_path: Path) -> None
     for path, code in ((older, 1), (newer, 0)):
         path.parent.mkdir(parents=True)
         path.write_bytes(log_file(run_records("abc", code)))
-    os.utime(older, (1, 1))
-    (output / "wandb/offline-run-3-x").mkdir()
-    (output / "wandb/offline-run-3-x/run-x.wandb").write_bytes(b"garbage")
-    assert run_files(output)[0] == older
+    os.utime(newer, (2, 2))
+    os.utime(older, (1, 1))  # and the newest by time is not the last by name
+    newest = output / "wandb/offline-run-0-abc/run-abc.wandb"
+    newest.parent.mkdir()
+    newest.write_bytes(log_file(run_records("abc", 0)))
+    (output / "wandb/offline-run-9-x").mkdir()
+    garbage = output / "wandb/offline-run-9-x/run-x.wandb"
+    garbage.write_bytes(b"garbage")
+    os.utime(garbage, (0, 0))  # read first: a log that is not one hides nothing
+    assert run_files(output) == [garbage, older, newer, newest]
     evidence = local_evidence([output, output])  # one folder listed twice: read once
     assert evidence == [RunEvidence(id="abc", entity="team", project="proj", name="st_run",
-                                    group="st", state="finished", source=str(newer))]
+                                    group="st", state="finished", source=str(newest))]
 
 
 def test_api_evidence_searches_each_path_and_names_what_it_could_not_read() -> None:
@@ -345,13 +366,15 @@ def test_api_evidence_searches_each_path_and_names_what_it_could_not_read() -> N
 
     listed = SimpleNamespace(id="r1", entity=None, project=None, name="st_run", group="st",
                              state="finished")
+    elsewhere = SimpleNamespace(id="r9", entity="moved", project="p2", name="", group=None,
+                                state=None)
     asked: list[tuple[str, Any]] = []
 
     class Api:
         def runs(self, path: str, filters: Any = None) -> list[Any]:
             asked.append((path, filters))
             if path == "team/proj":
-                return [listed, listed]
+                return [listed, listed, elsewhere]
             if path.startswith("mine/"):
                 raise ValueError("Could not find project proj")
             if path.startswith("theirs/"):
@@ -363,7 +386,9 @@ def test_api_evidence_searches_each_path_and_names_what_it_could_not_read() -> N
     found = api_evidence(Api(), ["team/proj", "mine/proj", "theirs/proj", "down/proj"], "st",
                          [job()], notes, unreadable, visible=["mine"])
     assert found == [RunEvidence(id="r1", entity="team", project="proj", name="st_run",
-                                 group="st", state="finished", source="api")]
+                                 group="st", state="finished", source="api"),
+                     RunEvidence(id="r9", entity="moved", project="p2", name="", group="",
+                                 state="unknown", source="api")]
     assert notes == ["no project mine/proj (searched; the key's user belongs to mine)"]
     assert unreadable == [
         Unreadable("theirs/proj", "the key's user cannot read entity theirs, or theirs/proj "
@@ -534,3 +559,17 @@ def test_the_table_of_several_destinations_and_of_none(
     print_table([], "reconcile: stage st", "offline")
     assert capsys.readouterr().out.splitlines()[-1] == \
         "0 expected jobs (offline evidence): none"
+
+
+def test_a_jobs_planned_folder_is_under_its_outputs_dir(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from tmgg.cli.reconcile import job_output_dirs
+
+    monkeypatch.chdir(tmp_path)
+    bare = PlannedJob(index=0, job_id=JOB_ID, run_name="r", stage="st", overrides=[],
+                      sweep_config=None, task_config={})
+    assert job_output_dirs(bare, None) == [tmp_path / "outputs/st/r-0123456789"]
+    relative = PlannedJob(index=0, job_id=JOB_ID, run_name="r", stage="st", overrides=[],
+                          sweep_config=None, task_config={"outputs_dir": "out"})
+    assert job_output_dirs(relative, state(FINISHED, output_dir="/rec")) == [
+        Path("/rec"), tmp_path / "out/st/r-0123456789"]
