@@ -573,3 +573,36 @@ def test_a_jobs_planned_folder_is_under_its_outputs_dir(tmp_path: Path,
                           sweep_config=None, task_config={"outputs_dir": "out"})
     assert job_output_dirs(relative, state(FINISHED, output_dir="/rec")) == [
         Path("/rec"), tmp_path / "out/st/r-0123456789"]
+
+
+def test_the_command_reports_every_expected_job_and_fails_unless_all_are_ok(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tmgg-sweep reconcile`` in-process on a composed smoke job that never ran."""
+    from tmgg.cli.reconcile import main
+    from tmgg.jobs.ledger import Ledger
+
+    monkeypatch.setenv("COLUMNS", "200")
+    overrides = ["stage=smoke", "model=linear_pe", "seed=1", "logger=csv",
+                 f"experiments_dir={tmp_path / 'experiments'}",
+                 f"outputs_dir={tmp_path / 'outputs'}"]
+    assert main([*overrides, "--offline", "--search-entity", "someone"]) == 1
+    out = capsys.readouterr().out
+    lines = [" ".join(line.split()) for line in out.splitlines() if line.strip()]
+    assert lines[0] == "reconcile: stage smoke → (no W&B)"
+    assert any(line.startswith("smoke_linear_pe_") and " missing - " in line
+               and line.endswith("not in the ledger: never launched") for line in lines)
+    assert "note: --search-entity is used online only; offline, every run file in a job's " \
+           "output dir is read whatever its entity" in " ".join(lines)
+    assert "note: offline evidence: only wandb's run files in the jobs' output dirs were " \
+           "read; W&B itself was not asked (`--online` asks it)" in " ".join(lines)
+    assert lines[-1] == "1 expected jobs (offline evidence): 1 missing"
+    # Once its record says FINISHED, the csv job is ok and the command succeeds.
+    from tmgg.jobs.compose import compose_sweep
+
+    (planned,) = compose_sweep(overrides).jobs
+    ledger = Ledger(tmp_path / "experiments", "smoke")
+    ledger.write_job_record(planned.job_id, {"job_id": planned.job_id, "status": "FINISHED"})
+    assert main([*overrides, "--mode", "offline"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "1 expected jobs (offline evidence): 1 ok"
