@@ -606,3 +606,30 @@ def test_the_command_reports_every_expected_job_and_fails_unless_all_are_ok(
     assert main([*overrides, "--mode", "offline"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == \
         "1 expected jobs (offline evidence): 1 ok"
+
+
+def test_a_finished_offline_job_with_its_run_files_is_advised_sync(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    run_dir = output / "wandb/offline-run-1-x"
+    run_dir.mkdir(parents=True)
+    (run_dir / f"run-{OWN}.wandb").write_bytes(log_file(run_records(OWN, 0)))
+    offline = state(FINISHED, output_dir=str(output), wandb={"mode": "offline"})
+    assert advice(row(MISSING), job(), offline, OV) == "tmgg-sweep sync stage=st"
+    online = state(FINISHED, output_dir=str(output), wandb={"mode": "online"})
+    assert advice(row(MISSING), job(), online, OV) == "tmgg-sweep relog stage=st"
+    no_files = state(FINISHED, output_dir=str(tmp_path / "empty"), wandb={"mode": "offline"})
+    assert advice(row(MISSING), job(), no_files, OV) == "tmgg-sweep relog stage=st"
+    # A foreign run of a finished job: relog, and delete the stray run.
+    assert advice(row(FOREIGN, "team/proj/zzz (finished) has"), job(), offline, OV) == \
+        "tmgg-sweep relog stage=st && " + delete_run_command(HOST, "team/proj/zzz")
+
+
+def test_the_viewer_keeps_the_keys_username_and_teams() -> None:
+    from types import SimpleNamespace
+
+    person = SimpleNamespace(entity="e", username="u", teams=["t1", "t2"])
+    assert key_viewer(SimpleNamespace(viewer=person)) == Viewer("e", "u", ("t1", "t2"))
+    assert key_viewer(SimpleNamespace(viewer=SimpleNamespace())) == Viewer(None, None, ())
+    with pytest.raises(ValueError) as no_user:
+        key_viewer(SimpleNamespace(viewer=None))
+    assert str(no_user.value) == "the W&B API key has no user on this host"
