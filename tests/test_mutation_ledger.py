@@ -293,3 +293,13 @@ def test_records_are_indented_json_of_any_value_and_written_next_to_their_file(
     with pytest.raises(IsADirectoryError):  # the rename fails: the temporary file goes
         atomic_write_json(tmp_path / "records", {"a": 1})
     assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["r.json"]
+
+
+def test_a_line_of_json_that_is_no_event_is_damaged_and_skipped(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, "s")
+    ledger.events_path.parent.mkdir(parents=True)
+    no_job = '{"event": "planned"}'
+    one_char_glued = 'x{"event": "planned", "job_id": "g"}'
+    ledger.events_path.write_text("\n".join([no_job, one_char_glued, '"just a string"']) + "\n")
+    assert list(ledger.events()) == [{"event": "planned", "job_id": "g"}]
+    assert [number for number, _ in ledger.damaged_lines()] == [1, 2, 3]
