@@ -42,7 +42,7 @@ else
 LAUNCH_ARGS = hydra/launcher=$(LAUNCHER)
 endif
 
-.PHONY: help install lock lock-check test test-fast lint docs mutate layers fsck smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
+.PHONY: help install lock lock-check test test-fast lint docs mutate mutate-score layers fsck smoke plan status resume reconcile sync report stage1 stage2 bench bench-install clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -97,8 +97,11 @@ docs: $(READY)  ## the documentation site from docs/ into site/ (mkdocs build --
 # the run to mutant-name globs, e.g. MUTANTS='tmgg.jobs.ledger*'.
 MUTANTS ?=
 mutate: $(READY)  ## mutation score of the core (mutmut; MUTANTS='tmgg.jobs.ledger*' for one module)
-	$(VENV)/bin/mutmut run $(MUTANTS)
-	$(VENV)/bin/mutmut results
+	nice -n 10 $(VENV)/bin/mutmut run --max-children 1 $(MUTANTS)
+	$(PYTHON) tools/mutation_score.py
+
+mutate-score: $(READY)  ## per-module and total mutation score from mutants/ and docs/mutation-survivors.md
+	$(PYTHON) tools/mutation_score.py
 
 lint: $(READY)  ## ruff
 	$(PYTHON) -m ruff check src tests benchmarks tools

@@ -204,19 +204,21 @@ def test_detached_fused_groups_are_one_call_each_folded_and_cancelled_per_member
 @pytest.mark.slow
 def test_a_lost_group_container_resumes_each_member_from_its_checkpoint(
         sweep_dirs: SweepDirs, tmp_path: Path) -> None:
-    """The group's container is SIGKILLed (no clean-up) once both members have a
-    checkpoint on the stand-in volume; Modal's retry runs the group again in a fresh
-    container, which resumes each member from its own last.ckpt."""
+    """The group's container is SIGKILLed (no clean-up) while its trainer is held at step
+    21 (``tmgg.task.hold``), so both members' step-20 checkpoints are committed to the
+    stand-in volume, whatever the machine's speed; Modal's retry runs the group again in
+    a fresh container, which resumes each member from its own last.ckpt (step 20)."""
     import os
     import signal
     import subprocess
     import sys
 
     from conftest import REPO
+    from holds import BROKEN_RUN_S, hold_env, released, wait_for_holds, wait_until_group_gone
 
-    volume = tmp_path / "volume"
+    volume, release = tmp_path / "volume", tmp_path / "release"
     args = ["-m", "stage=smoke", "model=linear_pe,filter_bank", "seed=1", "logger=csv",
-            "trainer.max_steps=400", "trainer.val_check_interval=20", "data.val_samples=50",
+            "trainer.max_steps=40", "trainer.val_check_interval=20", "data.val_samples=50",
             "data.test_samples=50", *MODAL, "hydra.launcher.local_containers=1",
             f"hydra.launcher.local_volume_dir={volume}",
             *sweep_dirs.overrides]
@@ -224,41 +226,37 @@ def test_a_lost_group_container_resumes_each_member_from_its_checkpoint(
     with log_path.open("w") as log:
         process = subprocess.Popen([sys.executable, "-m", "tmgg.cli.app", *args], cwd=REPO,
                                    stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, env=hold_env(21, release))
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and len(list(volume.glob(
-                "outputs/smoke/*/checkpoints/last.ckpt"))) < 2:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for_holds(release, 1, process, describe=log_path.read_text)
+        assert len(list(volume.glob("outputs/smoke/*/checkpoints/last.ckpt"))) == 2
         commits = volume / ".volume-commits.jsonl"
         container = json.loads(commits.read_text().splitlines()[0])["pid"]
         os.kill(container, signal.SIGKILL)  # the container this sweep started
-        assert process.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+        with released(release):  # the retry holds at step 21 again: let it on
+            assert process.wait(timeout=BROKEN_RUN_S) == 0, log_path.read_text()[-3000:]
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        wait_until_group_gone(process.pid)
     states = list(Ledger(sweep_dirs.experiments, "smoke").states().values())
     assert len(states) == 2 and {s.status for s in states} == {FINISHED}
-    resumed = set()
     for state in states:
         metrics = json.loads((Path(state.record["output_dir"]) / "metrics.json").read_text())
-        assert metrics["global_step"] == 400 and metrics["fused_members"] == 2
-        assert 20 <= metrics["resumed_from_step"] < 400
-        resumed.add(metrics["resumed_from_step"])
+        assert metrics["global_step"] == 40 and metrics["fused_members"] == 2
+        assert metrics["resumed_from_step"] == 20  # the checkpoint committed before the kill
         own = json.loads((volume / "experiments/smoke/jobs" / f"{state.job_id}.json")
                          .read_text())
         assert own["attempts"] == 2 and own["status"] == FINISHED
-    assert len(resumed) == 1  # the members checkpoint at the same validations
     starts = [json.loads(line)["pid"] for line in commits.read_text().splitlines()
               if json.loads(line)["reason"] == "job start"]
     assert len(starts) == 2 and starts[0] == container != starts[1]
     # One commit per validation round for the whole group (not one per member's file):
-    # 20 rounds of 20 steps, split between the lost container and its retry.
-    checkpoint_commits = [line for line in commits.read_text().splitlines()
-                          if json.loads(line)["reason"].startswith("checkpoints")]
-    assert 0 < len(checkpoint_commits) <= 400 // 20
+    # at step 20 in the lost container, at 40 in its retry.
+    checkpoint_pids = [json.loads(line)["pid"] for line in commits.read_text().splitlines()
+                       if json.loads(line)["reason"].startswith("checkpoints")]
+    assert checkpoint_pids == [container, starts[1]]
 
 
 # --------------------------------------------------------------------------- SLURM

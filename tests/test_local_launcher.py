@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SweepDirs, run_cli, tmgg_sweep, tmgg_train
-from holds import wait_until_group_gone
+from holds import BROKEN_RUN_S, hold_env, released, wait_for_holds, wait_until_group_gone
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
@@ -85,22 +85,47 @@ def test_failed_job_does_not_stop_the_others(sweep_dirs: SweepDirs) -> None:
 def test_sigkilled_worker_fails_its_own_job_only(sweep_dirs: SweepDirs) -> None:
     """A worker killed by the kernel (OOM killer, SIGKILL) fails its own job, named as such.
 
-    The first of four jobs kills its own worker mid-training, with no clean-up and no
-    reply; the other worker's job in flight and the two queued jobs finish. The
-    crashed job's record and ledger outcome say FAILED with the signal, not the RUNNING
-    its dead process wrote last; the sweep exits non-zero and its table counts 1 failed.
+    The first of four jobs kills its own worker at step 1, with no clean-up and no
+    reply, while the other worker's job is held at step 2 (``tmgg.task.hold``): that job
+    is in flight when the worker dies, whatever the machine's speed. Once the crash is in
+    the ledger, the held jobs are let on; the job in flight and the two queued jobs
+    finish. The crashed job's record and ledger outcome say FAILED with the signal, not
+    the RUNNING its dead process wrote last; the sweep exits non-zero and its table
+    counts 1 failed.
     """
     victim = "smoke_linear_pe_lr1e-3_wd1e-2_k8_s1"
-    result = run_cli([str(REPO / "tests/apps/killed_train.py"), "-m", "stage=smoke",
-                      "logger=csv", "model=linear_pe,filter_bank", *LOCAL,
-                      *sweep_dirs.overrides],
-                     env={"TMGG_TEST_KILL_RUN": victim, "TMGG_TEST_KILL_STEP": "40"})
-    assert result.returncode != 0
+    release = sweep_dirs.root / "release"
+    stderr_path = sweep_dirs.root / "sweep.stderr"
+    env = {**hold_env(2, release), "PYTHONUNBUFFERED": "1",
+           "TMGG_TEST_KILL_RUN": victim, "TMGG_TEST_KILL_STEP": "1"}
     ledger = Ledger(sweep_dirs.experiments, "smoke")
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests/apps/killed_train.py"), "-m", "stage=smoke",
+             "logger=csv", "model=linear_pe,filter_bank", *LOCAL, *TINY,
+             *sweep_dirs.overrides],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            env=env)
+    try:
+        wait_for_holds(release, 1, process, describe=stderr_path.read_text)
+        deadline = time.monotonic() + BROKEN_RUN_S  # a bound for a broken run, not a race
+        while not any(s.run_name == victim and s.status == FAILED
+                      for s in ledger.states().values()):
+            assert process.poll() is None, stderr_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the killed worker's job never failed"
+            time.sleep(0.05)
+        with released(release):
+            assert process.wait(timeout=BROKEN_RUN_S) != 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        wait_until_group_gone(process.pid)
+    stderr_text = stderr_path.read_text()
     states = {s.run_name: s for s in ledger.states().values()}
     assert len(states) == 4
     assert {name: s.status for name, s in states.items() if s.status != FINISHED} == {
-        victim: FAILED}, result.stderr[-3000:]
+        victim: FAILED}, stderr_text[-3000:]
     crashed = states[victim]
     assert "WorkerCrashed" in crashed.error and "SIGKILL (signal 9)" in crashed.error
     record = sweep_dirs.job_records("smoke")[crashed.job_id]
@@ -109,7 +134,7 @@ def test_sigkilled_worker_fails_its_own_job_only(sweep_dirs: SweepDirs) -> None:
     (outcome,) = [e for e in ledger.events()
                   if e["event"] == "outcome" and e["job_id"] == crashed.job_id]
     assert outcome["status"] == FAILED and "SIGKILL (signal 9)" in outcome["error"]
-    summary = " ".join(result.stderr.split())  # rich wraps the line at the console width
+    summary = " ".join(stderr_text.split())  # rich wraps the line at the console width
     assert ("3 finished, 0 skipped (already finished), 0 left to the sweep that holds them, "
             "1 failed") in summary
 

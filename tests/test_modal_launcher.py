@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SweepDirs, run_cli, tmgg_sweep, tmgg_train
+from holds import BROKEN_RUN_S, held_files, wait_for_holds
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 from tmgg.config.identity import wandb_run_id
@@ -466,18 +467,15 @@ def test_detached_sweep_is_polled_and_cancelled(sweep_dirs: SweepDirs) -> None:
                                         for e in dispatched)
     assert not _events(ledger, "outcome")  # the launcher returned without waiting
 
-    def held() -> int:
-        return len(list(sweep_dirs.root.glob("release.held.*")))
-
-    deadline = time.time() + 600  # a bound for a broken run, not a race
-    while held() < 1 and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_holds(release, 1)
     release.touch()  # the first job goes on; one container slot: then the second starts
-    while (held() < 2 or FINISHED not in {s.status for s in ledger.states().values()}) \
-            and time.time() < deadline:
+    wait_for_holds(release, 2)
+    deadline = time.monotonic() + BROKEN_RUN_S  # a bound for a broken run, not a race
+    while FINISHED not in {s.status for s in ledger.states().values()}:
+        assert time.monotonic() < deadline, "the first job's outcome never folded"
         poll_detached(ledger)
-        time.sleep(0.2)
-    assert held() == 2
+        time.sleep(0.05)
+    assert len(held_files(release)) == 2
     # The first job finished, the second is held at step 1. Cancel it.
     cancel = run_cli(["-m", "tmgg.cli.tmgg_sweep", "cancel", "stage=smoke",
                       *sweep_dirs.overrides])
@@ -489,10 +487,11 @@ def test_detached_sweep_is_polled_and_cancelled(sweep_dirs: SweepDirs) -> None:
     process = ProcessIdentity.read(
         ledger.root / "modal_calls/local" / f"{cancelled.call_id}.proc.json")
     assert process is not None and process.argv[-1] == cancelled.call_id
-    deadline = time.time() + 10
-    while time.time() < deadline and process.is_live():
-        time.sleep(0.2)
-    assert not process.is_live()  # its process is gone
+    # Cancel waits for the process it stops; a bound for a broken cancel, not a race.
+    deadline = time.monotonic() + BROKEN_RUN_S
+    while process.is_live():
+        assert time.monotonic() < deadline, "the cancelled call's process still runs"
+        time.sleep(0.05)
     assert poll_detached(ledger) == 0  # nothing left to fold
 
 

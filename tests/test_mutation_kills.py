@@ -1,6 +1,7 @@
 """Claims (tmgg.jobs.claims) pinned down where mutation testing found them unexamined
 (issue 25): the dispatch ticket's sources, zombie processes, liveness reasons, what a
-new generation records, the heartbeat's renewals and the fencing error's message.
+new generation records, the heartbeat's renewals and the fencing error's message; and
+the identity's run-name numbers and legacy override identity (tmgg.config.identity).
 
 Fast and in-process: part of ``make mutate``'s test selection.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tmgg.config.identity import canonical_overrides, legacy_job_id, short_float
 from tmgg.jobs import claims
 from tmgg.jobs.records import host
 
@@ -244,3 +246,28 @@ def test_after_a_pause_the_heartbeat_renews_at_once_or_says_the_lease_ran_out(
             beat.check("smoke-0000000000ff")
     finally:
         beat.stop()
+
+
+# -- identity (tmgg.config.identity): run-name numbers and the legacy override identity --
+def test_run_names_write_numbers_short() -> None:
+    cases = [(0.001, "1e-3"), (0, "0"), (0.0, "0"), (-0.0, "0"), (1, "1"), (8.0, "8"),
+             (999, "999"), (-5, "-5"), (1000, "1e3"), (1500, "1.5e3"),
+             (123456.0, "1.23456e5"), (-0.001, "-1e-3"), (1.5e-3, "1.5e-3"), (0.5, "5e-1"),
+             ("1e-3", "1e-3"), (float("inf"), "inf")]
+    assert [(value, short_float(value)) for value, _ in cases] == cases
+    assert short_float("abc") == "abc" and short_float(None) == "None"  # left to validation
+
+
+def test_the_legacy_identity_reads_overrides_as_hydra_does() -> None:
+    lines = canonical_overrides([
+        "experiments_dir=x", "+experiments_dir=y", "~trainer.resume", "hydra.job.chdir=true",
+        "logger.mode=online", "seed=1", "+a.b=1", "~c", "model.k=[1,2]", "+x={b:1,a:[2]}",
+        "optimizer.weight_decay=0", "optimizer.betas=[0,1]", "optimizer.lr=true"])
+    assert lines == ['+a.b=1', '+x={"a": [2], "b": 1}', 'model.k=[1, 2]',
+                     'optimizer.betas=[0.0, 1.0]', 'optimizer.lr=true',
+                     'optimizer.weight_decay=0.0', 'seed=1', '~c']
+    # One grid point whatever the order, and the stage is part of it.
+    job_id = legacy_job_id("st", ["seed=1", "model=a"])
+    assert job_id == legacy_job_id("st", ["model=a", "seed=1"])
+    assert job_id.startswith("st-") and len(job_id) == len("st-") + 10
+    assert legacy_job_id("other", ["seed=1", "model=a"]).split("-")[1] != job_id.split("-")[1]
