@@ -436,7 +436,7 @@ def relog_job(job: PlannedJob, state: JobState | None, generation: int) -> str:
     import wandb
 
     from tmgg.task.loggers import ModeDecision, find_wandb_api_key, pinned_wandb_environment
-    from tmgg.task.wandb_guard import destination_problem
+    from tmgg.task.wandb_destination import destination_problem
 
     pin = job.wandb
     entity, project, base_url = str(pin["entity"]), str(pin["project"]), str(pin["base_url"])
