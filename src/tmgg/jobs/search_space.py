@@ -315,13 +315,13 @@ def stage_space(config: DictConfig, arguments: Sequence[str]) -> SearchSpace:
                                   or value < least):
             raise SearchSpaceError(f"hydra.sweeper.{name}: an integer >= {least} (or null), "
                                    f"got {value!r}")
-    if settings.get("fuse_trials"):
-        from tmgg.jobs.fusion import fusion_settings
-
-        if fusion_settings(config)[0] != "auto":
-            raise SearchSpaceError("hydra.sweeper.fuse_trials: true needs a launcher that "
-                                   "fuses jobs (hydra/launcher=local or modal with "
-                                   "hydra.launcher.fuse=auto)")
+    # The launcher's ``fuse`` key itself is checked with the launcher's other settings
+    # (tmgg.jobs.fusion); reading it here keeps this module out of fusion's imports.
+    fuse = str(OmegaConf.select(config, "hydra.launcher.fuse", default="off"))
+    if settings.get("fuse_trials") and fuse != "auto":
+        raise SearchSpaceError("hydra.sweeper.fuse_trials: true needs a launcher that "
+                               "fuses jobs (hydra/launcher=local or modal with "
+                               "hydra.launcher.fuse=auto)")
     params = OmegaConf.select(config, "hydra.sweeper.params")
     plain = OmegaConf.to_container(params, resolve=False) if params is not None else {}
     assert isinstance(plain, dict)
