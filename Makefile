@@ -26,7 +26,8 @@ ifndef TEST_SEED
 TEST_SEED := $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
 endif
 TEST_ORDER ?= -p randomly --randomly-seed=$(TEST_SEED)
-PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile $(TEST_ORDER)
+# The 15 slowest tests are printed at the end: the first place to look when the suite slows.
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --durations=15 $(TEST_ORDER)
 # Recipes (and the tests' subprocesses) find .venv's tools first, as if it were active.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAGE ?= stage1
